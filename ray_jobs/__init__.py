@@ -1,0 +1,1 @@
+"""Ray glue for localcl: CLI, validated configs, Ray Train/Tune/Jobs entry points."""

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv, then run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+exec .venv/bin/python -m pytest -q "$@"
