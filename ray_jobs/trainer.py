@@ -1,0 +1,208 @@
+"""Ray wiring: connect to / start Ray, build and fit one ``TorchTrainer`` per training stage.
+
+- :func:`init_ray`: ``--address`` or ``RAY_ADDRESS`` -> ``ray.init(address)`` with no resource
+  arguments (they are refused when connecting); otherwise a local instance on 127.0.0.1 sized
+  to the job (``num_workers`` CPUs at least). Already-initialised Ray (tests) is reused.
+- :func:`fit_stage`: ``TorchTrainer(train_func, ScalingConfig(...), TorchConfig(backend=
+  "nccl" on GPU else "gloo"), RunConfig(storage_path=RUN_DIR/<stage>, name=<run>-<stage>,
+  FailureConfig(max_failures), CheckpointConfig(num_to_keep)))``. No ``trainer_resources``
+  (Train V2's controller uses 0 CPU). A second fit with the same name and storage path resumes
+  from the last checkpoint (driver-level resume). Live progress is rendered on the driver from a
+  ``ray.util.queue.Queue`` that rank 0 feeds; per-epoch metrics go to TensorBoard
+  (``RUN_DIR/<stage>/tensorboard``) and ``history.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import fsspec
+
+from ray_jobs.errors import UserError
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address or None, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address {address or os.environ.get('RAY_ADDRESS')}: "
+                            f"cannot connect to Ray ({str(exc).splitlines()[0]})") from None
+        return
+    ray.init(num_cpus=num_cpus, object_store_memory=512 * 2**20, include_dashboard=True,
+             dashboard_host="127.0.0.1", **kwargs)
+
+
+@dataclass
+class StageResult:
+    name: str
+    storage: str
+    history: list[dict[str, Any]]
+    checkpoint_dir: str  # local copy of the final checkpoint (state.pt, best.pt)
+
+
+def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
+    """Ray storage_path + pyarrow filesystem for RUN_DIR/<stage> (local dirs made absolute)."""
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
+        full = os.path.abspath(os.path.join(path, stage))
+        os.makedirs(full, exist_ok=True)
+        return full, None
+    import pyarrow.fs
+
+    pafs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return f"{path.rstrip('/')}/{stage}", pafs
+
+
+def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
+              progress: bool = True) -> StageResult:
+    """Fit one stage and return its history (one row per epoch) and final checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_jobs.train_loop import train_func
+
+    storage_path, storage_fs = _storage(run_dir, stage)
+    sc = cfg.scaling
+    resources = dict(sc.resources_per_worker)
+    if sc.use_gpu:
+        resources.setdefault("GPU", 1)
+    queue = None
+    if progress and cfg.logging.progress:
+        from ray.util.queue import Queue
+
+        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    lc = dict(loop_cfg, progress_queue=queue, stage_name=stage)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=lc,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+            resources_per_worker=resources, placement_strategy=sc.placement),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{stage}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+    )
+    renderer = _Progress(queue, stage) if queue is not None else None
+    if renderer:
+        renderer.start()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
+        raise UserError(f"{stage}: training failed ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); re-run the same command to resume from the last "
+                        f"checkpoint in {storage_path}") from exc
+    finally:
+        if renderer:
+            renderer.stop()
+        if queue is not None:
+            try:
+                queue.shutdown()
+            except Exception:
+                pass
+    if result.checkpoint is None:
+        raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
+    local = result.checkpoint.to_directory()
+    import torch
+
+    from ray_jobs.train_loop import STATE_FILE
+
+    state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
+    history = list(state["history"])
+    write_history(run_dir, stage, history)
+    if cfg.logging.tensorboard:
+        write_tensorboard(run_dir, stage, history)
+    return StageResult(stage, storage_path, history, local)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def write_history(run_dir: str, stage: str, history: list[dict[str, Any]]) -> str:
+    """RUN_DIR/<stage>/history.csv: one row per epoch (columns = union of metric keys)."""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    order = ["epoch"] + [k for k in keys if k != "epoch"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=order)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row.get(k, "") for k in order})
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    path = f"{root.rstrip('/')}/{stage}/history.csv"
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def write_tensorboard(run_dir: str, stage: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch scalars to RUN_DIR/<stage>/tensorboard (local run dirs only)."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: skip silently (documented)
+        return
+    w = SummaryWriter(os.path.join(root, stage, "tensorboard"))
+    for row in history:
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                w.add_scalar(f"{stage}/{k}", v, int(row["epoch"]))
+    w.close()
+
+
+class _Progress:
+    """Driver-side live progress (rich) fed by rank 0 through a Ray queue."""
+
+    def __init__(self, queue: Any, stage: str) -> None:
+        self.queue, self.stage = queue, stage
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cols = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(),
+                TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[rate]:.1f} samples/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*cols, transient=False) as bar:
+            task = bar.add_task("train", total=None, stage=self.stage, epoch=0, epochs="?",
+                                loss=float("nan"), rate=0.0)
+            while not self._stop.is_set():
+                try:
+                    items = self.queue.get_nowait_batch(self.queue.qsize())
+                except Exception:
+                    items = []
+                for it in items:
+                    total = it["epochs"] * it["steps"]
+                    done = (it["epoch"] - 1) * it["steps"] + it["step"]
+                    bar.update(task, total=total, completed=done, epoch=it["epoch"],
+                               epochs=it["epochs"], loss=it["loss"], rate=it["samples_per_s"])
+                self._stop.wait(0.5)
