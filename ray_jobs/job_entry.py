@@ -1,0 +1,90 @@
+"""Entrypoint of jobs submitted with ``localcl submit`` (runs on the Ray cluster).
+
+``python -m ray_jobs.job_entry JOB [--preflight]`` reads the self-contained config that
+:func:`ray_jobs.submit.build_submission` shipped in the runtime-env variable
+``LOCALCL_SUBMITTED_CONFIG`` (overrides already applied), writes it to a private file and runs
+``localcl JOB --config FILE`` in this process, so the job executes exactly the CLI verb a user
+runs locally.
+
+``--preflight`` validates the shipped config with the same validator and prints what the job
+would run on (localcl/torch/Ray versions, CUDA devices, cluster resources), then exits: a
+seconds-long check of a cluster before spending GPU hours on it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from ray_jobs.errors import UserError
+from ray_jobs.submit import CONFIG_ENV, CONFIG_NAME_ENV, JOBS, validate_config
+
+
+def materialise_config(directory: str | os.PathLike[str] | None = None) -> Path:
+    """Write the shipped config text to ``directory`` (a fresh temp dir by default); return
+    the file path. Raises :class:`UserError` when the job was not started by ``localcl submit``."""
+    text = os.environ.get(CONFIG_ENV)
+    if text is None:
+        raise UserError(
+            f"{CONFIG_ENV} is not set: this entrypoint runs jobs submitted by `localcl submit`"
+        )
+    name = Path(os.environ.get(CONFIG_NAME_ENV) or "config.yaml").name
+    out_dir = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="localcl-job-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def preflight(job: str, config: Path) -> int:
+    """Validate ``config`` on the cluster and print the environment; return 0."""
+    validate_config(job, config)
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    print(f"localcl preflight: {job} config {config.name} OK (sha256 {digest[:16]})")
+
+    import torch
+
+    import localcl
+    import ray
+
+    print(f"localcl preflight: localcl from {Path(localcl.__file__).parent}")
+    print(f"localcl preflight: python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"ray {ray.__version__}")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = [torch.cuda.get_device_name(i) for i in range(n_gpu)]
+    print(f"localcl preflight: driver CUDA devices: {n_gpu} {names if names else ''}".rstrip())
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            res = {k: v for k, v in sorted(ray.cluster_resources().items())
+                   if not k.startswith(("node:", "accelerator_type"))}
+            print(f"localcl preflight: cluster resources {res}")
+        finally:
+            ray.shutdown()
+    print("localcl preflight: done")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.job_entry")
+    parser.add_argument("job", choices=JOBS)
+    parser.add_argument("--preflight", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = materialise_config()
+        if args.preflight:
+            return preflight(args.job, config)
+    except UserError as exc:
+        print(f"localcl: error: {exc}", file=sys.stderr)
+        return 2
+    from ray_jobs.cli import main as cli_main
+
+    return cli_main([args.job, "--config", str(config)])
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through Ray Jobs in the tests
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""``localcl submit`` / ``localcl jobs`` against a real Ray head started on 127.0.0.1.
+
+The head is this module's own ``ray start --head --block`` with a private ``--temp-dir`` and
+free ports, so it never collides with the session's ``ray_cluster`` fixture or another test
+process; teardown ends exactly the processes it started (the ``ray start`` process and its
+descendants, plus any orphan whose command line names the private temp dir), never ``ray stop``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs import cli, job_entry
+from ray_jobs import submit as sub
+from ray_jobs.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _write_run_config(directory: Path, **over: object) -> Path:
+    """A small, valid run config (fine-tune only, 1 epoch) written to ``directory``."""
+    data: dict = {
+        "name": "submit-test",
+        "run_dir": str(directory / "runs" / "submit-test"),
+        "data": {"store": str(directory / "store.zarr"), "label_budget": 1, "size": [32, 32]},
+        "pretrain": None,
+        "finetune": {"method": {"name": "supervised"},
+                     "schedule": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2}},
+        "scaling": {"num_workers": 0},
+    }
+    data.update(over)
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _stop_tree(proc: subprocess.Popen, marker: str) -> None:
+    """SIGTERM then SIGKILL ``proc``, its descendants and processes naming ``marker``."""
+    import psutil
+
+    victims: dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(proc.pid)
+        victims[root.pid] = root
+        for child in root.children(recursive=True):
+            victims[child.pid] = child
+    except psutil.NoSuchProcess:
+        pass
+    me = os.getuid()
+    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
+        try:
+            if p.info["uids"] and p.info["uids"].real == me and marker in " ".join(p.info["cmdline"] or []):
+                victims[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    victims.pop(os.getpid(), None)
+    for p in victims.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=8)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """``ray start --head`` on 127.0.0.1 with free ports; yields the dashboard URL."""
+    temp_dir = tempfile.mkdtemp(prefix="lclh", dir="/tmp")  # short: Ray's socket paths
+    dash = _free_port()
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(_free_port()),
+           "--num-cpus", "2", "--object-store-memory", str(256 * 2**20),
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, cwd=temp_dir)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                tail = (Path(temp_dir) / "ray_start.log").read_text()[-2000:]
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the Ray dashboard did not come up within 90 s")
+            time.sleep(0.5)
+        yield address
+    finally:
+        _stop_tree(proc, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- against a real head
+
+
+def test_submit__preflight_job_runs_and_jobs_reads_status_and_logs(ray_head, tmp_path, capsys):
+    cfg = _write_run_config(tmp_path)
+    code, out, err = _run_cli(
+        capsys, "submit", "finetune", "--config", str(cfg), "--address", ray_head,
+        "--set", "finetune.optim.lr=0.005", "--metadata", "team=cardiac", "--preflight",
+        "--timeout", "120",
+    )
+    assert code == 0, err
+    job_id = out.strip().splitlines()[0]
+    assert job_id.startswith("localcl-finetune-")
+    assert f"{job_id} SUCCEEDED" in err
+
+    code, out, err = _run_cli(capsys, "jobs", "status", job_id, "--address", ray_head, "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["status"] == "SUCCEEDED"
+    assert status["metadata"]["team"] == "cardiac"
+    assert status["metadata"]["localcl.job"] == "finetune"
+    assert status["metadata"]["localcl.overrides"] == "finetune.optim.lr=0.005"
+    assert status["entrypoint"] == "python -m ray_jobs.job_entry finetune --preflight"
+
+    code, logs, err = _run_cli(capsys, "jobs", "logs", job_id, "--address", ray_head)
+    assert code == 0, err
+    # The job re-validated the shipped config on the cluster, imported the uploaded code
+    # and reached the cluster through RAY_ADDRESS.
+    assert "localcl preflight: finetune config tiny.yaml OK" in logs
+    assert "localcl preflight: localcl from" in logs and "/_ray_pkg_" in logs
+    assert "'CPU': 2.0" in logs
+    assert "localcl preflight: done" in logs
+
+    code, table, err = _run_cli(capsys, "jobs", "list", "--address", ray_head)
+    assert code == 0, err
+    row = next(line for line in table.splitlines() if line.startswith(job_id))
+    assert row.split()[1:3] == ["SUCCEEDED", "finetune"]
+
+
+def test_jobs__stop_pending_job(ray_head, tmp_path, capsys):
+    cfg = _write_run_config(tmp_path)
+    # 64 CPUs for the driver on a 2-CPU head: the job stays PENDING until stopped.
+    code, out, err = _run_cli(
+        capsys, "submit", "finetune", "--config", str(cfg), "--address", ray_head,
+        "--image-runtime", "--entrypoint-num-cpus", "64", "--no-wait",
+    )
+    assert code == 0, err
+    job_id = out.strip()
+    code, out, err = _run_cli(capsys, "jobs", "status", job_id, "--address", ray_head, "--json")
+    info = json.loads(out)
+    assert info["status"] == "PENDING"
+    assert info["metadata"]["localcl.code"] == "image"
+    code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head, "--wait")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == f"{job_id}: STOPPED"
+
+
+def test_jobs__unknown_id_is_a_one_line_error(ray_head, capsys):
+    for action in ("status", "logs", "stop"):
+        code, out, err = _run_cli(capsys, "jobs", action, "localcl-nope-123", "--address", ray_head)
+        assert code == 2
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "no job with id 'localcl-nope-123'" in err
+
+
+# --------------------------------------------------------------------------- no cluster needed
+
+
+def test_submit__unreachable_address_is_a_one_line_error(tmp_path, capsys):
+    cfg = _write_run_config(tmp_path)
+    port = _free_port()  # bound then released: nothing listens there
+    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
+                              "--address", f"http://127.0.0.1:{port}")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in err
+    code, out, err = _run_cli(capsys, "jobs", "list", "--address", f"http://127.0.0.1:{port}")
+    assert code == 2 and "cannot reach" in err
+
+
+def test_submit__invalid_config_rejected_before_contacting_the_cluster(tmp_path, capsys, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("connect() must not be called for an invalid config")
+
+    monkeypatch.setattr(sub, "connect", no_network)
+    cfg = _write_run_config(tmp_path, finetune={"method": {"name": "supervised"},
+                                                "schedule": {"epochs": 0}})
+    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
+                              "--address", "http://127.0.0.1:9")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "epochs" in err
+
+    cfg = _write_run_config(tmp_path)
+    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
+                              "--address", "http://127.0.0.1:9", "--set", "finetune.optim.lr=-1")
+    assert code == 2 and "lr" in err
+
+    code, out, err = _run_cli(capsys, "submit", "pretrain", "--config", str(tmp_path / "missing.yaml"),
+                              "--address", "http://127.0.0.1:9")
+    assert code == 2 and "missing" in err
+
+
+def test_submit__bad_options_name_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sub, "connect", lambda *a, **k: pytest.fail("must fail before connecting"))
+    cfg = str(_write_run_config(tmp_path))
+    cases = [
+        (["--metadata", "novalue"], "--metadata: expected KEY=VALUE"),
+        (["--env", "1BAD=x"], "--env: invalid variable name"),
+        (["--entrypoint-num-gpus", "-1"], "--entrypoint-num-gpus must be >= 0"),
+        (["--working-dir", str(tmp_path / "nope")], "--working-dir: not a directory"),
+    ]
+    for extra, message in cases:
+        code, _, err = _run_cli(capsys, "submit", "finetune", "--config", cfg,
+                                "--address", "http://127.0.0.1:9", *extra)
+        assert code == 2 and message in err, (extra, err)
+
+
+def test_resolve_address__validates_scheme_and_falls_back_to_env(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="--address is required"):
+        sub.resolve_address(None)
+    with pytest.raises(UserError, match="expected http://HOST:PORT"):
+        sub.resolve_address("127.0.0.1:8265")
+    with pytest.raises(UserError, match="bad port"):
+        sub.resolve_address("http://127.0.0.1:99999")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not a Jobs URL
+    with pytest.raises(UserError, match="--address is required"):
+        sub.resolve_address(None)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.1.2.3:8265/")
+    assert sub.resolve_address(None) == "http://10.1.2.3:8265"
+
+
+def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cfg = _write_run_config(tmp_path)
+    s = sub.build_submission("finetune", cfg, ["finetune.optim.lr=0.01"],
+                             entrypoint_num_cpus=1, entrypoint_num_gpus=0.5,
+                             metadata={"owner": "me"}, env={"AWS_REGION": "eu-west-1"})
+    assert s.runtime_env["working_dir"] == str(REPO)
+    for excluded in (".venv/", ".git/", "runs/"):
+        assert excluded in s.runtime_env["excludes"]
+    env = s.runtime_env["env_vars"]
+    assert env["RAY_AUTH_MODE"] == "disabled" and env["AWS_REGION"] == "eu-west-1"
+    assert env[sub.CONFIG_NAME_ENV] == "tiny.yaml"
+    shipped = yaml.safe_load(env[sub.CONFIG_ENV])
+    assert shipped["finetune"]["optim"]["lr"] == 0.01  # the override is baked in
+    assert s.metadata["owner"] == "me" and s.metadata["localcl.job"] == "finetune"
+    kw = s.submit_kwargs()
+    assert kw["entrypoint_num_cpus"] == 1 and kw["entrypoint_num_gpus"] == 0.5
+    assert kw["entrypoint"] == "python -m ray_jobs.job_entry finetune"
+    assert all(isinstance(v, str) for v in kw["metadata"].values())
+
+    img = sub.build_submission("finetune", cfg, image_runtime=True)
+    assert "working_dir" not in img.runtime_env and "excludes" not in img.runtime_env
+    with pytest.raises(UserError, match="mutually exclusive"):
+        sub.build_submission("finetune", cfg, image_runtime=True, working_dir=tmp_path)
+    with pytest.raises(UserError, match="unknown job 'train'"):
+        sub.build_submission("train", cfg)
+
+
+def test_portable_config_text__extends_chain_ships_self_contained(tmp_path):
+    base = _write_run_config(tmp_path)
+    child_dir = tmp_path / "child"
+    child_dir.mkdir()
+    child = child_dir / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": "../tiny.yaml", "name": "child-run"}))
+    validated, path = sub.validate_config("finetune", child, ["data.seed=3"])
+    text = sub.portable_config_text(validated, path)
+    assert "extends" not in yaml.safe_load(text)
+    # Written alone somewhere else (as on the cluster), it validates to the same config.
+    alone = tmp_path / "elsewhere" / "child.yaml"
+    alone.parent.mkdir()
+    alone.write_text(text)
+    again = sub.load_run_config(alone)
+    assert again.to_dict() == validated.to_dict()
+    assert again.name == "child-run" and again.data.seed == 3
+    assert base.is_file()
+
+
+def test_overrides_to_tree__nested_and_errors():
+    assert sub.overrides_to_tree(["a.b=1", "a.c=[2, 3]", "d=x"]) == {"a": {"b": 1, "c": [2, 3]}, "d": "x"}
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        sub.overrides_to_tree(["a.b"])
+    with pytest.raises(UserError, match="set twice"):
+        sub.overrides_to_tree(["a=1", "a.b=2"])
+
+
+def test_job_entry__materialises_shipped_config_and_refuses_without_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(sub.CONFIG_ENV, "name: x\n")
+    monkeypatch.setenv(sub.CONFIG_NAME_ENV, "../../evil.yaml")  # only the base name is used
+    path = job_entry.materialise_config(tmp_path)
+    assert path == tmp_path / "evil.yaml" and path.read_text() == "name: x\n"
+    monkeypatch.delenv(sub.CONFIG_ENV)
+    with pytest.raises(UserError, match="LOCALCL_SUBMITTED_CONFIG is not set"):
+        job_entry.materialise_config(tmp_path)
+    assert job_entry.main(["finetune"]) == 2
+
+
+def test_format_table__aligns_columns():
+    rows = [sub.JobRow("localcl-run-1", "RUNNING", "run", "2026-01-01 00:00:00", "0:00:05", "python -m x"),
+            sub.JobRow("raysubmit_abc", "SUCCEEDED", "-", "-", "-", "echo hi")]
+    lines = sub.format_table(rows).splitlines()
+    assert lines[0].split()[:2] == ["SUBMISSION_ID", "STATUS"]
+    starts = {line.index(tok) for line, tok in zip(lines[1:], ["RUNNING", "SUCCEEDED"])}
+    assert len(starts) == 1  # STATUS column aligned
