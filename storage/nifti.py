@@ -1,0 +1,188 @@
+"""Reading and validating NIfTI volumes before they enter a store.
+
+Every check raises :class:`storage.errors.InputError` with ``"<file>: <problem>"`` so one bad
+file never becomes a traceback, and every check runs *before* anything is written, so a bad
+file can never damage a case already in the store.
+
+Checks, in order (each maps to one class of bad input of issue 2):
+
+1. the file exists and is not empty;
+2. it parses as NIfTI-1/2 (``nibabel``'s header check), otherwise "not a NIfTI file";
+3. the header shape is 3D (trailing singleton dimensions are dropped; a real 4th dimension is
+   refused: "4D image where 3D is expected");
+4. the voxels the header announces fit in memory: ``prod(shape) * (itemsize + 4)`` bytes (raw
+   dtype + the float32 result) must stay below ``max_bytes`` (default: the machine's available
+   memory), checked on the header alone, before any allocation;
+5. the affine is finite and non-singular (``|det(A[:3, :3])| > 1e-12``);
+6. decompression succeeds (a truncated or corrupt gzip stream is reported as such);
+7. images: every voxel is finite (no NaN/Inf); labels: every value is an integer in 0..255.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from storage.errors import InputError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class Volume:
+    """A validated volume: ``data`` in the file's voxel order (X, Y, Z)."""
+
+    path: str
+    data: np.ndarray  # image: float32 (X, Y, Z) == get_fdata(); label: uint8 (X, Y, Z)
+    affine: np.ndarray  # float64 (4, 4)
+    spacing: tuple[float, float, float]  # voxel size in mm along X, Y, Z (header zooms)
+    orientation: str  # e.g. "RAS" (nibabel.aff2axcodes)
+    dtype: str  # on-disk dtype before scaling, e.g. "uint16"
+    shape: tuple[int, int, int]
+    sha256: str
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file's bytes (streamed, constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can still give (``psutil``; falls back to sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _header_image(path: Path) -> Any:
+    """``nib.load`` with the failure classes turned into one-line InputErrors."""
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if path.name.endswith(".gz") and magic != _GZIP_MAGIC:
+        raise InputError(path, "not a gzip file although the name ends in .gz (corrupt or not NIfTI)")
+    try:
+        return nib.load(str(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(path, f"truncated or corrupt gzip ({exc})") from None
+    except nib.filebasedimages.ImageFileError as exc:
+        raise InputError(path, f"not a NIfTI file ({str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:  # nibabel raises a zoo of errors on a mangled header
+        raise InputError(path, f"not a NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+def _shape3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 4:
+        raise InputError(path, f"4D image where 3D is expected (shape {tuple(shape)})")
+    if len(dims) != 3:
+        raise InputError(path, f"expected a 3D volume, header shape is {tuple(shape)}")
+    if any(d <= 0 for d in dims):
+        raise InputError(path, f"header shape {tuple(shape)} has a zero or negative dimension")
+    return dims[0], dims[1], dims[2]
+
+
+def load_volume(
+    path: str | os.PathLike[str],
+    kind: str = "image",
+    max_bytes: int | None = None,
+    sha256: str | None = None,
+) -> Volume:
+    """Load and validate one NIfTI file.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        kind: ``"image"`` -> float32 ``get_fdata()`` values (scl_slope/inter applied), finite;
+            ``"label"`` -> uint8, values must be integers in 0..255 (exact copy of the file).
+        max_bytes: refuse the file when ``prod(shape) * (itemsize + 4)`` exceeds this many
+            bytes (default: currently available memory). Checked on the header only.
+        sha256: precomputed file hash (computed here when ``None``).
+
+    Raises:
+        InputError: naming ``path`` and the problem, for each class in the module docstring.
+    """
+    if kind not in ("image", "label"):
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+    p = Path(path)
+    img = _header_image(p)
+    header = img.header
+    shape = _shape3d(p, tuple(int(d) for d in header.get_data_shape()))
+    raw_dtype = np.dtype(header.get_data_dtype())
+    need = math.prod(shape) * (raw_dtype.itemsize + 4)
+    limit = available_memory() if max_bytes is None else int(max_bytes)
+    if need > limit:
+        raise InputError(
+            p,
+            f"header dimensions {shape} ({raw_dtype}) need {need / 2**30:.1f} GiB to load, "
+            f"more than the {limit / 2**30:.1f} GiB available; refusing before allocating",
+        )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(p, "affine contains NaN/Inf")
+    if abs(float(np.linalg.det(affine[:3, :3]))) <= 1e-12:
+        raise InputError(p, "singular or zero affine (det of the 3x3 part is 0)")
+    try:
+        if kind == "image":
+            data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
+        else:
+            data = np.asarray(img.dataobj)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(p, f"truncated or corrupt gzip ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(p, f"truncated or unreadable voxel data ({exc})") from None
+    data = data.reshape(shape)
+    if kind == "image":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            n_nan = int(np.isnan(data).sum())
+            raise InputError(p, f"{n_nan} NaN and {int(bad.sum()) - n_nan} Inf intensities")
+    else:
+        data = _as_label(p, data)
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    return Volume(
+        path=str(p),
+        data=data,
+        affine=affine,
+        spacing=(zooms[0], zooms[1], zooms[2]),
+        orientation="".join(nib.aff2axcodes(affine)),
+        dtype=str(raw_dtype),
+        shape=shape,
+        sha256=sha256 or sha256_file(p),
+    )
+
+
+def _as_label(path: Path, data: np.ndarray) -> np.ndarray:
+    """Exact uint8 copy of a label map, or InputError for non-integer / out-of-range values."""
+    if data.dtype == np.uint8:
+        return np.ascontiguousarray(data)
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)):
+            raise InputError(path, "non-integer label values (NaN/Inf)")
+        frac = data != np.round(data)
+        if frac.any():
+            example = float(data[frac].flat[0])
+            raise InputError(path, f"non-integer label values ({int(frac.sum())} voxels, e.g. {example:g})")
+    lo, hi = data.min(), data.max()
+    if lo < 0 or hi > 255:
+        raise InputError(path, f"label values outside 0..255 (min {lo:g}, max {hi:g})")
+    return data.astype(np.uint8)
