@@ -146,6 +146,7 @@ class EvaluateConfig(_Strict):
     split: Optional[str] = None  # null: data.splits.test
     plots: bool = True
     overlay_cases: int = Field(3, ge=0)
+    val_hd95: bool = False  # also report mean foreground HD95 (mm) each fine-tune epoch
 
 
 class ScalingSection(_Strict):
@@ -175,7 +176,7 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: Optional[StageConfig] = None
     finetune: Optional[StageConfig] = None
-    baseline: Optional[StageConfig] = None  # supervised from scratch, same budget
+    baseline: Optional[StageConfig] = None  # supervised from scratch, same budget (YAML: true)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
@@ -378,7 +379,30 @@ def load_config(ref: str | Path | None = None, overrides: Iterable[str] = (),
     return validate(data)
 
 
+BASE_METHOD_KEYS = ("seed", "widths", "norm", "lr")
+
+
+def _expand_baseline(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``baseline: true`` -> the supervised strategy with the fine-tune stage's backbone keys
+    (seed, widths, norm, lr), optimiser and schedule; ``false`` -> no baseline."""
+    out = dict(data)
+    b = out.get("baseline")
+    if b is False:
+        out["baseline"] = None
+    elif b is True:
+        ft = out.get("finetune")
+        if not isinstance(ft, Mapping):
+            raise ConfigError("baseline: 'true' needs a finetune section to copy from")
+        m = ft.get("method") or {}
+        out["baseline"] = {
+            "method": {"name": "supervised", **{k: m[k] for k in BASE_METHOD_KEYS if k in m}},
+            **{k: copy.deepcopy(ft[k]) for k in ("optim", "schedule") if k in ft},
+        }
+    return out
+
+
 def validate(data: Mapping[str, Any]) -> Config:
+    data = _expand_baseline(data)
     try:
         cfg = Config(**data)
     except ValidationError as exc:

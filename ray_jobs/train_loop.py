@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 STATE_FILE = "state.pt"
+VAL_METRICS = ("val_dice", "val_hd95")  # per-epoch validation metrics (fine-tuning)
 BEST_FILE = "best.pt"
 
 
@@ -203,7 +204,7 @@ def build_method(lc: dict[str, Any], cfg: Any) -> tuple[Any, nn.Module]:
 
 # --------------------------------------------------------------------------- validation
 def validation_dice(method: nn.Module, lc: dict[str, Any], cfg: Any, rank: int, world: int,
-                    device: torch.device) -> Optional[float]:
+                    device: torch.device) -> Optional[dict[str, float]]:
     """Mean foreground Dice over the validation cases (native grid, 3D per case).
 
     Each rank predicts the cases ``val[rank::W]``; the per-case means are summed across ranks
@@ -216,27 +217,48 @@ def validation_dice(method: nn.Module, lc: dict[str, Any], cfg: Any, rank: int, 
         return None
     import storage
 
-    from ray_jobs.inference import predict_volume
+    from ray_jobs.inference import predict_case
 
     st = storage.open_store(lc["store"], storage_options=cfg.data.storage_options or None)
     spec = lc["spec"]
-    tot = torch.zeros(2, dtype=torch.float64)
+    want_hd = cfg.evaluate.val_hd95
+    tot = torch.zeros(4, dtype=torch.float64)  # dice sum, n, hd95 sum, n(hd95 finite)
     was_training = method.training
     method.eval()
     with torch.no_grad():
         for case in cases[rank::max(world, 1)]:
-            image = st.image(case)
             ref = st.label(case)
-            spacing = st.meta(case)["spacing"]
-            pred = predict_volume(method, spec, image, spacing)
+            pred = predict_case(method, spec, st, case)
             tot[0] += _mean_fg_dice(pred, ref, lc["num_classes"])
             tot[1] += 1
+            if want_hd:
+                hd = _mean_fg_hd95(pred, ref, st.meta(case)["spacing"], lc["num_classes"])
+                if hd is not None:
+                    tot[2] += hd
+                    tot[3] += 1
     method.train(was_training)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = tot.to(device) if torch.distributed.get_backend() == "nccl" else tot
         torch.distributed.all_reduce(t)
         tot = t.cpu()
-    return float(tot[0] / tot[1]) if tot[1] > 0 else None
+    if tot[1] == 0:
+        return None
+    out = {"val_dice": float(tot[0] / tot[1])}
+    if want_hd and tot[3] > 0:
+        out["val_hd95"] = float(tot[2] / tot[3])
+    return out
+
+
+def _mean_fg_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Any, num_classes: int
+                  ) -> Optional[float]:
+    """Mean over foreground classes of HD95 (mm) from ``localcl.metrics.evaluate_case``;
+    classes where it is undefined (empty prediction or reference) are skipped."""
+    from localcl.metrics import evaluate_case
+
+    res = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), tuple(spacing),
+                        list(range(1, num_classes)))
+    vals = [float(v["hd95"]) for v in res.values() if np.isfinite(v.get("hd95", np.nan))]
+    return float(np.mean(vals)) if vals else None
 
 
 def _mean_fg_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
@@ -381,9 +403,10 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         score = None
         if section != "pretrain":
             t_val = time.perf_counter()
-            score = validation_dice(method, lc, cfg, rank, world, device)
-            if score is not None:
-                metrics["val_dice"] = score
+            val = validation_dice(method, lc, cfg, rank, world, device)
+            if val is not None:
+                metrics.update(val)
+                score = val["val_dice"]
                 metrics["val_time_s"] = time.perf_counter() - t_val
         improved = score is None or score > best["score"]
         if improved:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import fsspec
 
@@ -65,8 +65,11 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
 
 
 def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
-              progress: bool = True) -> StageResult:
-    """Fit one stage and return its history (one row per epoch) and final checkpoint."""
+              run_name: Optional[str] = None, progress: bool = True,
+              callbacks: Sequence[Any] = ()) -> StageResult:
+    """Fit one stage into ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default
+    ``<cfg.name>-<stage>``) and return its history (one row per epoch) and final checkpoint.
+    ``callbacks`` are extra Ray Train callbacks (e.g. Tune's ``TuneReportCallback``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -91,7 +94,8 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
             num_workers=sc.num_workers, use_gpu=sc.use_gpu,
             resources_per_worker=resources, placement_strategy=sc.placement),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{stage}", storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
+            storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
     )
@@ -121,9 +125,6 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
 
     state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
     history = list(state["history"])
-    write_history(run_dir, stage, history)
-    if cfg.logging.tensorboard:
-        write_tensorboard(run_dir, stage, history)
     return StageResult(stage, storage_path, history, local)
 
 
