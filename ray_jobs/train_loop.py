@@ -139,7 +139,11 @@ def build_loaders(lc: dict[str, Any], cfg: Any, method_cls: Any, rank: int, worl
     seed = cfg.data.seed
     common = dict(size=size, seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
     if cfg.data.spacing_mm is not None:
-        common["spacing_mm"] = tuple(cfg.data.spacing_mm)
+        sy, sx = cfg.data.spacing_mm
+        if sy != sx:
+            raise ValueError("data.spacing_mm: the samplers resample to isotropic in-plane pixels")
+        common["spacing_mm"] = float(sy)
+    hidden = list(lc["unlabelled"])  # outside the label budget: labels never reach training
     if lc["section"] == "pretrain":
         kind = method_cls.pretrain_batch
         cases = lc["pretrain_cases"]
@@ -157,17 +161,18 @@ def build_loaders(lc: dict[str, Any], cfg: Any, method_cls: Any, rank: int, worl
             return {"main": ds, "batched": True, "unlabelled": None, "per_worker": m * parts}
         derived = ("superpixels",) if kind == "slices+superpixels" else ()
         ds = samplers.SliceDataset(uri, cases, samples_per_epoch=n_samples, derived=derived,
-                                   **common)
+                                   hide_labels=hidden, **common)
         return {"main": ds, "batched": False, "unlabelled": None, "per_worker": per_worker}
     ds_l = samplers.SliceDataset(uri, lc["labelled"], samples_per_epoch=n_samples,
                                  fg_oversample=cfg.data.fg_oversample, **common)
     ds_u = None
     ub = schedule.unlabelled_batch_size or schedule.batch_size
     if lc.get("use_unlabelled") and lc["unlabelled"]:
-        derived = (lc["pseudo"],) if lc.get("pseudo") else ()
+        pseudo = lc.get("pseudo")  # PLCL round r: labels come from the derived "pseudo_r{r}"
         ds_u = samplers.SliceDataset(
             uri, lc["unlabelled"], samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch
-            * max(world, 1), derived=derived, **{**common, "seed": seed + 1})
+            * max(world, 1), hide_labels=[] if pseudo else hidden,
+            label_array=pseudo or "label", **{**common, "seed": seed + 1})
     return {"main": ds_l, "batched": False, "unlabelled": ds_u, "per_worker": per_worker,
             "per_worker_u": ub // max(world, 1)}
 
@@ -359,8 +364,6 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                     out = model("pretrain", batch, step=global_step, stage=mstage)
                 else:
                     bu = _to_device(next(it_u), device) if it_u is not None else None
-                    if bu is not None and lc.get("pseudo"):
-                        bu["label"] = bu.pop(lc["pseudo"]).long()
                     out = model("finetune", batch, bu, global_step, total_steps)
             loss = out["loss"]
             if not torch.isfinite(loss):
