@@ -300,7 +300,7 @@ class VolumeStore:
         """
         self._require_writable()
         if name in RESERVED_ARRAYS or not name or "/" in name or name.startswith("__"):
-            raise ValueError(f"invalid derived array name {name!r}")
+            raise ValueError(f"invalid derived array name {name!r} ('image'/'label' are reserved; no '/', no leading '__')")
         meta = self._check_case(case)
         array = np.asarray(array)
         if tuple(array.shape) != tuple(meta["shape"]):
