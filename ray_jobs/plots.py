@@ -1,0 +1,145 @@
+"""PNG figures of an evaluation (matplotlib, Agg backend; no display needed).
+
+Every function returns the PNG as ``bytes`` so the caller can write it to a local path or an
+fsspec URI alike.
+
+- :func:`loss_curves_png`: the columns of a ``<stage>/history.csv`` against ``epoch``: losses
+  on the left axis (log scale when they span more than a decade), ``val_*`` metrics on a
+  right axis.
+- :func:`dice_boxplot_png`: per-class Dice over cases (box, whiskers at 1.5 IQR, every case as
+  a jittered dot) plus the per-case mean over foreground classes.
+- :func:`overlay_png`: a few slices of one case: the image, the reference and the prediction
+  drawn over it (filled at 40 % opacity with the class colour, outlined).
+"""
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+# class k >= 1 gets CLASS_COLOURS[(k - 1) % 10]
+CLASS_COLOURS = plt.get_cmap("tab10").colors
+
+
+def _png(fig: "plt.Figure") -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def loss_curves_png(history: pd.DataFrame, title: str) -> bytes:
+    """Loss curves of one stage; ``history`` has an ``epoch`` column and numeric columns."""
+    if "epoch" not in history.columns:
+        raise ValueError(f"{title}: history has no 'epoch' column (columns {list(history.columns)})")
+    skip = {"epoch", "time", "time_s", "wall_s", "step", "steps", "lr", "samples_per_s", "throughput"}
+    numeric = [c for c in history.columns if c not in skip and pd.api.types.is_numeric_dtype(history[c])]
+    metrics = [c for c in numeric if c.startswith("val_") or "dice" in c]
+    losses = [c for c in numeric if c not in metrics]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = history["epoch"].to_numpy()
+    for c in losses:
+        ax.plot(x, history[c].to_numpy(dtype=float), marker="o", ms=3, label=c)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    vals = history[losses].to_numpy(dtype=float) if losses else np.zeros((0,))
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    if vals.size and vals.max() / vals.min() > 10:
+        ax.set_yscale("log")
+    handles, labels = ax.get_legend_handles_labels()
+    if metrics:
+        ax2 = ax.twinx()
+        for i, c in enumerate(metrics):
+            ax2.plot(x, history[c].to_numpy(dtype=float), ls="--", marker="s", ms=3,
+                     color=CLASS_COLOURS[(len(losses) + i) % 10], label=c)
+        ax2.set_ylabel("validation metric")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def dice_boxplot_png(dice: Mapping[str, Sequence[float]], title: str = "Dice per class") -> bytes:
+    """Box plot of per-case Dice, one box per entry of ``dice`` (name -> values over cases)."""
+    names = list(dice)
+    data = [np.asarray([v for v in dice[n] if v is not None and np.isfinite(v)], float) for n in names]
+    fig, ax = plt.subplots(figsize=(1.4 * max(len(names), 2) + 1.5, 4.0))
+    ax.boxplot(data, showfliers=False, widths=0.55)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, d.size), d, s=12, alpha=0.7,
+                   color=CLASS_COLOURS[(i - 1) % 10], zorder=3)
+        if d.size:
+            ax.text(i, 1.02, f"{d.mean():.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("Dice")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _label_cmap(num_classes: int) -> ListedColormap:
+    colours = [(0, 0, 0, 0)] + [(*CLASS_COLOURS[(k - 1) % 10], 1.0) for k in range(1, max(num_classes, 2))]
+    return ListedColormap(colours)
+
+
+def overlay_png(
+    image: np.ndarray,
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    slices: Sequence[int],
+    label_names: Mapping[int, str],
+    title: str,
+) -> bytes:
+    """Reference vs prediction on ``slices`` of one case.
+
+    Args:
+        image: ``(S, X, Y)`` normalised to [0, 1] (one entry per shown slice).
+        reference, prediction: ``(S, X, Y)`` integer label maps.
+        slices: the ``z`` index of each row (for the titles).
+        label_names: ``{label: name}``; 0 is background and is not drawn.
+    """
+    if not (image.shape == reference.shape == prediction.shape) or image.ndim != 3:
+        raise ValueError(
+            f"overlay arrays must share one (S, X, Y) shape, got {image.shape}, "
+            f"{reference.shape}, {prediction.shape}"
+        )
+    k = max(int(max(label_names, default=1)), int(reference.max(initial=0)), int(prediction.max(initial=0))) + 1
+    cmap = _label_cmap(k)
+    rows = image.shape[0]
+    fig, axes = plt.subplots(rows, 3, figsize=(9.0, 3.0 * rows), squeeze=False)
+    for r in range(rows):
+        # (X, Y) slice shown with X horizontal and Y up (origin lower), as ITK-SNAP shows RAS axial
+        img = image[r].T
+        for c, (lab, name) in enumerate(((None, "image"), (reference[r], "reference"), (prediction[r], "prediction"))):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+            if lab is not None:
+                lt = lab.T
+                ax.imshow(np.ma.masked_equal(lt, 0), cmap=cmap, vmin=0, vmax=k - 1, alpha=0.4,
+                          origin="lower", interpolation="nearest")
+                for cls in range(1, k):
+                    if np.any(lt == cls):
+                        ax.contour(lt == cls, levels=[0.5], colors=[CLASS_COLOURS[(cls - 1) % 10]],
+                                   linewidths=0.8, origin="lower")
+            ax.set_title(f"z={slices[r]}  {name}", fontsize=9)
+            ax.set_axis_off()
+    handles = [
+        Patch(color=CLASS_COLOURS[(cls - 1) % 10], label=label_names.get(cls, str(cls)))
+        for cls in range(1, k)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=max(len(handles), 1), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
