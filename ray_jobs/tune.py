@@ -305,7 +305,7 @@ class Campaign(BaseModel):
             "method": self.method,
             "space": {k: p.model_dump() for k, p in sorted(self.space.items())},
             "objective": self.objective.model_dump(),
-            "base": self.resolved_base(),
+            "base": _comparable(self.resolved_base()),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -334,6 +334,19 @@ class Campaign(BaseModel):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _comparable(base: dict[str, Any]) -> dict[str, Any]:
+    """The base config without paths and bookkeeping (name, run_dir, data.store/source,
+    storage options, scaling, checkpoint, logging): what trials' scores depend on."""
+    out = copy.deepcopy(base)
+    for k in ("name", "run_dir", "scaling", "checkpoint", "logging"):
+        out.pop(k, None)
+    data = out.get("data")
+    if isinstance(data, dict):
+        for k in ("store", "source", "storage_options", "loader_workers"):
+            data.pop(k, None)
+    return out
 
 
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -595,6 +608,32 @@ class ResumePlan:
     notes: list[str] = field(default_factory=list)
 
 
+def check_study(campaign: Campaign, storage: Any, resume: bool) -> bool:
+    """Raise :class:`UserError` when the study exists with a different space/objective/base,
+    or exists and ``resume`` is false, or is missing and ``resume`` is true; return whether it
+    exists. Creates nothing."""
+    import optuna
+
+    exists = study_exists(storage, campaign.name)
+    if exists:
+        study = optuna.load_study(study_name=campaign.name, storage=storage)
+        old = study.user_attrs.get(SIGNATURE_ATTR)
+        sig = campaign.signature()
+        if old != sig:
+            raise UserError(
+                f"campaign {campaign.name!r} already exists in {_redact(campaign.storage_url)} with a different "
+                f"search space/objective/base config (signature {old} != {sig}); choose a new name"
+            )
+        if not resume:
+            raise UserError(
+                f"campaign {campaign.name!r} already exists in {_redact(campaign.storage_url)}; "
+                "pass --resume to continue it"
+            )
+    elif resume:
+        raise UserError(f"campaign {campaign.name!r} not found in {_redact(campaign.storage_url)}; nothing to resume")
+    return exists
+
+
 def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
     """Create or reopen the campaign's study and plan this driver run (see module docstring).
 
@@ -604,21 +643,11 @@ def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
     import optuna
     from optuna.trial import TrialState
 
-    exists = study_exists(storage, campaign.name)
+    exists = check_study(campaign, storage, resume)
     sig = campaign.signature()
     if exists:
         study = optuna.load_study(study_name=campaign.name, storage=storage)
-        old = study.user_attrs.get(SIGNATURE_ATTR)
-        if old != sig:
-            raise UserError(
-                f"campaign {campaign.name!r} already exists in {_redact(campaign.storage_url)} with a different "
-                f"search space/objective/base config (signature {old} != {sig}); choose a new name"
-            )
-        if not resume:
-            raise UserError(f"campaign {campaign.name!r} already exists in {_redact(campaign.storage_url)}; pass --resume to continue it")
     else:
-        if resume:
-            raise UserError(f"campaign {campaign.name!r} not found in {_redact(campaign.storage_url)}; nothing to resume")
         directions = ["maximize" if m == "max" else "minimize" for m in campaign.objective.modes]
         study = optuna.create_study(study_name=campaign.name, storage=storage, directions=directions)
         study.set_user_attr(SIGNATURE_ATTR, sig)
@@ -752,16 +781,17 @@ def grid_size(campaign: Campaign) -> int | None:
 class CampaignResult:
     campaign_dir: Path
     plan: ResumePlan
-    resources: ResourcePlan | None
+    resources: ResourcePlan
     n_complete: int
     report_dir: Path | None
 
 
-def save_campaign(campaign: Campaign) -> Path:
+def save_campaign(campaign: Campaign, base: dict[str, Any] | None = None) -> Path:
     """Write ``<campaign_dir>/campaign.yaml``: the campaign with its base config resolved
-    (self-contained: ``report``/``dashboard``/``--resume`` need nothing else)."""
+    (``base``, default :meth:`Campaign.resolved_base`); self-contained, so trials, ``report``
+    and ``dashboard`` need nothing else."""
     d = campaign.model_dump(mode="json", exclude={"source"})
-    d["base"] = campaign.resolved_base()
+    d["base"] = campaign.resolved_base() if base is None else base
     d["base_config"] = None
     d["root"] = str(campaign.campaign_dir.parent)
     d["storage"] = campaign.storage_url
@@ -805,24 +835,24 @@ def run_campaign(
     """
     campaign.campaign_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(campaign.storage_url)
-    saved = campaign.campaign_dir / "campaign.yaml"
-    if resume and saved.is_file():
-        old = load_campaign_dir(campaign.campaign_dir)
-        if old.signature() != campaign.signature():
-            raise UserError(
-                f"campaign {campaign.name!r}: {saved} has a different search space/objective/base config; "
-                "resume with the same campaign file"
-            )
+    check_study(campaign, storage, resume)
+    import ray
+
+    from ray_jobs.trainer import init_ray
+
+    init_ray(address)
+    rplan = plan_resources(campaign.resources, ray.cluster_resources())
+    base = prepare_data(campaign, log)
     plan = prepare_study(campaign, storage, resume)
-    save_campaign(campaign)
+    save_campaign(campaign, base)
     log(
         f"campaign {campaign.name}: {plan.done}/{campaign.trials} trials finished"
         + (f", {len(plan.stale)} unfinished re-queued" if plan.stale else "")
         + f"; launching {plan.remaining} (run {plan.run_index}, seed {plan.seed})"
     )
-    rplan: ResourcePlan | None = None
     if plan.remaining > 0:
-        rplan = _fit(campaign, storage, plan, address, log)
+        log(f"resources: {rplan.describe()}")
+        _fit(campaign, storage, plan, rplan)
     report_dir = write_report(campaign.campaign_dir)
     n_complete = _count_complete(campaign, storage)
     log(f"campaign {campaign.name}: {n_complete} complete trials; report in {report_dir}")
@@ -841,8 +871,6 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, address: str | None
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     from ray_jobs.trainer import init_ray
 
     init_ray(address)
@@ -851,7 +879,7 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, address: str | None
     obj = campaign.objective
     metric: str | list[str] = obj.metrics if obj.multi else obj.metrics[0]
     mode: str | list[str] = list(obj.modes) if obj.multi else obj.modes[0]
-    searcher = OptunaSearch(
+    searcher = _tracked_search_cls()(
         space=campaign.distributions(),
         metric=metric,
         mode=mode,  # type: ignore[arg-type]
@@ -892,7 +920,104 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, address: str | None
         ),
     )
     tuner.fit()
-    return rplan
+
+
+def _absolute(cfg: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Local relative paths of the run config made absolute against ``base_dir`` (the
+    driver's working directory): Tune runs each trial in its own working directory."""
+    out = copy.deepcopy(cfg)
+    for path in ("data.store", "data.source", "finetune.init", "run_dir"):
+        v = get_path(out, path)
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v):
+            set_path(out, path, str((base_dir / v).resolve()))
+    return out
+
+
+def trial_config(campaign: Campaign, params: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """The run config of one trial: base + ``params`` + the trial's scaling, run name
+    ``<campaign>-<trial_id>``, no baseline, no live progress/TensorBoard, paths absolute."""
+    cfg = campaign.trial_config(params)
+    cfg["name"] = f"{campaign.name}-{trial_id}"
+    cfg["run_dir"] = str(campaign.campaign_dir / "trials" / trial_id)
+    cfg["baseline"] = None
+    cfg["logging"] = {**(cfg.get("logging") or {}), "progress": False, "tensorboard": False}
+    return cfg
+
+
+def trial_fn(params: dict[str, Any], campaign_yaml: str, resources: dict[str, Any]) -> None:
+    """The Tune function trainable of one trial (runs in a Ray actor with 0 CPU).
+
+    Short pretraining, then the fixed-budget fine-tune on the base config's label budget, both
+    through :func:`ray_jobs.pipeline.run_stages` (each a ``TorchTrainer`` of
+    ``workers_per_trial`` workers). ``TuneReportCallback`` on the fine-tune stage forwards every
+    epoch's ``ray.train.report`` (``val_dice`` ...) to Tune, so ASHA can stop the trial between
+    epochs; the callback also forwards the checkpoint.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ray_jobs import pipeline
+
+    campaign = load_campaign_dir(Path(campaign_yaml).parent)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = _validate_run_config(trial_config(campaign, params, trial_id))
+    stages = [s for s in ("pretrain", "finetune") if getattr(cfg, s) is not None]
+    pipeline.run_stages(
+        cfg,
+        str(cfg.run_dir),
+        stages=stages,
+        finetune_callbacks=[TuneReportCallback()],
+        progress=False,
+        log=lambda msg: None,
+    )
+
+
+def prepare_data(campaign: Campaign, log: Any = print) -> dict[str, Any]:
+    """Validate the base config and make sure its store exists (ingested once here, in the
+    driver, so concurrent trials never race to ingest). Returns the base config with
+    absolute paths and ``data.store`` set (default ``<campaign_dir>/store.zarr``)."""
+    from ray_jobs import pipeline
+
+    base = _absolute(campaign.resolved_base(), Path.cwd())
+    if not get_path(base, "data.store"):
+        set_path(base, "data.store", str(campaign.campaign_dir / "store.zarr"))
+    cfg = _validate_run_config(campaign.with_scaling(base))
+    plan = pipeline.prepare_data(cfg, str(campaign.campaign_dir), log)
+    log(
+        f"data: {plan.store}: {len(plan.labelled)} labelled, {len(plan.unlabelled)} unlabelled, "
+        f"{len(plan.val)} validation case(s)"
+    )
+    if not plan.val:
+        raise CampaignError("the campaign objective needs validation cases: data.splits.val is empty or null")
+    return base
+
+
+def _tracked_search_cls() -> type:
+    """``OptunaSearch`` that also records, on each Optuna trial while it runs, the Tune trial
+    id and the fine-tune epochs reached (user attributes ``tune_trial_id``, ``epochs``): Optuna's
+    intermediate values miss the last result of an ASHA-stopped trial, and multi-objective
+    trials get none, so trial-epochs are counted from ``epochs``."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class TrackedOptunaSearch(OptunaSearch):  # type: ignore[misc]
+        def _mark(self, trial_id: str, result: dict[str, Any] | None) -> None:
+            ot = self._ot_trials.get(trial_id)
+            if ot is None or not result:
+                return
+            ot.set_user_attr("tune_trial_id", trial_id)
+            if "training_iteration" in result:
+                ot.set_user_attr("epochs", int(result["training_iteration"]))
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            self._mark(trial_id, result)
+            super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+            if trial_id not in self._completed_trials:
+                self._mark(trial_id, result)
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return TrackedOptunaSearch
 
 
 # ----------------------------------------------------------------------------- report
@@ -913,9 +1038,8 @@ def trials_table(campaign: Campaign, study: Any) -> "Any":
         vals = t.values or [None] * len(campaign.objective.metrics)
         for m, v in zip(campaign.objective.metrics, vals):
             row[m] = v
-        row["epochs"] = len(t.intermediate_values) if t.intermediate_values else (1 if t.values else 0)
-        if campaign.objective.multi and t.user_attrs.get("epochs"):
-            row["epochs"] = t.user_attrs["epochs"]
+        row["epochs"] = int(t.user_attrs.get("epochs", len(t.intermediate_values)))
+        row["tune_trial_id"] = t.user_attrs.get("tune_trial_id")
         row["duration_s"] = round(t.duration.total_seconds(), 1) if t.duration else None
         row["stale"] = bool(t.user_attrs.get(STALE_ATTR, False))
         for k in campaign.space:
