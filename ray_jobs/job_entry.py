@@ -1,10 +1,17 @@
 """Entrypoint of jobs submitted with ``localcl submit`` (runs on the Ray cluster).
 
-``python -m ray_jobs.job_entry JOB [--preflight]`` reads the self-contained config that
-:func:`ray_jobs.submit.build_submission` shipped in the runtime-env variable
-``LOCALCL_SUBMITTED_CONFIG`` (overrides already applied), writes it to a private file and runs
-``localcl JOB --config FILE`` in this process, so the job executes exactly the CLI verb a user
-runs locally.
+``python -m ray_jobs.job_entry JOB [--config FILE [--expand-env]] [--preflight]``
+
+- submitted by ``localcl submit``: reads the self-contained config that
+  :func:`ray_jobs.submit.build_submission` shipped in the runtime-env variable
+  ``LOCALCL_SUBMITTED_CONFIG`` (overrides already applied), writes it to a private file;
+- started by a KubeRay RayJob (``k8s/``): reads ``--config FILE`` (the ConfigMap mounted at
+  ``/etc/localcl/configs``); ``--expand-env`` substitutes ``${VAR}`` references from the pod's
+  environment first, so secrets (the PostgreSQL URL of a campaign's Optuna study) stay in
+  Kubernetes Secrets and off command lines;
+
+then runs ``localcl JOB --config FILE`` in this process, so the job executes exactly the CLI
+verb a user runs locally.
 
 ``--preflight`` validates the shipped config with the same validator and prints what the job
 would run on (localcl/torch/Ray versions, CUDA devices, cluster resources), then exits: a
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +47,35 @@ def materialise_config(directory: str | os.PathLike[str] | None = None) -> Path:
     path = out_dir / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace every ``${NAME}`` in ``text`` by ``environ[NAME]`` (default ``os.environ``).
+
+    Only the braced form is expanded (a bare ``$`` stays as is). A reference to an unset
+    variable raises :class:`UserError` naming it.
+    """
+    env = os.environ if environ is None else environ
+    missing = sorted({m.group(1) for m in _VAR.finditer(text) if m.group(1) not in env})
+    if missing:
+        raise UserError(f"--expand-env: environment variable(s) not set: {', '.join(missing)}")
+    return _VAR.sub(lambda m: env[m.group(1)], text)
+
+
+def config_from_file(path: str | os.PathLike[str], expand: bool) -> Path:
+    """``path`` itself, or with ``expand`` a private (0600) expanded copy in a temp dir."""
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"--config: no such file: {src}")
+    if not expand:
+        return src
+    out = Path(tempfile.mkdtemp(prefix="localcl-job-")) / src.name
+    out.write_text(expand_env(src.read_text(encoding="utf-8")), encoding="utf-8")
+    out.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return out
 
 
 def preflight(job: str, config: Path) -> int:
@@ -72,10 +110,19 @@ def preflight(job: str, config: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.job_entry")
     parser.add_argument("job", choices=JOBS)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="config file (default: the one shipped by `localcl submit`)")
+    parser.add_argument("--expand-env", action="store_true",
+                        help="substitute ${VAR} references in --config from the environment")
     parser.add_argument("--preflight", action="store_true")
     args = parser.parse_args(argv)
     try:
-        config = materialise_config()
+        if args.config is not None:
+            config = config_from_file(args.config, args.expand_env)
+        elif args.expand_env:
+            raise UserError("--expand-env needs --config")
+        else:
+            config = materialise_config()
         if args.preflight:
             return preflight(args.job, config)
     except UserError as exc:
