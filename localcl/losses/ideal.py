@@ -246,13 +246,19 @@ def ideal_dense_loss(
         return dense
     gq = r.mean(dim=(2, 3))
     gk = pool_keys(t)
-    if negatives == "queue":
+    if negatives == "queue":  # MoCo: negatives are the queue only
         assert qk is not None
         gc = torch.cat([gk, qk.to(gk.dtype)], 0)
         ids_c = torch.cat([torch.arange(B, device=dev), torch.full((qk.shape[0],), -2, device=dev)])
-    else:
+        ga = torch.zeros(B, dtype=torch.long, device=dev)
+        gcg = torch.cat([ga, torch.ones(qk.shape[0], dtype=torch.long, device=dev)])
+    else:  # negatives: the other images' pooled keys
         gc, ids_c = gk, torch.arange(B, device=dev)
-    glob = info_nce(gq, gc, tau=tau, anchor_ids=torch.arange(B, device=dev), candidate_ids=ids_c, exclude_self=False, mode="single")
+        ga = gcg = torch.arange(B, device=dev)
+    glob = info_nce(
+        gq, gc, tau=tau, anchor_ids=torch.arange(B, device=dev), candidate_ids=ids_c, neg_anchor_groups=ga,
+        neg_candidate_groups=gcg, exclude_self=False, mode="single",
+    )
     return (1.0 - lam) * glob + lam * dense
 
 
