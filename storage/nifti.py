@@ -14,13 +14,15 @@ Checks, in order (each maps to one class of bad input of issue 2):
    dtype + the float32 result) must stay below ``max_bytes`` (default: the machine's available
    memory), checked on the header alone, before any allocation;
 5. the affine is finite and non-singular (``|det(A[:3, :3])| > 1e-12``);
-6. decompression succeeds (a truncated or corrupt gzip stream is reported as such);
+6. the whole file decompresses with a valid gzip CRC (a truncated or corrupt stream is
+   reported as such), then parses in memory with the declared number of voxel bytes;
 7. images: every voxel is finite (no NaN/Inf); labels: every value is an integer in 0..255.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import os
 import zlib
@@ -69,8 +71,19 @@ def available_memory() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def _header_image(path: Path) -> Any:
-    """``nib.load`` with the failure classes turned into one-line InputErrors."""
+def _open_stream(path: Path) -> Any:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _gzip_error(path: Path, exc: BaseException) -> InputError:
+    return InputError(path, f"truncated or corrupt gzip ({type(exc).__name__}: {exc})")
+
+
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _read_header(path: Path) -> Any:
+    """Parse only the NIfTI-1/2 header (first 540 bytes of the decompressed stream)."""
     if not path.is_file():
         raise InputError(path, "file not found")
     if path.stat().st_size == 0:
@@ -80,13 +93,34 @@ def _header_image(path: Path) -> Any:
     if path.name.endswith(".gz") and magic != _GZIP_MAGIC:
         raise InputError(path, "not a gzip file although the name ends in .gz (corrupt or not NIfTI)")
     try:
-        return nib.load(str(path))
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(path, f"truncated or corrupt gzip ({exc})") from None
-    except nib.filebasedimages.ImageFileError as exc:
-        raise InputError(path, f"not a NIfTI file ({str(exc).splitlines()[0][:120]})") from None
+        with _open_stream(path) as f:
+            head = f.read(540)
+    except _GZIP_ERRORS as exc:
+        raise _gzip_error(path, exc) from None
+    if len(head) < 4:
+        raise InputError(path, f"not a NIfTI file (only {len(head)} bytes)")
+    sizeof = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    klass = nib.Nifti1Header if 348 in sizeof else nib.Nifti2Header if 540 in sizeof else None
+    if klass is None:
+        raise InputError(path, "not a NIfTI file (header size field is neither 348 nor 540)")
+    try:
+        return klass.from_fileobj(io.BytesIO(head), check=True)
     except Exception as exc:  # nibabel raises a zoo of errors on a mangled header
-        raise InputError(path, f"not a NIfTI file ({type(exc).__name__}: {exc})") from None
+        raise InputError(path, f"not a NIfTI file ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+
+
+def _read_image(path: Path, header: Any) -> Any:
+    """Decompress the whole file (verifying the gzip CRC) and parse it in memory."""
+    try:
+        with _open_stream(path) as f:
+            raw = f.read()
+    except _GZIP_ERRORS as exc:
+        raise _gzip_error(path, exc) from None
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    try:
+        return klass.from_bytes(raw)
+    except Exception as exc:
+        raise InputError(path, f"not a NIfTI file ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
 
 
 def _shape3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -124,8 +158,7 @@ def load_volume(
     if kind not in ("image", "label"):
         raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
     p = Path(path)
-    img = _header_image(p)
-    header = img.header
+    header = _read_header(p)
     shape = _shape3d(p, tuple(int(d) for d in header.get_data_shape()))
     raw_dtype = np.dtype(header.get_data_dtype())
     need = math.prod(shape) * (raw_dtype.itemsize + 4)
@@ -136,18 +169,17 @@ def load_volume(
             f"header dimensions {shape} ({raw_dtype}) need {need / 2**30:.1f} GiB to load, "
             f"more than the {limit / 2**30:.1f} GiB available; refusing before allocating",
         )
-    affine = np.asarray(img.affine, dtype=np.float64)
+    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError(p, "affine contains NaN/Inf")
     if abs(float(np.linalg.det(affine[:3, :3]))) <= 1e-12:
         raise InputError(p, "singular or zero affine (det of the 3x3 part is 0)")
+    img = _read_image(p, header)
     try:
         if kind == "image":
             data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
         else:
             data = np.asarray(img.dataobj)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise InputError(p, f"truncated or corrupt gzip ({exc})") from None
     except (OSError, ValueError) as exc:
         raise InputError(p, f"truncated or unreadable voxel data ({exc})") from None
     data = data.reshape(shape)
