@@ -43,6 +43,7 @@ from torch import Tensor
 __all__ = [
     "Warp",
     "affine_from_params",
+    "apply_flips",
     "check_image_batch",
     "correspondence",
     "elastic_flow",
@@ -51,6 +52,7 @@ __all__ = [
     "glcl_global_view",
     "intensity_view",
     "make_generator",
+    "random_flips",
     "random_geometric",
     "warp_image",
     "warp_labels",
@@ -425,3 +427,30 @@ def glcl_finetune_augment(
     img = warp_image(image, warp)
     lbl = warp_labels(label, warp, fill=label_fill) if label is not None else None
     return img, lbl, warp
+
+
+# ------------------------------------------------------------------------------ 3D patches
+
+
+def random_flips(batch: int, ndim: int, gen: torch.Generator, p: float = 0.5) -> Tensor:
+    """Per-image flip flags (B, ndim) bool for the trailing ``ndim`` spatial axes (3D patch views).
+
+    Flips are exact permutations, so labels / superpixels follow with :func:`apply_flips` and the
+    pixel correspondence between two views is known exactly (MixCL/LRC 3D option, spec §4.3/§5.2 [R]).
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    return torch.rand(batch, ndim, generator=gen) < p
+
+
+def apply_flips(x: Tensor, flips: Tensor) -> Tensor:
+    """Flip each item of ``x`` (B, ..., *S) along its last ``flips.shape[1]`` axes where flagged."""
+    if flips.dim() != 2 or flips.shape[0] != x.shape[0]:
+        raise ValueError(f"flips must have shape (B={x.shape[0]}, ndim), got {tuple(flips.shape)}")
+    nd = flips.shape[1]
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i]
+        dims = [xi.dim() - nd + a for a in range(nd) if bool(flips[i, a])]
+        out.append(xi.flip(dims) if dims else xi)
+    return torch.stack(out, 0)

@@ -1,0 +1,242 @@
+"""Common machinery of the pre-training methods and fine-tuning strategies.
+
+A *method* (``METHODS[name]``) is an ``nn.Module`` that owns a U-Net backbone and the heads of
+its pre-training losses. Contract (``docs/interfaces.md``):
+
+- ``M.Config``: a pydantic v2 model, ``extra="forbid"``, defaults = the specification
+  (``../shared/design/methods.md``), validators naming the field and the allowed values;
+- ``M(cfg, in_channels, num_classes)``;
+- ``M.pretrain_batch``: the batch kind the data side must produce (``"slices"``,
+  ``"partition"``, ``"slices+superpixels"``) or ``None`` (no pre-training stage);
+- ``M.stages``: names of the pre-training stages, run in order (GLCL: ``("global", "local")``);
+- ``pretrain_step(batch, step, stage=None) -> dict[str, Tensor]`` with ``"loss"`` the total;
+  ``forward`` is the same call, so ``DistributedDataParallel(method)(batch, step=...)`` syncs
+  gradients;
+- ``stage_parameters(stage)``: the parameters the optimiser of that stage updates;
+- ``on_after_step()``: EMA / queue updates (call after ``optimizer.step()``);
+- ``backbone_state()``: U-Net state_dict (keys ``encoder.*``, ``decoder.*``) for fine-tuning.
+
+A *fine-tuning strategy* (``FINETUNE[name]``) has ``FT(cfg, in_channels, num_classes)``,
+``load_backbone(state, strict=False)``, ``finetune_step(batch_l, batch_u, step, total_steps)``,
+``predict(image) -> probs``; ``forward(batch_l, batch_u, step, total_steps)`` is the training
+step when ``batch_l`` is a dict and ``predict`` when it is a tensor.
+
+Randomness (views, sampling) comes from ``self.generator``, a CPU ``torch.Generator`` seeded
+with ``cfg.seed + 1_000_003 * rank`` so workers draw different views; reseed with
+:meth:`reseed` (e.g. per epoch) for reproducible runs.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from torch import Tensor, nn
+
+from localcl import dist
+from localcl.augment import make_generator
+
+__all__ = [
+    "BaseMethodConfig",
+    "FinetuneStrategy",
+    "PretrainMethod",
+    "check_batch",
+]
+
+
+class BaseMethodConfig(BaseModel):
+    """Fields shared by every method / strategy config.
+
+    Attributes:
+        seed: seed of the method's ``torch.Generator`` (views, pixel sampling).
+        widths: U-Net encoder channels per level (spec §1.3: 16, 32, 64, 128, 128, 128).
+            At least 2 levels, all > 0. Input sizes must be divisible by 2^(len(widths)-1).
+        decoder_widths: decoder block channels (spec §1.3: 128, 128, 64, 32, 16), exactly
+            ``len(widths) - 1`` entries.
+        norm: normalisation of the backbone: "batch" (the reference), "instance", "group", "none".
+        lr: Adam learning rate (1e-3 in GLCL/PLCL, spec §1.6/§2.7); read by ``ray_jobs``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
+    decoder_widths: tuple[int, ...] = (128, 128, 64, 32, 16)
+    norm: str = "batch"
+    lr: float = 1e-3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown config key(s) {unknown} for {cls.__qualname__}; "
+                    f"valid keys: {sorted(cls.model_fields)}"
+                )
+        return data
+
+    @field_validator("widths", "decoder_widths")
+    @classmethod
+    def _widths(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
+        if len(v) < 1 or any(int(c) <= 0 for c in v):
+            raise ValueError(f"{info.field_name} must list positive channel counts, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _decoder_matches(self) -> "BaseMethodConfig":
+        if len(self.widths) < 2:
+            raise ValueError(f"widths must have >= 2 levels, got {self.widths}")
+        if len(self.decoder_widths) != len(self.widths) - 1:
+            raise ValueError(
+                f"decoder_widths must have len(widths) - 1 = {len(self.widths) - 1} entries, "
+                f"got {self.decoder_widths}"
+            )
+        return self
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        allowed = ["batch", "instance", "group", "none"]
+        if v not in allowed:
+            raise ValueError(f"norm must be one of {allowed}, got {v!r}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"lr must be > 0, got {v}")
+        return v
+
+
+def positive(name: str, v: float) -> float:
+    """Shared check: ``v > 0`` else ``ValueError`` naming ``name``."""
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def check_batch(batch: Mapping[str, Tensor], keys: Iterable[str], owner: str) -> None:
+    """Raise ``KeyError``/``ValueError`` naming missing keys or a badly shaped ``image``."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{owner}: batch must be a dict of tensors, got {type(batch).__name__}")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{owner}: batch is missing key(s) {missing}; has {sorted(batch)}")
+    img = batch.get("image")
+    if img is not None and (img.dim() not in (4, 5) or not img.is_floating_point()):
+        raise ValueError(
+            f"{owner}: batch['image'] must be float (B, C, H, W) or (B, C, D, H, W), "
+            f"got {img.dtype} {tuple(img.shape)}"
+        )
+
+
+class _Seeded(nn.Module):
+    Config: ClassVar[type[BaseMethodConfig]] = BaseMethodConfig
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: BaseMethodConfig, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.Config):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.Config.__qualname__}, got {type(cfg).__name__}"
+            )
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + >= 1 class), got {num_classes}")
+        self.cfg = cfg
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.generator = make_generator(cfg.seed + 1_000_003 * dist.rank())
+
+    def generator_for(self, device: torch.device | str) -> torch.Generator:
+        """A generator on ``device`` for losses that draw there (pixel/point sampling).
+
+        CPU: ``self.generator`` itself. Other devices: a fresh device generator seeded from a
+        draw of ``self.generator``, so runs stay reproducible.
+        """
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
+
+    def reseed(self, seed: int) -> None:
+        """Reset the view/sampling generator to ``seed + 1_000_003 * rank``."""
+        self.generator = make_generator(int(seed) + 1_000_003 * dist.rank())
+
+
+class PretrainMethod(_Seeded):
+    """Base class of ``METHODS`` entries (see module docstring)."""
+
+    pretrain_batch: ClassVar[str | None] = None
+    stages: ClassVar[tuple[str, ...]] = ("main",)
+    default_finetune: ClassVar[str] = "supervised"
+
+    def _stage(self, stage: str | None) -> str:
+        if not self.stages:
+            raise RuntimeError(
+                f"method {self.name!r} has no pre-training stage (pretrain_batch is None); "
+                f"fine-tune with FINETUNE[{self.default_finetune!r}] directly"
+            )
+        stage = self.stages[0] if stage is None else stage
+        if stage not in self.stages:
+            raise ValueError(f"stage must be one of {list(self.stages)}, got {stage!r}")
+        return stage
+
+    def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:  # type: ignore[override]
+        return self.pretrain_step(batch, step, stage)
+
+    def stage_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
+        """Parameters optimised in ``stage`` (default: all trainable parameters)."""
+        self._stage(stage)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def on_after_step(self) -> None:
+        """EMA / queue updates after the optimiser step (no-op by default)."""
+
+    def backbone_state(self) -> dict[str, Tensor]:
+        """State dict of the U-Net (``encoder.*`` and ``decoder.*`` keys) on CPU."""
+        net = getattr(self, "unet")
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+                if k.startswith(("encoder.", "decoder."))}
+
+
+class FinetuneStrategy(_Seeded):
+    """Base class of ``FINETUNE`` entries (see module docstring)."""
+
+    def load_backbone(self, state: Mapping[str, Tensor], strict: bool = False) -> tuple[list[str], list[str]]:
+        """Load ``encoder.*``/``decoder.*`` weights into the strategy's U-Net(s); heads stay fresh.
+        Returns ``(missing, unexpected)`` keys."""
+        raise NotImplementedError
+
+    def backbone_state(self) -> dict[str, Tensor]:
+        """``encoder.*``/``decoder.*`` weights (e.g. the PLCL baseline -> PLCL joint training)."""
+        raise NotImplementedError
+
+    def finetune_step(
+        self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None, step: int, total_steps: int
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, image: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(  # type: ignore[override]
+        self,
+        batch_l: Mapping[str, Tensor] | Tensor,
+        batch_u: Mapping[str, Tensor] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> dict[str, Tensor] | Tensor:
+        if isinstance(batch_l, Tensor):
+            return self.predict(batch_l)
+        return self.finetune_step(batch_l, batch_u, step, total_steps)
