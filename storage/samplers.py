@@ -68,7 +68,9 @@ class _StoreDataset(IterableDataset):
             raise ValueError("cases must not be empty")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.uri = str(uri)
+        uri = str(uri)
+        # local paths are made absolute: Ray/DataLoader workers may run in another directory
+        self.uri = uri if "://" in uri else os.path.abspath(uri)
         self.cases = list(cases)
         self.seed = int(seed)
         self.rank = int(rank)
