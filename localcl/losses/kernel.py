@@ -176,14 +176,17 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         for i0 in range(0, a.shape[0], chunk):
             i1 = min(a.shape[0], i0 + chunk)
             pos, neg = build(i0, i1)
-            logits = (a[i0:i1] @ c.T) / tau
-            # d l_i / d s_ij = softmax over P∪N minus the positive weights.
-            p_all = torch.exp(logits.masked_fill(~(pos | neg), float("-inf")) - lse_all[i0:i1, None])
+            logits = (a[i0:i1] @ c.T).div_(tau)
+            # d l_i / d s_ij = softmax over P∪N minus the positive weights; in place so that a
+            # chunk holds two (c, M) float buffers plus the bool masks.
+            gs = logits.masked_fill(~(pos | neg), float("-inf"))
+            gs.sub_(lse_all[i0:i1, None]).exp_()
             if mode == "per_positive":
-                w = pos.to(logits.dtype) / npos[i0:i1, None].clamp_min(1)
+                gs.sub_(pos.to(logits.dtype).div_(npos[i0:i1, None].clamp_min(1)))
             else:
-                w = torch.exp(logits.masked_fill(~pos, float("-inf")) - pos_term[i0:i1, None])
-            gs = (p_all - w) * (g[i0:i1, None] / tau)  # (c, M) = dL/d(a_i·c_j)
+                w = logits.masked_fill_(~pos, float("-inf"))
+                gs.sub_(w.sub_(pos_term[i0:i1, None]).exp_())
+            gs.mul_(g[i0:i1, None] / tau)  # (c, M) = dL/d(a_i·c_j)
             if grad_a is not None:
                 grad_a[i0:i1] = gs @ c
             if grad_c is not None:
