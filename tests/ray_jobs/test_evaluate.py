@@ -1,0 +1,251 @@
+"""Tests of evaluation (ray_jobs.evaluate), ``localcl evaluate`` and the model card."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from evalpredict_helpers import LABEL_NAMES, make_phantom_store, make_tiny_run, nan_equal
+from localcl.metrics import evaluate_case
+from ray_jobs import evaluate as E
+from ray_jobs.cli import main
+from ray_jobs.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return make_phantom_store(tmp_path_factory.mktemp("evalstore"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(phantom: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("evalrun"))
+
+
+def _perturbed_predictions(src: Path, dst: Path) -> None:
+    """Reference label maps with the LV dilated by one voxel and the RV removed in one case."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted((src / "labelsTr").glob("*.nii.gz"))):
+        img = nib.load(f)
+        lab = np.asarray(img.dataobj).copy()
+        lab[ndimage.binary_dilation(lab == 3) & (lab != 3)] = 3
+        if i == 0:
+            lab[lab == 1] = 0
+        nib.save(nib.Nifti1Image(lab.astype(np.uint8), img.affine, img.header), str(dst / f.name))
+
+
+# --------------------------------------------------------------------------- summaries
+def test_summarise__nan_aware_mean_std_and_mean_foreground() -> None:
+    names = {0: "background", 1: "A", 2: "B"}
+    recs = [
+        E.case_record("c1", {1: {"dice": 0.5, "hd95": 2.0, "asd": 1.0}, 2: {"dice": 0.0, "hd95": math.nan, "asd": math.nan}},
+                      names, (4, 4, 4), (1, 1, 1)),
+        E.case_record("c2", {1: {"dice": 1.0, "hd95": 0.0, "asd": 0.0}, 2: {"dice": 0.8, "hd95": 4.0, "asd": 2.0}},
+                      names, (4, 4, 4), (1, 1, 1)),
+    ]
+    assert recs[0]["mean_fg"]["dice"] == pytest.approx(0.25)
+    assert recs[0]["mean_fg"]["hd95"] == pytest.approx(2.0)  # the NaN class is skipped
+    s = E.summarise(recs)
+    assert s["classes"]["A"]["dice"]["mean"] == pytest.approx(0.75)
+    assert s["classes"]["A"]["dice"]["std"] == pytest.approx(0.25)  # population std
+    assert s["classes"]["B"]["hd95"] == {"mean": 4.0, "std": 0.0, "median": 4.0, "n": 1, "n_missing": 1}
+    assert s["mean_foreground"]["dice"]["mean"] == pytest.approx((0.25 + 0.9) / 2)
+    assert s["mean"]["dice"] == s["mean_foreground"]["dice"]["mean"]
+    md = E.summary_markdown(s)
+    assert "| A | 1 | 0.750 ± 0.250 |" in md and "(1 n/a)" in md
+
+
+def test_choose_overlay_cases__worst_median_best() -> None:
+    recs = [{"case": f"c{i}", "mean_fg": {"dice": d}} for i, d in enumerate([0.9, 0.1, 0.5, math.nan, 0.7])]
+    assert E.choose_overlay_cases(recs, 3) == ["c3", "c2", "c0"]
+    assert E.choose_overlay_cases(recs, 0) == []
+    assert len(E.choose_overlay_cases(recs, 10)) == 5
+
+
+# --------------------------------------------------------------------------- folders
+def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Path, str], tmp_path: Path) -> None:
+    src = phantom[0]
+    pred = tmp_path / "pred"
+    shutil.copytree(src / "labelsTr", pred)
+    s = E.score_folders(pred, src / "labelsTr", tmp_path / "out")
+    assert s["n_cases"] == 6
+    assert list(s["classes"]) == ["RV", "MYO", "LV"]  # names from the MSD dataset.json
+    for c in s["classes"].values():
+        assert c["dice"]["mean"] == 1.0 and c["hd95"]["mean"] == 0.0 and c["asd"]["mean"] == 0.0
+    for f in ("per_case.json", "per_case.csv", "summary.json", "summary.md", "plots/dice_boxplot.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    assert len(list((tmp_path / "out" / "plots").glob("overlay_*.png"))) == 3
+
+
+def test_score_folders__numbers_match_localcl_metrics(phantom: tuple[Path, str], tmp_path: Path) -> None:
+    src = phantom[0]
+    _perturbed_predictions(src, tmp_path / "pred")
+    s = E.score_folders(tmp_path / "pred", src / "labelsTr", tmp_path / "out", plots=False)
+    per_case = json.loads((tmp_path / "out" / "per_case.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "out" / "per_case.csv").open()))
+    assert len(per_case) == 6 and len(rows) == 18
+    dice_lv = []
+    for rec in per_case:
+        ref_img = nib.load(src / "labelsTr" / f"{rec['case']}.nii.gz")
+        pred = np.asarray(nib.load(tmp_path / "pred" / f"{rec['case']}.nii.gz").dataobj)
+        want = evaluate_case(pred, np.asarray(ref_img.dataobj), ref_img.header.get_zooms(), [1, 2, 3])
+        for k, name in ((1, "RV"), (2, "MYO"), (3, "LV")):
+            for m in ("dice", "hd95", "asd"):
+                assert nan_equal(rec["metrics"][name][m], want[k][m]), (rec["case"], name, m)
+                row = next(r for r in rows if r["case"] == rec["case"] and r["class"] == name)
+                col = {"dice": "dice", "hd95": "hd95_mm", "asd": "asd_mm"}[m]
+                assert nan_equal(float(row[col]) if row[col] else None, want[k][m])
+        dice_lv.append(want[3]["dice"])
+    assert s["classes"]["LV"]["dice"]["mean"] == pytest.approx(np.mean(dice_lv))
+    assert s["classes"]["LV"]["dice"]["std"] == pytest.approx(np.std(dice_lv))
+    # the case without RV: Dice 0, distances undefined (null in JSON, empty in CSV)
+    first = per_case[0]["metrics"]["RV"]
+    assert first["dice"] == 0.0 and first["hd95"] is None
+    assert s["classes"]["RV"]["hd95"]["n_missing"] == 1
+
+
+def test_evaluate_cli__pred_ref_prints_table(phantom: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = phantom[0]
+    _perturbed_predictions(src, tmp_path / "pred")
+    rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(src / "labelsTr"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| LV | 3 |" in out and "mean foreground" in out
+    assert (tmp_path / "pred" / "eval" / "summary.md").is_file()
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("localcl: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_evaluate_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    src = phantom[0]
+    ref = src / "labelsTr"
+    # a non-NIfTI file among the predictions
+    bad = tmp_path / "bad"
+    shutil.copytree(ref, bad)
+    (bad / "notes.pdf").write_bytes(b"%PDF")
+    assert "notes.pdf: not a NIfTI file" in _cli_error(["evaluate", "--pred", str(bad), "--ref", str(ref)], capsys)
+    # a shape mismatch
+    mism = tmp_path / "mism"
+    mism.mkdir()
+    f = sorted(ref.glob("*.nii.gz"))[0]
+    img = nib.load(f)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(mism / f.name))
+    err = _cli_error(["evaluate", "--pred", str(mism), "--ref", str(ref)], capsys)
+    assert f.name in err and "shape" in err
+    # a prediction without reference
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(f, extra / "patient999_frame01.nii.gz")
+    assert "no reference" in _cli_error(["evaluate", "--pred", str(extra), "--ref", str(ref)], capsys)
+    # a corrupt .nii.gz
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / f.name).write_bytes(b"not gzip at all")
+    assert "cannot read as NIfTI" in _cli_error(["evaluate", "--pred", str(corrupt), "--ref", str(ref)], capsys)
+    # missing checkpoint; mixed modes; a half pair
+    err = _cli_error(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--store", phantom[1]], capsys)
+    assert "nope" in err and "no such directory" in err
+    assert "not both" in _cli_error(["evaluate", "--pred", str(ref), "--ref", str(ref), "--store", "x"], capsys)
+    assert "go together" in _cli_error(["evaluate", "--pred", str(ref)], capsys)
+    assert "nothing to evaluate" in _cli_error(["evaluate"], capsys)
+
+
+# --------------------------------------------------------------------------- store + Ray Train
+def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
+        phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path) -> None:
+    pre = make_tiny_run(tmp_path, stage="pretrain")
+    with pytest.raises(UserError, match="pretrain model has no segmentation head"):
+        E.evaluate_store(str(pre / "pretrain" / "model"), phantom[1], str(tmp_path / "o"))
+    with pytest.raises(UserError, match="--split 'test2'.*known"):
+        E.evaluate_store(str(tiny_run), phantom[1], str(tmp_path / "o"), split="test2")
+    with pytest.raises(UserError, match="--store"):
+        E.evaluate_store(str(tiny_run), str(tmp_path / "no-store"), str(tmp_path / "o"))
+
+
+@pytest.mark.ray
+def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
+                                                            tmp_path: Path) -> None:
+    import storage
+    from ray_jobs.checkpoint import load_model
+    from ray_jobs.inference import predict_case
+
+    out = tmp_path / "eval"
+    summary = E.evaluate_store(str(tiny_run), phantom[1], str(out), split="all", num_workers=2,
+                               save_predictions=True)
+    st = storage.open_store(phantom[1])
+    assert summary["n_cases"] == 6 and summary["cases"] == sorted(st.cases)
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"per_case.json", "per_case.csv", "summary.json", "summary.md", "plots/dice_boxplot.png",
+            "plots/loss_finetune.png"} <= files
+    assert len([f for f in files if f.startswith("plots/overlay_")]) == 3
+    assert len([f for f in files if f.startswith("predictions/")]) == 6
+    # every number equals localcl.metrics on the driver's own prediction of the same case
+    model, spec = load_model(str(tiny_run / "finetune" / "model"))
+    per_case = {r["case"]: r for r in json.loads((out / "per_case.json").read_text())}
+    for case in st.cases:
+        pred = predict_case(model, spec, st, case)
+        want = evaluate_case(pred, st.label(case), st.meta(case)["spacing"], [1, 2, 3])
+        for k, name in ((1, "RV"), (2, "MYO"), (3, "LV")):
+            for m in ("dice", "hd95", "asd"):
+                assert nan_equal(per_case[case]["metrics"][name][m], want[k][m], 1e-6), (case, name, m)
+        saved = nib.load(out / "predictions" / f"{case}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(saved.dataobj), pred)
+        np.testing.assert_allclose(saved.affine, np.asarray(st.meta(case)["affine"]))
+    assert summary["source"]["n_workers"] == 2
+
+
+def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """``--workers 0``: Ray Train local mode; default --out is RUN_DIR/eval/method-<split>."""
+    rc = main(["evaluate", "--checkpoint", str(tiny_run / "finetune" / "model"), "--store", phantom[1],
+               "--split", "val", "--workers", "0", "--overlays", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = tiny_run / "eval" / "method-val"
+    s = json.loads((report / "summary.json").read_text())
+    assert s["n_cases"] == 2 and s["source"]["split"] == "val"
+    assert "mean foreground" in out and str(report) in out
+    assert len(list((report / "plots").glob("overlay_*.png"))) == 1
+
+
+# --------------------------------------------------------------------------- model card
+def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
+    from ray_jobs.config import Config
+    from ray_jobs.model_card import build_model_card, store_fingerprint, write_model_card
+    from storage.phantom import make_phantom_dataset
+    import storage
+
+    cfg = Config(name="card-test")
+    summary = E.summarise([E.case_record("c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1))])
+    card = build_model_card(run_name="card-test", method="ideal", strategy="supervised", store=phantom[1],
+                            label_budget=1, labelled_cases=["patient001_frame01"], config=cfg.to_dict(),
+                            metrics={"method": summary})
+    assert card["config_hash"] == cfg.hash()
+    assert card["data"]["store_fingerprint"] == store_fingerprint(phantom[1])  # stable
+    assert card["code"]["git_sha"] is None or len(card["code"]["git_sha"]) == 40
+    assert card["code"]["git_sha"] or card["code"]["version"]
+    assert card["metrics"]["method"]["mean_foreground"]["dice"]["mean"] == pytest.approx(0.8)
+    # a store with one case fewer has another fingerprint
+    src2 = make_phantom_dataset(tmp_path / "p2", n_cases=4, seed=1, shape=(48, 48, 4), spacing=(3.0, 3.0, 8.0))
+    storage.ingest(src2, str(tmp_path / "s2.zarr"), progress=False)
+    assert store_fingerprint(str(tmp_path / "s2.zarr")) != card["data"]["store_fingerprint"]
+    paths = write_model_card(str(tmp_path / "run"), card)
+    assert len(paths) == 2
+    loaded = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    assert loaded["method"] == {"pretrain": "ideal", "finetune": "supervised"}
+    md = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert "`ideal`" in md and "0.800 ± 0.000" in md and cfg.hash() in md
