@@ -171,7 +171,7 @@ def ideal_dense_loss(
     queue: torch.Tensor | DenseQueue | None = None,
     tau: float = 0.2,
     lam: float = 1.0,
-    chunk_size: int | None = 4096,
+    chunk_size: int | None = 512,
 ) -> torch.Tensor:
     """IDEAL dense contrastive loss (module docstring).
 
@@ -267,7 +267,7 @@ class IDEALDenseLoss(nn.Module):
 
     Args:
         tau: 0.2. lam: 1.0. match: "argmax" | "geometric". negatives: "queue" | "batch".
-        queue_size: 16384. dim: 128. chunk_size: 4096.
+        queue_size: 16384. dim: 128. chunk_size: 512.
 
     ``forward(r, t, bq=None, bk=None, index=None) -> ()``; call :meth:`enqueue` (or the method's
     ``on_after_step``) with the key map ``t`` after the optimiser step to push its pooled keys.
@@ -281,7 +281,7 @@ class IDEALDenseLoss(nn.Module):
         negatives: Literal["queue", "batch"] = "queue",
         queue_size: int = 16384,
         dim: int = 128,
-        chunk_size: int | None = 4096,
+        chunk_size: int | None = 512,
     ) -> None:
         super().__init__()
         _check_tau(tau)

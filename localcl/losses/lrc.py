@@ -241,7 +241,7 @@ def lrc_loss(
     same_view_positives: bool = False,
     generator: torch.Generator | None = None,
     allow_fewer: bool = False,
-    chunk_size: int | None = 4096,
+    chunk_size: int | None = 512,
 ) -> torch.Tensor:
     r"""LRC localized contrastive sampling loss (spec §5.4, [R]).
 
@@ -293,7 +293,7 @@ def lrc_loss_from_points(
     tau: float = 0.1,
     mode: Literal["summed", "per_positive"] = "summed",
     same_view_positives: bool = False,
-    chunk_size: int | None = 4096,
+    chunk_size: int | None = 512,
 ) -> torch.Tensor:
     """The LRC point loss on already-sampled points (see :func:`lrc_loss` for the formula).
 
@@ -310,16 +310,15 @@ def lrc_loss_from_points(
         raise ValueError(
             f"w must be (N, D) and group/view (N,), got {tuple(w.shape)}, {tuple(group.shape)}, {tuple(view.shape)}"
         )
+    g, v = group.long(), view.long()
     if same_view_positives:
-        ids = group.long()
+        a_ids, c_ids = g, g
     else:
-        # id equality <=> same (image, region) and different view: a = 2g + v, c = 2g + (1 - v)
-        ids = 2 * group.long() + view.long()
-        return info_nce(
-            w, w, tau=tau, anchor_ids=ids, candidate_ids=2 * group.long() + (1 - view.long()),
-            exclude_self=True, self_offset=0, mode=mode, chunk_size=chunk_size,
-        )
-    return info_nce(w, None, tau=tau, anchor_ids=ids, exclude_self=True, mode=mode, chunk_size=chunk_size)
+        # id equality <=> same (image, region) and different view: anchor 2g + v, candidate 2g + (1 - v)
+        a_ids, c_ids = 2 * g + v, 2 * g + (1 - v)
+    return info_nce(
+        w, None, tau=tau, anchor_ids=a_ids, candidate_ids=c_ids, exclude_self=True, mode=mode, chunk_size=chunk_size
+    )
 
 
 class LRCLoss(nn.Module):
@@ -331,7 +330,7 @@ class LRCLoss(nn.Module):
         mode: ``"summed"`` (default) or ``"per_positive"``.
         same_view_positives: Include same-view points of the region in ``P(a)`` (False).
         allow_fewer: Tolerate images with fewer than ``K_r`` eligible regions (False).
-        chunk_size: Kernel chunk size (4096; ``None`` = naive).
+        chunk_size: Kernel chunk size (512; ``None`` = naive).
 
     Shapes: ``forward(embeddings (B, 2, D, h, w), regions (B, 2, H, W), generator=None) -> ()``.
     """
@@ -345,7 +344,7 @@ class LRCLoss(nn.Module):
         mode: Literal["summed", "per_positive"] = "summed",
         same_view_positives: bool = False,
         allow_fewer: bool = False,
-        chunk_size: int | None = 4096,
+        chunk_size: int | None = 512,
     ) -> None:
         super().__init__()
         _check_tau(tau)
