@@ -140,3 +140,125 @@ def test_predict_volume__bad_inputs_raise_user_errors() -> None:
 
     with pytest.raises(UserError, match="model returned shape"):
         predict_volume(Wrong(), spec, np.zeros((32, 32, 2), np.float32), (1, 1, 1))
+
+
+# --------------------------------------------------------------------------- localcl predict
+from evalpredict_helpers import make_phantom_store, make_tiny_run  # noqa: E402
+from ray_jobs.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return make_phantom_store(tmp_path_factory.mktemp("predstore"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("predrun"))
+
+
+def _scaled_rotated_copy(src: Path, dst: Path) -> nib.Nifti1Image:
+    """The scan as int16 with scl_slope (like ACDC's uint16 + slope), an oblique affine and
+    non-default qform/sform codes: everything a viewer needs to overlay the label map."""
+    img = nib.load(src)
+    data = img.get_fdata()
+    th = 0.3
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag(img.header.get_zooms()[:3])
+    aff[:3, 3] = [12.5, -40.0, 7.0]
+    out = nib.Nifti1Image(np.round(data * 10).astype(np.int16), aff)
+    out.header.set_slope_inter(0.1, 0.0)
+    out.set_qform(aff, code=1)
+    out.set_sform(aff, code=2)
+    out.header["descrip"] = b"oblique test scan"
+    nib.save(out, str(dst))
+    return nib.load(dst)
+
+
+def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(phantom: tuple[Path, str], tiny_run: Path,
+                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ray_jobs.checkpoint import load_model
+
+    src = phantom[0] / "imagesTr"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    scans = {
+        "oblique": _scaled_rotated_copy(src / "patient001_frame01.nii.gz", inp / "oblique.nii.gz"),
+        "plain": nib.load(src / "patient002_frame02.nii.gz"),
+    }
+    nib.save(scans["plain"], str(inp / "plain.nii"))  # uncompressed input too
+    scans["plain"] = nib.load(inp / "plain.nii")
+    rc = main(["predict", "--checkpoint", str(tiny_run), str(inp), str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert "predicted 2 scan(s)" in capsys.readouterr().out
+    model, spec = load_model(str(tiny_run / "finetune" / "model"))
+    for name, scan in scans.items():
+        lab = nib.load(tmp_path / "out" / f"{name}.nii.gz")
+        assert lab.shape == scan.shape
+        assert lab.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(lab.affine, scan.affine, atol=1e-5)
+        np.testing.assert_allclose(lab.header.get_zooms(), scan.header.get_zooms(), atol=1e-6)
+        assert int(lab.header["qform_code"]) == int(scan.header["qform_code"])
+        assert int(lab.header["sform_code"]) == int(scan.header["sform_code"])
+        assert lab.header["descrip"] == scan.header["descrip"]
+        data = np.asarray(lab.dataobj)
+        assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1, 2, 3}
+        # the file holds exactly what predict_volume gives for that scan (no scaling applied)
+        want = predict_volume(model, spec, scan.get_fdata(dtype=np.float32), scan.header.get_zooms())
+        np.testing.assert_array_equal(data, want)
+
+
+def test_predict_cli__store_input_matches_nifti_input(phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path) -> None:
+    """A store and its source NIfTI folder (MSD root -> imagesTr) give the same label maps."""
+    src, uri = phantom
+    assert main(["predict", "--checkpoint", str(tiny_run), uri, str(tmp_path / "from_store"),
+                 "--cases", "patient001_frame01", "patient003_frame02"]) == 0
+    assert main(["predict", "--checkpoint", str(tiny_run / "finetune" / "model"), str(src),
+                 str(tmp_path / "from_nifti")]) == 0
+    made = sorted(p.name for p in (tmp_path / "from_store").iterdir())
+    assert made == ["patient001_frame01.nii.gz", "patient003_frame02.nii.gz"]
+    assert len(list((tmp_path / "from_nifti").iterdir())) == 6
+    for name in made:
+        a = nib.load(tmp_path / "from_store" / name)
+        b = nib.load(tmp_path / "from_nifti" / name)
+        ref = nib.load(src / "imagesTr" / name)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_allclose(a.affine, ref.affine, atol=1e-6)
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("localcl: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_predict_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    src, uri = phantom
+    out = str(tmp_path / "out")
+    err = _cli_error(["predict", "--checkpoint", str(tmp_path / "missing"), str(src), out], capsys)
+    assert "missing" in err and "no such directory" in err
+    empty = tmp_path / "empty-ckpt"
+    empty.mkdir()
+    assert "no model.json" in _cli_error(["predict", "--checkpoint", str(empty), str(src), out], capsys)
+    pre = make_tiny_run(tmp_path, stage="pretrain")
+    err = _cli_error(["predict", "--checkpoint", str(pre / "pretrain" / "model"), str(src), out], capsys)
+    assert "no segmentation head" in err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "scan.dcm").write_bytes(b"DICM")
+    assert "scan.dcm: not a NIfTI file" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(junk), out], capsys)
+    assert "no such file" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(tmp_path / "nope"), out], capsys)
+    err = _cli_error(["predict", "--checkpoint", str(tiny_run), uri, out, "--cases", "patient042_frame01"], capsys)
+    assert "patient042_frame01" in err
+    fourd = tmp_path / "fourd"
+    fourd.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3, 2), np.float32), np.eye(4)), str(fourd / "t.nii.gz"))
+    assert "expected a 3D volume" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(fourd), out], capsys)
+    if not torch.cuda.is_available():
+        err = _cli_error(["predict", "--checkpoint", str(tiny_run), str(src), out, "--device", "cuda"], capsys)
+        assert "CUDA is not available" in err
+    assert not (tmp_path / "out").exists()
