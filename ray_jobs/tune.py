@@ -73,9 +73,9 @@ RUNS_ATTR = "localcl_runs"
 
 def _reported_metrics() -> frozenset[str]:
     """Validation metrics the training loop reports after every fine-tune epoch."""
-    from ray_jobs import train_loop
+    from ray_jobs.train_loop import VAL_METRICS
 
-    return frozenset(getattr(train_loop, "VAL_METRICS", ("val_dice",)))
+    return frozenset(VAL_METRICS)
 
 
 class CampaignError(UserError, ValueError):
@@ -867,15 +867,9 @@ def _count_complete(campaign: Campaign, storage: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, address: str | None, log: Any) -> ResourcePlan:
-    import ray
+def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray_jobs.trainer import init_ray
-
-    init_ray(address)
-    rplan = plan_resources(campaign.resources, ray.cluster_resources())
-    log(f"resources: {rplan.describe()}")
     obj = campaign.objective
     metric: str | list[str] = obj.metrics if obj.multi else obj.metrics[0]
     mode: str | list[str] = list(obj.modes) if obj.multi else obj.modes[0]
@@ -941,6 +935,8 @@ def trial_config(campaign: Campaign, params: dict[str, Any], trial_id: str) -> d
     cfg["run_dir"] = str(campaign.campaign_dir / "trials" / trial_id)
     cfg["baseline"] = None
     cfg["logging"] = {**(cfg.get("logging") or {}), "progress": False, "tensorboard": False}
+    if "val_hd95" in campaign.objective.metrics:
+        cfg["evaluate"] = {**(cfg.get("evaluate") or {}), "val_hd95": True}
     return cfg
 
 

@@ -221,3 +221,170 @@ def test_plan_resources__trial_larger_than_cluster_is_user_error() -> None:
         tune.plan_resources(tune.Resources(workers_per_trial=4), {"CPU": 2.0})
     with pytest.raises(UserError, match="needs 1 GPUs"):
         tune.plan_resources(tune.Resources(gpus_per_worker=1), {"CPU": 8.0})
+
+
+# ----------------------------------------------------------------------------- campaign files
+
+TUNE_CONFIGS = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs" / "tune"
+
+
+@pytest.mark.parametrize("path", sorted(TUNE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_load_campaign__shipped_campaigns_validate(path: Path) -> None:
+    c = tune.load_campaign(path)
+    assert c.method in path.stem or path.stem == "tiny_cpu"
+    assert c.space and c.trials >= 6
+    base = c.resolved_base()
+    assert tune.get_path(base, "pretrain.method.name") in (None, c.method)
+
+
+def _write_campaign(tmp_path: Path, **changes: Any) -> Path:
+    d = yaml.safe_load((TUNE_CONFIGS / "tiny_cpu.yaml").read_text())
+    d["base_config"] = str(TUNE_CONFIGS.parent / "run" / "ideal_cpu.yaml")
+    d["root"] = str(tmp_path / "campaigns")
+    for k, v in changes.items():
+        d[k] = v
+    p = tmp_path / "campaign.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize(
+    "space, needle",
+    [
+        ({"pretrain.method.temprature": {"type": "float", "low": 0.1, "high": 0.2}},
+         "space['pretrain.method.temprature']: unknown parameter for method 'ideal'; pretrain.method has: "),
+        ({"pretrain.method.tau": {"type": "float", "low": 0.5, "high": 0.2}}, "low (0.5) > high (0.2)"),
+        ({"pretrain.method.match": {"type": "categorical", "choices": []}}, "non-empty 'choices'"),
+        ({"pretrain.method.match": {"type": "categorical", "choices": ["argmax", "bogus"]}},
+         "space['pretrain.method.match']: value 'bogus' is invalid for method 'ideal'"),
+        ({"finetune.schedule.epochs": {"type": "int", "low": 0, "high": 3}},
+         "space['finetune.schedule.epochs']: value 0 is invalid"),
+        ({"finetune.optimizer.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}},
+         "space['finetune.optimizer.lr']: unknown parameter"),
+        ({}, "search space is empty"),
+    ],
+)
+def test_load_campaign__bad_space_rejected_naming_entry(tmp_path: Path, space: dict[str, Any], needle: str) -> None:
+    path = _write_campaign(tmp_path, space=space)
+    with pytest.raises(tune.CampaignError) as err:
+        tune.load_campaign(path)
+    assert needle in str(err.value)
+
+
+def test_load_campaign__other_errors_name_the_field(tmp_path: Path) -> None:
+    cases = [
+        ({"method": "nope"}, "method: unknown method 'nope'"),
+        ({"method": "glcl"}, "differs from the base config's pretrain.method.name 'ideal'"),
+        ({"objective": {"metrics": ["val_loss"], "modes": ["min"]}}, "objective.metrics: 'val_loss' is not reported"),
+        ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+        ({"name": "bad/name"}, "name: String should match pattern"),
+        ({"base_config": "no_such_config"}, "base_config:"),
+    ]
+    for change, needle in cases:
+        with pytest.raises(tune.CampaignError) as err:
+            tune.load_campaign(_write_campaign(tmp_path, **change))
+        assert needle in str(err.value), (change, str(err.value))
+    with pytest.raises(tune.CampaignError, match="campaign file not found"):
+        tune.load_campaign(tmp_path / "missing.yaml")
+
+
+def test_cli_tune__bad_space_is_one_line_error_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ray_jobs.cli import main
+
+    path = _write_campaign(tmp_path, space={"pretrain.method.tau": {"type": "log_float", "low": 0.0, "high": 0.5}})
+    assert main(["tune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("localcl: error:") and "log_float needs low > 0" in err and "\n" not in err
+    assert not (tmp_path / "campaigns").exists()  # nothing created: no study, no trial
+
+
+def test_cli_tune__unreachable_storage_is_error_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ray_jobs.cli import main
+
+    path = _write_campaign(tmp_path, storage="postgresql://user:pw@127.0.0.1:1/optuna")
+    assert main(["tune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "study storage 'postgresql://user:***@127.0.0.1:1/optuna'" in err and "pw@" not in err
+
+
+# ----------------------------------------------------------------------------- report (no Ray)
+
+
+def _study_with_trials(tmp_path: Path, n: int) -> tune.Campaign:
+    """The tiny campaign's study with ``n`` told trials: value = a smooth function of lr."""
+    c = tune.load_campaign(_write_campaign(tmp_path))
+    c.campaign_dir.mkdir(parents=True)
+    storage = tune.open_storage(c.storage_url)
+    tune.prepare_study(c, storage, resume=False)
+    tune.save_campaign(c)
+    study = optuna.load_study(study_name=c.name, storage=storage)
+    for i in range(n):
+        t = study.ask(c.distributions())
+        t.set_user_attr("epochs", 1 + i % 2)
+        study.tell(t, 1.0 - abs(math.log10(t.params["finetune.optim.lr"]) + 2.5))
+    return c
+
+
+def test_write_report__best_config_table_and_plots(tmp_path: Path) -> None:
+    from ray_jobs.config import load_config
+
+    c = _study_with_trials(tmp_path, 5)
+    out = tune.write_report(c.campaign_dir)
+    study = optuna.load_study(study_name=c.name, storage=c.storage_url)
+    best = study.best_trial
+    cfg = load_config(out / "best_config.yaml")  # a valid `localcl run` config
+    assert cfg.finetune.optim.lr == pytest.approx(best.params["finetune.optim.lr"])
+    assert cfg.pretrain.method.params()["tau"] == best.params["pretrain.method.tau"]
+    assert cfg.name == f"{c.name}-best" and cfg.pretrain.method.name == "ideal"
+    import pandas as pd
+
+    table = pd.read_csv(out / "trials.csv")
+    assert list(table["number"]) == [0, 1, 2, 3, 4] and set(table["state"]) == {"COMPLETE"}
+    assert table["val_dice"].max() == pytest.approx(best.value)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"][0]["number"] == best.number and summary["trial_epochs"] == 1 + 2 + 1 + 2 + 1
+    for name in tune.PLOTS:
+        for ext in ("png", "html"):
+            assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+    assert summary["skipped_plots"] == {}
+
+
+def test_write_report__single_trial_skips_importances_with_reason(tmp_path: Path) -> None:
+    c = _study_with_trials(tmp_path, 1)
+    summary = json.loads((tune.write_report(c.campaign_dir) / "summary.json").read_text())
+    assert "needs >= 2 complete trials" in summary["skipped_plots"]["param_importances"]
+    assert "optimization_history.png" in summary["plots"]
+
+
+def test_cli_tune_dashboard__serves_the_study_on_loopback(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    c = _study_with_trials(tmp_path, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.cli", "tune", "dashboard", str(c.campaign_dir), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        body = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        names = [s["study_name"] for s in body["study_summaries"]]
+        assert c.name in names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
