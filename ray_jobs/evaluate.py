@@ -381,6 +381,7 @@ def score_folders(
     labels: Sequence[int] | None = None,
     plots: bool = True,
     overlay_cases: int = 3,
+    images_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Score every predicted label map in ``pred_dir`` against the file of the same name in
     ``ref_dir`` (spacing from the reference header). Label names come from a ``dataset.json``
@@ -389,6 +390,8 @@ def score_folders(
     Args:
         labels: foreground labels to score; default: every non-zero label in any reference.
         out: report folder; default ``<pred_dir>/eval``.
+        images_dir: scans drawn under the overlays (same file names); default: the MSD
+            sibling ``<ref_dir>/../imagesTr`` when it exists, else the reference mask is drawn.
 
     Raises:
         UserError: a missing reference, a non-NIfTI file, a shape mismatch, an unreadable file.
@@ -424,12 +427,22 @@ def score_folders(
         records.append(case_record(case, scores, names, ref.shape, spacing))
     overlays: dict[str, Any] = {}
     if plots:
+        img_dir = Path(images_dir) if images_dir is not None else Path(ref_dir).parent / "imagesTr"
         for case in choose_overlay_cases(records, overlay_cases):
             pred, ref, _ = loaded[case]
-            # no image here: show the reference's own mask as the background
-            overlays[case] = overlay_payload((ref > 0).astype(np.float32), ref, pred)
+            image = None
+            for suf in NIFTI_SUFFIXES:
+                if (img_dir / f"{case}{suf}").is_file():
+                    cand = load_nifti(img_dir / f"{case}{suf}")
+                    if cand.shape == ref.shape:
+                        image = np.asarray(cand.get_fdata(dtype=np.float32))
+                    break
+            # without a scan, draw the reference's own mask as the background
+            overlays[case] = overlay_payload(image if image is not None else (ref > 0).astype(np.float32), ref, pred)
     out = str(out) if out is not None else str(Path(pred_dir) / "eval")
     source = {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir)}
+    if images_dir is not None:
+        source["images_dir"] = str(images_dir)
     return write_report(out, records, source=source, label_names=names, overlays=overlays, plots=plots,
                         title="Prediction folder vs reference")
 

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases of the split")
     p.add_argument("--pred", help="folder of predicted NIfTI label maps (with --ref)")
     p.add_argument("--ref", help="folder of reference NIfTI label maps, same file names (with --pred)")
+    p.add_argument("--images", default=None,
+                   help="scans drawn under the overlays with --pred/--ref (default: <ref>/../imagesTr if present)")
     p.add_argument("--labels", type=int, nargs="+", default=None,
                    help="foreground labels to score with --pred/--ref (default: all in the references)")
     p.add_argument("--out", help="report folder or URI (default: <checkpoint run>/eval/<split>, or <pred>/eval)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         if not (args.pred and args.ref):
             raise UserError("--pred and --ref go together")
         summary = E.score_folders(args.pred, args.ref, args.out, labels=args.labels,
-                                  plots=not args.no_plots, overlay_cases=args.overlays)
+                                  plots=not args.no_plots, overlay_cases=args.overlays,
+                                  images_dir=args.images)
         out = args.out or os.path.join(args.pred, "eval")
     elif by_model:
         if not (args.checkpoint and args.store):
