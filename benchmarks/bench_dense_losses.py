@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--impl", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    ap.add_argument("--chunk", type=int, default=1024, help="anchors per chunk (default 1024, the losses' default)")
+    ap.add_argument("--chunk", type=int, default=512, help="anchors per chunk (default 512, the losses' default)")
     ap.add_argument("--reps", type=int, default=2, help="timed passes after the measured first pass")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
