@@ -454,19 +454,21 @@ def list_jobs(client: "JobSubmissionClient") -> list["JobDetails"]:
     return sorted(jobs, key=lambda j: (j.start_time or 0, j.submission_id or j.job_id or ""))
 
 
-def wait(
+def wait_for(
     client: "JobSubmissionClient",
     job_id: str,
+    statuses: Iterable[str],
     *,
     timeout: float | None = None,
     poll: float = 1.0,
     on_status: Callable[[str, str | None], None] | None = None,
 ) -> str:
-    """Poll until the job is terminal; return its status (``SUCCEEDED``/``FAILED``/``STOPPED``).
+    """Poll until the job's status is in ``statuses`` or terminal; return it.
 
     ``on_status(status, message)`` is called on every change. ``timeout`` (seconds) raises
-    :class:`UserError` when exceeded.
+    :class:`UserError` when exceeded (the job itself keeps running).
     """
+    wanted = set(statuses) | TERMINAL
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     while True:
@@ -476,11 +478,23 @@ def wait(
             if on_status is not None:
                 on_status(status, info.message)
             last = status
-        if status in TERMINAL:
+        if status in wanted:
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise UserError(f"job {job_id} still {status} after {timeout:.0f} s")
         time.sleep(poll)
+
+
+def wait(
+    client: "JobSubmissionClient",
+    job_id: str,
+    *,
+    timeout: float | None = None,
+    poll: float = 1.0,
+    on_status: Callable[[str, str | None], None] | None = None,
+) -> str:
+    """Poll until the job is terminal; return ``SUCCEEDED``, ``FAILED`` or ``STOPPED``."""
+    return wait_for(client, job_id, (), timeout=timeout, poll=poll, on_status=on_status)
 
 
 def follow(client: "JobSubmissionClient", job_id: str, out: TextIO) -> str:

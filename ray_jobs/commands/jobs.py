@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("job_id")
     add_address_argument(sp)
     sp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
+    sp.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="with --wait: give up after S seconds")
     sp.set_defaults(func=_stop)
 
 
@@ -102,5 +104,5 @@ def _stop(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.job_id}: stop requested")
     if args.wait:
-        print(f"{args.job_id}: {sub.wait(client, args.job_id)}")
+        print(f"{args.job_id}: {sub.wait(client, args.job_id, timeout=args.timeout)}")
     return 0
