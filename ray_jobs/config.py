@@ -211,6 +211,15 @@ class Config(_Strict):
                     raise ConfigError(_format(exc, f"{section}.stage_schedule.{sname}")) from None
             if stage.self_training is not None and section != "finetune":
                 raise ConfigError(f"{section}.self_training: only valid in the finetune stage")
+            if stage.self_training is not None and stage.method.name != "plcl":
+                raise ConfigError(f"{section}.self_training: only the 'plcl' strategy trains on "
+                                  f"pseudo-labels (finetune.method.name is "
+                                  f"{stage.method.name!r})")
+            if section == "pretrain" and not tuple(getattr(registry[stage.method.name],
+                                                           "stages", ()) or ()):
+                raise ConfigError(f"pretrain.method.name: {stage.method.name!r} has no "
+                                  f"pretraining stage; remove the pretrain section and fine-tune "
+                                  f"directly")
             bs = stage.schedule.batch_size
             workers = max(self.scaling.num_workers, 1)
             if bs % workers:
@@ -379,7 +388,7 @@ def load_config(ref: str | Path | None = None, overrides: Iterable[str] = (),
     return validate(data)
 
 
-BASE_METHOD_KEYS = ("seed", "widths", "norm", "lr")
+BASE_METHOD_KEYS = ("seed", "widths", "decoder_widths", "norm", "lr")
 
 
 def _expand_baseline(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -401,8 +410,49 @@ def _expand_baseline(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _fill_method_geometry(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Derive method keys that only restate the data/backbone geometry, when not given:
+
+    - ``decoder_widths`` from ``widths``: ``reversed(widths[:-1])`` (the spec's U-Net,
+      widths (16, 32, 64, 128, 128, 128) -> decoder (128, 128, 64, 32, 16));
+    - ``input_size`` (methods whose Config has it, e.g. GLCL's flattening global head) from a
+      square ``data.size``.
+    """
+    out = copy.deepcopy(dict(data))
+    size = (out.get("data") or {}).get("size") if isinstance(out.get("data"), Mapping) else None
+    for section in ("pretrain", "finetune", "baseline"):
+        st = out.get(section)
+        if not isinstance(st, dict) or not isinstance(st.get("method"), dict):
+            continue
+        m = st["method"]
+        stt = st.get("self_training")
+        if section == "finetune" and isinstance(stt, dict) and m.get("name") == "plcl":
+            # one source of truth: the method's rounds/crf follow self_training
+            for key, default in (("rounds", 3), ("crf", True)):
+                want = stt.get(key, default)
+                if key in m and m[key] != want:
+                    raise ConfigError(f"finetune.method.{key}: {m[key]!r} contradicts "
+                                      f"finetune.self_training.{key}={want!r}; set it once")
+                m[key] = want
+        w = m.get("widths")
+        if isinstance(w, (list, tuple)) and len(w) >= 2 and "decoder_widths" not in m:
+            m["decoder_widths"] = list(reversed(list(w)[:-1]))
+        if "input_size" not in m and isinstance(size, (list, tuple)) and len(size) == 2 \
+                and size[0] == size[1]:
+            try:
+                from localcl.methods import FINETUNE, METHODS
+
+                reg = METHODS if section == "pretrain" else FINETUNE
+                cls = reg.get(str(m.get("name")))
+            except ImportError:
+                cls = None
+            if cls is not None and "input_size" in getattr(cls.Config, "model_fields", {}):
+                m["input_size"] = int(size[0])
+    return out
+
+
 def validate(data: Mapping[str, Any]) -> Config:
-    data = _expand_baseline(data)
+    data = _fill_method_geometry(_expand_baseline(data))
     try:
         cfg = Config(**data)
     except ValidationError as exc:

@@ -150,18 +150,30 @@ def _done(model_dir: str, cfg: Config) -> bool:
         return False
 
 
-def export_stage(cfg: Config, plan: Plan, section: str, ckpt_dir: str, model_dir: str) -> dict:
-    """Rebuild ``section``'s network on the driver, load the best weights, export them."""
+def export_checkpoint(spec: dict[str, Any], ckpt_dir: str, model_dir: str) -> dict:
+    """Rebuild the network of ``spec`` on the driver, load the checkpoint's best weights
+    (``best.pt``) and export them to ``model_dir``."""
     import torch
 
-    from ray_jobs.checkpoint import build_model
     from ray_jobs.train_loop import BEST_FILE
 
-    spec = model_spec(cfg, plan, section)
-    net = build_model(spec)
     state = torch.load(os.path.join(ckpt_dir, BEST_FILE), map_location="cpu", weights_only=True)
+    return export_state(spec, state, model_dir)
+
+
+def export_state(spec: dict[str, Any], state: dict[str, Any], model_dir: str) -> dict:
+    """Export a state_dict of the network ``spec`` describes (strict load first, so a
+    mismatch fails here and not at inference)."""
+    from ray_jobs.checkpoint import build_model
+
+    net = build_model(spec)
     net.load_state_dict(state)
     return export_model(model_dir, net, spec)
+
+
+def export_stage(cfg: Config, plan: Plan, section: str, ckpt_dir: str, model_dir: str) -> dict:
+    """Rebuild ``section``'s network on the driver, load the best weights, export them."""
+    return export_checkpoint(model_spec(cfg, plan, section), ckpt_dir, model_dir)
 
 
 def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
@@ -174,6 +186,11 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
 
     from ray_jobs.trainer import fit_stage, write_history, write_tensorboard
 
+    if section == "finetune" and cfg.finetune.self_training is not None:
+        from ray_jobs.self_training import run_self_training
+
+        return run_self_training(cfg, plan, run_dir, init=init, hooks=hooks,
+                                 callbacks=callbacks, progress=progress, log=log)
     sdir = STAGE_DIRS[section]
     model_dir = _join(run_dir, sdir, "model")
     if _done(model_dir, cfg):
@@ -231,13 +248,16 @@ def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:
 def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "finetune"),
                finetune_callbacks: Sequence[Any] = (), progress: bool = True,
                hooks: Optional[dict[str, Any]] = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print, card: bool = True) -> dict[str, Any]:
     """Run the training stages in order (pretrain -> finetune, baseline). Fine-tuning starts
     from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
-    configured, else from scratch. Returns ``{section: run_section(...) result}``."""
+    configured, else from scratch. Writes the model card (without metrics) when ``card``.
+    Returns ``{"plan": Plan, "timings": {section: s}, section: run_section(...) result}``."""
+    import time
+
     plan = prepare_data(cfg, run_dir, log)
     write_config(cfg, run_dir)
-    out: dict[str, Any] = {"plan": plan}
+    out: dict[str, Any] = {"plan": plan, "timings": {}}
     for section in stages:
         if getattr(cfg, section) is None:
             raise UserError(f"{section}: this config has no '{section}' section")
@@ -251,38 +271,93 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
                     raise UserError(f"finetune.init: no exported model at {src} "
                                     f"(run 'localcl pretrain' first)")
                 init = {"kind": "backbone", "dir": src}
+        t0 = time.perf_counter()
         out[section] = run_section(cfg, plan, run_dir, section, init=init, hooks=hooks,
                                    callbacks=finetune_callbacks if section == "finetune" else (),
                                    progress=progress, log=log)
+        out["timings"][section] = round(time.perf_counter() - t0, 1)
+    if card:
+        write_run_card(cfg, plan, run_dir, metrics=None, extra={"timings_s": out["timings"]})
     return out
 
 
 def run_pipeline(cfg: Config, run_dir: str, evaluate: bool = True, progress: bool = True,
+                 hooks: Optional[dict[str, Any]] = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split."""
+    """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
+    then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
+    import time
+
     stages = [s for s in ("pretrain", "finetune", "baseline") if getattr(cfg, s) is not None]
-    out = run_stages(cfg, run_dir, stages, progress=progress, log=log)
+    out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log,
+                     card=not evaluate)
     if evaluate:
+        t0 = time.perf_counter()
         out["eval"] = evaluate_models(cfg, out["plan"], run_dir, log=log)
+        out["timings"]["evaluate"] = round(time.perf_counter() - t0, 1)
+        out["card"] = write_run_card(cfg, out["plan"], run_dir, metrics=out["eval"],
+                                     extra={"timings_s": out["timings"]})
     return out
+
+
+EVAL_NAMES = (("finetune", "method"), ("baseline", "baseline"))
 
 
 def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
-    on the test cases into RUN_DIR/eval/<name>/ (ray_jobs.evaluation)."""
-    from ray_jobs import evaluation
+    on the test cases into RUN_DIR/eval/<name>/ with :func:`ray_jobs.evaluate.evaluate_store`
+    (a Ray Train job with ``scaling.num_workers`` workers). Returns ``{name: summary.json}``."""
+    from ray_jobs.evaluate import evaluate_store
 
+    if not plan.test:
+        raise UserError(f"evaluate.split: no labelled test cases in split "
+                        f"{cfg.evaluate.split or cfg.data.splits.test!r}")
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     res = {}
-    for section, name in (("finetune", "method"), ("baseline", "baseline")):
+    for section, name in EVAL_NAMES:
         if getattr(cfg, section) is None:
             continue
         model_dir = _join(run_dir, STAGE_DIRS[section], "model")
-        log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s)")
-        res[name] = evaluation.evaluate_model(
-            model_dir, plan.store, plan.test, _join(run_dir, "eval", name),
-            storage_options=cfg.data.storage_options or None)
+        out_dir = _join(run_dir, "eval", name)
+        log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
+        sc = cfg.scaling
+        res[name] = evaluate_store(
+            model_dir, plan.store, out_dir, cases=plan.test,
+            num_workers=min(sc.num_workers, len(plan.test)), use_gpu=sc.use_gpu,
+            resources_per_worker=dict(sc.resources_per_worker),
+            storage_options=cfg.data.storage_options or None,
+            storage_path=os.path.join(root, "eval", "_ray") if local else None,
+            plots=cfg.evaluate.plots, overlay_cases=cfg.evaluate.overlay_cases,
+            title=f"{name}: {getattr(cfg, section).method.name} on "
+                  f"{cfg.evaluate.split or cfg.data.splits.test}")
     return res
+
+
+def write_run_card(cfg: Config, plan: Plan, run_dir: str,
+                   metrics: Optional[dict[str, Any]] = None,
+                   extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """RUN_DIR/model_card.json + MODEL_CARD.md (:mod:`ray_jobs.model_card`): pretraining
+    method, fine-tuning strategy, store + fingerprint, label budget and labelled cases, the
+    resolved config and its hash, code version, evaluation metrics and ``extra``."""
+    from ray_jobs.model_card import build_model_card, write_model_card
+
+    ex = dict(extra or {})
+    if cfg.finetune is not None and cfg.finetune.self_training is not None:
+        try:
+            ex["self_training"] = read_spec(_join(run_dir, "finetune", "model")).get("self_training")
+        except UserError:
+            pass
+    card = build_model_card(
+        run_name=cfg.name,
+        method=cfg.pretrain.method.name if cfg.pretrain is not None else None,
+        strategy=cfg.finetune.method.name if cfg.finetune is not None else None,
+        store=plan.store, label_budget=cfg.data.label_budget, labelled_cases=plan.labelled,
+        config=cfg.to_dict(), metrics=metrics or {},
+        storage_options=cfg.data.storage_options or None, extra=ex)
+    write_model_card(run_dir, card)
+    return card
 
 
 def summary_table(results: dict[str, Any]) -> str:

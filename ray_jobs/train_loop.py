@@ -84,7 +84,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Deterministic per-(seed, rank, epoch) seed in [0, 2**31)."""
+    """Deterministic per-(seed, rank, epoch) seed in [0, 2**31) (all arguments >= 0; epoch 0
+    seeds the initial weights, training epochs are 1-based)."""
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0] % (2**31))
 
 
@@ -292,9 +293,13 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    reseed(None, epoch_seed(cfg.data.seed, 0, -1))  # same initial weights on every rank
+    reseed(None, epoch_seed(cfg.data.seed, 0, 0))  # same initial weights on every rank (epochs start at 1)
 
     cls, method = build_method(lc, cfg)
+    if lc.get("round") and hasattr(method, "start_round"):  # PLCL self-training round r
+        method.start_round(int(lc["round"]))
+    pseudo_key = (getattr(lc["_method_cfg"], "pseudo_label_key", "pseudo_label")
+                  if lc.get("pseudo") else None)
     method.to(device)
     step_module = StepModule(method)
     if world > 1:
@@ -364,6 +369,8 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                     out = model("pretrain", batch, step=global_step, stage=mstage)
                 else:
                     bu = _to_device(next(it_u), device) if it_u is not None else None
+                    if bu is not None and pseudo_key:  # PLCL: pseudo-labels under their key
+                        bu[pseudo_key] = bu.pop("label")
                     out = model("finetune", batch, bu, global_step, total_steps)
             loss = out["loss"]
             if not torch.isfinite(loss):
@@ -419,7 +426,13 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         metrics["best_epoch"] = best["epoch"]
         history.append(dict(metrics))
         checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
+        # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
+        # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
+        keep_dir = lc.get("local_ckpt_root")
+        if keep_dir:
+            os.makedirs(keep_dir, exist_ok=True)
+        with (_KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir)) if keep_dir
+              else tempfile.TemporaryDirectory()) as tmp:
             if rank == 0:
                 state = {
                     "model": method.state_dict(), "optimizer": optim.state_dict(),
@@ -433,6 +446,19 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         _event(hooks, rank, "reported", epoch)
+
+
+class _KeptDir:
+    """Context manager yielding a directory that is not deleted on exit (local mode)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _push(queue: Any, item: dict[str, Any]) -> None:

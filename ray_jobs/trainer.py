@@ -86,13 +86,19 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
 
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     lc = dict(loop_cfg, progress_queue=queue, stage_name=stage)
+    if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
+        if storage_fs is not None:
+            raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
+        lc["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}",
+                                             "local_checkpoints")
     trainer = TorchTrainer(
         train_func,
         train_loop_config=lc,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-            resources_per_worker=resources, placement_strategy=sc.placement),
+            resources_per_worker=resources if sc.num_workers else None,
+            placement_strategy=sc.placement),
         run_config=ray.train.RunConfig(
             name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
             storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
@@ -105,8 +111,9 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
     try:
         result = trainer.fit()
     except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
-        raise UserError(f"{stage}: training failed ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); re-run the same command to resume from the last "
+        log_path = _write_failure(storage_path, storage_fs, exc)
+        raise UserError(f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
+                        f"{log_path}; re-run the same command to resume from the last "
                         f"checkpoint in {storage_path}") from exc
     finally:
         if renderer:
@@ -126,6 +133,39 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
     state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
     history = list(state["history"])
     return StageResult(stage, storage_path, history, local)
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """``Type: first line`` of the root cause: the lowest-rank worker's exception for a
+    ``WorkerGroupError``, the controller's for a ``ControllerError``, else ``exc`` itself."""
+    cause: BaseException = exc
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        cause = failures[min(failures)]
+    elif getattr(exc, "controller_failure", None) is not None:
+        cause = exc.controller_failure  # type: ignore[attr-defined]
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
+def _write_failure(storage_path: str, storage_fs: Any, exc: BaseException) -> str:
+    """Write the full failure text (every worker's traceback) to ``<stage>/failure.log``."""
+    import traceback
+
+    parts = ["".join(traceback.format_exception(exc))]
+    for rank, err in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        parts.append(f"--- rank {rank} ---\n" + "".join(traceback.format_exception(err)))
+    text = "\n".join(parts)
+    path = f"{storage_path.rstrip('/')}/failure.log"
+    try:
+        if storage_fs is None:
+            with open(path, "w") as f:
+                f.write(text)
+        else:
+            with storage_fs.open_output_stream(path) as f:
+                f.write(text.encode())
+    except Exception:  # reporting must not mask the training failure
+        return "(could not write failure.log)"
+    return path
 
 
 def _first_line(exc: BaseException) -> str:
