@@ -1,6 +1,7 @@
 """Tests of slice-wise inference (ray_jobs.inference) and ``localcl predict``."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -262,3 +263,25 @@ def test_predict_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str],
         err = _cli_error(["predict", "--checkpoint", str(tiny_run), str(src), out, "--device", "cuda"], capsys)
         assert "CUDA is not available" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_cli__real_acdc_scan_keeps_geometry(acdc_dir: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """A real ACDC scan (uint16 on disk, 154 x 224 x 16): the label map overlays it."""
+    case = "patient099_frame01"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(acdc_dir / "imagesTr" / f"{case}.nii.gz", inp)
+    assert main(["predict", "--checkpoint", str(tiny_run), str(inp), str(tmp_path / "pred")]) == 0
+    scan = nib.load(inp / f"{case}.nii.gz")
+    lab = nib.load(tmp_path / "pred" / f"{case}.nii.gz")
+    assert lab.shape == scan.shape == (154, 224, 16)
+    np.testing.assert_allclose(lab.affine, scan.affine)
+    np.testing.assert_allclose(lab.header.get_zooms(), scan.header.get_zooms())
+    assert lab.get_data_dtype() == np.uint8
+    # the model sees a 48 x 48 centre crop (its training size at native spacing): outside it,
+    # everything is background
+    data = np.asarray(lab.dataobj)
+    x0, y0 = (154 - 48) // 2, (224 - 48) // 2
+    outside = data.copy()
+    outside[x0:x0 + 48, y0:y0 + 48] = 0
+    assert not outside.any()
