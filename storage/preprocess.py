@@ -16,6 +16,7 @@ step 3 then step 2, so a prediction on the network grid maps back to the native 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,34 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: 
             max(1, round(shape[1] * float(spacing[1]) / spacing_mm)))
 
 
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps along one axis, ``align_corners=False`` (torch's convention):
+    ``src = max((i + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(src)``,
+    ``i1 = min(i0 + 1, n_in - 1)``, weight of ``i1`` = ``src - i0``."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize2d(x: np.ndarray, out: tuple[int, int], nearest: bool) -> np.ndarray:
+    """Resize a 2D array to ``out`` in numpy (no thread pool; cheap in DataLoader workers).
+
+    ``nearest``: ``src = min(floor((i + 0.5) * n_in / n_out), n_in - 1)`` (torch
+    "nearest-exact"), values copied exactly. Else separable bilinear as torch
+    ``interpolate(mode="bilinear", align_corners=False)``, float32.
+    """
+    if tuple(x.shape) == tuple(out):
+        return x
+    if nearest:
+        idx = [np.minimum(np.floor((np.arange(o) + 0.5) * (n / o)).astype(np.int64), n - 1) for n, o in zip(x.shape, out)]
+        return x[idx[0][:, None], idx[1][None, :]]
+    (r0, r1, wr), (c0, c1, wc) = _axis_weights(x.shape[0], out[0]), _axis_weights(x.shape[1], out[1])
+    x = np.asarray(x, dtype=np.float32)
+    rows = x[r0] * (1 - wr)[:, None] + x[r1] * wr[:, None]
+    return rows[:, c0] * (1 - wc)[None, :] + rows[:, c1] * wc[None, :]
+
+
 def _resize(x: torch.Tensor, out: tuple[int, int], nearest: bool) -> torch.Tensor:
     """(C, H0, W0) -> (C, *out); nearest keeps integer values exactly (float64 carrier)."""
     if tuple(x.shape[-2:]) == tuple(out):
@@ -49,13 +78,19 @@ def _resize(x: torch.Tensor, out: tuple[int, int], nearest: bool) -> torch.Tenso
     return F.interpolate(x[None].to(torch.float32), size=out, mode="bilinear", align_corners=False)[0]
 
 
-def crop_or_pad(x: torch.Tensor, size: Sequence[int], pad_value: float) -> torch.Tensor:
-    """Centre crop / pad the last two axes of ``x`` (C, H0, W0) to ``size`` (H, W)."""
+def crop_or_pad(x: Any, size: Sequence[int], pad_value: float) -> Any:
+    """Centre crop / pad the last two axes of ``x`` (..., H0, W0) to ``size`` (H, W).
+
+    Works on numpy arrays and torch tensors (returns the same kind and dtype).
+    """
     h, w = int(size[0]), int(size[1])
-    out = torch.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
     h0, w0 = x.shape[-2:]
     sy, dy, ny = _span(h0, h)
     sx, dx, nx = _span(w0, w)
+    if isinstance(x, torch.Tensor):
+        out = torch.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
+    else:
+        out = np.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
     out[..., dy:dy + ny, dx:dx + nx] = x[..., sy:sy + ny, sx:sx + nx]
     return out
 
@@ -82,12 +117,16 @@ def preprocess_slice(
     maps (X, Y), integers), ``int64 (H, W)`` resampled with nearest and padded with -1.
     """
     out_hw = resampled_shape(image.shape, spacing, spacing_mm)
-    img = torch.from_numpy(normalise(image, p1, p99))[None]
-    img = crop_or_pad(_resize(img, out_hw, nearest=False), size, 0.0)
-    result = {"image": img.to(torch.float32).contiguous()}
+    resample = out_hw != tuple(image.shape[:2])
+    img = normalise(image, p1, p99)
+    if resample:
+        img = resize2d(img, out_hw, nearest=False)
+    result = {"image": torch.from_numpy(np.ascontiguousarray(crop_or_pad(img, size, 0.0))[None])}
     for name, m in (maps or {}).items():
-        t = torch.from_numpy(np.asarray(m).astype(np.int64))[None]
-        result[name] = crop_or_pad(_resize(t, out_hw, nearest=True), size, -1)[0].contiguous()
+        arr = np.asarray(m).astype(np.int64)
+        if resample:
+            arr = resize2d(arr, out_hw, nearest=True)
+        result[name] = torch.from_numpy(np.ascontiguousarray(crop_or_pad(arr, size, -1)))
     return result
 
 

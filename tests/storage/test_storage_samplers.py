@@ -260,3 +260,22 @@ def test_samplers__bad_arguments_name_the_parameter(acdc_store: str) -> None:
         SliceDataset(acdc_store, [])
     with pytest.raises(ValueError, match="size"):
         PatchDataset(acdc_store, cases, size=(4, 4))
+
+
+@pytest.mark.parametrize("out", [(300, 400), (100, 150), (17, 9), (276, 384)])
+def test_resize2d__matches_torch_interpolate(out) -> None:
+    """The numpy resampler equals torch's bilinear (align_corners=False) and nearest-exact."""
+    import torch.nn.functional as F
+
+    from storage.preprocess import resize2d
+
+    rng = np.random.default_rng(1)
+    x = rng.random((276, 384)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x.astype(np.float64))[None, None], size=out, mode="bilinear",
+                        align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(resize2d(x, out, nearest=False), ref, atol=1e-5)
+    lab = rng.integers(0, 5000, x.shape)
+    ref_n = F.interpolate(torch.from_numpy(lab.astype(np.float64))[None, None], size=out, mode="nearest-exact")[0, 0]
+    got = resize2d(lab, out, nearest=True)
+    assert got.dtype == lab.dtype
+    np.testing.assert_array_equal(got, ref_n.numpy().astype(np.int64))
