@@ -11,7 +11,9 @@
   Kubernetes Secrets and off command lines;
 
 then runs ``localcl JOB --config FILE`` in this process, so the job executes exactly the CLI
-verb a user runs locally.
+verb a user runs locally. A retried RayJob (``backoffLimit``) re-runs the same command: the
+training verbs resume from their run directory by themselves; for ``tune``, ``--auto-resume``
+adds ``--resume`` when the campaign's Optuna study already exists.
 
 ``--preflight`` validates the shipped config with the same validator and prints what the job
 would run on (localcl/torch/Ray versions, CUDA devices, cluster resources), then exits: a
@@ -78,6 +80,14 @@ def config_from_file(path: str | os.PathLike[str], expand: bool) -> Path:
     return out
 
 
+def campaign_started(config: Path) -> bool:
+    """Whether the Optuna study of the campaign in ``config`` exists in its storage."""
+    from ray_jobs import tune
+
+    campaign = tune.load_campaign(config)
+    return bool(tune.study_exists(tune.open_storage(campaign.storage_url), campaign.name))
+
+
 def preflight(job: str, config: Path) -> int:
     """Validate ``config`` on the cluster and print the environment; return 0."""
     validate_config(job, config)
@@ -114,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="config file (default: the one shipped by `localcl submit`)")
     parser.add_argument("--expand-env", action="store_true",
                         help="substitute ${VAR} references in --config from the environment")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="tune: pass --resume when the campaign's study already exists")
     parser.add_argument("--preflight", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -125,12 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = materialise_config()
         if args.preflight:
             return preflight(args.job, config)
+        extra = []
+        if args.auto_resume:
+            if args.job != "tune":
+                raise UserError("--auto-resume applies to tune (training verbs resume by themselves)")
+            if campaign_started(config):
+                print("localcl: campaign study exists: resuming", flush=True)
+                extra.append("--resume")
     except UserError as exc:
         print(f"localcl: error: {exc}", file=sys.stderr)
         return 2
     from ray_jobs.cli import main as cli_main
 
-    return cli_main([args.job, "--config", str(config)])
+    return cli_main([args.job, "--config", str(config), *extra])
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through Ray Jobs in the tests

@@ -148,11 +148,12 @@ def test_submit__preflight_job_runs_and_jobs_reads_status_and_logs(ray_head, tmp
     code, out, err = _run_cli(
         capsys, "submit", "finetune", "--config", str(cfg), "--address", ray_head,
         "--set", "finetune.optim.lr=0.005", "--metadata", "team=cardiac", "--preflight",
-        "--timeout", "120",
+        "--follow",
     )
     assert code == 0, err
     job_id = out.strip().splitlines()[0]
     assert job_id.startswith("localcl-finetune-")
+    assert "localcl preflight: done" in out  # --follow streamed the driver's output
     assert f"{job_id} SUCCEEDED" in err
 
     code, out, err = _run_cli(capsys, "jobs", "status", job_id, "--address", ray_head, "--json")
@@ -345,3 +346,39 @@ def test_format_table__aligns_columns():
     assert lines[0].split()[:2] == ["SUBMISSION_ID", "STATUS"]
     starts = {line.index(tok) for line, tok in zip(lines[1:], ["RUNNING", "SUCCEEDED"])}
     assert len(starts) == 1  # STATUS column aligned
+
+
+def test_job_entry__expand_env_substitutes_braced_vars_and_names_missing_ones():
+    env = {"OPTUNA_STORAGE": "postgresql://u:p&q@db:5432/optuna", "X": "1"}
+    assert job_entry.expand_env("storage: ${OPTUNA_STORAGE}\nprice: $5 ${X}\n", env) == (
+        "storage: postgresql://u:p&q@db:5432/optuna\nprice: $5 1\n")
+    with pytest.raises(UserError, match="not set: A, B"):
+        job_entry.expand_env("${B} ${A} ${X}", env)
+
+
+def test_job_entry__config_file_expanded_copy_is_private(tmp_path, monkeypatch):
+    src = tmp_path / "campaign.yaml"
+    src.write_text("storage: ${DB_URL}\n")
+    monkeypatch.setenv("DB_URL", "sqlite:///x.db")
+    assert job_entry.config_from_file(src, expand=False) == src
+    out = job_entry.config_from_file(src, expand=True)
+    assert out != src and out.read_text() == "storage: sqlite:///x.db\n"
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(UserError, match="--config: no such file"):
+        job_entry.config_from_file(tmp_path / "nope.yaml", expand=True)
+    assert job_entry.main(["finetune", "--expand-env"]) == 2
+    assert job_entry.main(["finetune", "--config", str(src), "--auto-resume"]) == 2
+
+
+def test_job_entry__auto_resume_detects_an_existing_campaign_study(tmp_path):
+    import optuna
+
+    text = (REPO / "k8s" / "overlays" / "cpu-local" / "configs" / "campaign-ideal.yaml").read_text()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    path = tmp_path / "campaign.yaml"
+    path.write_text(job_entry.expand_env(text, {"OPTUNA_STORAGE": url}))
+    assert job_entry.campaign_started(path) is False
+    name = yaml.safe_load(text)["name"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name=name, storage=url)
+    assert job_entry.campaign_started(path) is True
