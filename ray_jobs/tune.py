@@ -867,9 +867,13 @@ def _count_complete(campaign: Campaign, storage: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan) -> None:
-    from ray import tune
+def build_search(campaign: Campaign, storage: Any, seed: int) -> tuple[Any, Any]:
+    """The Tune search algorithm and scheduler of ``campaign``: ``OptunaSearch`` over the
+    campaign's distributions with :func:`make_sampler` (seeded ``seed``) writing to the study
+    ``campaign.name`` in ``storage``, and ``ASHAScheduler`` on ``training_iteration`` (= fine-tune
+    epoch; rungs at ``grace_period * reduction_factor**k`` up to ``max_t``) or ``None``."""
     from ray.tune.schedulers import ASHAScheduler
+
     obj = campaign.objective
     metric: str | list[str] = obj.metrics if obj.multi else obj.metrics[0]
     mode: str | list[str] = list(obj.modes) if obj.multi else obj.modes[0]
@@ -877,7 +881,7 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan
         space=campaign.distributions(),
         metric=metric,
         mode=mode,  # type: ignore[arg-type]
-        sampler=make_sampler(campaign, plan.seed),
+        sampler=make_sampler(campaign, seed),
         study_name=campaign.name,
         storage=storage,
     )
@@ -891,11 +895,17 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan
             grace_period=campaign.scheduler.grace_period,
             reduction_factor=campaign.scheduler.reduction_factor,
         )
+    return searcher, scheduler
+
+
+def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan) -> None:
+    from ray import tune
+
+    searcher, scheduler = build_search(campaign, storage, plan.seed)
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_fn,
             campaign_yaml=str(campaign.campaign_dir / "campaign.yaml"),
-            resources=rplan.__dict__,
         ),
         rplan.trial_resources,
     )
@@ -940,7 +950,7 @@ def trial_config(campaign: Campaign, params: dict[str, Any], trial_id: str) -> d
     return cfg
 
 
-def trial_fn(params: dict[str, Any], campaign_yaml: str, resources: dict[str, Any]) -> None:
+def trial_fn(params: dict[str, Any], campaign_yaml: str) -> None:
     """The Tune function trainable of one trial (runs in a Ray actor with 0 CPU).
 
     Short pretraining, then the fixed-budget fine-tune on the base config's label budget, both
