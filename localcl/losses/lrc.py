@@ -32,7 +32,9 @@ __all__ = [
     "felzenszwalb_superpixels",
     "RegionPoints",
     "sample_region_points",
+    "gather_point_embeddings",
     "lrc_loss",
+    "lrc_loss_from_points",
     "LRCLoss",
 ]
 
