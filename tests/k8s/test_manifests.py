@@ -109,6 +109,7 @@ def test_gpu_cloud__gpu_workers_autoscale_and_head_runs_no_work(rendered):
     for job in ("pretrain", "finetune", "campaign"):
         spec = _one(docs, "RayJob", f"localcl-{job}")["spec"]
         assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
+        assert spec["suspend"] is True  # applying the overlay starts nothing; jobs are unsuspended in order
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
         assert spec["rayClusterSpec"] == rc  # one cluster definition, copied by kustomize
         assert spec["entrypoint"].startswith(f"python -m ray_jobs.job_entry {'tune' if job == 'campaign' else job} ")
