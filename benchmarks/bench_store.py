@@ -8,7 +8,9 @@ Measures, on the real ACDC copy (or any MSD dataset given with --src):
     RAM     : every volume decoded into a dict of numpy arrays up front;
   each "raw" (array only) and "pipeline" (plus the training preprocessing of storage.preprocess:
   p1/p99 normalisation, centre crop/pad to 192x192, tensors) for slices;
-- resident memory: the RAM baseline holds every decoded volume; the store holds none.
+- the store with a bounded per-process LRU slice cache (``cache_bytes`` = 25 % and 100 % of the
+  decoded images), after one warm-up epoch, on a fresh random draw;
+- resident memory: the RAM baseline holds every decoded volume; the plain store holds none.
 
 Prints ratios store/nibabel and store/RAM. Usage:
     .venv/bin/python benchmarks/bench_store.py [--src ../shared/data/acdc] [--cases 40] [--samples 400]
@@ -104,6 +106,23 @@ def main() -> None:
     store_patch = rate(lambda i: st.read_patch(pick[i], starts[i], PATCH), n)
     store_rss = rss() - r0
 
+    # store + bounded LRU slice cache: one warm-up "epoch" of random samples, then a fresh draw
+    decoded = sum(int(np.prod(shapes[c])) * 4 for c in ids)
+    pick2 = [ids[i] for i in rng.integers(0, len(ids), n)]
+    zs2 = [int(rng.integers(0, nz[c])) for c in pick2]
+    cached = {}
+    for frac in (0.25, 1.0):
+        gc.collect()
+        r0 = rss()
+        stc = storage.open_store(uri, cache_bytes=int(frac * decoded))
+        for c in ids:  # warm-up epoch: every slice once, in random order
+            for z in rng.permutation(nz[c]):
+                stc.read_slice(c, int(z))
+        raw = rate(lambda i: stc.read_slice(pick2[i], zs2[i]), n)
+        pipe = rate(lambda i: prep(pick2[i], stc.read_slice(pick2[i], zs2[i])), n)
+        cached[frac] = (raw, pipe, rss() - r0, stc._cached_bytes)
+        del stc
+
     # all in RAM
     gc.collect()
     r0 = rss()
@@ -114,13 +133,20 @@ def main() -> None:
     ram_patch = rate(lambda i: patch_of(ram[pick[i]], starts[i]), n)
     ram_rss = rss() - r0
 
-    print(f"\n{'samples/s':<22}{'nibabel':>10}{'store':>10}{'RAM':>10}{'store/nib':>11}{'store/RAM':>11}")
-    for name, a, b, c in [("2D slice (raw)", nib_slice, store_slice, ram_slice),
-                          ("2D slice (pipeline)", nib_slice, store_pipe, ram_pipe),
-                          (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch)]:
-        print(f"{name:<22}{a:>10.1f}{b:>10.1f}{c:>10.1f}{b / a:>10.1f}x{b / c:>10.2f}x")
+    print(f"\n{'samples/s':<24}{'nibabel':>10}{'store':>10}{'RAM':>10}{'store/nib':>11}{'store/RAM':>11}")
+    rows = [("2D slice (raw)", nib_slice, store_slice, ram_slice),
+            ("2D slice (pipeline)", nib_slice, store_pipe, ram_pipe),
+            (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch)]
+    for frac, (raw, pipe, _, _) in cached.items():
+        rows += [(f"2D raw, cache {frac:.0%}", nib_slice, raw, ram_slice),
+                 (f"2D pipe, cache {frac:.0%}", nib_slice, pipe, ram_pipe)]
+    for name, a, b, c in rows:
+        print(f"{name:<24}{a:>10.1f}{b:>10.1f}{c:>10.1f}{b / a:>10.1f}x{b / c:>10.2f}x")
     print(f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes (RSS +{ram_rss / 2**20:.0f} MiB); "
-          f"store reader RSS +{store_rss / 2**20:.0f} MiB (bounded: no volume cached)")
+          f"store reader RSS +{store_rss / 2**20:.0f} MiB (no cache)")
+    for frac, (_, _, grow, held) in cached.items():
+        print(f"  cache budget {frac:.0%} of decoded images = {frac * decoded / 2**20:.0f} MiB: holds "
+              f"{held / 2**20:.0f} MiB, RSS +{grow / 2**20:.0f} MiB")
     print("(2D pipeline = read + p1/p99 normalisation + centre crop/pad to 192x192 + tensors; the nibabel "
           "column is raw load+slice for both rows)")
 

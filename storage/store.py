@@ -36,6 +36,7 @@ import copy
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,7 +104,13 @@ class VolumeStore:
     caches array handles and case metadata, so create one per process (the samplers do).
     """
 
-    def __init__(self, uri: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        mode: str = "r",
+        storage_options: Mapping[str, Any] | None = None,
+        cache_bytes: int = 0,
+    ):
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' (read) or 'a' (read/write, create if missing), got {mode!r}")
         self.uri = os.fspath(uri)
@@ -121,14 +128,24 @@ class VolumeStore:
             self._root.attrs.update({"localcl_store": {"version": STORE_VERSION, "layout": "cases/<case>/{image,label,<derived>}"}})
         self._meta: dict[str, dict[str, Any]] | None = None
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._readers: dict[tuple[str, str], Any] = {}
+        self._local_root = None if _is_url(self.uri) else (self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
         self._catalog: Any = None
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
 
     # ------------------------------------------------------------------ listing
     def refresh(self) -> None:
-        """Forget cached listings (call after another process added cases)."""
+        """Forget cached listings and slices (call after another process changed the store)."""
         self._meta = None
         self._arrays.clear()
+        self._readers.clear()
         self._catalog = None
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def _cases_group(self) -> Any | None:
         try:
@@ -239,11 +256,47 @@ class VolumeStore:
             return False
 
     def read_slice(self, case: str, z: int, array: str = "image") -> np.ndarray:
-        """Slice ``z`` of ``array`` as (X, Y); decodes exactly one chunk with the default layout."""
+        """Slice ``z`` of ``array`` as (X, Y); decodes exactly one chunk with the default layout.
+
+        With ``cache_bytes > 0`` decoded slices are kept in a per-process LRU cache of at most
+        that many bytes (a copy is returned, so callers may modify it).
+        """
         arr = self._array(case, array)
         n = arr.shape[2]
         if not -n <= z < n:
             raise IndexError(f"z={z} out of range for case {case!r} with {n} slices")
+        if self.cache_bytes == 0:
+            return self._decode_slice(case, array, arr, z % n)
+        key = (case, array, z % n)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit.copy()
+        data = self._decode_slice(case, array, arr, z % n)
+        if data.nbytes <= self.cache_bytes:
+            self._cache[key] = data.copy()
+            self._cached_bytes += data.nbytes
+            while self._cached_bytes > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
+        return data
+
+    def _reader(self, case: str, array: str) -> Any:
+        """Direct local slice reader (:mod:`storage.fastread`) or ``None`` (use zarr)."""
+        key = (case, array)
+        if key not in self._readers:
+            reader = None
+            if self._local_root is not None and os.environ.get("LOCALCL_ZARR_ONLY") != "1":
+                from storage.fastread import SliceReader
+
+                reader = SliceReader.open(os.path.join(self._local_root, CASES, case, array))
+            self._readers[key] = reader
+        return self._readers[key]
+
+    def _decode_slice(self, case: str, array: str, arr: Any, z: int) -> np.ndarray:
+        reader = self._reader(case, array)
+        if reader is not None and tuple(reader.shape) == tuple(arr.shape):
+            return reader.read(z)
         return np.asarray(arr[:, :, z])
 
     def read_patch(
@@ -271,7 +324,11 @@ class VolumeStore:
                 return np.full(tuple(int(s) for s in size), pad_value, dtype=arr.dtype)
             src.append(slice(lo, hi))
             dst.append(slice(lo - int(s0), hi - int(s0)))
-        data = np.asarray(arr[tuple(src)])
+        reader = self._reader(case, array)
+        if reader is not None:
+            data = np.stack([reader.read(z)[src[0], src[1]] for z in range(src[2].start, src[2].stop)], axis=2)
+        else:
+            data = np.asarray(arr[tuple(src)])
         if data.shape == tuple(int(s) for s in size):
             return data
         out = np.full(tuple(int(s) for s in size), pad_value, dtype=arr.dtype)
@@ -309,6 +366,7 @@ class VolumeStore:
         if name in grp:
             del grp[name]
         self._arrays.pop((case, name), None)
+        self._readers.pop((case, name), None)
         chunks, shards = chunk_layout(tuple(array.shape), meta.get("chunk_xy"))
         arr = grp.create_array(
             name, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
@@ -368,16 +426,23 @@ class VolumeStore:
         grp.attrs.update({"complete": True, "ingested_at": time.time()})
         self._meta = None
         self._catalog = None
-        for key in [k for k in self._arrays if k[0] == case]:
-            del self._arrays[key]
+        for cache in (self._arrays, self._readers):
+            for key in [k for k in cache if k[0] == case]:
+                del cache[key]
 
 
-def open_store(uri: str | os.PathLike[str] | VolumeStore, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> VolumeStore:
+def open_store(
+    uri: str | os.PathLike[str] | VolumeStore,
+    mode: str = "r",
+    storage_options: Mapping[str, Any] | None = None,
+    cache_bytes: int = 0,
+) -> VolumeStore:
     """Open a localcl store at a local path or fsspec URI (``s3://bucket/prefix.zarr``).
 
     ``mode="r"``: read only, the store must exist. ``mode="a"``: read/write, created if missing.
     ``storage_options`` go to fsspec (e.g. ``{"key", "secret", "endpoint_url"}`` for S3).
+    ``cache_bytes``: budget of the per-process LRU cache of decoded slices (0 = no cache).
     """
     if isinstance(uri, VolumeStore):
         return uri
-    return VolumeStore(uri, mode=mode, storage_options=storage_options)
+    return VolumeStore(uri, mode=mode, storage_options=storage_options, cache_bytes=cache_bytes)

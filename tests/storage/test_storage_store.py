@@ -168,3 +168,55 @@ def test_store__fsspec_uri_round_trip(tmp_path: Path, synth) -> None:
     np.testing.assert_allclose(st.image("c1"), ref, atol=1e-4)
     np.testing.assert_allclose(st.read_slice("c1", 4), ref[:, :, 4], atol=1e-4)
     assert len(storage.ingest(src, uri, progress=False).skipped) == 2
+
+
+def test_store__slice_cache_is_bounded_lru_and_returns_copies(acdc_store: str) -> None:
+    plain = storage.open_store(acdc_store)
+    case = "patient099_frame01"
+    one = plain.read_slice(case, 0).nbytes
+    st = storage.open_store(acdc_store, cache_bytes=2 * one + 10)
+    for z in (0, 1, 0, 2):  # 0 refreshed before 2 arrives, so 1 is the one evicted
+        np.testing.assert_array_equal(st.read_slice(case, z), plain.read_slice(case, z))
+    assert list(st._cache) == [(case, "image", 0), (case, "image", 2)]
+    assert st._cached_bytes == 2 * one <= st.cache_bytes
+    got = st.read_slice(case, 2)
+    got[...] = -1  # callers own what they get
+    np.testing.assert_array_equal(st.read_slice(case, 2), plain.read_slice(case, 2))
+    np.testing.assert_array_equal(st.read_slice(case, -1), plain.read_slice(case, 15))
+    with pytest.raises(ValueError, match="cache_bytes"):
+        storage.open_store(acdc_store, cache_bytes=-1)
+
+
+def test_fastread__equals_zarr_for_every_slice(acdc_store: str, tmp_path: Path, synth, monkeypatch) -> None:
+    """The direct shard reader (local default layout) returns exactly what zarr returns,
+    including never-written (all fill-value) chunks; other layouts fall back to zarr."""
+    st = storage.open_store(acdc_store)
+    for case in st.cases[:4]:
+        for name in ("image", "label"):
+            assert st._reader(case, name) is not None
+            arr = zarr.open_array(store=acdc_store, path=f"cases/{case}/{name}", mode="r")
+            for z in range(arr.shape[2]):
+                got = st.read_slice(case, z, name)
+                assert got.dtype == arr.dtype
+                np.testing.assert_array_equal(got, arr[:, :, z])
+    np.testing.assert_array_equal(st.read_patch(st.cases[0], (5, 7, 1), (20, 30, 3)),
+                                  zarr.open_array(store=acdc_store, path=f"cases/{st.cases[0]}/image", mode="r")[5:25, 7:37, 1:4])
+    # a label with empty slices: zarr skips writing all-zero chunks, the reader fills them
+    img, lab = synth.make_pair(tmp_path / "src", "e", shape=(6, 5, 4))
+    data = np.asarray(nib.load(str(lab)).dataobj).copy()
+    data[:, :, 1] = 0
+    synth.write_nifti(lab, data)
+    uri = str(tmp_path / "s.zarr")
+    storage.ingest_case(img, lab, uri, "e")
+    s2 = storage.open_store(uri)
+    assert s2._reader("e", "label").index[1].tolist() == [2**64 - 1] * 2
+    for z in range(4):
+        np.testing.assert_array_equal(s2.read_slice("e", z, "label"), data[:, :, z])
+    monkeypatch.setenv("LOCALCL_ZARR_ONLY", "1")
+    assert storage.open_store(uri)._reader("e", "label") is None
+    tiled = str(tmp_path / "t.zarr")
+    storage.ingest_case(img, lab, tiled, "e", chunk_xy=4)
+    monkeypatch.delenv("LOCALCL_ZARR_ONLY")
+    s3 = storage.open_store(tiled)
+    assert s3._reader("e", "image") is None  # tiled chunks: zarr path
+    np.testing.assert_array_equal(s3.read_slice("e", 2, "label"), data[:, :, 2])
