@@ -382,3 +382,17 @@ def test_job_entry__auto_resume_detects_an_existing_campaign_study(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.create_study(study_name=name, storage=url)
     assert job_entry.campaign_started(path) is True
+
+
+def test_portable_config_text__campaign_inlines_base_config(tmp_path):
+    campaign, path = sub.validate_config("tune", REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml",
+                                         ["trials=3"])
+    shipped = yaml.safe_load(sub.portable_config_text(campaign, path))
+    assert shipped["base_config"] is None and shipped["trials"] == 3
+    assert shipped["base"] == campaign.resolved_base()
+    alone = tmp_path / "ideal.yaml"  # no ../run/ideal.yaml beside it, as on the cluster
+    alone.write_text(yaml.safe_dump(shipped))
+    again, _ = sub.validate_config("tune", alone)
+    assert again.signature() == campaign.signature()
+    with pytest.raises(UserError, match="no such campaign file"):
+        sub.validate_config("tune", tmp_path / "nope.yaml")
