@@ -37,6 +37,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -607,7 +608,9 @@ def evaluate_store(
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=res if num_workers else None),
-            run_config=ray.train.RunConfig(name=f"evaluate-{os.getpid()}-{abs(hash(str(out))) % 10**8}",
+            # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
+            # hand back a previous run instead of evaluating again
+            run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",
                                            storage_path=storage_path),
         )
         trainer.fit()
