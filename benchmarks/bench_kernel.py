@@ -81,11 +81,10 @@ def _worker(args: argparse.Namespace) -> None:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step()
     sync()
-    first = time.perf_counter() - t0
-    first_cpu = time.process_time()
+    first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:

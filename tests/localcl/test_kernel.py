@@ -337,3 +337,24 @@ def test_info_nce__single_mode_rejects_two_positives():
     for chunk in (None, 2):
         with pytest.raises(ValueError, match="single"):
             info_nce(torch.randn(4, 3), tau=0.1, anchor_ids=torch.tensor([0, 0, 0, 1]), mode="single", chunk_size=chunk)
+
+
+def test_info_nce__chunked_saves_no_quadratic_tensors():
+    # the memory bound: autograd keeps only the inputs and per-anchor vectors, never (N, M) blocks
+    n, d = 64, 4
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = torch.randn(n, d, requires_grad=True)
+    ids = torch.arange(n) // 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        info_nce(x, tau=0.1, anchor_ids=ids, chunk_size=8).backward()
+    assert saved and max(saved) <= n * d
+    saved.clear()
+    x.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        info_nce(x, tau=0.1, anchor_ids=ids).backward()
+    assert max(saved) >= n * n  # the naive path does keep the full logits
