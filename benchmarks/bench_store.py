@@ -2,7 +2,8 @@
 
 Measures, on the real ACDC copy (or any MSD dataset given with --src):
 - ingest throughput (volumes/s) into a fresh store;
-- random 2D slices/s and random 3D patches/s for three sources:
+- random 2D slices/s and random 3D patches/s for three sources (the store both through its
+  direct local shard reader, the default, and through zarr's own read path):
     nibabel : load the .nii.gz and take the slice/patch, per sample (what a naive loader does),
     store   : storage.open_store(...).read_slice / read_patch (decodes one chunk per slice),
     RAM     : every volume decoded into a dict of numpy arrays up front;
@@ -97,6 +98,13 @@ def main() -> None:
     nib_slice = rate(lambda i: np.asarray(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32)[:, :, zs[i]]), args.nib_samples)
     nib_patch = rate(lambda i: patch_of(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32), starts[i]), args.nib_samples)
 
+    # store through zarr only (no direct shard reader), for reference
+    os.environ["LOCALCL_ZARR_ONLY"] = "1"
+    stz = storage.open_store(uri)
+    zarr_slice = rate(lambda i: stz.read_slice(pick[i], zs[i]), n)
+    zarr_patch = rate(lambda i: stz.read_patch(pick[i], starts[i], PATCH), n)
+    del os.environ["LOCALCL_ZARR_ONLY"]
+
     # store
     gc.collect()
     r0 = rss()
@@ -134,7 +142,9 @@ def main() -> None:
     ram_rss = rss() - r0
 
     print(f"\n{'samples/s':<24}{'nibabel':>10}{'store':>10}{'RAM':>10}{'store/nib':>11}{'store/RAM':>11}")
-    rows = [("2D slice (raw)", nib_slice, store_slice, ram_slice),
+    rows = [("2D slice, zarr path", nib_slice, zarr_slice, ram_slice),
+            (f"3D patch, zarr path", nib_patch, zarr_patch, ram_patch),
+            ("2D slice (raw)", nib_slice, store_slice, ram_slice),
             ("2D slice (pipeline)", nib_slice, store_pipe, ram_pipe),
             (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch)]
     for frac, (raw, pipe, _, _) in cached.items():
