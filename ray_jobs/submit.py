@@ -24,10 +24,10 @@ import asyncio
 import datetime as _dt
 import getpass
 import hashlib
-import inspect
 import os
 import re
 import secrets
+import shlex
 import socket
 import subprocess
 import time
@@ -302,7 +302,7 @@ def build_submission(
     args = ["python", "-m", "ray_jobs.job_entry", job]
     if preflight:
         args.append("--preflight")
-    entrypoint = " ".join(_shell_quote(a) for a in args)
+    entrypoint = " ".join(shlex.quote(a) for a in args)
 
     meta = {
         "localcl.job": job,
@@ -336,12 +336,6 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # pragma: no cover - no passwd entry in some containers
         return "unknown"
-
-
-def _shell_quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 # --------------------------------------------------------------------------- connection

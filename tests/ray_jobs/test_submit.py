@@ -1,22 +1,14 @@
 """``localcl submit`` / ``localcl jobs`` against a real Ray head started on 127.0.0.1.
 
-The head is this module's own ``ray start --head --block`` with a private ``--temp-dir`` and
-free ports, so it never collides with the session's ``ray_cluster`` fixture or another test
-process; teardown ends exactly the processes it started (the ``ray start`` process and its
-descendants, plus any orphan whose command line names the private temp dir), never ``ray stop``.
+The head is this module's own :class:`ray_jobs.local_head.LocalHead` (``ray start --head``
+with a private ``--temp-dir`` and free ports), so it never collides with the session's
+``ray_cluster`` fixture or another test process; teardown ends exactly the processes it started
+(the ``ray start`` process and its descendants, plus any orphan whose command line names the
+private temp dir), never ``ray stop``.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,19 +16,13 @@ import yaml
 
 from ray_jobs import cli, job_entry
 from ray_jobs import submit as sub
+from ray_jobs.local_head import LocalHead, free_port
 from ray_jobs.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -62,81 +48,11 @@ def _write_run_config(directory: Path, **over: object) -> Path:
     return path
 
 
-def _stop_tree(proc: subprocess.Popen, marker: str) -> None:
-    """SIGTERM then SIGKILL ``proc``, its descendants and processes naming ``marker``."""
-    import psutil
-
-    victims: dict[int, psutil.Process] = {}
-    try:
-        root = psutil.Process(proc.pid)
-        victims[root.pid] = root
-        for child in root.children(recursive=True):
-            victims[child.pid] = child
-    except psutil.NoSuchProcess:
-        pass
-    me = os.getuid()
-    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
-        try:
-            if p.info["uids"] and p.info["uids"].real == me and marker in " ".join(p.info["cmdline"] or []):
-                victims[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    victims.pop(os.getpid(), None)
-    for p in victims.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """``ray start --head`` on 127.0.0.1 with free ports; yields the dashboard URL."""
-    temp_dir = tempfile.mkdtemp(prefix="lclh", dir="/tmp")  # short: Ray's socket paths
-    dash = _free_port()
-    env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp_dir) / "ray_start.log", "w")
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block",
-           "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()),
-           "--num-cpus", "2", "--object-store-memory", str(256 * 2**20),
-           "--temp-dir", temp_dir, "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, cwd=temp_dir)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                tail = (Path(temp_dir) / "ray_start.log").read_text()[-2000:]
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the Ray dashboard did not come up within 90 s")
-            time.sleep(0.5)
-        yield address
-    finally:
-        _stop_tree(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A private ``ray start --head`` on 127.0.0.1 (free ports); yields the dashboard URL."""
+    with LocalHead(num_cpus=2) as head:
+        yield head.address
 
 
 # --------------------------------------------------------------------------- against a real head
@@ -210,7 +126,7 @@ def test_jobs__unknown_id_is_a_one_line_error(ray_head, capsys):
 
 def test_submit__unreachable_address_is_a_one_line_error(tmp_path, capsys):
     cfg = _write_run_config(tmp_path)
-    port = _free_port()  # bound then released: nothing listens there
+    port = free_port()  # bound then released: nothing listens there
     code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
                               "--address", f"http://127.0.0.1:{port}")
     assert code == 2 and out == ""
