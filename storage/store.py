@@ -63,6 +63,10 @@ def _zarr_store(uri: str, read_only: bool, storage_options: Mapping[str, Any] | 
     path = uri[len("file://"):] if uri.startswith("file://") else uri
     if read_only and not os.path.isdir(path):
         raise StoreError(f"{uri}: store not found (no such directory)")
+    if os.path.isfile(path):
+        raise StoreError(f"{uri}: is a file, not a store directory")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise StoreError(f"{uri}: directory exists but is not a Zarr v3 store (no zarr.json); refusing to write into it")
     from zarr.storage import LocalStore
 
     return LocalStore(path, read_only=read_only)

@@ -125,6 +125,14 @@ def test_store__errors_name_the_store_and_case(tmp_path: Path, acdc_store: str, 
         storage.open_store(tmp_path / "other.zarr")
     with pytest.raises(StoreError, match="not a localcl store"):
         storage.open_store(tmp_path / "other.zarr", mode="a")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("not a store")
+    for mode in ("r", "a"):
+        with pytest.raises(StoreError, match="not a Zarr v3 store"):
+            storage.open_store(tmp_path / "docs", mode=mode)
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["notes.txt"]  # untouched
+    with pytest.raises(StoreError, match="is a file"):
+        storage.open_store(tmp_path / "docs" / "notes.txt", mode="a")
     st = storage.open_store(acdc_store)
     with pytest.raises(StoreError, match="no complete case 'nope'"):
         st.image("nope")
