@@ -162,9 +162,25 @@ class CheckpointSection(_Strict):
 
 
 class LoggingSection(_Strict):
+    """``tensorboard``: per-epoch scalars written on the driver to RUN_DIR/<stage>/tensorboard;
+    ``mlflow_uri``: MLflow tracking URI (``file:///abs/mlruns``, ``http://host:5000``...), logged
+    from rank 0 through Ray's MLflow integration (needs the ``mlflow`` extra); ``progress``:
+    live progress bar on the driver."""
+
     tensorboard: bool = True
     mlflow_uri: Optional[str] = None
     progress: bool = True
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_installed(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ValueError("MLflow is not installed: pip install 'localcl[mlflow]' "
+                                 "(or set it to null)")
+        return v
 
 
 class Config(_Strict):

@@ -196,6 +196,9 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
     if _done(model_dir, cfg):
         log(f"{sdir}: already done ({model_dir}), skipping")
         return {"model_dir": model_dir, "history": None, "results": {}}
+    if section == "pretrain" and METHODS[cfg.pretrain.method.name].pretrain_batch == \
+            "slices+superpixels":
+        ensure_superpixels(cfg, plan, log)
     mstages: list[Optional[str]] = [None]
     if section == "pretrain":
         mstages = list(getattr(METHODS[cfg.pretrain.method.name], "stages", ()) or [None])
@@ -220,6 +223,55 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
         write_tensorboard(run_dir, sdir, history)
     export_stage(cfg, plan, section, last.checkpoint_dir, model_dir)
     return {"model_dir": model_dir, "history": history, "results": results}
+
+
+SUPERPIXEL_ARGS = ("scale", "sigma", "min_size")
+SUPERPIXEL_PREFIXES = ("superpixel_", "sp_", "felzenszwalb_", "fz_")
+
+
+def superpixel_kwargs(method_cfg: Any) -> dict[str, Any]:
+    """Felzenszwalb arguments from the method Config: fields ``<prefix>scale|sigma|min_size``
+    with a prefix of :data:`SUPERPIXEL_PREFIXES` (absent: the function's defaults)."""
+    fields = type(method_cfg).model_fields if hasattr(type(method_cfg), "model_fields") else {}
+    out = {}
+    for arg in SUPERPIXEL_ARGS:
+        for pre in SUPERPIXEL_PREFIXES:
+            if pre + arg in fields:
+                out[arg] = getattr(method_cfg, pre + arg)
+                break
+    return out
+
+
+def _superpixel_task(uri: str, case: str, kwargs: dict[str, Any], so: Any) -> list[str]:
+    import functools
+
+    import storage
+    from localcl.losses.lrc import felzenszwalb_superpixels
+
+    fn = functools.partial(felzenszwalb_superpixels, **kwargs)
+    return storage.cache_derived(uri, "superpixels", fn, cases=[case], storage_options=so)["computed"]
+
+
+def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = print) -> list[str]:
+    """Cache Felzenszwalb super-pixels (``localcl.losses.lrc.felzenszwalb_superpixels`` on the
+    normalised native slice, via ``storage.cache_derived``) as the derived array
+    ``superpixels`` of every pretraining case that lacks it: one Ray task per case (1 CPU).
+    Cached maps are reused whatever their parameters (the store records ``fn`` in the
+    array's attributes); delete the array to recompute. Returns the cases computed."""
+    import ray
+
+    import storage
+
+    so = cfg.data.storage_options or None
+    st = storage.open_store(plan.store, storage_options=so)
+    todo = [c for c in plan.pretrain_cases if not st.has_array(c, "superpixels")]
+    if not todo:
+        return []
+    kwargs = superpixel_kwargs(cfg.method_config("pretrain"))
+    log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
+    task = ray.remote(num_cpus=1)(_superpixel_task)
+    done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
+    return [c for part in done for c in part]
 
 
 def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:

@@ -335,6 +335,7 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         history = list(st["history"])
         best = dict(st["best"])
 
+    first_epoch = start_epoch
     data = build_loaders(lc, cfg, cls, rank, world, schedule)
     nw = cfg.data.loader_workers
     main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
@@ -342,6 +343,7 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                 if data["unlabelled"] is not None else None)
     hooks = lc.get("hooks") or {}
     queue = lc.get("progress_queue") if rank == 0 else None
+    mlflow = _setup_mlflow(cfg, lc, section, mstage) if cfg.logging.mlflow_uri else None
     _event(hooks, rank, "start", start_epoch)
 
     for epoch in range(start_epoch, schedule.epochs + 1):
@@ -408,7 +410,10 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                               "samples_per_s": n_seen * max(world, 1) / max(now - t0, 1e-9)})
         elapsed = time.perf_counter() - t0
         metrics: dict[str, Any] = {f"{k}": v / schedule.steps_per_epoch for k, v in sums.items()}
-        metrics.update(epoch=epoch, global_step=global_step, lr=sched.get_last_lr()[0],
+        # start_epoch: the epoch this worker group (re)started at; > 1 on rows trained after a
+        # resume, so a history proves which epochs ran once and which were restored
+        metrics.update(epoch=epoch, start_epoch=first_epoch, global_step=global_step,
+                       lr=sched.get_last_lr()[0],
                        time_s=elapsed, samples_per_s=n_seen * max(world, 1) / max(elapsed, 1e-9))
         score = None
         if section != "pretrain":
@@ -425,6 +430,9 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                 best_state = {k: v.detach().cpu().clone() for k, v in method.state_dict().items()}
         metrics["best_epoch"] = best["epoch"]
         history.append(dict(metrics))
+        if mlflow is not None:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if isinstance(v, (int, float)) and k != "epoch"}, step=epoch)
         checkpoint = None
         # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
         # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
@@ -446,6 +454,37 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         _event(hooks, rank, "reported", epoch)
+    if mlflow is not None:
+        mlflow.end_run()
+
+
+def _setup_mlflow(cfg: Any, lc: dict[str, Any], section: str, mstage: Optional[str]) -> Any:
+    """MLflow run of this stage through Ray's integration
+    (``ray.air.integrations.mlflow.setup_mlflow``): rank 0 gets the ``mlflow`` module (other
+    ranks a no-op), experiment ``cfg.name`` (created if missing), run name ``<stage>[-<method
+    stage>][-r<round>]``, the flattened config logged as parameters. A worker-group restart
+    opens a new MLflow run (tagged with the same ``ray_run``) whose steps continue the epochs."""
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    run = lc.get("stage_name", section) + (f"-{mstage}" if mstage and mstage != "main" else "")
+    if lc.get("round"):
+        run += f"-r{lc['round']}"
+    flat = _flatten({k: v for k, v in cfg.to_dict().items() if k not in ("logging", "run_dir")})
+    return setup_mlflow(config=flat, tracking_uri=cfg.logging.mlflow_uri,
+                        experiment_name=cfg.name, run_name=run,
+                        create_experiment_if_not_exists=True,
+                        tags={"ray_run": run, "config_hash": cfg.hash(), "section": section})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
 
 
 class _KeptDir:

@@ -106,6 +106,50 @@ def test_validate__batch_must_split_over_workers():
 
 
 @needs_registry
+def test_validate__decoder_widths_and_input_size_follow_geometry():
+    cfg = C.validate(_minimal(data={"size": [48, 48]},
+                              pretrain={"method": {"name": "glcl", "widths": [8, 16, 32, 64]}},
+                              finetune={"method": {"widths": [8, 16, 32]}}))
+    assert list(cfg.method_config("finetune").decoder_widths) == [16, 8]
+    assert list(cfg.method_config("pretrain").decoder_widths) == [32, 16, 8]
+    assert cfg.method_config("pretrain").input_size == 48
+    # explicit values are kept (and validated by the method's own Config)
+    with pytest.raises(ConfigError, match="pretrain.method"):
+        C.validate(_minimal(pretrain={"method": {"name": "glcl", "widths": [8, 16, 32],
+                                                 "decoder_widths": [8]}}))
+
+
+@needs_registry
+def test_validate__self_training_only_with_plcl_and_one_round_count():
+    with pytest.raises(ConfigError, match="finetune.self_training: only the 'plcl' strategy"):
+        C.validate(_minimal(finetune={"self_training": {"rounds": 2}}))
+    cfg = C.validate(_minimal(finetune={"method": {"name": "plcl"},
+                                        "self_training": {"rounds": 2, "crf": False}}))
+    mc = cfg.method_config("finetune")
+    assert (mc.rounds, mc.crf) == (2, False)
+    with pytest.raises(ConfigError, match="finetune.method.rounds: 3 contradicts"):
+        C.validate(_minimal(finetune={"method": {"name": "plcl", "rounds": 3},
+                                      "self_training": {"rounds": 2}}))
+
+
+@needs_registry
+@pytest.mark.parametrize("name", ["plcl", "supervised"])
+def test_validate__pretrain_method_without_stage_is_rejected(name):
+    with pytest.raises(ConfigError, match=f"pretrain.method.name: '{name}' has no pretraining"):
+        C.validate(_minimal(pretrain={"method": {"name": name}}))
+
+
+def test_validate__mlflow_uri_needs_mlflow(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "mlflow" else real(n, *a))
+    with pytest.raises(ConfigError, match="logging.mlflow_uri: .*pip install 'localcl\\[mlflow\\]'"):
+        C.validate(_minimal(logging={"mlflow_uri": "sqlite:///x.db"}))
+
+
+@needs_registry
 def test_validate__baseline_true_copies_finetune_backbone_and_schedule():
     cfg = C.validate(_minimal(finetune={"method": {"widths": [4, 8]},
                                         "schedule": {"epochs": 7}}, baseline=True))
@@ -115,7 +159,8 @@ def test_validate__baseline_true_copies_finetune_backbone_and_schedule():
 
 
 @needs_registry
-@pytest.mark.parametrize("path", sorted((REPO / "ray_jobs" / "configs").glob("*/*.yaml")),
+@pytest.mark.parametrize("path", sorted(p for d in C.STAGE_DIRS
+                                         for p in (REPO / "ray_jobs" / "configs" / d).glob("*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_config__validates(path):
     cfg = C.load_config(path)

@@ -1,0 +1,243 @@
+"""End to end on real ACDC through Ray Train: pipeline artefacts, worker-kill recovery, driver
+resume through the CLI on an existing cluster (``--address``), and every method/strategy in
+Ray Train local mode.
+
+Data: a store ingested once per module from a small subset of ``../shared/data/acdc``:
+3 labelled patients (the SSL4MIS 3-patient budget), 3 unlabelled patients and 1 validation
+patient (2 volumes each), trained on 64x64 slices at 5 mm with a 3-level U-Net of widths
+(8, 16, 32). Bad configs failing before Ray starts are tested in ``test_config.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+LABELLED = ["patient099", "patient038", "patient050"]  # splits.json ssl4mis_labeled_patients["3"]
+UNLABELLED = ["patient100", "patient058", "patient021"]
+VAL = ["patient002"]
+TINY = {"widths": [8, 16, 32]}
+
+
+@pytest.fixture(scope="module")
+def acdc_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    import storage
+
+    uri = str(tmp_path_factory.mktemp("acdc") / "acdc.zarr")
+    cases = [f"{p}_frame{f:02d}" for p in LABELLED + UNLABELLED + VAL for f in (1, 2)]
+    rep = storage.ingest(str(acdc_dir), uri, cases=cases, workers=2, progress=False)
+    st = storage.open_store(uri)
+    assert sorted(st.cases) == sorted(cases), rep
+    return uri
+
+
+def base_config(store: str, **over: Any) -> dict[str, Any]:
+    cfg = {
+        "name": "e2e",
+        "data": {"store": store, "label_budget": 3, "seed": 0, "size": [64, 64],
+                 "spacing_mm": [5.0, 5.0], "splits": {"pool": "train", "val": "val", "test": "val"},
+                 "max_unlabelled": 6, "max_val_cases": 1, "max_test_cases": 2},
+        "pretrain": {"method": {"name": "ideal", **TINY, "queue_size": 256, "proj_dim": 16},
+                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
+        "finetune": {"method": {"name": "ideal", **TINY},
+                     "schedule": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 4,
+                                  "unlabelled_batch_size": 4}},
+        "baseline": None,
+        "evaluate": {"overlay_cases": 1},
+        "scaling": {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        "checkpoint": {"num_to_keep": 2, "max_failures": 1},
+        "logging": {"tensorboard": True, "progress": False},
+    }
+    for key, value in over.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluster, acdc_store, tmp_path):
+    """Rank 1 SIGKILLs itself at fine-tune epoch 2; the worker group restarts from the epoch-1
+    checkpoint (epoch 1 is not redone) and the run ends with every artefact."""
+    from ray_jobs import pipeline
+    from ray_jobs.config import validate
+
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate(base_config(acdc_store, **{"logging.mlflow_uri": mlflow_uri}))
+    run_dir = str(tmp_path / "run")
+    events, flag = tmp_path / "events.txt", tmp_path / "killed.flag"
+    hooks = {"events": str(events), "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag)}}
+    out = pipeline.run_pipeline(cfg, run_dir, progress=False, hooks=hooks, log=lambda m: None)
+
+    assert flag.exists(), "the kill hook never fired"
+    lines = events.read_text().split("\n")
+    # after the kill, both ranks restart at epoch 2 (checkpoint of epoch 1), never at 1 again
+    starts = [ln for ln in lines if " start " in ln]
+    assert starts.count("0 start 1") == 2 and starts.count("1 start 1") == 2  # pretrain + finetune
+    assert "1 start 2" in starts and "0 start 2" in starts
+    hist = read_history(Path(run_dir) / "finetune" / "history.csv")
+    assert [int(r["epoch"]) for r in hist] == [1, 2, 3]
+    assert [int(r["start_epoch"]) for r in hist] == [1, 2, 2]
+    assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in hist)
+
+    root = Path(run_dir)
+    for rel in ["config.yaml", "model_card.json", "MODEL_CARD.md", "pretrain/history.csv",
+                "pretrain/model/model.pt", "pretrain/model/model.json", "finetune/model/model.pt",
+                "eval/method/per_case.json", "eval/method/per_case.csv", "eval/method/summary.json",
+                "eval/method/summary.md", "eval/method/plots/dice_boxplot.png",
+                "eval/method/plots/loss_finetune.png", "eval/method/plots/loss_pretrain.png"]:
+        assert (root / rel).is_file(), rel
+    assert list((root / "eval/method/plots").glob("overlay_*.png"))
+    assert list((root / "finetune/tensorboard").glob("events.out.tfevents.*"))
+    per_case = json.loads((root / "eval/method/per_case.json").read_text())
+    assert sorted(r["case"] for r in per_case) == ["patient002_frame01", "patient002_frame02"]
+    assert {"RV", "MYO", "LV"} <= set(per_case[0]["metrics"])
+    card = json.loads((root / "model_card.json").read_text())
+    assert card["method"] == {"pretrain": "ideal", "finetune": "ideal"}
+    assert card["config_hash"] == cfg.hash()
+    assert card["data"]["label_budget"] == 3
+    assert sorted({c.split("_")[0] for c in card["data"]["labelled_cases"]}) == sorted(LABELLED)
+    assert len(card["data"]["store_fingerprint"]) == 64
+    assert card["metrics"]["method"]["n_cases"] == 2
+    assert card["code"]["git_sha"]
+    assert out["eval"]["method"]["mean"]["dice"] == pytest.approx(
+        card["metrics"]["method"]["mean_foreground"]["dice"]["mean"])
+
+    # MLflow (rank 0 through Ray's setup_mlflow): the fine-tune epochs 1..3 are logged once,
+    # across the run before the kill and the one after the restart
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    ft_runs = [r for r in runs if r.data.tags.get("ray_run") == "finetune"]
+    steps = sorted(m.step for r in ft_runs for m in client.get_metric_history(r.info.run_id, "val_dice"))
+    assert steps == [1, 2, 3] and len(ft_runs) == 2
+    assert any(r.data.tags.get("ray_run") == "pretrain" for r in runs)
+    assert ft_runs[0].data.params["finetune.method.name"] == "ideal"
+
+    # re-running the finished run trains nothing (every stage is skipped by its config hash)
+    msgs: list[str] = []
+    pipeline.run_stages(cfg, run_dir, ("pretrain", "finetune"), progress=False, log=msgs.append)
+    assert sum("already done" in m for m in msgs) == 2
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, tmp_path):
+    """``localcl finetune --address <session cluster>``: the driver is SIGKILLed after the first
+    epoch's checkpoint; the same command again continues from it (rows before the kill keep
+    start_epoch 1, later rows were trained by the second driver) and finishes."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    cfg = base_config(acdc_store, name="cli", pretrain=None,
+                      **{"finetune.method": {"name": "supervised", **TINY},
+                         "finetune.schedule": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 4},
+                         "checkpoint.max_failures": 0})
+    cfg_path = tmp_path / "cli.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, RAY_ADDRESS="")
+    args = ["finetune", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir),
+            "--no-progress"]
+    proc = _cli(args, env)
+    ckpt_root = run_dir / "finetune" / "cli-finetune"
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if list(ckpt_root.glob("checkpoint_*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"driver ended before the first checkpoint:\n{proc.communicate()[0]}"
+    assert list(ckpt_root.glob("checkpoint_*")), "no checkpoint within 150 s"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run_dir / "finetune" / "model" / "model.json").exists()
+
+    proc2 = _cli(args, env)
+    log, _ = proc2.communicate(timeout=300)
+    assert proc2.returncode == 0, log
+    assert "finetune: model ->" in log
+    hist = read_history(run_dir / "finetune" / "history.csv")
+    assert [int(r["epoch"]) for r in hist] == [1, 2, 3, 4]
+    starts = [int(r["start_epoch"]) for r in hist]
+    assert starts[0] == 1 and starts[-1] > 1  # resumed, and epoch 1 was not trained again
+    assert all(s == 1 or s == starts[-1] for s in starts)
+    assert (run_dir / "model_card.json").is_file()
+
+
+# --------------------------------------------------------------------------- every method
+METHOD_CASES = {
+    "ideal": ({"name": "ideal", "queue_size": 64, "proj_dim": 8}, {"name": "ideal"}, None),
+    "glcl": ({"name": "glcl", "volumes_per_batch": 2, "global_hidden": 16, "global_dim": 8,
+              "local_dim": 8, "local_depth": 1},
+             {"name": "supervised"}, None),
+    "mixcl": ({"name": "mixcl"}, {"name": "supervised"}, None),
+    "lrc": ({"name": "lrc"}, {"name": "supervised"}, None),
+    "plcl": (None, {"name": "plcl", "require_all_classes": False}, {"rounds": 2, "crf": False}),
+    "supervised": (None, {"name": "supervised"}, None),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tmp_path, method):
+    """Each pretraining method (GLCL: both stages) and fine-tuning strategy (PLCL: 2
+    self-training rounds after a supervised round 0) runs through the real loop in Ray Train
+    local mode (1 process) for 2 steps per stage and exports a loadable model."""
+    from ray_jobs import pipeline
+    from ray_jobs.checkpoint import load_model, read_spec
+    from ray_jobs.config import validate
+
+    pre, ft, st = METHOD_CASES[method]
+    d = base_config(acdc_store, name=f"m-{method}")
+    d["scaling"]["num_workers"] = 0
+    d["pretrain"] = None if pre is None else {
+        "method": {**pre, **TINY}, "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}
+    d["finetune"] = {"method": {**ft, **TINY}, "self_training": st,
+                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4,
+                                  "unlabelled_batch_size": 4}}
+    cfg = validate(d)
+    run_dir = tmp_path / "run"
+    stages = [s for s in ("pretrain", "finetune") if d[s] is not None]
+    out = pipeline.run_stages(cfg, str(run_dir), stages, progress=False, log=lambda m: None)
+    model, spec = load_model(str(run_dir / "finetune" / "model"))
+    assert spec["name"] == ft["name"] and spec["num_classes"] == 4
+    if pre is not None:
+        hist = read_history(run_dir / "pretrain" / "history.csv")
+        n_stages = 2 if method == "glcl" else 1
+        assert len(hist) == n_stages and all(float(r["loss"]) == float(r["loss"]) for r in hist)
+        assert read_spec(str(run_dir / "pretrain" / "model"))["name"] == method
+    if method == "lrc":
+        import storage
+
+        s = storage.open_store(acdc_store)
+        assert all(s.has_array(c, "superpixels") for c in out["plan"].pretrain_cases)
+    if st is not None:
+        import storage
+
+        rounds = read_spec(str(run_dir / "finetune" / "model"))["self_training"]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2]
+        s = storage.open_store(acdc_store)
+        for r in rounds:
+            assert all(s.has_array(c, r["pseudo"]) for c in out["plan"].unlabelled)
+            lab = s.derived(out["plan"].unlabelled[0], r["pseudo"])
+            assert list(lab.shape) == list(s.meta(out["plan"].unlabelled[0])["shape"]) and lab.max() < 4
+        hist = read_history(run_dir / "finetune" / "history.csv")
+        assert sorted({int(r["round"]) for r in hist}) == [0, 1, 2]
