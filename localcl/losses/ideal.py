@@ -67,26 +67,35 @@ class DenseQueue(nn.Module):
 
     ``push(keys)`` gathers the keys of all workers (:func:`localcl.dist.gather_nograd`, rank
     order) and writes them at the pointer, wrapping around, so every worker holds the same queue.
-    Until the queue has been filled once, only the written rows are returned by :meth:`negatives`.
 
     Args:
         size: number of keys ``|Q|`` (16,384 default, [R]; DenseCL 65,536).
         dim: key dimension (128).
+        init: ``"empty"`` (default): the queue starts empty and :meth:`negatives` returns only
+            the rows written so far; ``"random"`` (MoCo/DenseCL initialisation): it starts full
+            of random unit vectors drawn from ``seed`` (identical on every worker).
+        seed: seed of the random initial keys.
     """
 
     queue: torch.Tensor
     ptr: torch.Tensor
     filled: torch.Tensor
 
-    def __init__(self, size: int = 16384, dim: int = 128) -> None:
+    def __init__(self, size: int = 16384, dim: int = 128, init: Literal["empty", "random"] = "empty", seed: int = 0) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        self.register_buffer("queue", torch.zeros(size, dim))
+        if init not in ("random", "empty"):
+            raise ValueError(f"init must be 'random' or 'empty', got {init!r}")
+        if init == "random":
+            q = F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+        else:
+            q = torch.zeros(size, dim)
+        self.register_buffer("queue", q)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.tensor(size if init == "random" else 0, dtype=torch.long))
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
@@ -268,9 +277,13 @@ class IDEALDenseLoss(nn.Module):
     Args:
         tau: 0.2. lam: 1.0. match: "argmax" | "geometric". negatives: "queue" | "batch".
         queue_size: 16384. dim: 128. chunk_size: 512.
+        queue_init: ``"warm"`` (default): the queue starts empty and the first forward pushes
+            that batch's pooled keys before computing the loss (so step 0 has negatives);
+            ``"random"``: DenseCL's initialisation, a full queue of random unit keys.
 
     ``forward(r, t, bq=None, bk=None, index=None) -> ()``; call :meth:`enqueue` (or the method's
     ``on_after_step``) with the key map ``t`` after the optimiser step to push its pooled keys.
+
     """
 
     def __init__(
@@ -282,9 +295,12 @@ class IDEALDenseLoss(nn.Module):
         queue_size: int = 16384,
         dim: int = 128,
         chunk_size: int | None = 512,
+        queue_init: Literal["warm", "random"] = "warm",
     ) -> None:
         super().__init__()
         _check_tau(tau)
+        if queue_init not in ("warm", "random"):
+            raise ValueError(f"queue_init must be 'warm' or 'random', got {queue_init!r}")
         if match not in ("argmax", "geometric"):
             raise ValueError(f"match must be 'argmax' or 'geometric', got {match!r}")
         if negatives not in ("queue", "batch"):
@@ -292,7 +308,8 @@ class IDEALDenseLoss(nn.Module):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         self.tau, self.lam, self.match, self.negatives, self.chunk_size = float(tau), float(lam), match, negatives, chunk_size
-        self.queue = DenseQueue(queue_size, dim) if negatives == "queue" else None
+        init = "random" if queue_init == "random" else "empty"
+        self.queue = DenseQueue(queue_size, dim, init=init) if negatives == "queue" else None
 
     def forward(
         self,
@@ -303,8 +320,7 @@ class IDEALDenseLoss(nn.Module):
         index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.queue is not None and int(self.queue.filled) == 0:
-            # first step: no negatives yet -> warm the queue with this batch's pooled keys
-            self.queue.push(pool_keys(t))
+            self.queue.push(pool_keys(t))  # "warm": step 0 uses this batch's pooled keys
         return ideal_dense_loss(
             r, t, self.match, bq, bk, index, self.negatives, self.queue, self.tau, self.lam, self.chunk_size
         )

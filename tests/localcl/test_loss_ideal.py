@@ -146,7 +146,7 @@ def test_grid_match_from_coords__identity_coords_give_identity_index() -> None:
 
 
 def test_dense_queue__fifo_wraparound_and_filled() -> None:
-    q = DenseQueue(5, 2)
+    q = DenseQueue(5, 2, init="empty")
     assert q.negatives().shape == (0, 2)
     k = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
     q.push(k)
@@ -169,7 +169,7 @@ def test_ideal_dense__ddp_mocked_queue_push_and_loss_match_global_batch(monkeypa
     all_keys = pool_keys(t)
     monkeypatch.setattr(dist, "world_size", lambda: W)
     monkeypatch.setattr(dist, "gather_nograd", lambda x: all_keys)
-    queues = [DenseQueue(8, 3).double() for _ in range(W)]
+    queues = [DenseQueue(8, 3, init="empty").double() for _ in range(W)]
     for r_ in range(W):
         queues[r_].push(all_keys[r_ * B : (r_ + 1) * B])
     torch.testing.assert_close(queues[0].queue, queues[1].queue)
@@ -186,14 +186,28 @@ def test_ideal_dense__ddp_mocked_queue_push_and_loss_match_global_batch(monkeypa
     torch.testing.assert_close(g_ddp, g_ref)
 
 
-def test_ideal_dense_module__warms_queue_then_enqueues() -> None:
-    mod = IDEALDenseLoss(match="geometric", queue_size=10, dim=3)
+def test_dense_queue__random_init_is_full_unit_norm_and_seeded() -> None:
+    a, b = DenseQueue(6, 4, init="random", seed=3), DenseQueue(6, 4, init="random", seed=3)
+    assert int(a.filled) == 6 and a.negatives().shape == (6, 4)
+    torch.testing.assert_close(a.queue.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(a.queue, b.queue)
+    with pytest.raises(ValueError, match="init"):
+        DenseQueue(4, 2, init="zeros")  # type: ignore[arg-type]
+
+
+def test_ideal_dense_module__queue_init_warm_and_random() -> None:
     r, t = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
     idx = torch.arange(4).repeat(2, 1)
-    assert torch.isfinite(mod(r, t, index=idx))
-    assert int(mod.queue.filled) == 2  # type: ignore[union-attr]
-    mod.enqueue(t)
-    assert int(mod.queue.filled) == 4  # type: ignore[union-attr]
+    warm = IDEALDenseLoss(match="geometric", queue_size=10, dim=3)
+    got = warm(r, t, index=idx)  # step 0: the queue is warmed with this batch's pooled keys
+    assert warm.queue is not None and int(warm.queue.filled) == 2
+    assert got.item() == pytest.approx(ideal_dense_loss(r, t, "geometric", index=idx, queue=pool_keys(t)).item(), rel=1e-6)
+    warm.enqueue(t)
+    assert int(warm.queue.filled) == 4 and int(warm.queue.ptr) == 4
+    rnd = IDEALDenseLoss(match="geometric", queue_size=10, dim=3, queue_init="random")
+    assert rnd.queue is not None and int(rnd.queue.filled) == 10
+    want = ideal_dense_loss(r, t, "geometric", index=idx, queue=rnd.queue.queue.clone())
+    assert rnd(r, t, index=idx).item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_bidirectional_consistency__multiclass_ce_with_stop_gradient() -> None:
