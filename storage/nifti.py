@@ -10,9 +10,10 @@ Checks, in order (each maps to one class of bad input of issue 2):
 2. it parses as NIfTI-1/2 (``nibabel``'s header check), otherwise "not a NIfTI file";
 3. the header shape is 3D (trailing singleton dimensions are dropped; a real 4th dimension is
    refused: "4D image where 3D is expected");
-4. the voxels the header announces fit in memory: ``prod(shape) * (itemsize + 4)`` bytes (raw
-   dtype + the float32 result) must stay below ``max_bytes`` (default: the machine's available
-   memory), checked on the header alone, before any allocation;
+4. the voxels the header announces fit in memory: the peak of decoding,
+   ``prod(shape) * (2 * itemsize + 12)`` bytes (decompressed file + raw array + a float64
+   scaling temporary + the float32 result), must stay below ``max_bytes`` (default: the
+   machine's available memory); checked on the header alone, before reading any voxel;
 5. the affine is finite and non-singular (``|det(A[:3, :3])| > 1e-12``);
 6. the whole file decompresses with a valid gzip CRC (a truncated or corrupt stream is
    reported as such), then parses in memory with the declared number of voxel bytes;
@@ -148,7 +149,7 @@ def load_volume(
         path: ``.nii`` or ``.nii.gz`` file.
         kind: ``"image"`` -> float32 ``get_fdata()`` values (scl_slope/inter applied), finite;
             ``"label"`` -> uint8, values must be integers in 0..255 (exact copy of the file).
-        max_bytes: refuse the file when ``prod(shape) * (itemsize + 4)`` exceeds this many
+        max_bytes: refuse the file when ``prod(shape) * (2 * itemsize + 12)`` exceeds this many
             bytes (default: currently available memory). Checked on the header only.
         sha256: precomputed file hash (computed here when ``None``).
 
@@ -161,7 +162,7 @@ def load_volume(
     header = _read_header(p)
     shape = _shape3d(p, tuple(int(d) for d in header.get_data_shape()))
     raw_dtype = np.dtype(header.get_data_dtype())
-    need = math.prod(shape) * (raw_dtype.itemsize + 4)
+    need = math.prod(shape) * (2 * raw_dtype.itemsize + 12)  # peak of decoding, see module doc
     limit = available_memory() if max_bytes is None else int(max_bytes)
     if need > limit:
         raise InputError(

@@ -201,9 +201,13 @@ class SliceDataset(_StoreDataset):
         self._eligible: tuple[np.ndarray, np.ndarray] | None = None
 
     def _has_labels(self, ci: int) -> bool:
-        m = self.metas[ci]
-        return bool(m.get("labelled")) and self.cases[ci] not in self.hide_labels if self.label_array == "label" \
-            else self.cases[ci] not in self.hide_labels and self.store.has_array(self.cases[ci], self.label_array)
+        """Whether items of case ``ci`` carry labels (else -1): not hidden, and the label
+        source exists (``label`` of a labelled case, or the derived ``label_array``)."""
+        if self.cases[ci] in self.hide_labels:
+            return False
+        if self.label_array == "label":
+            return bool(self.metas[ci].get("labelled"))
+        return self.store.has_array(self.cases[ci], self.label_array)
 
     def _slice_labels(self, ci: int) -> list[list[int]] | None:
         if not self._has_labels(ci):

@@ -279,3 +279,24 @@ def test_resize2d__matches_torch_interpolate(out) -> None:
     got = resize2d(lab, out, nearest=True)
     assert got.dtype == lab.dtype
     np.testing.assert_array_equal(got, ref_n.numpy().astype(np.int64))
+
+
+def test_slice_dataset__label_array_reads_derived_pseudo_labels(tmp_path, synth) -> None:
+    """PLCL rounds: ``label_array="pseudo_r1"`` serves cached pseudo-labels as ``label`` and
+    the all-classes filter uses them; cases without the array get -1 and are filtered out."""
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1"])
+    uri = str(tmp_path / "s.zarr")
+    storage.ingest(src, uri, progress=False)
+    st = storage.open_store(uri, mode="a")
+    shape = tuple(st.meta("c0")["shape"])  # (12, 10, 6)
+    pseudo = np.zeros(shape, np.uint8)
+    pseudo[:6, :, 2] = 1
+    pseudo[6:, :5, 2] = 2  # slice 2 holds classes {0, 1, 2}; the others only 0
+    st.put_derived("c0", "pseudo_r1", pseudo)
+    ds = SliceDataset(uri, ["c0", "c1"], size=(12, 10), label_array="pseudo_r1", require_all_classes=True, num_classes=3)
+    assert ds.eligible()[0].tolist() == [[0, 2]]
+    (item,) = list(ds)
+    np.testing.assert_array_equal(item["label"].numpy(), pseudo[:, :, 2])
+    ds_all = SliceDataset(uri, ["c0", "c1"], size=(12, 10), label_array="pseudo_r1")
+    for it in ds_all:
+        assert bool((it["label"] == -1).all()) == (int(it["case_index"]) == 1)
