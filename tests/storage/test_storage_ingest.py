@@ -343,3 +343,11 @@ def test_ingest__workers_give_the_same_store(tmp_path: Path, synth) -> None:
     for c in sa.cases:
         np.testing.assert_array_equal(sa.image(c), sb.image(c))
         np.testing.assert_array_equal(sa.label(c), sb.label(c))
+
+
+def test_ingest_cli__progress_bar_with_rate_and_eta(tmp_path: Path, synth, capsys) -> None:
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1"])
+    assert cli.main(["ingest", str(src), str(tmp_path / "s.zarr")]) == 0
+    out, err = capsys.readouterr()
+    assert "ingest: 100%" in err and "2/2" in err and "vol/s" in err and "<00:00" in err  # elapsed<ETA
+    assert out.strip().startswith("2 ingested, 0 skipped (already complete), 0 failed")
