@@ -350,6 +350,9 @@ class GLCLLocalLoss(nn.Module):
             ``nn.Linear(in_features, out_features=128, bias=False)`` maps flattened windows
             (``in_features = C_l * r * r``) to region vectors [C]; otherwise windows are used raw.
         tau: temperature > 0 (0.1).
+        domain_negatives: L^D only, negatives per map = the first ``n`` of each anchor's list
+            (4, [C]; capped at the list length).
+        chunk_size: kernel chunk size (None: full matrix; the problem is tiny).
 
     Shapes:
         ``forward(f1 (B, C, H_l, W_l), f2 (B, C, H_l, W_l), volume=None, partition=None) -> ()``
@@ -366,6 +369,7 @@ class GLCLLocalLoss(nn.Module):
         out_features: int = 128,
         tau: float = 0.1,
         chunk_size: int | None = None,
+        domain_negatives: int = 4,
     ) -> None:
         super().__init__()
         if variant not in ("R", "D"):
@@ -376,6 +380,9 @@ class GLCLLocalLoss(nn.Module):
         self.tau = float(tau)
         self.chunk_size = chunk_size
         self.proj = nn.Linear(in_features, out_features, bias=False) if in_features is not None else None
+        if domain_negatives < 1:
+            raise ValueError(f"domain_negatives must be >= 1, got {domain_negatives}")
+        self.domain_negatives = min(int(domain_negatives), self.grid.neg_index.shape[1])
 
     def forward_regions(
         self, regions: torch.Tensor, volume: torch.Tensor | None = None, partition: torch.Tensor | None = None
@@ -384,8 +391,9 @@ class GLCLLocalLoss(nn.Module):
             return glcl_local_loss(regions, self.grid, self.tau, self.chunk_size)
         if volume is None or partition is None:
             raise ValueError("variant 'D' needs volume and partition")
-        n_neg = min(4, self.grid.neg_index.shape[1])
-        return glcl_local_domain_loss(regions, volume, partition, self.grid, self.tau, n_neg, self.chunk_size)
+        return glcl_local_domain_loss(
+            regions, volume, partition, self.grid, self.tau, self.domain_negatives, self.chunk_size
+        )
 
     def forward(
         self,

@@ -174,3 +174,14 @@ def test_glcl_local__bad_inputs_name_the_parameter() -> None:
         glcl_local_domain_loss(
             torch.randn(2, 2, grid.positions.shape[0], 4), torch.tensor([0, 1]), torch.tensor([0, 0]), grid
         )
+
+
+def test_glcl_local_module__domain_variant_matches_functional() -> None:
+    mod = GLCLLocalLoss((12, 12), variant="D", in_features=2 * 9, out_features=5, domain_negatives=3)
+    f1, f2 = torch.randn(6, 2, 12, 12), torch.randn(6, 2, 12, 12)
+    vol, part = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 0, 1, 1, 1])
+    regions = torch.stack([extract_regions(f1, mod.grid, mod.proj), extract_regions(f2, mod.grid, mod.proj)], 1)
+    want = glcl_local_domain_loss(regions, vol, part, mod.grid, 0.1, num_negatives=3)
+    assert mod(f1, f2, vol, part).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="volume and partition"):
+        mod(f1, f2)
