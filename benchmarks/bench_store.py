@@ -3,7 +3,8 @@
 Measures, on the real ACDC copy (or any MSD dataset given with --src):
 - ingest throughput (volumes/s) into a fresh store;
 - random 2D slices/s and random 3D patches/s for three sources (the store both through its
-  direct local shard reader, the default, and through zarr's own read path):
+  direct local shard reader, the default, and through zarr's own read path; plus a second
+  store ingested with ``--chunk-xy 64`` tiles):
     nibabel : load the .nii.gz and take the slice/patch, per sample (what a naive loader does),
     store   : storage.open_store(...).read_slice / read_patch (decodes one chunk per slice),
     RAM     : every volume decoded into a dict of numpy arrays up front;
@@ -131,6 +132,13 @@ def main() -> None:
         cached[frac] = (raw, pipe, rss() - r0, stc._cached_bytes)
         del stc
 
+    # 3D patches from a store with tiled chunks (--chunk-xy 64): decodes only overlapping tiles
+    uri_t = os.path.join(tmp, "bench_tiled.zarr")
+    assert storage.ingest(args.src, uri_t, cases=ids, progress=False, workers=args.workers, chunk_xy=64).ok
+    stt = storage.open_store(uri_t)
+    tiled_patch = rate(lambda i: stt.read_patch(pick[i], starts[i], PATCH), n)
+    tiled_slice = rate(lambda i: stt.read_slice(pick[i], zs[i]), n)
+
     # all in RAM
     gc.collect()
     r0 = rss()
@@ -143,10 +151,12 @@ def main() -> None:
 
     print(f"\n{'samples/s':<24}{'nibabel':>10}{'store':>10}{'RAM':>10}{'store/nib':>11}{'store/RAM':>11}")
     rows = [("2D slice, zarr path", nib_slice, zarr_slice, ram_slice),
-            (f"3D patch, zarr path", nib_patch, zarr_patch, ram_patch),
+            ("3D patch, zarr path", nib_patch, zarr_patch, ram_patch),
             ("2D slice (raw)", nib_slice, store_slice, ram_slice),
             ("2D slice (pipeline)", nib_slice, store_pipe, ram_pipe),
-            (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch)]
+            (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch),
+            ("2D slice, 64x64 tiles", nib_slice, tiled_slice, ram_slice),
+            ("3D patch, 64x64 tiles", nib_patch, tiled_patch, ram_patch)]
     for frac, (raw, pipe, _, _) in cached.items():
         rows += [(f"2D raw, cache {frac:.0%}", nib_slice, raw, ram_slice),
                  (f"2D pipe, cache {frac:.0%}", nib_slice, pipe, ram_pipe)]

@@ -286,21 +286,21 @@ class VolumeStore:
         return data
 
     def _reader(self, case: str, array: str) -> Any:
-        """Direct local slice reader (:mod:`storage.fastread`) or ``None`` (use zarr)."""
+        """Direct local chunk reader (:mod:`storage.fastread`) or ``None`` (use zarr)."""
         key = (case, array)
         if key not in self._readers:
             reader = None
             if self._local_root is not None and os.environ.get("LOCALCL_ZARR_ONLY") != "1":
-                from storage.fastread import SliceReader
+                from storage.fastread import ShardReader
 
-                reader = SliceReader.open(os.path.join(self._local_root, CASES, case, array))
+                reader = ShardReader.open(os.path.join(self._local_root, CASES, case, array))
             self._readers[key] = reader
         return self._readers[key]
 
     def _decode_slice(self, case: str, array: str, arr: Any, z: int) -> np.ndarray:
         reader = self._reader(case, array)
         if reader is not None and tuple(reader.shape) == tuple(arr.shape):
-            return reader.read(z)
+            return reader.read_slice(z)
         return np.asarray(arr[:, :, z])
 
     def read_patch(
@@ -329,8 +329,8 @@ class VolumeStore:
             src.append(slice(lo, hi))
             dst.append(slice(lo - int(s0), hi - int(s0)))
         reader = self._reader(case, array)
-        if reader is not None:
-            data = np.stack([reader.read(z)[src[0], src[1]] for z in range(src[2].start, src[2].stop)], axis=2)
+        if reader is not None and tuple(reader.shape) == tuple(arr.shape):
+            data = reader.read(*((s.start, s.stop) for s in src))
         else:
             data = np.asarray(arr[tuple(src)])
         if data.shape == tuple(int(s) for s in size):

@@ -217,14 +217,34 @@ def test_fastread__equals_zarr_for_every_slice(acdc_store: str, tmp_path: Path, 
     uri = str(tmp_path / "s.zarr")
     storage.ingest_case(img, lab, uri, "e")
     s2 = storage.open_store(uri)
-    assert s2._reader("e", "label").index[1].tolist() == [2**64 - 1] * 2
+    assert s2._reader("e", "label").index[0, 0, 1].tolist() == [2**64 - 1] * 2
     for z in range(4):
         np.testing.assert_array_equal(s2.read_slice("e", z, "label"), data[:, :, z])
     monkeypatch.setenv("LOCALCL_ZARR_ONLY", "1")
     assert storage.open_store(uri)._reader("e", "label") is None
-    tiled = str(tmp_path / "t.zarr")
-    storage.ingest_case(img, lab, tiled, "e", chunk_xy=4)
     monkeypatch.delenv("LOCALCL_ZARR_ONLY")
-    s3 = storage.open_store(tiled)
-    assert s3._reader("e", "image") is None  # tiled chunks: zarr path
-    np.testing.assert_array_equal(s3.read_slice("e", 2, "label"), data[:, :, 2])
+
+
+def test_fastread__tiled_chunks_with_edge_tiles_equal_zarr(tmp_path: Path, synth) -> None:
+    rng = np.random.default_rng(3)
+    shape = (13, 11, 5)  # 13 = 2*5 + 3 and 11 = 2*5 + 1: partial edge tiles
+    img = synth.write_nifti(tmp_path / "i.nii.gz", rng.normal(size=shape).astype(np.float32))
+    lab_data = rng.integers(0, 3, shape).astype(np.uint8)
+    lab_data[:5, :5, 3] = 0  # one all-zero tile: never written by zarr
+    lab = synth.write_nifti(tmp_path / "l.nii.gz", lab_data)
+    uri = str(tmp_path / "t.zarr")
+    storage.ingest_case(img, lab, uri, "t", chunk_xy=5)
+    st = storage.open_store(uri)
+    reader = st._reader("t", "label")
+    assert reader is not None and reader.chunk == (5, 5, 1) and reader.index.shape == (3, 3, 5, 2)
+    assert reader.index[0, 0, 3].tolist() == [2**64 - 1] * 2
+    for name in ("image", "label"):
+        arr = zarr.open_array(store=uri, path=f"cases/t/{name}", mode="r")
+        for z in range(shape[2]):
+            np.testing.assert_array_equal(st.read_slice("t", z, name), arr[:, :, z])
+        for start, size in [((0, 0, 0), shape), ((4, 6, 1), (7, 5, 3)), ((-2, 9, 4), (6, 4, 3)), ((12, 10, 0), (1, 1, 1))]:
+            full = np.zeros(size, arr.dtype)
+            lo = [max(s, 0) for s in start]
+            hi = [min(s + n, d) for s, n, d in zip(start, size, shape)]
+            full[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = arr[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            np.testing.assert_array_equal(st.read_patch("t", start, size, name), full)
