@@ -184,9 +184,12 @@ def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0.0, float(labels.max(initial=0))
-    if header is not None:
-        img.set_qform(affine, code=int(header["qform_code"]) or 1)
-        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    # the source's codes when known; otherwise (a store case: only its affine is kept) the
+    # affine is the scanner geometry the store recorded from the source file
+    qcode = int(header["qform_code"]) if header is not None else 1
+    scode = int(header["sform_code"]) if header is not None else 1
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine, code=scode)
     raw = img.to_bytes()
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:

@@ -285,3 +285,23 @@ def test_predict_cli__real_acdc_scan_keeps_geometry(acdc_dir: Path, tiny_run: Pa
     outside = data.copy()
     outside[x0:x0 + 48, y0:y0 + 48] = 0
     assert not outside.any()
+
+
+@pytest.mark.parametrize(("qcode", "scode"), [(0, 2), (1, 0), (2, 4)])
+def test_label_nifti_bytes__keeps_the_source_orientation_codes(qcode: int, scode: int) -> None:
+    import gzip
+
+    from ray_jobs.evaluate import label_nifti_bytes
+
+    aff = np.diag([1.5, 1.5, 8.0, 1.0])
+    aff[:3, 3] = [-10, 20, 5]
+    src = nib.Nifti1Image(np.zeros((6, 5, 3), np.int16), aff)
+    src.set_qform(aff, code=qcode)
+    src.set_sform(aff, code=scode)
+    src.header.set_slope_inter(0.5, 3.0)
+    labels = np.arange(90, dtype=np.uint8).reshape(6, 5, 3) % 4
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(label_nifti_bytes(labels, aff, src.header)))
+    assert int(out.header["qform_code"]) == qcode and int(out.header["sform_code"]) == scode
+    np.testing.assert_allclose(out.affine, aff)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), labels)  # no slope/intercept applied
+    assert out.get_data_dtype() == np.uint8
