@@ -240,3 +240,26 @@ def test_glcl_finetune_augment__bad_label_shape_names_label() -> None:
     with pytest.raises(ValueError, match="label must have shape"):
         A.glcl_finetune_augment(torch.rand(2, 1, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long),
                                 A.make_generator(0))
+
+
+# ------------------------------------------------------------------------------ 3D flips
+
+
+def test_apply_flips__flags_flip_exactly_the_marked_axes_of_images_and_maps() -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 1, 3, 4, 5)
+    lbl = x[:, 0].long()
+    flags = torch.tensor([[True, False, True], [False, True, False]])
+    fx, fl = A.apply_flips(x, flags), A.apply_flips(lbl, flags)
+    assert torch.equal(fx[0, 0], x[0, 0].flip(0).flip(2)) and torch.equal(fx[1, 0], x[1, 0].flip(1))
+    assert torch.equal(fl, fx[:, 0].long())  # maps follow the image exactly
+    assert torch.equal(A.apply_flips(fx, flags), x)  # involution
+
+
+def test_random_flips__deterministic_and_probability_checked() -> None:
+    a = A.random_flips(64, 3, A.make_generator(2))
+    assert torch.equal(a, A.random_flips(64, 3, A.make_generator(2)))
+    assert 0.3 < a.float().mean() < 0.7
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        A.random_flips(2, 3, A.make_generator(0), p=1.5)
+    with pytest.raises(ValueError, match="flips must have shape"):
+        A.apply_flips(torch.zeros(2, 4, 4), torch.zeros(3, 2, dtype=torch.bool))
