@@ -332,9 +332,10 @@ def _strip_nifti(name: str) -> str | None:
     return None
 
 
-def list_nifti(folder: str | os.PathLike[str], what: str) -> dict[str, Path]:
-    """``{case: path}`` of the ``.nii``/``.nii.gz`` files of a folder; anything else (except
-    hidden files and ``*.json``) is an error naming the file."""
+def list_nifti(folder: str | os.PathLike[str], what: str, strict: bool = True) -> dict[str, Path]:
+    """``{case: path}`` of the ``.nii``/``.nii.gz`` files of a folder. With ``strict``, any
+    other file (except hidden files and ``.json/.md/.txt/.csv``) is an error naming the file;
+    otherwise it is ignored."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{what} {folder}: no such directory")
@@ -344,6 +345,8 @@ def list_nifti(folder: str | os.PathLike[str], what: str) -> dict[str, Path]:
             continue
         case = _strip_nifti(p.name)
         if case is None:
+            if not strict:
+                continue
             raise UserError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
         if case in out:
             raise UserError(f"{p}: case {case!r} appears twice in {folder}")
@@ -401,7 +404,7 @@ def score_folders(
         UserError: a missing reference, a non-NIfTI file, a shape mismatch, an unreadable file.
     """
     preds = list_nifti(pred_dir, "--pred")
-    refs = list_nifti(ref_dir, "--ref")
+    refs = list_nifti(ref_dir, "--ref", strict=False)  # a reference folder may hold other files
     missing = [c for c in preds if c not in refs]
     if missing:
         raise UserError(f"--ref {ref_dir}: no reference for prediction(s) {missing[:5]}"
@@ -430,6 +433,7 @@ def score_folders(
         scores = score_case(pred, ref, spacing, fg, where=str(preds[case]))
         records.append(case_record(case, scores, names, ref.shape, spacing))
     overlays: dict[str, Any] = {}
+    used_images: str | None = None
     if plots:
         img_dir = Path(images_dir) if images_dir is not None else Path(ref_dir).parent / "imagesTr"
         for case in choose_overlay_cases(records, overlay_cases):
@@ -443,10 +447,12 @@ def score_folders(
                     break
             # without a scan, draw the reference's own mask as the background
             overlays[case] = overlay_payload(image if image is not None else (ref > 0).astype(np.float32), ref, pred)
+            if image is not None:
+                used_images = str(img_dir)
     out = str(out) if out is not None else str(Path(pred_dir) / "eval")
     source = {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir)}
-    if images_dir is not None:
-        source["images_dir"] = str(images_dir)
+    if used_images is not None:
+        source["overlay_images"] = used_images
     return write_report(out, records, source=source, label_names=names, overlays=overlays, plots=plots,
                         title="Prediction folder vs reference")
 

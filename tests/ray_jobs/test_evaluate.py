@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evalpredict_helpers import LABEL_NAMES, make_phantom_store, make_tiny_run, nan_equal
+from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 from localcl.metrics import evaluate_case
 from ray_jobs import evaluate as E
 from ray_jobs.cli import main
@@ -74,7 +74,13 @@ def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Pa
     src = phantom[0]
     pred = tmp_path / "pred"
     shutil.copytree(src / "labelsTr", pred)
-    s = E.score_folders(pred, src / "labelsTr", tmp_path / "out")
+    ref = tmp_path / "ref"
+    shutil.copytree(src / "labelsTr", ref)
+    (ref / "LICENSE").write_text("a reference folder may hold other files")
+    shutil.copytree(src / "imagesTr", tmp_path / "imagesTr")  # MSD sibling: overlays over the scans
+    shutil.copy(src / "dataset.json", tmp_path / "dataset.json")  # class names
+    s = E.score_folders(pred, ref, tmp_path / "out")
+    assert s["source"]["overlay_images"] == str(tmp_path / "imagesTr")
     assert s["n_cases"] == 6
     assert list(s["classes"]) == ["RV", "MYO", "LV"]  # names from the MSD dataset.json
     for c in s["classes"].values():
