@@ -10,6 +10,7 @@ Runs in this process (``--device auto``: CUDA when available).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--cases", nargs="+", default=None, help="store input: only these cases")
+    p.add_argument("--storage-options", default=None, help="store input: JSON fsspec options (e.g. S3 endpoint)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         import storage
 
         try:
-            st = storage.open_store(args.input)
+            so = json.loads(args.storage_options) if args.storage_options else None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--storage-options: not JSON ({exc})") from None
+        try:
+            st = storage.open_store(args.input, storage_options=so)
         except ValueError as exc:
             raise UserError(f"INPUT {args.input}: {exc}") from None
         cases = args.cases or st.cases
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--cases applies to a store INPUT only")
         st = None
         jobs = list(nifti_inputs(args.input).items())
+        if "://" not in out and any(Path(out).resolve() == p.parent.resolve() for _, p in jobs):
+            raise UserError(f"OUTPUT {out}: is the input folder; label maps would overwrite the scans")
     if not jobs:
         raise UserError(f"INPUT {args.input}: nothing to predict")
     # read every input header before loading the model, so a bad file fails fast

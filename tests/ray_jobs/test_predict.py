@@ -259,6 +259,8 @@ def test_predict_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str],
     fourd.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 3, 2), np.float32), np.eye(4)), str(fourd / "t.nii.gz"))
     assert "expected a 3D volume" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(fourd), out], capsys)
+    err = _cli_error(["predict", "--checkpoint", str(tiny_run), str(src / "imagesTr"), str(src / "imagesTr")], capsys)
+    assert "overwrite the scans" in err
     if not torch.cuda.is_available():
         err = _cli_error(["predict", "--checkpoint", str(tiny_run), str(src), out, "--device", "cuda"], capsys)
         assert "CUDA is not available" in err
