@@ -383,17 +383,21 @@ def test_pseudo_label__argmax_without_crf_and_shape_errors() -> None:
 
 @pytest.mark.skipif(not crf_available(), reason="pydensecrf2 not installed (argmax fallback is tested above)")
 def test_pseudo_label__dense_crf_removes_isolated_noisy_pixels() -> None:
-    lbl = torch.zeros(1, 32, 32, dtype=torch.long)
-    lbl[:, 8:24, 8:24] = 1
-    noisy = lbl.clone()
+    # reference weights (Gaussian sigma 10 px, w 30): the CRF cleans salt-and-pepper errors of a
+    # confident prediction around large structures (a half-plane here)
+    lbl = torch.zeros(1, 64, 64, dtype=torch.long)
+    lbl[:, :, :32] = 1
     gen = torch.Generator().manual_seed(0)
-    flip = torch.rand(1, 32, 32, generator=gen) < 0.05
-    noisy[flip] = 1 - noisy[flip]
-    probs = F.one_hot(noisy, 2).permute(0, 3, 1, 2).float() * 0.3 + 0.35  # weakly confident (0.65)
-    image = lbl[:, None].float()
-    out = pseudo_label(probs, image, crf=True)
-    assert out.shape == (1, 32, 32) and out.dtype == torch.int64
+    flip = torch.rand(1, 64, 64, generator=gen) < 0.05
+    p1 = torch.where(lbl == 1, 0.9, 0.1)
+    p1 = torch.where(flip, 1 - p1, p1)
+    probs = torch.stack([1 - p1, p1], 1)
+    noisy = probs.argmax(1)
+    out = pseudo_label(probs, lbl[:, None].float(), crf=True)
+    assert out.shape == (1, 64, 64) and out.dtype == torch.int64
     assert (out != lbl).sum() < (noisy != lbl).sum() / 4
+    # without CRF the errors stay
+    assert torch.equal(pseudo_label(probs, lbl[:, None].float(), crf=False), noisy)
 
 
 def test_plcl_finetune__rounds_and_skip_without_all_class_slices(acdc_batch: dict[str, torch.Tensor]) -> None:
