@@ -4,8 +4,8 @@ Every function returns the PNG as ``bytes`` so the caller can write it to a loca
 fsspec URI alike.
 
 - :func:`loss_curves_png`: the columns of a ``<stage>/history.csv`` against ``epoch``: losses
-  on the left axis (log scale when they span more than a decade), ``val_*`` metrics on a
-  right axis.
+  in one panel (log scale when they span more than a decade), validation Dice and distances
+  (mm, second axis) in another.
 - :func:`dice_boxplot_png`: per-class Dice over cases (box, whiskers at 1.5 IQR, every case as
   a jittered dot) plus the per-case mean over foreground classes.
 - :func:`overlay_png`: a few slices of one case: the image, the reference and the prediction
@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # class k >= 1 gets CLASS_COLOURS[(k - 1) % 10]
 CLASS_COLOURS = plt.get_cmap("tab10").colors
@@ -37,36 +38,55 @@ def _png(fig: "plt.Figure") -> bytes:
 
 
 def loss_curves_png(history: pd.DataFrame, title: str) -> bytes:
-    """Loss curves of one stage; ``history`` has an ``epoch`` column and numeric columns."""
+    """Training curves of one stage from its ``history.csv`` (one row per epoch).
+
+    Left panel: every loss-like numeric column against ``epoch`` (log scale when they span more
+    than a decade). Right panel, when present: validation overlap metrics (``val_dice`` ...,
+    in [0, 1]) and, on a second axis, validation distances in mm (``val_hd95``, ``val_asd``).
+    Bookkeeping columns (time, lr, throughput, step) are not drawn.
+    """
     if "epoch" not in history.columns:
         raise ValueError(f"{title}: history has no 'epoch' column (columns {list(history.columns)})")
     skip = {"epoch", "time", "time_s", "wall_s", "step", "steps", "lr", "samples_per_s", "throughput"}
-    numeric = [c for c in history.columns if c not in skip and pd.api.types.is_numeric_dtype(history[c])]
-    metrics = [c for c in numeric if c.startswith("val_") or "dice" in c]
-    losses = [c for c in numeric if c not in metrics]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    numeric = [c for c in history.columns if c not in skip and pd.api.types.is_numeric_dtype(history[c])
+               and history[c].notna().any()]
+    dist = [c for c in numeric if c.startswith("val_") and ("hd" in c or "asd" in c)]
+    overlap = [c for c in numeric if c not in dist and c.startswith("val_")]
+    losses = [c for c in numeric if c not in dist and c not in overlap]
     x = history["epoch"].to_numpy()
-    for c in losses:
-        ax.plot(x, history[c].to_numpy(dtype=float), marker="o", ms=3, label=c)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ncols = 2 if (overlap or dist) else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.0 * ncols, 4.0), squeeze=False)
+    for a in axes[0]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax = axes[0, 0]
+    for i, c in enumerate(losses):
+        ax.plot(x, history[c].to_numpy(dtype=float), marker="o", ms=3, label=c, color=CLASS_COLOURS[i % 10])
     vals = history[losses].to_numpy(dtype=float) if losses else np.zeros((0,))
     vals = vals[np.isfinite(vals) & (vals > 0)]
     if vals.size and vals.max() / vals.min() > 10:
         ax.set_yscale("log")
-    handles, labels = ax.get_legend_handles_labels()
-    if metrics:
-        ax2 = ax.twinx()
-        for i, c in enumerate(metrics):
-            ax2.plot(x, history[c].to_numpy(dtype=float), ls="--", marker="s", ms=3,
-                     color=CLASS_COLOURS[(len(losses) + i) % 10], label=c)
-        ax2.set_ylabel("validation metric")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    if handles:
-        ax.legend(handles, labels, fontsize=8, loc="best")
-    ax.set_title(title)
+    ax.set(xlabel="epoch", ylabel="loss", title=f"{title}: training losses")
     ax.grid(alpha=0.3)
+    if losses:
+        ax.legend(fontsize=8, loc="best")
+    if ncols == 2:
+        ax2 = axes[0, 1]
+        handles = []
+        for i, c in enumerate(overlap):
+            handles += ax2.plot(x, history[c].to_numpy(dtype=float), marker="s", ms=3, label=c,
+                                color=CLASS_COLOURS[(i + 2) % 10])
+        ax2.set(xlabel="epoch", ylabel="Dice", title=f"{title}: validation")
+        if overlap:
+            ax2.set_ylim(0, 1.02)
+        ax2.grid(alpha=0.3)
+        if dist:
+            ax3 = ax2.twinx()
+            for i, c in enumerate(dist):
+                handles += ax3.plot(x, history[c].to_numpy(dtype=float), ls="--", marker="^", ms=3, label=c,
+                                    color=CLASS_COLOURS[(i + 5) % 10])
+            ax3.set_ylabel("distance (mm)")
+        ax2.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
+    fig.tight_layout()
     return _png(fig)
 
 

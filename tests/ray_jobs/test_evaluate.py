@@ -255,3 +255,27 @@ def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, s
     assert loaded["method"] == {"pretrain": "ideal", "finetune": "supervised"}
     md = (tmp_path / "run" / "MODEL_CARD.md").read_text()
     assert "`ideal`" in md and "0.800 ± 0.000" in md and cfg.hash() in md
+
+
+# --------------------------------------------------------------------------- plots
+def test_plots__png_output_and_input_checks() -> None:
+    import io
+
+    import pandas as pd
+
+    from ray_jobs import plots as P
+
+    png_magic = b"\x89PNG\r\n\x1a\n"
+    hist = pd.read_csv(io.StringIO("epoch,loss,loss_dice,lr,time_s,val_dice,val_hd95\n"
+                                   "0,2.0,1.2,0.001,3,0.3,20\n1,1.1,0.7,0.001,6,0.5,12\n"))
+    assert P.loss_curves_png(hist, "finetune").startswith(png_magic)
+    assert P.loss_curves_png(hist[["epoch", "loss"]], "pretrain").startswith(png_magic)
+    with pytest.raises(ValueError, match="epoch"):
+        P.loss_curves_png(hist.drop(columns="epoch"), "finetune")
+    assert P.dice_boxplot_png({"LV": [0.9, 0.8, float("nan")], "RV": []}).startswith(png_magic)
+    img = np.zeros((2, 8, 8), np.float32)
+    lab = np.zeros((2, 8, 8), np.uint8)
+    lab[:, 2:5, 2:5] = 3
+    assert P.overlay_png(img, lab, lab, [3, 4], {3: "LV"}, "c").startswith(png_magic)
+    with pytest.raises(ValueError, match="share one"):
+        P.overlay_png(img, lab[:1], lab, [3, 4], {3: "LV"}, "c")
