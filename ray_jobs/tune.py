@@ -3,12 +3,12 @@
 A *campaign* is a YAML file (see ``ray_jobs/configs/tune/<method>.yaml``)::
 
     name: ideal-acdc               # study name; also the campaign directory name
-    method: ideal                  # key of localcl.methods.METHODS
-    base_config: ../run/ideal.yaml # optional; a `localcl run` config (relative to this file)
+    method: ideal                  # key of localcl.methods.METHODS (= pretrain.method.name)
+    base_config: ideal             # optional; a `localcl run` config (file or shipped name)
     base: {...}                    # optional; deep-merged over base_config
     space:                         # dotted paths into the run config
-      method.temperature: {type: log_float, low: 0.05, high: 0.5}
-      method.sampling:    {type: categorical, choices: [random, stratified]}
+      pretrain.method.tau: {type: categorical, choices: [0.05, 0.1, 0.2, 0.5]}
+      finetune.optim.lr:   {type: log_float, low: 1.0e-4, high: 3.0e-3}
     trials: 40
     seed: 0
 
@@ -262,11 +262,8 @@ class Campaign(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Campaign":
-        if self.objective.multi:
-            if self.scheduler.type == "asha":
-                raise ValueError("scheduler.type=asha cannot rank a multi-objective campaign; use 'none' (or 'auto')")
-            if self.sampler == "tpe":
-                pass  # TPE supports several objectives too; allowed on request
+        if self.objective.multi and self.scheduler.type == "asha":
+            raise ValueError("scheduler.type=asha cannot rank a multi-objective campaign; use 'none' (or 'auto')")
         if self.sampler == "grid":
             bad = [k for k, p in self.space.items() if p.grid() is None]
             if bad:

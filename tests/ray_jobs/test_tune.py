@@ -388,3 +388,236 @@ def test_cli_tune_dashboard__serves_the_study_on_loopback(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- real campaigns (Ray)
+# One campaign of 6 trials (2 at once, 1 Ray Train worker each) on 8 real ACDC volumes at 48x48:
+# its driver is SIGKILLed after >= 2 trials finished while others run, then `--resume` finishes
+# it. Drivers run as `localcl` subprocesses (a driver must be killable) with their own Ray
+# instance under a private RAY_TMPDIR, so every process they leave behind can be found and ended.
+
+ACDC_CASES = [f"{p}_frame0{f}" for p in ("patient099", "patient038", "patient050", "patient002") for f in (1, 2)]
+
+
+def _ray_env(tmpdir: str) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update(RAY_TMPDIR=tmpdir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _end_leftovers(tmpdir: str) -> None:
+    """SIGKILL processes whose command line names ``tmpdir`` (the Ray processes of a driver we
+    started and killed), by pid."""
+    import os
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if tmpdir in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import storage
+
+    tmp = tmp_path_factory.mktemp("tune_real")
+    store = str(tmp / "acdc.zarr")
+    rep = storage.ingest(acdc_dir, store, cases=ACDC_CASES, progress=False, workers=1)
+    assert not rep.failed, rep.failed
+    d = yaml.safe_load((TUNE_CONFIGS / "tiny_cpu.yaml").read_text())
+    d["base_config"] = str(TUNE_CONFIGS.parent / "run" / "ideal_cpu.yaml")
+    d["base"]["data"].update(store=store, source=None)
+    d["root"] = str(tmp / "campaigns")
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    campaign = tune.load_campaign(path)
+    raytmp = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
+    env = _ray_env(raytmp)
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", str(path)]
+    log1 = open(tmp / "driver1.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    states: dict[str, int] = {}
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if not campaign.campaign_dir.joinpath("study.db").exists():
+                continue
+            try:
+                study = optuna.load_study(study_name=campaign.name, storage=campaign.storage_url)
+            except Exception:  # study not created yet
+                continue
+            states = {s.name: 0 for s in TrialState}
+            for t in study.get_trials(deepcopy=False):
+                states[t.state.name] += 1
+            if states["COMPLETE"] + states["FAIL"] >= 2 and states["RUNNING"] >= 1:
+                break
+        assert proc.poll() is None, f"driver ended before it could be killed: {(tmp / 'driver1.log').read_text()[-3000:]}"
+        assert states.get("RUNNING", 0) >= 1, states
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-campaign
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _end_leftovers(raytmp)
+        log1.close()
+    study = optuna.load_study(study_name=campaign.name, storage=campaign.storage_url)
+    before = {t.number: (t.state, dict(t.params)) for t in study.get_trials()}
+    raytmp2 = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
+    try:
+        res = subprocess.run(cmd + ["--resume"], env=_ray_env(raytmp2), capture_output=True, text=True, timeout=900)
+    finally:
+        _end_leftovers(raytmp2)
+    (tmp / "driver2.log").write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return {"campaign": campaign, "before": before, "resume_out": res.stdout, "tmp": tmp}
+
+
+@pytest.mark.ray
+def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resumed: dict[str, Any]) -> None:
+    c: tune.Campaign = killed_and_resumed["campaign"]
+    before: dict[int, tuple[TrialState, dict[str, Any]]] = killed_and_resumed["before"]
+    study = optuna.load_study(study_name=c.name, storage=c.storage_url)
+    trials = study.get_trials()
+    stale_numbers = [n for n, (s, _) in before.items() if s == TrialState.RUNNING]
+    assert stale_numbers, "the kill left no running trial to resume"
+    # finished before the kill: kept unchanged
+    for n, (state, params) in before.items():
+        if state in (TrialState.COMPLETE, TrialState.FAIL):
+            assert trials[n].state == state and trials[n].params == params
+    # each orphan: marked stale and re-run exactly once with the same parameters
+    for n in stale_numbers:
+        assert trials[n].state == TrialState.FAIL and trials[n].user_attrs[tune.STALE_ATTR] is True
+        reruns = [t for t in trials if t.user_attrs.get("localcl_requeued_from") == n]
+        assert len(reruns) == 1 and reruns[0].params == before[n][1]
+        assert reruns[0].state in (TrialState.COMPLETE, TrialState.FAIL)
+    counted = [t for t in trials if not t.user_attrs.get(tune.STALE_ATTR)]
+    assert len(counted) == c.trials, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in counted)
+    assert sum(t.state == TrialState.COMPLETE for t in counted) >= c.trials - 1
+    ids = [t.user_attrs["tune_trial_id"] for t in counted if t.state == TrialState.COMPLETE]
+    assert len(ids) == len(set(ids))  # no Tune trial recorded twice
+    assert study.user_attrs[tune.RUNS_ATTR] == 2
+    assert f"{len(stale_numbers)} unfinished re-queued" in killed_and_resumed["resume_out"]
+    for t in counted:
+        if t.state == TrialState.COMPLETE:
+            assert 1 <= t.user_attrs["epochs"] <= 2 and 0.0 <= t.value <= 1.0
+    assert (c.campaign_dir / "tune" / "run0").is_dir() and (c.campaign_dir / "tune" / "run1").is_dir()
+
+
+@pytest.mark.ray
+def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -> None:
+    import pandas as pd
+
+    from ray_jobs.config import load_config
+
+    c: tune.Campaign = killed_and_resumed["campaign"]
+    out = c.campaign_dir / "report"
+    study = optuna.load_study(study_name=c.name, storage=c.storage_url)
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == len(study.trials)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"][0]["number"] == study.best_trial.number
+    cfg = load_config(out / "best_config.yaml")
+    assert cfg.finetune.optim.lr == pytest.approx(study.best_trial.params["finetune.optim.lr"])
+    for name in tune.PLOTS:
+        assert (out / "plots" / f"{name}.png").is_file() and (out / "plots" / f"{name}.html").is_file()
+
+
+@pytest.mark.ray
+def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    import pandas as pd
+
+    c: tune.Campaign = killed_and_resumed["campaign"]
+    study = optuna.load_study(study_name=c.name, storage=c.storage_url)
+    best = study.best_trial
+    run_dir = killed_and_resumed["tmp"] / "rerun"
+    raytmp = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "ray_jobs.cli", "run", "--config", str(c.campaign_dir / "report" / "best_config.yaml"),
+             "--run-dir", str(run_dir), "--no-eval", "--no-progress"],
+            env=_ray_env(raytmp), capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        _end_leftovers(raytmp)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    hist = pd.read_csv(run_dir / "finetune" / "history.csv")
+    epoch = best.user_attrs["epochs"]
+    rerun = float(hist.loc[hist["epoch"] == epoch, "val_dice"].iloc[0])
+    # same config and seeds: the same score up to floating-point / scheduling noise
+    assert rerun == pytest.approx(best.value, abs=0.02), (rerun, best.value)
+
+
+# ----------------------------------------------------------------------------- search wiring
+
+
+def test_build_search__tpe_seeded_and_asha_on_finetune_epochs(tmp_path: Path) -> None:
+    c = tune.load_campaign(_write_campaign(tmp_path))
+    storage = optuna.storages.InMemoryStorage()
+    searcher, scheduler = tune.build_search(c, storage, seed=1007)
+    sampler = searcher._sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    # seeded: two samplers with the same seed draw the same start-up parameters
+    again, _ = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=1007)
+    other, _ = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=7)
+    draws = [s.suggest(f"t{i}") for s in (searcher, again, other) for i in range(3)]
+    assert draws[0:3] == draws[3:6] and draws[0:3] != draws[6:9]
+    assert type(scheduler).__name__ == "AsyncHyperBandScheduler"
+    assert scheduler._max_t == 2 and scheduler._time_attr == "training_iteration"  # finetune.schedule.epochs
+    assert scheduler._metric == "val_dice" and scheduler._mode == "max"
+
+
+def test_build_search__multi_objective_nsga2_without_pruning(tmp_path: Path) -> None:
+    c = tune.load_campaign(_write_campaign(
+        tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
+    searcher, scheduler = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=0)
+    assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler) and scheduler is None
+    assert searcher._ot_study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    cfg = tune.trial_config(c, {"finetune.optim.lr": 1e-3, "pretrain.method.tau": 0.2}, "abc")
+    assert cfg["evaluate"]["val_hd95"] is True and cfg["name"] == "tiny-cpu-abc"
+    assert cfg["finetune"]["optim"]["lr"] == 1e-3 and cfg["pretrain"]["method"]["tau"] == 0.2
+    assert cfg["scaling"]["num_workers"] == 1 and cfg["baseline"] is None
+
+
+def test_write_report__multi_objective_pareto_and_best_dice(tmp_path: Path) -> None:
+    c = tune.load_campaign(_write_campaign(
+        tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
+    c.campaign_dir.mkdir(parents=True)
+    storage = tune.open_storage(c.storage_url)
+    tune.prepare_study(c, storage, resume=False)
+    tune.save_campaign(c)
+    study = optuna.load_study(study_name=c.name, storage=storage)
+    values = [(0.5, 10.0), (0.7, 12.0), (0.6, 20.0), (0.4, 5.0)]  # (0.6, 20) is dominated by (0.7, 12)
+    for v in values:
+        study.tell(study.ask(c.distributions()), list(v))
+    out = tune.write_report(c.campaign_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    front = [tuple(b["values"]) for b in summary["best"]]
+    assert front == [(0.7, 12.0), (0.5, 10.0), (0.4, 5.0)]  # Pareto front, best Dice first
+    assert "trial 1" in (out / "best_config.yaml").read_text().splitlines()[0]
+    for name in ("pareto_front", "optimization_history_val_dice", "optimization_history_val_hd95", "param_importances"):
+        assert (out / "plots" / f"{name}.png").is_file() and (out / "plots" / f"{name}.html").is_file(), name
