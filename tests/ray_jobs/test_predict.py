@@ -66,10 +66,15 @@ def test_predict_volume__perfect_model_round_trip_is_exact(size: tuple[int, int]
 
 
 def test_predict_volume__matching_spacing_skips_resampling() -> None:
+    """Perfect model, spacing equal to the training spacing, crop + pad: Dice 1, HD95 = ASD = 0."""
+    from localcl.metrics import evaluate_case
+
     lab = _reference()
     spec = {"size": [64, 64], "spacing_mm": [1.25, 1.25]}
     pred = predict_volume(IntensityOracle(), spec, _image(lab), (1.25, 1.25, 10.0), intensity_range=(0, 400))
     np.testing.assert_array_equal(pred, lab)
+    res = evaluate_case(pred, lab, (1.25, 1.25, 10.0), [1, 2, 3])
+    assert all(r == {"dice": 1.0, "hd95": 0.0, "asd": 0.0} for r in res.values())
 
 
 @pytest.mark.parametrize("spacing", [(1.6, 1.6), (0.8, 1.1), (1.37, 0.93)])
