@@ -2,34 +2,35 @@
 
 Measures, on the real ACDC copy (or any MSD dataset given with --src):
 - ingest throughput (volumes/s) into a fresh store;
-- random 2D slices/s and random 3D patches/s for three sources (the store both through its
-  direct local shard reader, the default, and through zarr's own read path; plus a second
-  store ingested with ``--chunk-xy 64`` tiles):
+- random 2D slices/s and random 3D patches/s from
     nibabel : load the .nii.gz and take the slice/patch, per sample (what a naive loader does),
-    store   : storage.open_store(...).read_slice / read_patch (decodes one chunk per slice),
+    store   : ``storage.open_store(...).read_slice / read_patch`` with its direct local shard
+              reader (the default), and through zarr's own read path for reference,
+    tiled   : a second store ingested with ``--chunk-xy 64`` (tiles; patches decode less),
+    cache   : the store with a bounded per-process LRU slice cache (``cache_bytes`` = 25 % and
+              100 % of the decoded images) after one warm-up epoch, on a fresh random draw,
     RAM     : every volume decoded into a dict of numpy arrays up front;
-  each "raw" (array only) and "pipeline" (plus the training preprocessing of storage.preprocess:
-  p1/p99 normalisation, centre crop/pad to 192x192, tensors) for slices;
-- the store with a bounded per-process LRU slice cache (``cache_bytes`` = 25 % and 100 % of the
-  decoded images), after one warm-up epoch, on a fresh random draw;
-- resident memory: the RAM baseline holds every decoded volume; the plain store holds none.
+  2D slices both "raw" (array only) and "pipeline" (plus the training preprocessing of
+  ``storage.preprocess``: p1/p99 normalisation, centre crop/pad to 192x192, tensors);
+- memory: bytes held by the RAM baseline and by the caches; the plain store holds no volume.
 
-Prints ratios store/nibabel and store/RAM. Usage:
+The loaders are timed in interleaved rounds (each round runs every loader on its next block of
+samples), so a load change on a shared machine hits all of them alike; ratios are of the totals.
+
     .venv/bin/python benchmarks/bench_store.py [--src ../shared/data/acdc] [--cases 40] [--samples 400]
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import storage  # noqa: E402
@@ -39,24 +40,34 @@ PATCH = (64, 64, 8)
 SIZE = (192, 192)
 
 
-def rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def rate(fn, n: int) -> float:  # type: ignore[no-untyped-def]
-    fn(0)  # warm-up (first open, imports)
-    t0 = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - t0)
+def interleaved_rates(loaders: dict[str, tuple[Callable[[int], object], int]], rounds: int,
+                      len_plan: int) -> dict[str, float]:
+    """samples/s per loader; loader ``name`` runs ``n`` samples (cycling over the ``len_plan``
+    drawn ones) split over ``rounds`` rounds."""
+    spent = dict.fromkeys(loaders, 0.0)
+    done = dict.fromkeys(loaders, 0)
+    for fn, _ in loaders.values():
+        fn(0)  # warm-up: first open, imports, index reads
+    for r in range(rounds):
+        for name, (fn, n) in loaders.items():
+            lo, hi = r * n // rounds, (r + 1) * n // rounds
+            t0 = time.perf_counter()
+            for i in range(lo, hi):
+                fn(i % len_plan)
+            spent[name] += time.perf_counter() - t0
+            done[name] += hi - lo
+    return {k: done[k] / spent[k] for k in loaders}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"))
     ap.add_argument("--cases", type=int, default=40, help="number of cases (first N of dataset.json)")
-    ap.add_argument("--samples", type=int, default=400, help="random samples per measurement")
+    ap.add_argument("--samples", type=int, default=400, help="random samples per loader")
     ap.add_argument("--nib-samples", type=int, default=60, help="samples for the (slow) nibabel loader")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    ap.add_argument("--fast-repeat", type=int, default=5,
+                    help="fast loaders (RAM, caches) cycle this many times over the samples")
     ap.add_argument("--workers", type=int, default=2, help="ingest threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -66,109 +77,104 @@ def main() -> None:
     ids = [c.case_id for c in cases]
     paths = {c.case_id: str(c.image) for c in cases}
     tmp = tempfile.mkdtemp(prefix="bench_store_")
-    uri = os.path.join(tmp, "bench.zarr")
+    uri, uri_t = os.path.join(tmp, "bench.zarr"), os.path.join(tmp, "bench_tiled.zarr")
 
     t0 = time.perf_counter()
     rep = storage.ingest(args.src, uri, cases=ids, progress=False, workers=args.workers)
     ingest_s = time.perf_counter() - t0
     assert rep.ok, rep.failed
+    assert storage.ingest(args.src, uri_t, cases=ids, progress=False, workers=args.workers, chunk_xy=64).ok
     src_mb = sum(os.path.getsize(p) for p in paths.values()) / 2**20
     st = storage.open_store(uri)
     store_mb = sum(st.nbytes_stored(c) for c in ids) / 2**20
     print(f"cases: {len(ids)}  source .nii.gz images: {src_mb:.1f} MiB  store (image+label): {store_mb:.1f} MiB")
-    print(f"ingest ({args.workers} threads): {len(ids) / ingest_s:.2f} volumes/s ({ingest_s:.1f} s)")
+    print(f"ingest ({args.workers} threads): {len(ids) / ingest_s:.2f} volumes/s ({ingest_s:.1f} s, load average "
+          f"{os.getloadavg()[0]:.1f})")
 
     rng = np.random.default_rng(args.seed)
-    nz = {c: st.num_slices(c) for c in ids}
-    shapes = {c: st.meta(c)["shape"] for c in ids}
     meta = {c: st.meta(c) for c in ids}
+    nz = {c: meta[c]["shape"][2] for c in ids}
     n = args.samples
-    pick = [ids[i] for i in rng.integers(0, len(ids), n)]
-    zs = [int(rng.integers(0, nz[c])) for c in pick]
-    starts = [tuple(int(rng.integers(0, max(shapes[c][a] - PATCH[a], 0) + 1)) for a in range(3)) for c in pick]
 
-    def prep(c: str, s: np.ndarray):  # type: ignore[no-untyped-def]
+    def draw() -> tuple[list[str], list[int]]:
+        pick = [ids[i] for i in rng.integers(0, len(ids), n)]
+        return pick, [int(rng.integers(0, nz[c])) for c in pick]
+
+    pick, zs = draw()
+    starts = [tuple(int(rng.integers(0, max(meta[c]["shape"][a] - PATCH[a], 0) + 1)) for a in range(3)) for c in pick]
+
+    def prep(c: str, s: np.ndarray) -> object:
         it = meta[c]["intensity"]
         return preprocess_slice(s, meta[c]["spacing"], it["p1"], it["p99"], SIZE)
 
-    def patch_of(a: np.ndarray, st0: tuple[int, int, int]) -> np.ndarray:
-        x, y, z = st0
+    def patch_of(a: np.ndarray, s0: tuple[int, ...]) -> np.ndarray:
+        x, y, z = s0
         return np.array(a[x:x + PATCH[0], y:y + PATCH[1], z:z + PATCH[2]])
 
-    # nibabel per sample
-    nib_slice = rate(lambda i: np.asarray(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32)[:, :, zs[i]]), args.nib_samples)
-    nib_patch = rate(lambda i: patch_of(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32), starts[i]), args.nib_samples)
-
-    # store through zarr only (no direct shard reader), for reference
     os.environ["LOCALCL_ZARR_ONLY"] = "1"
     stz = storage.open_store(uri)
-    zarr_slice = rate(lambda i: stz.read_slice(pick[i], zs[i]), n)
-    zarr_patch = rate(lambda i: stz.read_patch(pick[i], starts[i], PATCH), n)
+    stz.meta(ids[0])
+    for c in ids:
+        stz._reader(c, "image")  # resolve (to None) now, while zarr-only is set
     del os.environ["LOCALCL_ZARR_ONLY"]
+    stt = storage.open_store(uri_t)
 
-    # store
-    gc.collect()
-    r0 = rss()
-    st = storage.open_store(uri)
-    store_slice = rate(lambda i: st.read_slice(pick[i], zs[i]), n)
-    store_pipe = rate(lambda i: prep(pick[i], st.read_slice(pick[i], zs[i])), n)
-    store_patch = rate(lambda i: st.read_patch(pick[i], starts[i], PATCH), n)
-    store_rss = rss() - r0
-
-    # store + bounded LRU slice cache: one warm-up "epoch" of random samples, then a fresh draw
-    decoded = sum(int(np.prod(shapes[c])) * 4 for c in ids)
-    pick2 = [ids[i] for i in rng.integers(0, len(ids), n)]
-    zs2 = [int(rng.integers(0, nz[c])) for c in pick2]
-    cached = {}
+    decoded = sum(int(np.prod(meta[c]["shape"])) * 4 for c in ids)
+    caches = {}
+    # fresh draws for the cached stores (the warm-up epoch is not replayed), one per loader so
+    # that the pipeline loader does not hit slices the raw loader just brought into the cache
+    pick2, zs2 = draw()
+    pick3, zs3 = draw()
     for frac in (0.25, 1.0):
-        gc.collect()
-        r0 = rss()
         stc = storage.open_store(uri, cache_bytes=int(frac * decoded))
         for c in ids:  # warm-up epoch: every slice once, in random order
             for z in rng.permutation(nz[c]):
                 stc.read_slice(c, int(z))
-        raw = rate(lambda i: stc.read_slice(pick2[i], zs2[i]), n)
-        pipe = rate(lambda i: prep(pick2[i], stc.read_slice(pick2[i], zs2[i])), n)
-        cached[frac] = (raw, pipe, rss() - r0, stc._cached_bytes)
-        del stc
+        caches[frac] = stc
 
-    # 3D patches from a store with tiled chunks (--chunk-xy 64): decodes only overlapping tiles
-    uri_t = os.path.join(tmp, "bench_tiled.zarr")
-    assert storage.ingest(args.src, uri_t, cases=ids, progress=False, workers=args.workers, chunk_xy=64).ok
-    stt = storage.open_store(uri_t)
-    tiled_patch = rate(lambda i: stt.read_patch(pick[i], starts[i], PATCH), n)
-    tiled_slice = rate(lambda i: stt.read_slice(pick[i], zs[i]), n)
-
-    # all in RAM
-    gc.collect()
-    r0 = rss()
     ram = {c: nib.load(paths[c]).get_fdata(dtype=np.float32) for c in ids}
     ram_bytes = sum(a.nbytes for a in ram.values())
-    ram_slice = rate(lambda i: np.array(ram[pick[i]][:, :, zs[i]]), n)
-    ram_pipe = rate(lambda i: prep(pick[i], np.array(ram[pick[i]][:, :, zs[i]])), n)
-    ram_patch = rate(lambda i: patch_of(ram[pick[i]], starts[i]), n)
-    ram_rss = rss() - r0
 
-    print(f"\n{'samples/s':<24}{'nibabel':>10}{'store':>10}{'RAM':>10}{'store/nib':>11}{'store/RAM':>11}")
-    rows = [("2D slice, zarr path", nib_slice, zarr_slice, ram_slice),
-            ("3D patch, zarr path", nib_patch, zarr_patch, ram_patch),
-            ("2D slice (raw)", nib_slice, store_slice, ram_slice),
-            ("2D slice (pipeline)", nib_slice, store_pipe, ram_pipe),
-            (f"3D patch {PATCH}", nib_patch, store_patch, ram_patch),
-            ("2D slice, 64x64 tiles", nib_slice, tiled_slice, ram_slice),
-            ("3D patch, 64x64 tiles", nib_patch, tiled_patch, ram_patch)]
-    for frac, (raw, pipe, _, _) in cached.items():
-        rows += [(f"2D raw, cache {frac:.0%}", nib_slice, raw, ram_slice),
-                 (f"2D pipe, cache {frac:.0%}", nib_slice, pipe, ram_pipe)]
+    nn, nf = args.nib_samples, args.samples * args.fast_repeat
+    loaders: dict[str, tuple[Callable[[int], object], int]] = {
+        "nib slice": (lambda i: np.asarray(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32)[:, :, zs[i]]), nn),
+        "nib patch": (lambda i: patch_of(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32), starts[i]), nn),
+        "ram slice": (lambda i: np.array(ram[pick[i]][:, :, zs[i]]), nf),
+        "ram pipe": (lambda i: prep(pick[i], np.array(ram[pick[i]][:, :, zs[i]])), nf),
+        "ram patch": (lambda i: patch_of(ram[pick[i]], starts[i]), nf),
+        "store slice": (lambda i: st.read_slice(pick[i], zs[i]), n),
+        "store pipe": (lambda i: prep(pick[i], st.read_slice(pick[i], zs[i])), n),
+        "store patch": (lambda i: st.read_patch(pick[i], starts[i], PATCH), n),
+        "zarr slice": (lambda i: stz.read_slice(pick[i], zs[i]), n),
+        "zarr patch": (lambda i: stz.read_patch(pick[i], starts[i], PATCH), n),
+        "tiled slice": (lambda i: stt.read_slice(pick[i], zs[i]), n),
+        "tiled patch": (lambda i: stt.read_patch(pick[i], starts[i], PATCH), n),
+    }
+    for frac, stc in caches.items():
+        loaders[f"cache{frac} slice"] = (lambda i, s=stc: s.read_slice(pick2[i], zs2[i]), nf if frac == 1.0 else n)
+        loaders[f"cache{frac} pipe"] = (lambda i, s=stc: prep(pick3[i], s.read_slice(pick3[i], zs3[i])), nf if frac == 1.0 else n)
+    r = interleaved_rates(loaders, args.rounds, n)
+
+    rows = [
+        ("2D slice, raw", "nib slice", "store slice", "ram slice"),
+        ("2D slice, pipeline", "nib slice", "store pipe", "ram pipe"),
+        (f"3D patch {'x'.join(map(str, PATCH))}", "nib patch", "store patch", "ram patch"),
+        ("2D slice, zarr path", "nib slice", "zarr slice", "ram slice"),
+        ("3D patch, zarr path", "nib patch", "zarr patch", "ram patch"),
+        ("2D slice, 64x64 tiles", "nib slice", "tiled slice", "ram slice"),
+        ("3D patch, 64x64 tiles", "nib patch", "tiled patch", "ram patch"),
+    ]
+    for frac in caches:
+        rows += [(f"2D raw, cache {frac:.0%}", "nib slice", f"cache{frac} slice", "ram slice"),
+                 (f"2D pipeline, cache {frac:.0%}", "nib slice", f"cache{frac} pipe", "ram pipe")]
+    print(f"\n{'samples/s':<26}{'nibabel':>9}{'store':>9}{'RAM':>9}{'store/nib':>11}{'store/RAM':>11}")
     for name, a, b, c in rows:
-        print(f"{name:<24}{a:>10.1f}{b:>10.1f}{c:>10.1f}{b / a:>10.1f}x{b / c:>10.2f}x")
-    print(f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes (RSS +{ram_rss / 2**20:.0f} MiB); "
-          f"store reader RSS +{store_rss / 2**20:.0f} MiB (no cache)")
-    for frac, (_, _, grow, held) in cached.items():
-        print(f"  cache budget {frac:.0%} of decoded images = {frac * decoded / 2**20:.0f} MiB: holds "
-              f"{held / 2**20:.0f} MiB, RSS +{grow / 2**20:.0f} MiB")
-    print("(2D pipeline = read + p1/p99 normalisation + centre crop/pad to 192x192 + tensors; the nibabel "
-          "column is raw load+slice for both rows)")
+        print(f"{name:<26}{r[a]:>9.1f}{r[b]:>9.1f}{r[c]:>9.1f}{r[b] / r[a]:>10.1f}x{r[b] / r[c]:>10.2f}x")
+    print(f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes; the plain store "
+          "reader holds no volume")
+    for frac, stc in caches.items():
+        print(f"  cache budget {frac:.0%} = {frac * decoded / 2**20:.0f} MiB: holds {stc._cached_bytes / 2**20:.0f} MiB")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute rates)")
 
 
 if __name__ == "__main__":
