@@ -212,18 +212,16 @@ def find_histories(model_dir: str) -> dict[str, str]:
     ``<stage>/history.csv`` and the run directory's other stages beside it."""
     fs, path = fsspec.core.url_to_fs(str(model_dir))
     path = path.rstrip("/")
-    proto = str(model_dir).split("://", 1)[0] + "://" if "://" in str(model_dir) else ""
+    is_uri = "://" in str(model_dir)
     stage_dir = path.rsplit("/", 1)[0] if "/" in path else "."
     run_dir = stage_dir.rsplit("/", 1)[0] if "/" in stage_dir else "."
+    candidates = [(stage, f"{run_dir}/{stage}/history.csv") for stage in HISTORY_STAGES]
+    candidates.append((stage_dir.rsplit("/", 1)[-1], f"{stage_dir}/history.csv"))
     found: dict[str, str] = {}
-    for stage in HISTORY_STAGES:
-        p = f"{run_dir}/{stage}/history.csv"
-        if fs.exists(p):
-            found[stage] = proto + p
-    own = f"{stage_dir}/history.csv"
-    if fs.exists(own) and own not in {v[len(proto):] for v in found.values()}:
-        found[stage_dir.rsplit("/", 1)[-1]] = proto + own
-    return found
+    for stage, p in candidates:
+        if p not in found.values() and fs.exists(p):
+            found.setdefault(stage, p)
+    return {k: (fs.unstrip_protocol(v) if is_uri else v) for k, v in found.items()}
 
 
 def resolve_model_dir(checkpoint: str) -> str:

@@ -279,3 +279,26 @@ def test_plots__png_output_and_input_checks() -> None:
     assert P.overlay_png(img, lab, lab, [3, 4], {3: "LV"}, "c").startswith(png_magic)
     with pytest.raises(ValueError, match="share one"):
         P.overlay_png(img, lab[:1], lab, [3, 4], {3: "LV"}, "c")
+
+
+def test_write_report__fsspec_uri_and_histories_beside_the_model() -> None:
+    """Reports and history look-up work on fsspec URIs (memory:// here, s3:// in production)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    run = "memory://evaltest-run"
+    fs.makedirs("/evaltest-run/finetune/model", exist_ok=True)
+    fs.pipe("/evaltest-run/finetune/history.csv", b"epoch,loss,val_dice\n0,1.0,0.2\n1,0.5,0.6\n")
+    fs.pipe("/evaltest-run/pretrain/history.csv", b"epoch,loss\n0,4.0\n1,3.0\n")
+    hist = E.find_histories(f"{run}/finetune/model")
+    assert sorted(hist) == ["finetune", "pretrain"]
+    for stage, uri in hist.items():
+        assert uri.startswith("memory://") and uri.endswith(f"evaltest-run/{stage}/history.csv")
+    names = {0: "background", 3: "LV"}
+    recs = [E.case_record("a", {3: {"dice": 0.5, "hd95": 1.0, "asd": 0.5}}, names, (2, 2, 2), (1, 1, 1))]
+    s = E.write_report(f"{run}/eval/method", recs, label_names=names, histories=hist)
+    assert set(s["files"]) >= {"plots/loss_pretrain.png", "plots/loss_finetune.png", "plots/dice_boxplot.png"}
+    for f in s["files"]:
+        assert fs.exists(f"/evaltest-run/eval/method/{f}")
+    assert json.loads(fs.cat("/evaltest-run/eval/method/summary.json"))["classes"]["LV"]["dice"]["mean"] == 0.5
+    fs.rm("/evaltest-run", recursive=True)
