@@ -129,7 +129,8 @@ class VolumeStore:
             raise StoreError(f"{self.uri}: not a Zarr v3 group ({type(exc).__name__})") from None
         attrs = dict(self._root.attrs)
         if "localcl_store" not in attrs:
-            if mode == "r" or any(True for _ in self._root.keys()):
+            # a fresh store may already hold "cases" when parallel ingest tasks race to create it
+            if mode == "r" or any(k != CASES for k in self._root.keys()):
                 raise StoreError(f"{self.uri}: not a localcl store (no 'localcl_store' attribute)")
             self._root.attrs.update({"localcl_store": {"version": STORE_VERSION, "layout": "cases/<case>/{image,label,<derived>}"}})
         self._meta: dict[str, dict[str, Any]] | None = None
