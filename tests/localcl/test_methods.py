@@ -26,7 +26,7 @@ from localcl.methods.plcl import REFERENCE_PAIRS, contrastive_pairs, crf_availab
 
 SMALL = {"widths": (8, 16, 16), "decoder_widths": (16, 8)}
 EXTRA: dict[str, dict[str, Any]] = {
-    "glcl": {"input_size": 64, "local_depth": 1, "volumes_per_batch": 4, "partitions": 2},
+    "glcl": {"input_size": 48, "local_depth": 1, "volumes_per_batch": 4, "partitions": 2},
     "ideal": {"queue_size": 256},
     "mixcl": {"num_pixels": 256},
     "lrc": {"queue_size": 256, "num_regions": 8, "points_per_region": 4},
@@ -43,9 +43,9 @@ def _small(name: str, **kw: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def acdc_batch(acdc_dir: Path) -> dict[str, torch.Tensor]:
-    """8 ACDC slices (4 volumes x 2 partitions), 64x64: p1/p99 min-max normalisation, a 128x128
-    crop around the heart, 2x down-sampling (mean for images, nearest for labels), all 4 classes
-    present; plus Felzenszwalb super-pixels of each slice."""
+    """8 ACDC slices (4 volumes x 2 partitions), 48x48: p1/p99 min-max normalisation, a 128x128
+    crop around the heart, down-sampling to 48x48 (area for images, nearest for labels), all 4
+    classes present; plus Felzenszwalb super-pixels of each slice."""
     imgs, labs, vols, parts = [], [], [], []
     for v, case in enumerate(CASES):
         im = nib.load(acdc_dir / "imagesTr" / f"{case}.nii.gz").get_fdata().astype(np.float32)
@@ -61,8 +61,8 @@ def acdc_batch(acdc_dir: Path) -> dict[str, torch.Tensor]:
             z = zs[s * n + n // 2]
             a = torch.from_numpy(im[x0 : x0 + 128, y0 : y0 + 128, z].copy())[None, None]
             lab = torch.from_numpy(lb[x0 : x0 + 128, y0 : y0 + 128, z].copy())[None, None].float()
-            imgs.append(F.avg_pool2d(a, 2)[0])
-            labs.append(F.interpolate(lab, scale_factor=0.5, mode="nearest")[0, 0].long())
+            imgs.append(F.interpolate(a, size=(48, 48), mode="area")[0])
+            labs.append(F.interpolate(lab, size=(48, 48), mode="nearest")[0, 0].long())
             vols.append(v)
             parts.append(s)
     batch = {"image": torch.stack(imgs), "label": torch.stack(labs), "volume": torch.tensor(vols),
@@ -75,7 +75,7 @@ def acdc_batch(acdc_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_acdc_batch__is_real_normalised_data_with_all_classes(acdc_batch: dict[str, torch.Tensor]) -> None:
-    assert acdc_batch["image"].shape == (8, 1, 64, 64) and acdc_batch["image"].dtype == torch.float32
+    assert acdc_batch["image"].shape == (8, 1, 48, 48) and acdc_batch["image"].dtype == torch.float32
     assert all(len(torch.unique(lbl)) == 4 for lbl in acdc_batch["label"])
     assert 0.05 < float(acdc_batch["image"].mean()) < 0.8
     assert all(int(sp.max()) >= 8 for sp in acdc_batch["superpixels"])  # enough regions for K_r = 8
@@ -86,7 +86,7 @@ def _queue_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if k.split(".")[-1] in ("queue", "ptr", "filled")}
 
 
-def _pretrain_falls(method: PretrainMethod, batch: dict[str, torch.Tensor], stage: str | None, steps: int = 5,
+def _pretrain_falls(method: PretrainMethod, batch: dict[str, torch.Tensor], stage: str | None, steps: int = 4,
                     lr: float = 3e-3) -> tuple[float, float]:
     before = copy.deepcopy(method)
     opt = torch.optim.Adam(method.stage_parameters(stage), lr=lr)
@@ -235,10 +235,10 @@ def test_pretrain_step__methods_without_stage_raise_and_name_the_strategy() -> N
 def test_pretrain_step__missing_batch_key_and_unknown_stage_are_named() -> None:
     m = METHODS["glcl"](METHODS["glcl"].Config(**_small("glcl")), 1, 4)
     with pytest.raises(KeyError, match=r"missing key\(s\) \['volume', 'partition'\]"):
-        m.pretrain_step({"image": torch.zeros(4, 1, 64, 64)}, 0, "global")
+        m.pretrain_step({"image": torch.zeros(4, 1, 48, 48)}, 0, "global")
     with pytest.raises(ValueError, match=r"stage must be one of \['global', 'local'\]"):
-        m.pretrain_step({"image": torch.zeros(4, 1, 64, 64)}, 0, "decoder")
-    with pytest.raises(ValueError, match="input_size 64"):
+        m.pretrain_step({"image": torch.zeros(4, 1, 48, 48)}, 0, "decoder")
+    with pytest.raises(ValueError, match="input_size 48"):
         m.pretrain_step({"image": torch.zeros(4, 1, 32, 32), "volume": torch.arange(4),
                          "partition": torch.zeros(4)}, 0, "global")
 
@@ -288,6 +288,18 @@ def test_glcl_local_stage__encoder_frozen_including_batchnorm_statistics(acdc_ba
         assert torch.equal(v, enc[k]), k  # weights AND running stats untouched
     assert all(p.grad is None for p in m.unet.encoder.parameters())
     assert {id(p) for p in m.stage_parameters("global")} >= enc_ids
+
+
+@pytest.mark.parametrize("variant, n_views", [("D", 2), ("D-", 3), ("R", 2)])
+def test_glcl_global_variants__embed_the_spec_views(variant: str, n_views: int,
+                                                    acdc_batch: dict[str, torch.Tensor]) -> None:
+    m = METHODS["glcl"](METHODS["glcl"].Config(**_small("glcl", global_loss=variant)), 1, 4)
+    seen: list[int] = []
+    m.g1.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    with torch.no_grad():
+        out = m.pretrain_step(acdc_batch, 0, "global")
+    assert seen == [n_views * acdc_batch["image"].shape[0]]  # G^D: x + t(x); G^D-: x, t1, t2; G^R: t1, t2
+    assert torch.isfinite(out["loss"]) and float(out["loss"]) > 0
 
 
 def test_glcl_backbone_state__encoder_and_first_l_decoder_blocks_only() -> None:
@@ -349,7 +361,8 @@ def test_ideal_finetune__two_decoders_ramp_and_mean_inference(acdc_batch: dict[s
     assert ft.decoder2.upsample == "bilinear"
     x = acdc_batch["image"][:4]
     bl = {"image": x, "label": acdc_batch["label"][:4]}
-    lam = [float(ft.finetune_step(bl, None, s, 100)["lambda_c"]) for s in (0, 25, 50, 99)]
+    with torch.no_grad():
+        lam = [float(ft.finetune_step(bl, None, s, 100)["lambda_c"]) for s in (0, 25, 50, 99)]
     assert lam[0] == pytest.approx(0.5 * np.exp(-5)) and lam[1] == pytest.approx(0.5 * np.exp(-1.25))
     assert lam[2] == lam[3] == 0.5
     ft.eval()
@@ -444,11 +457,11 @@ def test_glcl_local_domain_variant__loss_falls(acdc_batch: dict[str, torch.Tenso
 
 @pytest.mark.parametrize("name", ["mixcl", "lrc"])
 def test_pretrain_3d_patches__loss_falls(name: str, acdc_batch: dict[str, torch.Tensor]) -> None:
-    # 3D option: stack 4 slices of the batch as a (1, 4, 64, 64) patch pair per "volume"
+    # 3D option: stack 4 slices of the batch as a (1, 4, 48, 48) patch per "volume"
     torch.manual_seed(0)
-    img = acdc_batch["image"].view(2, 4, 64, 64).unsqueeze(1)
-    batch = {"image": img, "label": acdc_batch["label"].view(2, 4, 64, 64),
-             "superpixels": acdc_batch["superpixels"].view(2, 4, 64, 64) + 1000 * torch.arange(4).view(1, 4, 1, 1)}
+    img = acdc_batch["image"].view(2, 4, 48, 48).unsqueeze(1)
+    batch = {"image": img, "label": acdc_batch["label"].view(2, 4, 48, 48),
+             "superpixels": acdc_batch["superpixels"].view(2, 4, 48, 48) + 1000 * torch.arange(4).view(1, 4, 1, 1)}
     cls = METHODS[name]
     m = cls(cls.Config(**_small(name, dims=3, widths=(4, 8), decoder_widths=(4,))), 1, 4)
     assert m.unet.dim == 3
@@ -456,7 +469,7 @@ def test_pretrain_3d_patches__loss_falls(name: str, acdc_batch: dict[str, torch.
     assert after < before
 
 
-def _finetune_falls(ft: FinetuneStrategy, bl: dict, bu: dict | None, steps: int = 5) -> tuple[float, float]:
+def _finetune_falls(ft: FinetuneStrategy, bl: dict, bu: dict | None, steps: int = 4) -> tuple[float, float]:
     before = copy.deepcopy(ft)
     opt = torch.optim.Adam(ft.parameters(), lr=3e-3)
     for step in range(steps):
