@@ -493,6 +493,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(2400)
 def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resumed: dict[str, Any]) -> None:
     c: tune.Campaign = killed_and_resumed["campaign"]
     before: dict[int, tuple[TrialState, dict[str, Any]]] = killed_and_resumed["before"]
@@ -525,6 +526,7 @@ def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resume
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(2400)
 def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -> None:
     import pandas as pd
 
@@ -544,6 +546,7 @@ def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(2400)
 def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, Any]) -> None:
     import subprocess
     import sys
@@ -570,6 +573,12 @@ def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, A
     rerun = float(hist.loc[hist["epoch"] == epoch, "val_dice"].iloc[0])
     # same config and seeds: the same score up to floating-point / scheduling noise
     assert rerun == pytest.approx(best.value, abs=0.02), (rerun, best.value)
+    # and the same training trajectory: the trial's per-epoch loss as Tune recorded it
+    trial_dir = next(c.campaign_dir.glob(f"tune/run*/*{best.user_attrs['tune_trial_id']}*"))
+    reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    for row in reported:
+        again = float(hist.loc[hist["epoch"] == row["training_iteration"], "loss"].iloc[0])
+        assert again == pytest.approx(row["loss"], rel=1e-3, abs=1e-4), (row["training_iteration"], again, row["loss"])
 
 
 # ----------------------------------------------------------------------------- search wiring
