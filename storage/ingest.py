@@ -20,7 +20,7 @@ import numpy as np
 from storage.errors import InputError
 from storage.nifti import Volume, load_volume, sha256_file
 from storage.sources import CaseSource, SourceDataset, discover_msd, discover_unlabelled, patient_of
-from storage.store import CASES, VolumeStore, open_store
+from storage.store import VolumeStore, open_store
 
 AFFINE_ATOL = 1e-3  # mm; label and image affines must agree to this
 
@@ -179,7 +179,7 @@ def prepare_store(dataset: SourceDataset, store: str | VolumeStore, storage_opti
     if dataset.splits_json is not None:
         new["splits_json"] = dataset.splits_json
     st.set_root_attrs(new)
-    st._root.require_group(CASES)
+    st.ensure_cases_group()
     return st
 
 

@@ -103,6 +103,20 @@ def _jsonable_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _retry_if_created_meanwhile(make: Any, attempts: int = 5) -> Any:
+    """Run ``make()``; when another process created the same group between zarr's existence
+    check and its create (``ContainsGroupError``, parallel ingest tasks), run it again: the
+    next attempt opens the existing group."""
+    for i in range(attempts):
+        try:
+            return make()
+        except zarr.errors.ContainsGroupError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.01 * (i + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class VolumeStore:
     """One localcl Zarr store. Build with :func:`open_store`.
 
@@ -124,7 +138,8 @@ class VolumeStore:
         self.storage_options = dict(storage_options or {})
         store = _zarr_store(self.uri, read_only=mode == "r", storage_options=self.storage_options)
         try:
-            self._root = zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3)
+            self._root = _retry_if_created_meanwhile(
+                lambda: zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise StoreError(f"{self.uri}: not a Zarr v3 group ({type(exc).__name__})") from None
         attrs = dict(self._root.attrs)
@@ -387,6 +402,11 @@ class VolumeStore:
             raise StoreError(f"{self.uri}: store opened read-only (use mode='a' to write)")
 
     # ------------------------------------------------------------------ writing (used by ingest)
+    def ensure_cases_group(self) -> None:
+        """Create ``cases/`` if missing (safe when several processes do it at once)."""
+        self._require_writable()
+        _retry_if_created_meanwhile(lambda: self._root.require_group(CASES))
+
     def set_root_attrs(self, attrs: Mapping[str, Any]) -> None:
         self._require_writable()
         self._root.attrs.update(dict(attrs))
@@ -416,7 +436,7 @@ class VolumeStore:
         self._require_writable()
         if image.ndim != 3 or (label is not None and label.shape != image.shape):
             raise ValueError(f"image must be 3D and label the same shape, got {image.shape} and {getattr(label, 'shape', None)}")
-        cases = self._root.require_group(CASES)
+        cases = _retry_if_created_meanwhile(lambda: self._root.require_group(CASES))
         if case in cases:
             del cases[case]
         attrs = {**dict(meta), "chunk_xy": chunk_xy, "complete": False}
