@@ -180,7 +180,7 @@ def ideal_dense_loss(
     queue: torch.Tensor | DenseQueue | None = None,
     tau: float = 0.2,
     lam: float = 1.0,
-    chunk_size: int | None = 512,
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """IDEAL dense contrastive loss (module docstring).
 
@@ -276,7 +276,7 @@ class IDEALDenseLoss(nn.Module):
 
     Args:
         tau: 0.2. lam: 1.0. match: "argmax" | "geometric". negatives: "queue" | "batch".
-        queue_size: 16384. dim: 128. chunk_size: 512.
+        queue_size: 16384. dim: 128. chunk_size: 256.
         queue_init: ``"warm"`` (default): the queue starts empty and the first forward pushes
             that batch's pooled keys before computing the loss (so step 0 has negatives);
             ``"random"``: DenseCL's initialisation, a full queue of random unit keys.
@@ -294,7 +294,7 @@ class IDEALDenseLoss(nn.Module):
         negatives: Literal["queue", "batch"] = "queue",
         queue_size: int = 16384,
         dim: int = 128,
-        chunk_size: int | None = 512,
+        chunk_size: int | None = 256,
         queue_init: Literal["warm", "random"] = "warm",
     ) -> None:
         super().__init__()

@@ -243,7 +243,7 @@ def lrc_loss(
     same_view_positives: bool = False,
     generator: torch.Generator | None = None,
     allow_fewer: bool = False,
-    chunk_size: int | None = 512,
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     r"""LRC localized contrastive sampling loss (spec §5.4, [R]).
 
@@ -295,7 +295,7 @@ def lrc_loss_from_points(
     tau: float = 0.1,
     mode: Literal["summed", "per_positive"] = "summed",
     same_view_positives: bool = False,
-    chunk_size: int | None = 512,
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """The LRC point loss on already-sampled points (see :func:`lrc_loss` for the formula).
 
@@ -332,7 +332,7 @@ class LRCLoss(nn.Module):
         mode: ``"summed"`` (default) or ``"per_positive"``.
         same_view_positives: Include same-view points of the region in ``P(a)`` (False).
         allow_fewer: Tolerate images with fewer than ``K_r`` eligible regions (False).
-        chunk_size: Kernel chunk size (512; ``None`` = naive).
+        chunk_size: Kernel chunk size (256; ``None`` = naive).
 
     Shapes: ``forward(embeddings (B, 2, D, h, w), regions (B, 2, H, W), generator=None) -> ()``.
     """
@@ -346,7 +346,7 @@ class LRCLoss(nn.Module):
         mode: Literal["summed", "per_positive"] = "summed",
         same_view_positives: bool = False,
         allow_fewer: bool = False,
-        chunk_size: int | None = 512,
+        chunk_size: int | None = 256,
     ) -> None:
         super().__init__()
         _check_tau(tau)

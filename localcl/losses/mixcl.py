@@ -145,7 +145,7 @@ def label_consistency_loss(
     num_pixels: int = 4096,
     tau: float = 0.1,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = 512,
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """Label consistency ``L_lab`` (SupCon per-positive over sampled pixels; module docstring).
 
@@ -214,7 +214,7 @@ def mixcl_loss(
     rec_mask: torch.Tensor | None = None,
     gather_distributed: bool = False,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = 512,
+    chunk_size: int | None = 256,
 ) -> dict[str, torch.Tensor]:
     """Total MixCL loss ``L = L_id + α L_lab + β L_rec``.
 
@@ -234,7 +234,7 @@ class MixCLLoss(nn.Module):
 
     Args:
         alpha, beta: weights of ``L_lab`` and ``L_rec`` (1, 1). tau: 0.1. num_pixels: 4096.
-        rec_kind: "l1" | "mse". gather_distributed: global identity negatives. chunk_size: 512.
+        rec_kind: "l1" | "mse". gather_distributed: global identity negatives. chunk_size: 256.
 
     Shapes: ``forward(z1 (B, D), z2 (B, D), embeddings (B, V, D', H, W), labels (B, V, H, W),
     recon (B, C, H, W), target (B, C, H, W), rec_mask=None, generator=None) -> dict``.
@@ -248,7 +248,7 @@ class MixCLLoss(nn.Module):
         num_pixels: int = 4096,
         rec_kind: Literal["l1", "mse"] = "l1",
         gather_distributed: bool = False,
-        chunk_size: int | None = 512,
+        chunk_size: int | None = 256,
     ) -> None:
         super().__init__()
         _check_tau(tau)
