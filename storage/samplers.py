@@ -5,7 +5,9 @@ Common contract
 - **Deterministic for (seed, epoch)**: each epoch has a *global plan* (a list of samples) drawn
   from ``numpy.random.default_rng([seed, epoch])``; sample ``i`` is built with its own
   ``torch.Generator`` seeded from ``(seed, epoch, i)``, so an item does not depend on which
-  rank or worker produced it. Call ``set_epoch(epoch)`` before each epoch.
+  rank or worker produced it. Call ``set_epoch(epoch)`` before each epoch (workers copy the
+  dataset when they start, so with ``persistent_workers=True`` the new epoch would not reach
+  them: keep the default ``persistent_workers=False``).
 - **Disjoint sharding**: global index ``i`` belongs to rank ``i % world_size``; within a rank,
   to DataLoader worker ``(i // world_size) % num_workers``. Union over all (rank, worker) pairs
   is the plan, intersections are empty. ``len(ds)`` is this rank's share. These are
