@@ -418,10 +418,28 @@ def _job_call(client: "JobSubmissionClient", job_id: str, fn: Callable[[str], An
 # --------------------------------------------------------------------------- operations
 
 
-def submit(client: "JobSubmissionClient", submission: Submission) -> str:
+AGENT_NOT_READY = "No available agent"
+"""Ray's HTTP 500 while a fresh head's job agent is still registering (transient)."""
+
+
+def submit_job_retrying(client: "JobSubmissionClient", retry_for: float = 60.0,
+                        **kwargs: Any) -> str:
+    """``client.submit_job(**kwargs)``, retried every second for up to ``retry_for`` s while
+    the cluster answers that no job agent is available yet (a head that just started)."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return str(client.submit_job(**kwargs))
+        except RuntimeError as exc:
+            if AGENT_NOT_READY not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def submit(client: "JobSubmissionClient", submission: Submission, retry_for: float = 60.0) -> str:
     """Submit; return the submission id."""
     try:
-        return str(client.submit_job(**submission.submit_kwargs()))
+        return submit_job_retrying(client, retry_for, **submission.submit_kwargs())
     except (RuntimeError, ValueError, ConnectionError) as exc:
         raise UserError(f"job submission to {client.get_address()} failed: {_one_line(exc)}") from exc
 

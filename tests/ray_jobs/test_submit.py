@@ -101,8 +101,8 @@ def test_jobs__stop_running_job(ray_head, capsys):
     from ray.job_submission import JobSubmissionClient
 
     # A plain long job submitted with Ray's own client: `localcl jobs` manages any job.
-    job_id = JobSubmissionClient(ray_head).submit_job(
-        entrypoint="python -c 'import time; print(\"sleeping\", flush=True); time.sleep(120)'")
+    job_id = sub.submit_job_retrying(
+        JobSubmissionClient(ray_head), entrypoint="python -c 'import time; print(\"sleeping\", flush=True); time.sleep(120)'")
     sub.wait_for(JobSubmissionClient(ray_head), job_id, {"RUNNING"}, timeout=60)
     code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head,
                               "--wait", "--timeout", "60")
@@ -312,3 +312,28 @@ def test_portable_config_text__campaign_inlines_base_config(tmp_path):
     assert again.signature() == campaign.signature()
     with pytest.raises(UserError, match="no such campaign file"):
         sub.validate_config("tune", tmp_path / "nope.yaml")
+
+
+def test_submit_job_retrying__retries_only_while_no_agent_is_available(monkeypatch):
+    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def submit_job(self, **kw):
+            self.calls += 1
+            if self.errors:
+                raise RuntimeError(self.errors.pop(0))
+            return kw["entrypoint"]
+
+    busy = "Request failed with status code 500: No available agent to submit job, please try again later.."
+    c = Client([busy, busy])
+    assert sub.submit_job_retrying(c, entrypoint="echo") == "echo" and c.calls == 3
+    c = Client(["Request failed with status code 400: bad runtime_env"])
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        sub.submit_job_retrying(c, entrypoint="echo")
+    assert c.calls == 1
+    c = Client([busy] * 5)
+    with pytest.raises(RuntimeError, match="No available agent"):
+        sub.submit_job_retrying(c, retry_for=0.0, entrypoint="echo")

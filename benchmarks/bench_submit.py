@@ -1,0 +1,127 @@
+"""What ``localcl submit`` costs on top of a bare Ray job, measured in one run on a private head.
+
+Starts a loopback Ray head (:class:`ray_jobs.local_head.LocalHead`), then times:
+
+- local work before any network call: ``validate_config`` of a run config and of a campaign,
+  and ``build_submission`` (validation + self-contained config + metadata);
+- packaging the repository as Ray does for ``working_dir`` (content hash + zip, with
+  ``DEFAULT_EXCLUDES`` and ``.gitignore``): seconds and MB;
+- ``submit_job`` calls: the repository as ``working_dir`` (uploaded the first time, then found
+  by content hash), and ``--image-runtime`` (nothing uploaded);
+- end to end, submit -> SUCCEEDED, each repeated ``--repeats`` times:
+    bare        : Ray SDK, ``python -c pass``, no runtime env (the baseline);
+    bare+import : Ray SDK, ``python -c "import torch, localcl, ray"`` (interpreter + imports);
+    preflight/image  : ``localcl submit ... --preflight --image-runtime``;
+    preflight/wd     : ``localcl submit ... --preflight`` with the repository as working_dir.
+
+Prints seconds (median of repeats) and the ratio to the bare job. Usage:
+    .venv/bin/python benchmarks/bench_submit.py [--repeats 2] [--config ray_jobs/configs/run/ideal_cpu.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from ray_jobs import submit as sub  # noqa: E402
+from ray_jobs.local_head import LocalHead  # noqa: E402
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def run_to_end(client, **submit_kwargs) -> float:
+    t0 = time.perf_counter()
+    job_id = sub.submit_job_retrying(client, **submit_kwargs)
+    status = sub.wait(client, job_id, timeout=300, poll=0.2)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"{job_id} {status}:\n{client.get_job_logs(job_id)[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--config", default=str(REPO / "ray_jobs" / "configs" / "run" / "ideal_cpu.yaml"))
+    ap.add_argument("--campaign", default=str(REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml"))
+    args = ap.parse_args()
+
+    print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} repeats={args.repeats}")
+    _, t_val_run = timed(sub.validate_config, "finetune", args.config)
+    _, t_val_tune = timed(sub.validate_config, "tune", args.campaign)
+    wd_sub, t_build = timed(sub.build_submission, "finetune", args.config, preflight=True)
+    img_sub = sub.build_submission("finetune", args.config, preflight=True, image_runtime=True)
+    import logging
+    import tempfile
+    import zipfile
+
+    from ray._private.runtime_env import packaging
+
+    logging.getLogger(packaging.__name__).setLevel(logging.WARNING)
+    wd = wd_sub.runtime_env["working_dir"]
+    excludes = list(sub.DEFAULT_EXCLUDES)
+    _, t_hash = timed(packaging.get_uri_for_directory, wd, True, excludes=excludes)
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = Path(tmp) / "pkg.zip"
+        _, t_zip = timed(packaging.create_package, wd, zip_path, include_gitignore=True,
+                         excludes=excludes)
+        size_mb = zip_path.stat().st_size / 2**20
+        n_files = len(zipfile.ZipFile(zip_path).namelist())
+    print(f"working_dir package: hash {t_hash:.3f} s, zip {t_zip:.3f} s, {size_mb:.2f} MiB, "
+          f"{n_files} entries")
+    print(f"local: validate run config {t_val_run:.3f} s (first call, imports included), "
+          f"campaign {t_val_tune:.3f} s, build_submission {t_build:.3f} s")
+
+    with LocalHead(num_cpus=2) as head:
+        client = sub.connect(head.address)
+        times: dict[str, list[float]] = {k: [] for k in
+                                         ("bare", "bare+import", "preflight/image", "preflight/wd")}
+        run_to_end(client, entrypoint="python -c pass")  # warm-up: job agent registered
+        # submit_job call alone: the first working_dir submission zips and uploads the repo.
+        kw = wd_sub.submit_kwargs()
+        kw["submission_id"] = None
+        t0 = time.perf_counter()
+        first = sub.submit_job_retrying(client, **kw)
+        t_first_call = time.perf_counter() - t0
+        sub.wait(client, first, timeout=300, poll=0.2)
+        t0 = time.perf_counter()
+        again = sub.submit_job_retrying(client, **kw)
+        t_cached_call = time.perf_counter() - t0
+        sub.wait(client, again, timeout=300, poll=0.2)
+        kw_img = img_sub.submit_kwargs()
+        kw_img["submission_id"] = None
+        t0 = time.perf_counter()
+        img = sub.submit_job_retrying(client, **kw_img)
+        t_img_call = time.perf_counter() - t0
+        sub.wait(client, img, timeout=300, poll=0.2)
+        print(f"submit_job call: working_dir first {t_first_call:.3f} s, cached {t_cached_call:.3f} s, "
+              f"image runtime {t_img_call:.3f} s")
+
+        for _ in range(args.repeats):
+            times["bare"].append(run_to_end(client, entrypoint="python -c pass"))
+            times["bare+import"].append(run_to_end(
+                client, entrypoint="python -c 'import torch, localcl, ray'"))
+            times["preflight/image"].append(run_to_end(client, **kw_img))
+            times["preflight/wd"].append(run_to_end(client, **kw))
+    base = statistics.median(times["bare"])
+    print(f"{'end to end (submit -> SUCCEEDED)':36s} {'median s':>9s} {'x bare':>7s}")
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"  {name:34s} {med:9.2f} {med / base:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
