@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from ray_jobs import submit as sub
 from ray_jobs.commands.submit import add_address_argument
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray.job_submission import JobDetails
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=_stop)
 
 
-def _details(info) -> dict:
+def _details(info: "JobDetails") -> dict[str, Any]:
     return {
         "submission_id": info.submission_id,
         "job_id": info.job_id,
