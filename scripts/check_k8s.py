@@ -34,7 +34,7 @@ KUBERNETES_VERSION = "1.33.0"  # oldest API the manifests target (kubernetes-val
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME = {"RayJob": 47, "RayService": 47, "RayCluster": 53}
-RAY_RESOURCE_PARAMS = {"num-cpus": "cpu", "num-gpus": "nvidia.com/gpu", "memory": "memory"}
+RAY_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 SECRET_ENV = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY)")
 VERSION_IN_TAG = re.compile(r"ray-?(\d+\.\d+\.\d+)")
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
@@ -210,10 +210,12 @@ def cluster_spec_rules(where: str, spec: dict[str, Any], pin: str) -> Iterator[s
         for key, value in params.items():
             if not isinstance(value, str):
                 yield f"{gw}: rayStartParams.{key} must be a string, got {value!r}"
-        group_res = group.get("resources") or {}
-        for param, res in RAY_RESOURCE_PARAMS.items():
-            if param in params and (res in group_res or param.replace("num-", "").upper() in group_res):
-                yield f"{gw}: {param} set both in rayStartParams and resources"
+        if group.get("resources") and any(params.get(k) for k in RAY_RESOURCE_PARAMS):
+            yield f"{gw}: resources set both in rayStartParams and the group's resources field"
+        if "labels" in params:
+            yield f"{gw}: rayStartParams labels is not supported: use the group's labels field"
+        if not is_head and autoscale and group.get("suspend"):
+            yield f"{gw}: a worker group cannot be suspended with autoscaling enabled"
         pod = (group.get("template") or {}).get("spec") or {}
         containers = pod.get("containers") or []
         if not containers:
@@ -263,8 +265,10 @@ def rayjob_rules(doc: dict[str, Any], pin: str) -> Iterator[str]:
         yield f"{where}: needs rayClusterSpec or clusterSelector"
     if selector and cluster:
         yield f"{where}: rayClusterSpec and clusterSelector are exclusive"
-    if selector and "ray.io/cluster" not in selector:
-        yield f"{where}: clusterSelector needs the key ray.io/cluster"
+    if selector and not selector.get("ray.io/cluster"):
+        yield f"{where}: clusterSelector needs a non-empty ray.io/cluster"
+    if selector and mode == "SidecarMode":
+        yield f"{where}: clusterSelector is not supported in SidecarMode"
     shutdown = bool(spec.get("shutdownAfterJobFinishes"))
     if spec.get("suspend"):
         if not shutdown:
@@ -272,6 +276,9 @@ def rayjob_rules(doc: dict[str, Any], pin: str) -> Iterator[str]:
         if selector:
             yield f"{where}: suspend is not allowed with clusterSelector"
     backoff = spec.get("backoffLimit") or 0
+    for key in ("backoffLimit", "ttlSecondsAfterFinished"):
+        if (spec.get(key) or 0) < 0:
+            yield f"{where}: {key} must be >= 0"
     if backoff > 0 and (selector or mode == "InteractiveMode"):
         yield f"{where}: backoffLimit > 0 is not allowed with clusterSelector or InteractiveMode"
     if mode == "SidecarMode" and (spec.get("submitterPodTemplate") or spec.get("submitterConfig")):
