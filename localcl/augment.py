@@ -33,7 +33,6 @@ Families implemented (spec ``../shared/design/methods.md``):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

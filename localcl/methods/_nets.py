@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from localcl.models.unet import UNet, UNet2D, UNet3D
@@ -83,15 +82,3 @@ def seg_loss(logits: Tensor, label: Tensor, kind: str, include_background: bool 
         loss = loss + ce
     out["loss"] = loss
     return out
-
-
-def full_features(unet: UNet, image: Tensor) -> Tensor:
-    return unet(image, taps=("features",), logits=False)["features"]
-
-
-def unet_logits(unet: UNet, image: Tensor) -> Tensor:
-    return unet(image)["logits"]
-
-
-def probs_from_logits(logits: Tensor) -> Tensor:
-    return torch.softmax(logits, dim=1)

@@ -23,8 +23,10 @@ warps (:func:`localcl.methods.mixcl.make_views`); the super-pixel map is warped 
 - ``L_LRC``: :func:`localcl.losses.lrc.lrc_loss` on ``w = g_loc(d(e(x^v)))`` (1×1 conv C, BN, ReLU →
   1×1 conv 128, full resolution) with ``K_r = 16`` regions × ``P_r = 8`` points per view, τ = 0.1.
 
-``dims=3``: 3D patches (B,1,D,H,W) with super-pixels (B,D,H,W) (slice-wise maps stacked), a 3D
-U-Net and axis-flip views; depth is folded into rows for the point sampler.
+``dims=3``: 3D patches (B,1,D,H,W) with super-pixels (B,D,H,W), a 3D U-Net and axis-flip views;
+depth is folded into rows for the point sampler. Region ids must be unique within a patch: when
+stacking slice-wise Felzenszwalb maps, offset each slice's ids (e.g. ``+ z * 2**16``), otherwise
+equal ids of different slices count as one region.
 """
 from __future__ import annotations
 
