@@ -37,6 +37,7 @@ MAX_NAME = {"RayJob": 47, "RayService": 47, "RayCluster": 53}
 RAY_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 SECRET_ENV = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY)")
 VERSION_IN_TAG = re.compile(r"ray-?(\d+\.\d+\.\d+)")
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
 
@@ -223,6 +224,12 @@ def cluster_spec_rules(where: str, spec: dict[str, Any], pin: str) -> Iterator[s
             continue
         if is_head and params.get("num-cpus") != "0":
             yield f"{gw}: the head must run no work: rayStartParams num-cpus \"0\""
+        if is_head and containers[0].get("ports"):
+            # Ports given replace KubeRay's defaults in the head Service: keep its names.
+            named = {port.get("name"): port.get("containerPort") for port in containers[0]["ports"]}
+            for port_name, number in HEAD_PORTS.items():
+                if named.get(port_name) != number:
+                    yield f"{gw}: head container port {port_name!r} must be {number} (KubeRay's name)"
         if not is_head:
             lo, hi = group.get("minReplicas"), group.get("maxReplicas")
             if not autoscale and (lo is None or hi is None):

@@ -222,6 +222,8 @@ BROKEN_CLUSTER: list[tuple[str, Callable[[dict], None], str]] = [
      "resources set both in rayStartParams and the group's resources field"),
     ("labels-param", lambda d: _gpu_group(d)["rayStartParams"].update(labels="a=b"), "rayStartParams labels is not supported"),
     ("suspended-group-autoscaling", lambda d: _gpu_group(d).update(suspend=True), "cannot be suspended with autoscaling"),
+    ("head-port-renamed", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0].update(name="gcs"),
+     "head container port 'gcs-server' must be 6379"),
     ("plain-secret-env", lambda d: _gpu_container(d)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
      "must come from a Secret"),
 ]
