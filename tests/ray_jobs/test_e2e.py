@@ -196,7 +196,12 @@ METHOD_CASES = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+# ideal and supervised also train (with 2 workers) in the two tests above: slow-only here
+COVERED = {"ideal", "supervised"}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in COVERED else m
+                                    for m in sorted(METHOD_CASES)])
 def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tmp_path, method):
     """Each pretraining method (GLCL: both stages) and fine-tuning strategy (PLCL: 2
     self-training rounds after a supervised round 0) runs through the real loop in Ray Train
