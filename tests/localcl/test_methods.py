@@ -149,6 +149,18 @@ def test_config__every_field_has_a_default(registry: str, name: str) -> None:
     assert all(not f.is_required() for f in cls.Config.model_fields.values())
 
 
+@pytest.mark.parametrize("registry, name", [(r, n) for r in ("M", "F") for n in (METHODS if r == "M" else FINETUNE)])
+def test_config__json_round_trip_rebuilds_the_same_network(registry: str, name: str) -> None:
+    import json
+
+    cls = (METHODS if registry == "M" else FINETUNE)[name]
+    cfg = cls.Config(**(_small(name) if registry == "M" else SMALL), seed=3)
+    again = cls.Config(**json.loads(json.dumps(cfg.model_dump())))  # model.json stores the config as JSON
+    assert again == cfg
+    a, b = cls(cfg, 1, 4), cls(again, 1, 4)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
 def test_config__spec_defaults() -> None:
     g = METHODS["glcl"].Config()
     assert (g.tau_global, g.tau_local, g.partitions, g.local_depth, g.region_size) == (0.1, 0.1, 4, 3, 3)
