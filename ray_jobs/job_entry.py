@@ -6,9 +6,10 @@
   :func:`ray_jobs.submit.build_submission` shipped in the runtime-env variable
   ``LOCALCL_SUBMITTED_CONFIG`` (overrides already applied), writes it to a private file;
 - started by a KubeRay RayJob (``k8s/``): reads ``--config FILE`` (the ConfigMap mounted at
-  ``/etc/localcl/configs``); ``--expand-env`` substitutes ``${VAR}`` references from the pod's
-  environment first, so secrets (the PostgreSQL URL of a campaign's Optuna study) stay in
-  Kubernetes Secrets and off command lines;
+  ``/etc/localcl/configs``);
+- with ``--expand-env`` (either way) ``${VAR}`` references are first substituted from the
+  environment on the cluster, so secrets (the PostgreSQL URL of a campaign's Optuna study)
+  stay in Kubernetes Secrets, off command lines and out of the job's recorded runtime env;
 
 then runs ``localcl JOB --config FILE`` in this process, so the job executes exactly the CLI
 verb a user runs locally. A retried RayJob (``backoffLimit``) re-runs the same command: the
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="config file (default: the one shipped by `localcl submit`)")
     parser.add_argument("--expand-env", action="store_true",
-                        help="substitute ${VAR} references in --config from the environment")
+                        help="substitute ${VAR} references in the config from the environment")
     parser.add_argument("--auto-resume", action="store_true",
                         help="tune: pass --resume when the campaign's study already exists")
     parser.add_argument("--preflight", action="store_true")
@@ -131,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.config is not None:
             config = config_from_file(args.config, args.expand_env)
-        elif args.expand_env:
-            raise UserError("--expand-env needs --config")
         else:
             config = materialise_config()
+            if args.expand_env:
+                config = config_from_file(config, expand=True)
         if args.preflight:
             return preflight(args.job, config)
         extra = []

@@ -254,13 +254,15 @@ def build_submission(
     metadata: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
     preflight: bool = False,
+    expand_env: bool = False,
 ) -> Submission:
     """Validate the config locally and build the job to submit (no network access).
 
     ``working_dir`` defaults to the repository this package runs from; ``image_runtime=True``
     sends no ``working_dir`` (the cluster image has localcl installed). ``preflight=True``
     makes the job only re-validate the config on the cluster and print the environment
-    (versions, GPUs, cluster resources) instead of training.
+    (versions, GPUs, cluster resources) instead of training. ``expand_env=True`` makes the job
+    substitute ``${VAR}`` references in the config from the cluster's environment (secrets).
     """
     if job not in JOBS:
         raise UserError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
@@ -300,6 +302,8 @@ def build_submission(
 
     # The shipped text already has the overrides applied: the entrypoint takes none.
     args = ["python", "-m", "ray_jobs.job_entry", job]
+    if expand_env:
+        args.append("--expand-env")
     if preflight:
         args.append("--preflight")
     entrypoint = " ".join(shlex.quote(a) for a in args)

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="job metadata (repeatable), shown by `localcl jobs status`")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="environment variable for the job (repeatable)")
+    p.add_argument("--expand-env", action="store_true",
+                   help="substitute ${VAR} in the config from the cluster's environment "
+                   "(keeps secrets such as a PostgreSQL URL out of the submitted job)")
     p.add_argument("--preflight", action="store_true",
                    help="only validate the config on the cluster and print its environment")
     mode = p.add_mutually_exclusive_group()
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         metadata=sub.parse_pairs(args.metadata, "--metadata"),
         env=sub.parse_pairs(args.env, "--env"),
         preflight=args.preflight,
+        expand_env=args.expand_env,
     )
     client = sub.connect(args.address)
     job_id = sub.submit(client, submission)

@@ -282,7 +282,8 @@ def test_job_entry__config_file_expanded_copy_is_private(tmp_path, monkeypatch):
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(UserError, match="--config: no such file"):
         job_entry.config_from_file(tmp_path / "nope.yaml", expand=True)
-    assert job_entry.main(["finetune", "--expand-env"]) == 2
+    monkeypatch.delenv(sub.CONFIG_ENV, raising=False)
+    assert job_entry.main(["finetune", "--expand-env"]) == 2  # nothing shipped, no --config
     assert job_entry.main(["finetune", "--config", str(src), "--auto-resume"]) == 2
 
 
@@ -337,3 +338,16 @@ def test_submit_job_retrying__retries_only_while_no_agent_is_available(monkeypat
     c = Client([busy] * 5)
     with pytest.raises(RuntimeError, match="No available agent"):
         sub.submit_job_retrying(c, retry_for=0.0, entrypoint="echo")
+
+
+def test_job_entry__expands_a_shipped_config_on_the_cluster(tmp_path, monkeypatch, capsys):
+    cfg = _write_run_config(tmp_path, run_dir="${RUNS_ROOT}/submit-test")
+    s = sub.build_submission("finetune", cfg, expand_env=True, preflight=True)
+    assert s.entrypoint == "python -m ray_jobs.job_entry finetune --expand-env --preflight"
+    shipped = s.runtime_env["env_vars"][sub.CONFIG_ENV]
+    assert "${RUNS_ROOT}" in shipped  # the value never leaves the cluster
+    monkeypatch.setenv(sub.CONFIG_ENV, shipped)
+    monkeypatch.setenv(sub.CONFIG_NAME_ENV, "tiny.yaml")
+    monkeypatch.delenv("RUNS_ROOT", raising=False)
+    assert job_entry.main(["finetune", "--expand-env", "--preflight"]) == 2
+    assert "not set: RUNS_ROOT" in capsys.readouterr().err
