@@ -219,7 +219,7 @@ def _git_sha(root: Path | None) -> str | None:
         return None
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
             capture_output=True, text=True, timeout=5, check=True,
         )
     except (OSError, subprocess.SubprocessError):
@@ -277,6 +277,7 @@ def build_submission(
 
     runtime_env: dict[str, Any] = {}
     root = repo_root()
+    uploaded_root = None
     if not image_runtime:
         wd = Path(working_dir) if working_dir is not None else root
         if wd is None:
@@ -287,6 +288,7 @@ def build_submission(
         if not wd.is_dir():
             raise UserError(f"--working-dir: not a directory: {wd}")
         runtime_env["working_dir"] = str(wd.resolve())
+        uploaded_root = wd.resolve()
         runtime_env["excludes"] = list(DEFAULT_EXCLUDES)
 
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -316,7 +318,7 @@ def build_submission(
         "localcl.user": _user(),
         "localcl.code": "image" if image_runtime else "working_dir",
     }
-    sha = _git_sha(root)
+    sha = _git_sha(uploaded_root)  # the code that runs: only known for an uploaded checkout
     if sha:
         meta["localcl.git_sha"] = sha
     if overrides:

@@ -209,8 +209,10 @@ def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monke
     assert kw["entrypoint"] == "python -m ray_jobs.job_entry finetune"
     assert all(isinstance(v, str) for v in kw["metadata"].values())
 
+    assert s.metadata["localcl.git_sha"]  # `git describe --dirty` of the uploaded checkout
     img = sub.build_submission("finetune", cfg, image_runtime=True)
     assert "working_dir" not in img.runtime_env and "excludes" not in img.runtime_env
+    assert "localcl.git_sha" not in img.metadata  # the image's code is not this checkout
     with pytest.raises(UserError, match="mutually exclusive"):
         sub.build_submission("finetune", cfg, image_runtime=True, working_dir=tmp_path)
     with pytest.raises(UserError, match="unknown job 'train'"):
