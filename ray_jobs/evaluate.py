@@ -475,7 +475,7 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     import torch
 
     from ray_jobs.checkpoint import load_model
-    from ray_jobs.inference import predict_case
+    from ray_jobs.inference import predict_volume, stored_intensity_range
     import storage
 
     ctx = ray.train.get_context()
@@ -492,20 +492,23 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     names = {int(k): v for k, v in cfg["label_names"].items()}
     fg = [k for k in sorted(names) if k != 0]
     mine = cfg["cases"][rank::world]
-    records, preds = [], {}
+    records, candidates = [], {}
     for case in mine:
-        pred = predict_case(model, spec, st, case, batch_size=cfg["batch_size"])
-        ref = st.label(case)
         meta = st.meta(case)
+        image, ref = st.image(case), st.label(case)
+        pred = predict_volume(model, spec, image, meta["spacing"],
+                              intensity_range=stored_intensity_range(spec, meta), batch_size=cfg["batch_size"])
         scores = score_case(pred, ref, meta["spacing"], fg, where=case)
         records.append(case_record(case, scores, names, ref.shape, meta["spacing"]))
         if cfg["save_predictions"]:
             _write_bytes(_join(cfg["out"], "predictions", f"{case}.nii.gz"),
                          label_nifti_bytes(pred, np.asarray(meta["affine"], float)))
-        preds[case] = pred
+        if cfg["plots"] and cfg["overlay_cases"] > 0:
+            # keep only the few slices an overlay needs, not the whole volumes
+            candidates[case] = overlay_payload(image, ref, pred)
     all_records = [r for part in _gather_all(records) for r in part]
     chosen = choose_overlay_cases(all_records, cfg["overlay_cases"]) if cfg["plots"] else []
-    payload = {c: overlay_payload(st.image(c), st.label(c), preds[c]) for c in chosen if c in preds}
+    payload = {c: candidates[c] for c in chosen if c in candidates}
     overlays = {c: p for part in _gather_all(payload) for c, p in part.items()}
     if rank == 0:
         write_report(cfg["out"], all_records, source=cfg["source"], label_names=names,

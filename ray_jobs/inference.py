@@ -153,9 +153,15 @@ def predict_case(model: nn.Module, spec: Mapping[str, Any], store: Any, case: st
     percentiles (``meta["intensity"]["p1"/"p99"]``, as the samplers do) when the spec uses the
     default (1, 99)."""
     meta = store.meta(case)
+    return predict_volume(model, spec, store.image(case), meta["spacing"],
+                          intensity_range=stored_intensity_range(spec, meta), batch_size=batch_size)
+
+
+def stored_intensity_range(spec: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A store case's stored ``(p1, p99)`` when the spec normalises with percentiles (1, 99)
+    (what the samplers used in training); ``None`` (compute from the scan) otherwise."""
     pre = preprocessing_from_spec(spec)
-    rng = None
     stats = meta.get("intensity") or {}
     if (pre["low_percentile"], pre["high_percentile"]) == (1.0, 99.0) and "p1" in stats and "p99" in stats:
-        rng = (float(stats["p1"]), float(stats["p99"]))
-    return predict_volume(model, spec, store.image(case), meta["spacing"], intensity_range=rng, batch_size=batch_size)
+        return float(stats["p1"]), float(stats["p99"])
+    return None
