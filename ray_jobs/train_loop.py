@@ -25,6 +25,13 @@
    only); in fine-tuning, computes the validation Dice; then every rank calls
    ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
 
+Fine-tuning extras: ``lc["pseudo"]`` (PLCL self-training round ``lc["round"]``, see
+:mod:`ray_jobs.self_training`) makes the unlabelled sampler read that derived array as labels,
+delivered to the strategy under its ``pseudo_label_key``; ``method.start_round(r)`` is called
+before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's metrics to MLflow
+through ``ray.air.integrations.mlflow.setup_mlflow``. Every history row carries
+``start_epoch``, the epoch this worker group started at (1, or the resumed epoch).
+
 Checkpoint directory (rank 0): ``state.pt`` (model/optimiser/scheduler/scaler state, epoch,
 global step, sampler epoch, seed, history, best score) and ``best.pt`` (the model state_dict with
 the best validation Dice, or the last epoch's when there is no validation). Both are read with

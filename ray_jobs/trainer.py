@@ -10,6 +10,11 @@
   from the last checkpoint (driver-level resume). Live progress is rendered on the driver from a
   ``ray.util.queue.Queue`` that rank 0 feeds; per-epoch metrics go to TensorBoard
   (``RUN_DIR/<stage>/tensorboard``) and ``history.csv``.
+- A failed fit raises :class:`UserError` naming the root cause (lowest failing rank) and
+  writes every worker's traceback to ``RUN_DIR/<stage>/failure.log``.
+- ``scaling.num_workers = 0`` is Ray Train local mode (the loop runs in the driver); its
+  checkpoints are kept under ``RUN_DIR/<stage>/<run>/local_checkpoints`` since local mode does
+  not copy them to storage.
 """
 from __future__ import annotations
 
