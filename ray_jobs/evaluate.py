@@ -148,6 +148,11 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def _absolute(path: str) -> str:
+    """Local paths made absolute; URIs (``s3://...``, ``memory://...``) unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _write_bytes(uri: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -570,6 +575,8 @@ def evaluate_store(
     import storage
     from ray_jobs.checkpoint import read_spec
 
+    # Ray workers do not share the driver's working directory: make local paths absolute
+    checkpoint, store, out = (_absolute(str(p)) for p in (checkpoint, store, out))
     model_dir = resolve_model_dir(checkpoint)
     spec = read_spec(model_dir)
     if spec["stage"] != "finetune":

@@ -184,13 +184,14 @@ def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
 
 @pytest.mark.ray
 def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import storage
     from ray_jobs.checkpoint import load_model
     from ray_jobs.inference import predict_case
 
     out = tmp_path / "eval"
-    summary = E.evaluate_store(str(tiny_run), phantom[1], str(out), split="all", num_workers=2,
+    monkeypatch.chdir(tmp_path)  # a relative --out must reach the workers as an absolute path
+    summary = E.evaluate_store(str(tiny_run), phantom[1], "eval", split="all", num_workers=2,
                                save_predictions=True)
     st = storage.open_store(phantom[1])
     assert summary["n_cases"] == 6 and summary["cases"] == sorted(st.cases)
@@ -215,10 +216,11 @@ def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom
 
 
 def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture) -> None:
+                                        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--workers 0``: Ray Train local mode; default --out is RUN_DIR/eval/method-<split>."""
-    rc = main(["evaluate", "--checkpoint", str(tiny_run / "finetune" / "model"), "--store", phantom[1],
-               "--split", "val", "--workers", "0", "--overlays", "1"])
+    monkeypatch.chdir(tiny_run.parent)  # relative paths work: made absolute before Ray starts
+    rc = main(["evaluate", "--checkpoint", str(Path(tiny_run.name) / "finetune" / "model"), "--store",
+               phantom[1], "--split", "val", "--workers", "0", "--overlays", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     report = tiny_run / "eval" / "method-val"
