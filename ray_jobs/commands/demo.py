@@ -55,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
           f"pretraining; baseline: supervised from scratch; {cfg.data.label_budget} labelled "
           f"patient(s); {len(out['plan'].test)} test volume(s)")
     print(f"plots and per-case tables: {run_dir}/eval/<model>/  (history: {run_dir}/*/history.csv)")
+    print(f"model card: {run_dir}/MODEL_CARD.md")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0

@@ -30,4 +30,5 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(pipeline.summary_table(out["eval"]))
         print(f"\nevaluation: {run_dir}/eval/")
+    print(f"model card: {run_dir}/MODEL_CARD.md")
     return 0
