@@ -574,6 +574,7 @@ def evaluate_store(
 
     import storage
     from ray_jobs.checkpoint import read_spec
+    from ray_jobs.trainer import worker_runtime_env
 
     # Ray workers do not share the driver's working directory: make local paths absolute
     checkpoint, store, out = (_absolute(str(p)) for p in (checkpoint, store, out))
@@ -628,7 +629,8 @@ def evaluate_store(
             # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
             # hand back a previous run instead of evaluating again
             run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",
-                                           storage_path=storage_path),
+                                           storage_path=storage_path,
+                                           worker_runtime_env=worker_runtime_env()),
         )
         trainer.fit()
     finally:

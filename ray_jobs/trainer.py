@@ -48,6 +48,16 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
              dashboard_host="127.0.0.1", **kwargs)
 
 
+def worker_runtime_env() -> dict[str, Any]:
+    """Runtime env of Train workers: the driver's object-storage variables (credentials,
+    endpoint; :data:`storage.remote.FORWARDED_ENV`), so an ``s3://`` store or run directory
+    works in workers of a Ray instance started before they were set. Empty when none is set."""
+    from storage.remote import forwarded_env
+
+    env = forwarded_env()
+    return {"env_vars": env} if env else {}
+
+
 @dataclass
 class StageResult:
     name: str
@@ -107,6 +117,7 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
         run_config=ray.train.RunConfig(
             name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
             storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
+            worker_runtime_env=worker_runtime_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
     )

@@ -13,8 +13,9 @@ For the layouts ``storage`` writes, a chunk is simple to read directly by follow
   4-byte CRC32C; ``(2^64-1, 2^64-1)`` marks a chunk never written (all ``fill_value``);
 - a chunk is C-order little-endian bytes compressed by blosc (self-describing frame).
 
-:meth:`ShardReader.open` returns ``None`` for any other layout, and for remote stores,
-and the caller falls back to zarr. The tests compare both paths voxel by voxel, for whole-slice
+:meth:`ShardReader.open` returns ``None`` for any other layout, and the caller falls back to
+zarr. Remote stores (``s3://``...) use :class:`storage.remote.RemoteShardReader`, the same
+logic over fsspec byte ranges. The tests compare both paths voxel by voxel, for whole-slice
 chunks and for tiled chunks with partial edge tiles.
 """
 from __future__ import annotations
@@ -27,6 +28,40 @@ import numcodecs.blosc
 import numpy as np
 
 _MISSING = 2**64 - 1
+
+
+def parse_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], np.dtype] | None:
+    """``(shape, chunk, grid, dtype)`` of an array ``zarr.json`` written by :mod:`storage.store`
+    (one shard, ``sharding_indexed`` with the index at the end, bytes+blosc inner codecs,
+    bytes+crc32c index codecs, chunks ``(cx, cy, 1)``), or ``None`` for any other layout.
+    ``grid`` is the number of inner chunks per axis; the shard index is ``16 * prod(grid) + 4``
+    bytes at the end of the shard object."""
+    try:
+        shape = tuple(int(s) for s in meta["shape"])
+        if len(shape) != 3 or meta.get("zarr_format") != 3 or meta.get("storage_transformers"):
+            return None
+        if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
+        shard = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        if any(sh < s for sh, s in zip(shard, shape)):
+            return None  # more than one shard
+        (codec,) = meta["codecs"]
+        cfg = codec["configuration"]
+        if codec["name"] != "sharding_indexed" or cfg.get("index_location", "end") != "end":
+            return None
+        chunk = tuple(int(c) for c in cfg["chunk_shape"])
+        if len(chunk) != 3 or chunk[2] != 1 or any(sh % c for sh, c in zip(shard, chunk)):
+            return None
+        if [c["name"] for c in cfg["codecs"]] != ["bytes", "blosc"]:
+            return None
+        if cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            return None
+        if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
+            return None
+        grid = tuple(sh // c for sh, c in zip(shard, chunk))
+        return shape, chunk, grid, np.dtype(meta["data_type"]).newbyteorder("<")
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 class ShardReader:
@@ -47,35 +82,16 @@ class ShardReader:
         try:
             with open(os.path.join(array_dir, "zarr.json"), "rb") as f:
                 meta = json.load(f)
-            shape = tuple(int(s) for s in meta["shape"])
-            if len(shape) != 3 or meta.get("zarr_format") != 3 or meta.get("storage_transformers"):
+            layout = parse_layout(meta)
+            if layout is None:
                 return None
-            if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
-                return None
-            shard = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
-            if any(sh < s for sh, s in zip(shard, shape)):
-                return None  # more than one shard
-            (codec,) = meta["codecs"]
-            cfg = codec["configuration"]
-            if codec["name"] != "sharding_indexed" or cfg.get("index_location", "end") != "end":
-                return None
-            chunk = tuple(int(c) for c in cfg["chunk_shape"])
-            if len(chunk) != 3 or chunk[2] != 1 or any(sh % c for sh, c in zip(shard, chunk)):
-                return None
-            if [c["name"] for c in cfg["codecs"]] != ["bytes", "blosc"]:
-                return None
-            if cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
-                return None
-            if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
-                return None
-            grid = tuple(sh // c for sh, c in zip(shard, chunk))
+            shape, chunk, grid, dtype = layout
             n = int(np.prod(grid))
             path = os.path.join(array_dir, "c", "0", "0", "0")
             with open(path, "rb") as f:
                 f.seek(-(16 * n + 4), os.SEEK_END)
                 raw = f.read(16 * n)
             index = np.frombuffer(raw, dtype="<u8").reshape(*grid, 2)
-            dtype = np.dtype(meta["data_type"]).newbyteorder("<")
             return cls(path, shape, chunk, dtype, meta.get("fill_value", 0), index)
         except (OSError, KeyError, ValueError, TypeError):
             return None

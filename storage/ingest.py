@@ -116,12 +116,17 @@ def ingest_case(
     chunk_xy: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
     force: bool = False,
+    source_uri: str | None = None,
+    label_uri: str | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> CaseResult:
     """Validate and write one case. Safe to call from a Ray task (give ``store`` as a URI).
 
     Returns a :class:`CaseResult` with status ``"ingested"`` or ``"skipped"`` (complete case
     with the same source hashes, unless ``force``). Raises :class:`InputError` on bad input,
-    before anything is written.
+    before anything is written. ``source_uri``/``label_uri``: where the files really live
+    (e.g. ``s3://...`` when ``src_image`` is a local download), recorded as ``source_path`` /
+    ``label_path`` and used in error messages; ``extra_meta`` is merged into the case attrs.
     """
     t0 = time.perf_counter()
     st = open_store(store, mode="a", storage_options=storage_options)
@@ -131,25 +136,35 @@ def ingest_case(
     if (not force and state is not None and state.get("complete") is True
             and state.get("source_sha256") == img_sha and state.get("label_sha256") == lab_sha):
         return CaseResult(case_id, "skipped", str(src_image), seconds=time.perf_counter() - t0)
-    image = load_volume(src_image, "image", max_bytes=max_bytes, sha256=img_sha)
-    label = load_volume(src_label, "label", max_bytes=max_bytes, sha256=lab_sha) if src_label is not None else None
-    if label is not None:
-        _check_pair(image, label, label_names)
+    try:
+        image = load_volume(src_image, "image", max_bytes=max_bytes, sha256=img_sha)
+        label = load_volume(src_label, "label", max_bytes=max_bytes, sha256=lab_sha) if src_label is not None else None
+        if label is not None:
+            _check_pair(image, label, label_names)
+    except InputError as err:  # name the real source, not a temporary download
+        if source_uri is None and label_uri is None:
+            raise
+        msg = str(err).replace(str(src_image), source_uri or str(src_image))
+        if src_label is not None:
+            msg = msg.replace(str(src_label), label_uri or str(src_label))
+        path, _, problem = msg.partition(": ")
+        raise InputError(path, problem) from None
     meta: dict[str, Any] = {
         "affine": image.affine.tolist(),
         "spacing": list(image.spacing),
         "shape": list(image.shape),
         "dtype": image.dtype,
         "orientation": image.orientation,
-        "source_path": str(Path(src_image).resolve()),
+        "source_path": source_uri or str(Path(src_image).resolve()),
         "source_sha256": img_sha,
-        "label_path": str(Path(src_label).resolve()) if src_label is not None else None,
+        "label_path": (label_uri or str(Path(src_label).resolve())) if src_label is not None else None,
         "label_sha256": lab_sha,
         "intensity": intensity_stats(image.data),
         "label_names": {str(k): v for k, v in (label_names or {}).items()},
         "labelled": label is not None,
         "patient": patient or patient_of(case_id),
     }
+    meta.update(dict(extra_meta or {}))
     if label is not None:
         meta["slice_labels"], meta["fg_bbox"] = label_summary(label.data)
     else:
@@ -168,13 +183,14 @@ def prepare_store(dataset: SourceDataset, store: str | VolumeStore, storage_opti
     st = open_store(store, mode="a", storage_options=storage_options)
     attrs = st.attrs
     sources = list(attrs.get("sources", []))
-    if str(dataset.root.resolve()) not in sources:
-        sources.append(str(dataset.root.resolve()))
+    root = dataset.root if isinstance(dataset.root, str) else str(dataset.root.resolve())  # str: a URL
+    if root not in sources:
+        sources.append(root)
     new: dict[str, Any] = {"sources": sources}
     if dataset.label_names:
         new["label_names"] = {str(k): v for k, v in dataset.label_names.items()}
     if dataset.layout == "msd":
-        new["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(dataset.root.resolve())}
+        new["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": root}
         new["test_cases"] = sorted(set(attrs.get("test_cases", [])) | {c.case_id for c in dataset.cases if c.split == "test"})
     if dataset.splits_json is not None:
         new["splits_json"] = dataset.splits_json

@@ -37,6 +37,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from storage.preprocess import preprocess_slice
 from storage.store import VolumeStore, open_store
 
+#: Defaults for remote (``s3://``...) stores: per-process LRU of decoded slices, read-ahead items.
+REMOTE_CACHE_BYTES = 256 * 2**20
+REMOTE_PREFETCH = 4
+
 ViewsFn = Callable[[dict[str, torch.Tensor], torch.Generator], Mapping[str, torch.Tensor]]
 
 
@@ -61,7 +65,8 @@ class _StoreDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         storage_options: Mapping[str, Any] | None = None,
-        cache_bytes: int = 0,
+        cache_bytes: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(uri, VolumeStore):
@@ -79,7 +84,15 @@ class _StoreDataset(IterableDataset):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.storage_options = dict(storage_options or {})
-        self.cache_bytes = int(cache_bytes)
+        remote = "://" in uri and not uri.startswith("file://")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if prefetch is not None and prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        # Remote stores stream: a bounded LRU of decoded slices + read-ahead threads hide the
+        # GET latency. Local stores read from the page cache and need neither by default.
+        self.cache_bytes = int(cache_bytes if cache_bytes is not None else (REMOTE_CACHE_BYTES if remote else 0))
+        self.prefetch = int(prefetch if prefetch is not None else (REMOTE_PREFETCH if remote else 0))
         self.epoch = 0
         self._store: VolumeStore | None = None
         self._pid: int | None = None
@@ -127,8 +140,32 @@ class _StoreDataset(IterableDataset):
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         plan = self.plan(self.epoch)
-        for i in self.shard_indices(wid, nw):
-            yield self.build_item(i, plan[i], _item_generator(self.seed, self.epoch, i))
+        indices = self.shard_indices(wid, nw)
+        build = lambda i: self.build_item(i, plan[i], _item_generator(self.seed, self.epoch, i))  # noqa: E731
+        if self.prefetch == 0:
+            for i in indices:
+                yield build(i)
+            return
+        # Read-ahead: at most ``prefetch`` items are being built (I/O threads) while the
+        # consumer works; items come out in plan order and each has its own generator, so the
+        # stream is identical to the sequential one.
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.metas  # noqa: B018  (load metadata once, before the threads share the store)
+        pending: deque[Any] = deque()
+        it = iter(indices)
+        with ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="localcl-prefetch") as pool:
+            try:
+                for i in it:
+                    pending.append(pool.submit(build, i))
+                    if len(pending) > self.prefetch:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def plan(self, epoch: int) -> list[Any]:
         raise NotImplementedError
@@ -158,7 +195,10 @@ class SliceDataset(_StoreDataset):
         label_array: array used as ``label`` ("label" or a derived pseudo-label array).
         partitions: S used for the ``partition`` key.
         cache_bytes: per-process LRU budget for decoded slices (each DataLoader worker holds
-            its own cache; 0 = none). Worth it for multi-epoch runs whose slices fit.
+            its own cache; 0 = none). Worth it for multi-epoch runs whose slices fit. Default
+            (None): 0 for a local store, ``REMOTE_CACHE_BYTES`` (256 MiB) for ``s3://``... .
+        prefetch: items built ahead of the consumer by I/O threads (order and values unchanged).
+            Default (None): 0 for a local store, ``REMOTE_PREFETCH`` (4) for a remote one.
     """
 
     def __init__(
@@ -180,9 +220,10 @@ class SliceDataset(_StoreDataset):
         label_array: str = "label",
         num_classes: int | None = None,
         partitions: int = 4,
-        cache_bytes: int = 0,
+        cache_bytes: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
-        super().__init__(uri, cases, seed, rank, world_size, storage_options, cache_bytes)
+        super().__init__(uri, cases, seed, rank, world_size, storage_options, cache_bytes, prefetch)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size must be (H, W) with positive entries, got {tuple(size)}")
         if not 0.0 <= fg_oversample <= 1.0:
@@ -313,11 +354,13 @@ class PartitionBatchDataset(SliceDataset):
         spacing_mm: float | None = None,
         derived: Sequence[str] = (),
         hide_labels: Sequence[str] = (),
-        cache_bytes: int = 0,
+        cache_bytes: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         super().__init__(uri, cases, size=size, seed=seed, rank=rank, world_size=world_size,
                          derived=derived, storage_options=storage_options, spacing_mm=spacing_mm,
-                         hide_labels=hide_labels, partitions=partitions, cache_bytes=cache_bytes)
+                         hide_labels=hide_labels, partitions=partitions, cache_bytes=cache_bytes,
+                         prefetch=prefetch)
         if volumes_per_batch < 1 or partitions < 1 or batches_per_epoch < 1:
             raise ValueError("volumes_per_batch, partitions and batches_per_epoch must be >= 1, got "
                              f"{volumes_per_batch}, {partitions}, {batches_per_epoch}")
@@ -386,8 +429,10 @@ class PatchDataset(_StoreDataset):
         views: ViewsFn | None = None,
         storage_options: Mapping[str, Any] | None = None,
         hide_labels: Sequence[str] = (),
+        cache_bytes: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
-        super().__init__(uri, cases, seed, rank, world_size, storage_options)
+        super().__init__(uri, cases, seed, rank, world_size, storage_options, cache_bytes, prefetch)
         if len(size) != 3 or min(size) < 1:
             raise ValueError(f"size must be (sx, sy, sz) with positive entries, got {tuple(size)}")
         if not 0.0 <= fg_oversample <= 1.0:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -158,6 +159,8 @@ class VolumeStore:
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
+        self._cache_lock = threading.Lock()  # the samplers' prefetch threads share the cache
+        self._fs: tuple[Any, str] | None = None
 
     # ------------------------------------------------------------------ listing
     def refresh(self) -> None:
@@ -166,8 +169,9 @@ class VolumeStore:
         self._arrays.clear()
         self._readers.clear()
         self._catalog = None
-        self._cache.clear()
-        self._cached_bytes = 0
+        with self._cache_lock:
+            self._cache.clear()
+            self._cached_bytes = 0
 
     def _cases_group(self) -> Any | None:
         try:
@@ -290,17 +294,20 @@ class VolumeStore:
         if self.cache_bytes == 0:
             return self._decode_slice(case, array, arr, z % n)
         key = (case, array, z % n)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit.copy()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit.copy()
         data = self._decode_slice(case, array, arr, z % n)
         if data.nbytes <= self.cache_bytes:
-            self._cache[key] = data.copy()
-            self._cached_bytes += data.nbytes
-            while self._cached_bytes > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.nbytes
+            with self._cache_lock:
+                if key not in self._cache:
+                    self._cache[key] = data.copy()
+                    self._cached_bytes += data.nbytes
+                while self._cached_bytes > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached_bytes -= old.nbytes
         return data
 
     def _reader(self, case: str, array: str) -> Any:
@@ -308,10 +315,19 @@ class VolumeStore:
         key = (case, array)
         if key not in self._readers:
             reader = None
-            if self._local_root is not None and os.environ.get("LOCALCL_ZARR_ONLY") != "1":
+            if os.environ.get("LOCALCL_ZARR_ONLY") == "1":
+                pass
+            elif self._local_root is not None:
                 from storage.fastread import ShardReader
 
                 reader = ShardReader.open(os.path.join(self._local_root, CASES, case, array))
+            else:  # object storage: shard index once, then one ranged GET per chunk
+                from storage.remote import RemoteShardReader, url_to_fs
+
+                if self._fs is None:
+                    self._fs = url_to_fs(self.uri, self.storage_options)
+                fs, root = self._fs
+                reader = RemoteShardReader.open_remote(fs, f"{root.rstrip('/')}/{CASES}/{case}/{array}")
             self._readers[key] = reader
         return self._readers[key]
 

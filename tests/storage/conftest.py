@@ -68,3 +68,40 @@ class Synth:
 @pytest.fixture(scope="session")
 def synth() -> type[Synth]:
     return Synth
+
+
+# --------------------------------------------------------------------------- object storage
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """One moto S3 server on 127.0.0.1 (free port) for the session; its ``http://`` endpoint."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """Fake credentials + endpoint in the environment only (``AWS_ENDPOINT_URL``), and a fresh
+    bucket for this test; returns the bucket name. Code under test passes no storage_options."""
+    import re
+
+    import boto3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": moto_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") or "bucket"
+    bucket = f"b-{bucket}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    import fsspec
+
+    fsspec.filesystem("s3").invalidate_cache()  # instances are cached across tests
+    return bucket
