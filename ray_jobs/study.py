@@ -394,13 +394,12 @@ def cell_plan(data: Data, cfg: Config, labelled: list[str], *, use_unlabelled: b
 
 def pretrain_plan(data: Data, cfg: Config, labelled: list[str]) -> Any:
     """Pretraining plan: ``labelled`` (label-aware methods: the budget) keep their labels, every
-    other pool case is hidden (-1); label-free methods get ``labelled == []``."""
+    other pool case is hidden (-1); label-free methods get ``labelled == []``. Pretraining uses
+    the whole pool (``data.max_unlabelled`` caps only the fine-tuning pools)."""
     from ray_jobs.pipeline import Plan
 
     unl = data.catalog.unlabelled_pool(labelled, pool=cfg.data.splits.pool) if labelled \
         else list(data.pool)
-    if cfg.data.max_unlabelled is not None:
-        unl = unl[: cfg.data.max_unlabelled]
     return Plan(data.store, data.num_classes, data.label_names, list(labelled), list(unl),
                 sorted(set(labelled) | set(unl)), [], [])
 
@@ -768,6 +767,7 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
         ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, lw=2.2 if base else 1.4,
                     ls="--" if base else "-", color="black" if base else colours[i % 10],
                     label=f"{m} (baseline)" if base else m)
+    ax.set_ylim(0.0, 1.0)
     ax.set_xscale("log")
     ticks = sorted(xs_all)
     ax.set_xticks(ticks)
