@@ -269,7 +269,9 @@ def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = pri
         return []
     kwargs = superpixel_kwargs(cfg.method_config("pretrain"))
     log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
-    task = ray.remote(num_cpus=1)(_superpixel_task)
+    from ray_jobs.trainer import worker_runtime_env
+
+    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(_superpixel_task)
     done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
     return [c for part in done for c in part]
 

@@ -116,7 +116,10 @@ def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], nam
     done = {"computed": todo, "skipped": [c for c in cases if c not in todo]}
     if not todo:
         return done
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_label_task)
+    from ray_jobs.trainer import worker_runtime_env
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
+                      runtime_env=worker_runtime_env() or None)(_label_task)
     refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu)
             for c in todo]
     ray.get(refs)
