@@ -457,7 +457,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     proc = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     states: dict[str, int] = {}
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 1200
         while time.time() < deadline and proc.poll() is None:
             time.sleep(2)
             if not campaign.campaign_dir.joinpath("study.db").exists():
@@ -484,7 +484,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     before = {t.number: (t.state, dict(t.params)) for t in study.get_trials()}
     raytmp2 = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
     try:
-        res = subprocess.run(cmd + ["--resume"], env=_ray_env(raytmp2), capture_output=True, text=True, timeout=900)
+        res = subprocess.run(cmd + ["--resume"], env=_ray_env(raytmp2), capture_output=True, text=True, timeout=1800)
     finally:
         _end_leftovers(raytmp2)
     (tmp / "driver2.log").write_text(res.stdout + res.stderr)
@@ -563,7 +563,7 @@ def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, A
         res = subprocess.run(
             [sys.executable, "-m", "ray_jobs.cli", "run", "--config", str(c.campaign_dir / "report" / "best_config.yaml"),
              "--run-dir", str(run_dir), "--no-eval", "--no-progress"],
-            env=_ray_env(raytmp), capture_output=True, text=True, timeout=600,
+            env=_ray_env(raytmp), capture_output=True, text=True, timeout=1800,
         )
     finally:
         _end_leftovers(raytmp)
