@@ -1,7 +1,7 @@
 """Cost of one pre-training / fine-tuning step of every method, relative to a supervised step.
 
-Baseline (measured in the same run, same batch, same U-Net): one ``FINETUNE["supervised"]``
-step (GLCL augmentation + forward + Dice + backward + Adam). Each method's step includes its
+Baseline (measured in the same run, same batch, same U-Net, re-timed just before and after each
+row): one ``FINETUNE["supervised"]`` step (GLCL augmentation + forward + Dice + backward + Adam). Each method's step includes its
 views, heads, losses, backward, optimiser step and ``on_after_step`` (EMA / queue). The ratio
 says what the method costs on top of plain supervised training; absolute times depend on the
 machine and are printed for reference only.
@@ -79,16 +79,18 @@ def main() -> None:
             m.on_after_step()
         return run
 
-    base = _timeit(ft_step("supervised"), args.repeats, dev)
-    print(f"device={dev} size={s} batch={b} reference widths; baseline supervised step {base * 1e3:.1f} ms")
-    print(f"{'step':28s} {'ms':>9s} {'x supervised':>13s}")
+    baseline = ft_step("supervised")
+    print(f"device={dev} size={s} batch={b} reference widths (baseline re-timed around every row)")
+    print(f"{'step':28s} {'ms':>9s} {'baseline ms':>12s} {'x supervised':>13s}")
     rows = [(f"finetune/{n}", ft_step(n)) for n in ("ideal", "plcl")]
     for name, cls in METHODS.items():
         for stage in cls.stages:
             rows.append((f"pretrain/{name}/{stage}", pre_step(name, stage)))
     for label, fn in rows:
+        before = _timeit(baseline, args.repeats, dev)
         t = _timeit(fn, args.repeats, dev)
-        print(f"{label:28s} {t * 1e3:9.1f} {t / base:13.2f}")
+        base = 0.5 * (before + _timeit(baseline, args.repeats, dev))  # robust to load drift
+        print(f"{label:28s} {t * 1e3:9.1f} {base * 1e3:12.1f} {t / base:13.2f}")
 
 
 if __name__ == "__main__":
