@@ -67,8 +67,13 @@ class StageResult:
 
 
 def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
-    """Ray storage_path + pyarrow filesystem for RUN_DIR/<stage> (local dirs made absolute)."""
-    fs, path = fsspec.core.url_to_fs(run_dir)
+    """Ray storage_path + pyarrow filesystem for RUN_DIR/<stage> (local dirs made absolute).
+
+    For ``s3://`` the file system carries the driver's ``AWS_*`` settings explicitly: it is
+    pickled to Ray Train's controller actor, whose environment has only Ray's variables."""
+    from storage.remote import env_storage_options
+
+    fs, path = fsspec.core.url_to_fs(run_dir, **env_storage_options(run_dir))
     if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
         full = os.path.abspath(os.path.join(path, stage))
         os.makedirs(full, exist_ok=True)

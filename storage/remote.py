@@ -49,6 +49,29 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
+def env_storage_options(uri: str) -> dict[str, Any]:
+    """For an ``s3://`` URI, the fsspec/s3fs options equivalent to the ``AWS_*`` environment
+    (key, secret, token, endpoint, region); ``{}`` otherwise or when none is set.
+
+    Use it where a file-system object is pickled to a process that may not have this
+    environment (Ray Train's controller actor receives only Ray's own variables)."""
+    if not str(uri).startswith(("s3://", "s3a://")):
+        return {}
+    env = os.environ
+    opts: dict[str, Any] = {}
+    for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                     ("token", "AWS_SESSION_TOKEN")):
+        if env.get(var):
+            opts[opt] = env[var]
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """``(fsspec file system, path without protocol)`` for ``uri``."""
     import fsspec

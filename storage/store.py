@@ -161,10 +161,12 @@ class VolumeStore:
         self._cached_bytes = 0
         self._cache_lock = threading.Lock()  # the samplers' prefetch threads share the cache
         self._fs: tuple[Any, str] | None = None
+        self._invalidate_fs_listing()  # a listing cached by an earlier open may be stale
 
     # ------------------------------------------------------------------ listing
     def refresh(self) -> None:
         """Forget cached listings and slices (call after another process changed the store)."""
+        self._invalidate_fs_listing()
         self._meta = None
         self._arrays.clear()
         self._readers.clear()
@@ -172,6 +174,13 @@ class VolumeStore:
         with self._cache_lock:
             self._cache.clear()
             self._cached_bytes = 0
+
+    def _invalidate_fs_listing(self) -> None:
+        """fsspec file systems (s3fs) cache directory listings per process; drop this store's
+        so case groups written by other processes (Ray ingest tasks) become visible."""
+        fs = getattr(getattr(self._root, "store", None), "fs", None)
+        if fs is not None and hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()  # s3fs drops a path and its parents only, not its children
 
     def _cases_group(self) -> Any | None:
         try:
