@@ -60,15 +60,13 @@ def run(args: argparse.Namespace) -> int:
         out = S.report_only(st, study_dir)
         print(f"{len(out['records'])} finished cell(s); report: {out['report']['md']}")
         return 0
-    from ray_jobs.trainer import init_ray
-
     S.prepare_study_dir(st, study_dir, args.resume)
     cmd = "localcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [
         "study"] else ""
     if cmd and not os.path.exists(os.path.join(study_dir, "command.txt")):
         with open(os.path.join(study_dir, "command.txt"), "w") as f:
             f.write(cmd.replace(" --resume", "") + "\n")
-    init_ray(args.address, num_cpus=None)
+    _init_ray_patiently(args.address)
     out = S.run_study(st, study_dir, resume=True, max_cells=args.max_cells,
                       log=lambda m: print(m, flush=True))
     print()
@@ -76,3 +74,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"{out['done']} of {out['total']} cells; report: {out['report']['md']}, "
           f"{out['report']['png']}")
     return 0
+
+
+def _init_ray_patiently(address: str | None, attempts: int = 3) -> None:
+    """``trainer.init_ray``, retried when a local Ray node misses Ray's fixed 30 s start-up
+    window (seen on an overloaded machine); a study runs for hours, so a slow start should not
+    end it. Other errors propagate at once."""
+    import time
+
+    import ray
+
+    from ray_jobs.trainer import init_ray
+
+    for i in range(attempts):
+        try:
+            init_ray(address, num_cpus=None)
+            return
+        except Exception as exc:  # ray raises a bare Exception for this case
+            if "timed out during startup" not in str(exc) or i == attempts - 1:
+                raise
+            print(f"localcl: Ray start-up timed out (attempt {i + 1}/{attempts}); retrying",
+                  file=sys.stderr, flush=True)
+            ray.shutdown()
+            time.sleep(5)

@@ -1,0 +1,277 @@
+"""`localcl study`: config validation (before Ray), cell planning, label hygiene of the plans,
+the report arithmetic, and a real micro study (2 methods x 1 budget x 1 seed) on a small ACDC
+subset in Ray Train local mode that writes the tables and the curve and resumes cell by cell."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ray_jobs import study as S
+from ray_jobs.errors import ConfigError, UserError
+
+LABELLED = ["patient099", "patient038", "patient050"]  # splits.json ssl4mis_labeled_patients["3"]
+UNLABELLED = ["patient100", "patient058"]
+VAL = ["patient002"]
+TINY = {"widths": [8, 16, 32]}
+
+
+def micro(store: str = "store.zarr", **over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": "micro", "baseline": "supervised", "seeds": [0], "require_all_methods": False,
+        "budgets": [{"name": "1vol", "cases": ["patient099_frame01"], "label": "1 volume"}],
+        "base": {"data": {"store": store, "size": [64, 64], "spacing_mm": [5.0, 5.0],
+                          "splits": {"pool": "train", "val": None, "test": "val"}},
+                 "evaluate": {"plots": False}, "scaling": {"num_workers": 0},
+                 "logging": {"tensorboard": False, "progress": False}},
+        "stage_defaults": {
+            "pretrain": {"method": dict(TINY),
+                         "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
+            "finetune": {"method": dict(TINY),
+                         "schedule": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4}}},
+        "methods": {
+            "supervised": {"finetune": {"method": {"name": "supervised"}}},
+            "lrc": {"pretrain": {"method": {"name": "lrc"}},
+                    "finetune": {"method": {"name": "supervised"}}}},
+    }
+    for key, value in over.items():
+        node = d
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return d
+
+
+# --------------------------------------------------------------------------- validation
+def test_load_study__shipped_configs_cover_every_method(monkeypatch):
+    from localcl.methods import METHODS
+
+    cpu, paper = S.load_study("acdc_cpu"), S.load_study("ray_jobs/configs/study/acdc_paper.yaml")
+    for st, seeds in ((cpu, 2), (paper, 3)):
+        assert set(st.methods) == set(METHODS) and st.baseline == "supervised"
+        assert [b.name for b in st.budgets] == ["1vol", "3pat", "7pat"]
+        assert len(st.seeds) == seeds and len(S.cells(st)) == len(METHODS) * 3 * seeds
+    assert cpu.budgets[0].cases == ["patient099_frame01"] and cpu.budgets[1].patients == 3
+    c = S.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
+    assert c.data.size == (96, 96) and c.data.seed == 1 and c.data.splits.val is None
+    assert c.finetune.method.name == "ideal" and c.finetune.init == "/x"
+    assert c.finetune.schedule.unlabelled_batch_size == 8 and c.scaling.num_workers == 0
+    p = S.cell_config(paper, "ideal", paper.budgets[2], 1, store="s.zarr", init="/x")
+    assert p.data.size == (192, 192) and p.finetune.schedule.epochs * p.finetune.schedule.steps_per_epoch == 10000
+    # the first cells are the baseline, and a cell differs from another budget's by its hash
+    assert S.cells(cpu)[0].method == "supervised"
+    assert c.hash() != S.cell_config(cpu, "ideal", cpu.budgets[1], 1, store="s.zarr", init="/x").hash()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("methods.nope", {"finetune": {"method": {"name": "supervised"}}}, "methods.nope: not a method"),
+    ("baseline", "ideal", "baseline: 'ideal' is not one of methods"),
+    ("base.data.splits.val", "val", "base.data.splits.val: must be null"),
+    ("base.name", "x", "base.name: set per method"),
+    ("seeds", [], "seeds"),
+    ("seeds", [1, 1], "seeds"),
+    ("budgets", [{"name": "b", "patients": 2, "cases": ["a"]}], "exactly one of 'patients' or 'cases'"),
+    ("budgets", [{"name": "a b", "patients": 2}], "budgets.0.name"),
+    ("methods.supervised", {"finetune": {"method": {"name": "supervised", "widthz": 3}}},
+     "methods.supervised: invalid config: finetune.method: Value error, unknown config key(s) ['widthz']"),
+    ("methods.lrc.pretrain.schedule", {"epochs": 0}, "methods.lrc: invalid config: pretrain.schedule.epochs"),
+    ("methods.lrc.oops", {}, "methods.lrc.oops: unknown key"),
+    ("stage_defaults.baseline", {}, "stage_defaults.baseline: not a stage"),
+])
+def test_load_study__bad_config_names_the_key(key, value, needle):
+    d = micro()
+    node = d
+    *path, last = key.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ConfigError) as exc:
+        S.load_study(d)
+    assert needle in str(exc.value)
+
+
+def test_load_study__require_all_methods_lists_the_missing(tmp_path):
+    d = micro(require_all_methods=True)
+    with pytest.raises(ConfigError, match=r"methods: missing \['glcl', 'ideal', 'mixcl', 'plcl'\]"):
+        S.load_study(d)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(micro()))
+    assert S.load_study(path, ["seeds=[0, 3]"]).seeds == [0, 3]
+    with pytest.raises(ConfigError, match="no file or shipped study named 'nope'"):
+        S.load_study("nope")
+
+
+def test_pretrain_sees_labels__matches_the_methods_steps():
+    """Label-free claims are checked on the real steps: with the view generator reseeded, the
+    loss is identical whether the labels are hidden (-1) or given; MixCL's is not."""
+    import torch
+
+    from localcl.methods import METHODS
+
+    torch.manual_seed(0)
+    img = torch.rand(4, 1, 32, 32)
+    lab = torch.zeros(4, 32, 32, dtype=torch.long)
+    lab[:, 8:24, 8:24] = 1
+    lab[:, 12:20, 12:20] = 2
+    sp = (torch.arange(32 * 32).view(32, 32) // 64).expand(4, 32, 32).clone()
+    for name, kw in (("ideal", {"queue_size": 64, "proj_dim": 8}), ("lrc", {}), ("mixcl", {})):
+        cls = METHODS[name]
+        cfg = cls.Config(widths=(4, 8), decoder_widths=(4,), **kw)
+        losses = []
+        for y in (lab, torch.full_like(lab, -1)):
+            torch.manual_seed(1)
+            m = cls(cfg, in_channels=1, num_classes=3)
+            m.reseed(5)
+            batch = {"image": img, "label": y, "superpixels": sp}
+            losses.append(float(m.pretrain_step(batch, step=0)["loss"].detach()))
+        sees = S.pretrain_sees_labels(name, cfg)
+        assert sees == (name == "mixcl")
+        assert (losses[0] != losses[1]) == sees, (name, losses)
+    assert S.pretrain_sees_labels("lrc", METHODS["lrc"].Config(global_loss="supervised"))
+
+
+# --------------------------------------------------------------------------- report maths
+def _rec(method: str, budget: str, seed: int, dice: float, **kw: Any) -> dict[str, Any]:
+    return {"method": method, "budget": budget, "seed": seed,
+            "budget_label": {"a": "1 volume", "b": "3 patients"}[budget],
+            "labelled_volumes": 2, "labelled_patients": {"a": 0.5, "b": 3.0}[budget],
+            "pretrain": None if method == "supervised" else method, "strategy": "supervised",
+            "dice": dice, "hd95": kw.get("hd95", 10.0), "asd": 2.0, "dice_RV": dice - 0.1,
+            "dice_MYO": dice, "dice_LV": dice + 0.1, "hd95_RV": 12.0, "n_cases": 20}
+
+
+def test_aggregate__sd_over_seeds_and_paired_delta():
+    recs = [_rec("supervised", "a", 0, 0.50), _rec("supervised", "a", 1, 0.60),
+            _rec("lrc", "a", 0, 0.55), _rec("lrc", "a", 1, 0.58),
+            _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.65)]
+    agg = {(r["method"], r["budget"]): r for r in S.aggregate(recs, "supervised")}
+    base, lrc = agg[("supervised", "a")], agg[("lrc", "a")]
+    assert base["dice"] == pytest.approx(0.55) and base["dice_sd"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert base["delta"] is None
+    # paired by seed: (0.55 - 0.50, 0.58 - 0.60) -> mean 0.015, sd |0.05 + 0.02| / sqrt(2)
+    assert lrc["delta"] == pytest.approx(0.015) and lrc["delta_sd"] == pytest.approx(0.07 / 2 ** 0.5)
+    assert lrc["n_paired"] == 2 and lrc["dice_LV"] == pytest.approx(0.665)
+    one = agg[("lrc", "b")]
+    assert one["delta"] == pytest.approx(-0.05) and one["delta_sd"] is None and one["dice_sd"] == 0.0
+
+
+def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
+    st = S.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]},
+                                     {"name": "b", "patients": 3}]))
+    recs = [_rec("supervised", "a", 0, 0.50), _rec("lrc", "a", 0, 0.45),
+            _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.75)]
+    md = S.results_markdown(st, recs, total=6)
+    assert "4 of 6 cells (**partial**" in md
+    assert "| **supervised** (baseline) | — | supervised | 0.500 | 0.700 |" in md
+    assert "| lrc | lrc | supervised | 0.450 (Δ -0.050) | 0.750 (Δ +0.050) |" in md
+    assert "| glcl | 0.725 | 0.789 | 0.872 |" in md and "| ideal | 0.738 | 0.846 | 0.879 |" in md
+    assert "- supervised: 0.500 here vs 0.614 published" in md
+    assert "- lrc: above the baseline at 3 patients (+0.050); not above at 1 volume (-0.050)" in md
+    md2 = S.results_markdown(st, [_rec("supervised", "a", 0, 0.5), _rec("lrc", "a", 0, 0.4)], 2)
+    assert "does **not** beat the baseline at any budget run" in md2 and "partial" not in md2
+    png = S.curve_png(st, recs)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+# --------------------------------------------------------------------------- real data
+@pytest.fixture(scope="module")
+def tiny_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    import storage
+
+    uri = str(tmp_path_factory.mktemp("study") / "acdc.zarr")
+    cases = [f"{p}_frame{f:02d}" for p in LABELLED + UNLABELLED + VAL for f in (1, 2)]
+    storage.ingest(str(acdc_dir), uri, cases=cases, workers=2, progress=False)
+    return uri
+
+
+def test_plans__budgets_fixed_and_pretraining_label_free(tiny_store, tmp_path):
+    st = S.load_study(micro(tiny_store, budgets=[
+        {"name": "1vol", "cases": ["patient099_frame01"]}, {"name": "3pat", "patients": 3}]))
+    data = S.open_data(st, str(tmp_path), log=lambda m: None)
+    assert data.test == ["patient002_frame01", "patient002_frame02"] and data.num_classes == 4
+    three = S.budget_cases(data, st.budgets[1], 0, "train")
+    assert sorted({c.split("_")[0] for c in three}) == sorted(LABELLED) and len(three) == 6
+    assert S.patient_equivalents(data, ["patient099_frame01"]) == 0.5
+    assert S.patient_equivalents(data, three) == 3.0
+    cfg = S.cell_config(st, "lrc", st.budgets[0], 0, store=tiny_store, init=None)
+    pre = S.pretrain_plan(data, cfg, [])
+    assert pre.labelled == [] and sorted(pre.unlabelled) == sorted(data.pool) == sorted(pre.pretrain_cases)
+    assert not set(pre.pretrain_cases) & set(data.test)
+    aware = S.pretrain_plan(data, cfg, ["patient099_frame01"])
+    assert aware.labelled == ["patient099_frame01"]
+    assert not any(c.startswith("patient099") for c in aware.unlabelled)  # ES frame: neither
+    cell = S.cell_plan(data, cfg, ["patient099_frame01"], use_unlabelled=False)
+    assert cell.unlabelled == [] and cell.val == [] and cell.test == data.test
+    bad = S.Budget(name="x", cases=["patient002_frame01"])  # a val case is not in the pool
+    with pytest.raises(UserError, match=r"budgets.x.cases: \['patient002_frame01'\] not labelled"):
+        S.budget_cases(data, bad, 0, "train")
+    with pytest.raises(UserError, match="budgets.y.patients: n_patients=9 exceeds"):
+        S.budget_cases(data, S.Budget(name="y", patients=9), 0, "train")
+
+
+def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_store, tmp_path):
+    """supervised + LRC (pretraining shared, label-free) on 1 volume, 1 seed: the cells, the
+    tables, the curve; a second run skips both cells; a different config is refused."""
+    st = S.load_study(micro(tiny_store))
+    sdir = str(tmp_path / "study")
+    logs: list[str] = []
+    out = S.run_study(st, sdir, log=logs.append)
+    assert out["done"] == out["total"] == 2
+    with open(os.path.join(sdir, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [
+        ("supervised", "1vol", "0"), ("lrc", "1vol", "0")]
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and r["labelled_volumes"] == "1"
+        assert float(r["labelled_patients"]) == 0.5 and r["unlabelled_volumes"] == "0"
+        assert {"dice_RV", "dice_MYO", "dice_LV", "hd95"} <= set(r)
+    res = json.loads(Path(sdir, "results.json").read_text())
+    assert res["partial"] is False and len(res["aggregate"]) == 2
+    md = Path(sdir, "results.md").read_text()
+    assert "2 of 2 cells" in md and "| lrc | lrc | supervised |" in md and "Published" in md
+    assert Path(sdir, "curve.png").read_bytes()[:4] == b"\x89PNG"
+    pre = json.loads(Path(sdir, "pretrain", "lrc-s0", "pretrain.json").read_text())
+    assert pre["labels_seen"] == [] and pre["cases"] == 10  # whole train pool, labels hidden
+    cell = Path(sdir, "cells", "lrc", "1vol-s0")
+    card = json.loads((cell / "model_card.json").read_text())
+    assert card["data"]["labelled_cases"] == ["patient099_frame01"]
+    with open(cell / "finetune" / "history.csv") as f:
+        hist = list(csv.DictReader(f))
+    assert len(hist) == 2 and not any(h.get("val_dice") for h in hist)  # no model selection
+    assert json.loads((cell / "cell.json").read_text())["pretrained_from"].endswith(
+        os.path.join("pretrain", "lrc-s0", "pretrain", "model"))
+
+    mtime = (cell / "cell.json").stat().st_mtime_ns
+    with pytest.raises(UserError, match="pass --resume"):
+        S.run_study(st, sdir, log=logs.append)
+    logs.clear()
+    again = S.run_study(st, sdir, resume=True, log=logs.append)
+    assert again["done"] == 2 and not any("fine-tuning" in m or "pretrain" in m for m in logs)
+    assert (cell / "cell.json").stat().st_mtime_ns == mtime
+    other = S.load_study(micro(tiny_store, seeds=[1]))
+    with pytest.raises(UserError, match="different config"):
+        S.run_study(other, sdir, resume=True, log=logs.append)
+    assert len(S.report_only(st, sdir)["records"]) == 2
+
+
+def test_cli_study__dry_run_and_one_line_errors(tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(micro()))
+    assert main(["study", "--config", str(path), "--dry-run", "--study-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells (2 methods x 1 budgets x 1 seeds)" in out and "pretrain/lrc-s0" in out
+    bad = copy.deepcopy(micro())
+    bad["methods"]["supervised"]["finetune"]["method"]["name"] = "nope"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["study", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown finetune method 'nope'" in err and "Traceback" not in err
