@@ -104,7 +104,15 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
     t0 = time.perf_counter()
     fs.put(str(store) + "/", "bench/store.zarr/", recursive=True)
     print(f"copied the store to moto S3 in {time.perf_counter() - t0:.1f} s")
-    cases = storage.open_store(str(store)).cases[:n_cases]
+    t0 = time.perf_counter()
+    all_cases = storage.open_store(str(store)).cases
+    t_local = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert storage.open_store("s3://bench/store.zarr").cases == all_cases
+    t_s3 = time.perf_counter() - t0
+    print(f"listing {len(all_cases)} cases (store.cases): local {t_local:.2f} s, S3 {t_s3:.2f} s "
+          f"({1e3 * t_s3 / len(all_cases):.1f} ms/case on S3)")
+    cases = all_cases[:n_cases]
 
     def rate(uri: str, epochs: int = 1, **kw) -> float:  # type: ignore[no-untyped-def]
         ds = SliceDataset(uri, cases, size=(192, 192), samples_per_epoch=samples, seed=0, **kw)

@@ -33,6 +33,7 @@ def store_info(uri: str) -> dict[str, Any]:
             "store": uri, "cases": rows, "total_bytes": sum(r["nbytes"] for r in rows),
             "incomplete": st.incomplete_cases(),
             "label_names": attrs.get("label_names", {}), "catalog": st.catalog.summary(),
+            "quarantine": attrs.get("quarantine", []),  # failed cases of `ingest --ray`
         }
     except storage.StorageError as exc:
         raise UserError(str(exc)) from None
@@ -68,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"splits: {splits}")
     if info["incomplete"]:
         print(f"incomplete (interrupted, invisible until re-ingested): {', '.join(info['incomplete'])}")
+    for q in info["quarantine"]:
+        print(f"quarantined: {q['case']}: {q['error']}")
     return 0

@@ -131,6 +131,8 @@ def test_cli_ingest__ray_prints_quarantine_and_exits_1(ray_cluster, acdc_dir, tm
     assert main(["ingest", str(src), uri, "--ray", "--no-progress", "--task-memory", "256"]) == 1
     err = capsys.readouterr().err
     assert "quarantine (1 case(s)" in err and f"{BAD}: " in err and "1 ingested, 0 skipped" in err
+    assert main(["info", uri]) == 0
+    assert f"quarantined: {BAD}: " in capsys.readouterr().out
     assert main(["ingest", str(src), uri, "--ray", "--max-in-flight", "0"]) == 2
     assert "--max-in-flight must be >= 1" in capsys.readouterr().err
     assert main(["ingest", "s3://bucket/prefix", uri]) == 2
