@@ -204,7 +204,8 @@ def parallel_ingest(
     else:
         dataset, versions = discover(Path(src_s), unlabelled=unlabelled), {}
         src_s = str(Path(src_s).resolve())
-    todo = [c for c in dataset.cases if cases is None or c.case_id in set(cases)]
+    wanted = None if cases is None else set(cases)
+    todo = [c for c in dataset.cases if wanted is None or c.case_id in wanted]
     store = store if is_url(store) else os.path.abspath(os.fspath(store))
     st = prepare_store(dataset, store, storage_options)
 

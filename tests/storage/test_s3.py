@@ -88,6 +88,50 @@ def test_samplers__s3_prefetch_stream_equals_local_and_cache_is_bounded(tmp_path
         SliceDataset(remote, cases, cache_bytes=-1)
 
 
+def test_env_storage_options__s3_settings_from_the_environment_only(monkeypatch) -> None:
+    from storage.remote import FORWARDED_ENV, env_storage_options, forwarded_env
+
+    for k in FORWARDED_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert env_storage_options("s3://b/x") == {} and forwarded_env() == {}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("HOME_SECRET_NOT_AWS", "x")
+    assert env_storage_options("s3://b/x") == {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9",
+                                               "client_kwargs": {"region_name": "eu-west-1"}}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the S3-specific one wins
+    assert env_storage_options("s3://b/x")["endpoint_url"] == "http://127.0.0.1:10"
+    assert env_storage_options("/local/run") == {} and env_storage_options("memory://x") == {}
+    assert set(forwarded_env()) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"}
+
+
+def test_discover_remote__msd_prefix_pairs_and_reports_problems(tmp_path: Path, synth, s3_env) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1"], extra_entries=[{"image": "../../etc/passwd", "label": "x"}])
+    fs.put(str(src) + "/", f"{s3_env}/ds/", recursive=True)
+    fs.pipe_file(f"{s3_env}/ds/labelsTr/orphan.nii.gz", b"x")  # a label without its image
+    dataset, versions = discover_remote(f"s3://{s3_env}/ds")
+    by_id = {c.case_id: c for c in dataset.cases}
+    assert by_id["c0"].image == f"s3://{s3_env}/ds/imagesTr/c0.nii.gz" and by_id["c0"].problem is None
+    assert by_id["c1"].label == f"s3://{s3_env}/ds/labelsTr/c1.nii.gz"
+    assert "outside the dataset root" in str(by_id["training[2]"].problem)
+    assert "label without its image" in str(by_id["orphan"].problem)
+    assert versions[by_id["c0"].image]["size"] == (src / "imagesTr" / "c0.nii.gz").stat().st_size
+    assert dataset.label_names == {0: "background", 1: "a", 2: "b"}
+    with pytest.raises(storage.InputError, match="dataset.json"):
+        discover_remote(f"s3://{s3_env}/ds/imagesTr")
+    with pytest.raises(storage.InputError, match="no objects"):
+        discover_remote(f"s3://{s3_env}/nothing-here")
+    flat, _ = discover_remote(f"s3://{s3_env}/ds", unlabelled=True)
+    assert sorted(c.case_id for c in flat.cases) == ["imagesTr__c0", "imagesTr__c1", "labelsTr__c0",
+                                                     "labelsTr__c1", "labelsTr__orphan"]
+
+
 def _upload_acdc(acdc_dir: Path, bucket: str) -> str:
     """ACDC subset as an MSD prefix on S3 (+ a truncated image with its label); returns the URL."""
     import fsspec
