@@ -521,8 +521,26 @@ def _should_kill(spec: dict[str, Any], rank: int, epoch: int, step: int) -> bool
     flag = Path(spec["flag"])
     if flag.exists():
         return False
+    if spec.get("snapshot"):  # die only once the previous epoch's checkpoint is registered
+        _wait_registered(Path(spec["snapshot"]), epoch - 1, timeout=float(spec.get("timeout", 300)))
     flag.write_text(f"killed rank {rank} epoch {epoch} step {step}\n")
     return True
+
+
+def _wait_registered(snapshot: Path, epoch: int, timeout: float) -> None:
+    """Block until Ray Train's ``checkpoint_manager_snapshot.json`` lists a checkpoint of
+    ``epoch`` (the controller registers reported checkpoints asynchronously)."""
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
+            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in results):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
 
 
 def _event(hooks: dict[str, Any], rank: int, what: str, epoch: int) -> None:

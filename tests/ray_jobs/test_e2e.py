@@ -82,7 +82,11 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     cfg = validate(base_config(acdc_store, **{"logging.mlflow_uri": mlflow_uri}))
     run_dir = str(tmp_path / "run")
     events, flag = tmp_path / "events.txt", tmp_path / "killed.flag"
-    hooks = {"events": str(events), "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag)}}
+    # the kill waits until the epoch-1 checkpoint is registered by the controller (it registers
+    # reports asynchronously; a worker dying before that restarts from the checkpoint before)
+    snapshot = tmp_path / "run" / "finetune" / "e2e-finetune" / "checkpoint_manager_snapshot.json"
+    hooks = {"events": str(events), "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag),
+                                             "snapshot": str(snapshot)}}
     out = pipeline.run_pipeline(cfg, run_dir, progress=False, hooks=hooks, log=lambda m: None)
 
     assert flag.exists(), "the kill hook never fired"
