@@ -215,6 +215,10 @@ def parallel_ingest(
         else:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                      dashboard_host="127.0.0.1")
+    node_memory = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if node_memory and memory_per_task > node_memory:  # the task could never be scheduled
+        raise ValueError(f"memory_per_task={memory_per_task / 2**20:.0f} MiB exceeds the largest node's Ray "
+                         f"memory resource ({node_memory / 2**20:.0f} MiB); lower it")
     if max_in_flight is None:
         max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     env = forwarded_env()

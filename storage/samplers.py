@@ -139,9 +139,10 @@ class _StoreDataset(IterableDataset):
     def __iter__(self):  # type: ignore[no-untyped-def]
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        plan = self.plan(self.epoch)
+        epoch = self.epoch
+        plan = self.plan(epoch)
         indices = self.shard_indices(wid, nw)
-        build = lambda i: self.build_item(i, plan[i], _item_generator(self.seed, self.epoch, i))  # noqa: E731
+        build = lambda i: self.build_item(i, plan[i], _item_generator(self.seed, epoch, i))  # noqa: E731
         if self.prefetch == 0:
             for i in indices:
                 yield build(i)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 args.src, args.store, unlabelled=args.unlabelled, workers=args.workers,
                 progress=not args.no_progress, chunk_xy=args.chunk_xy,
             )
-    except storage.StorageError as exc:
+    except (storage.StorageError, ValueError) as exc:  # bad input / bad option (names it)
         raise UserError(str(exc)) from None
     if use_ray and report.failed:
         print(f"quarantine ({len(report.failed)} case(s), kept in the store's 'quarantine' attribute):",

@@ -90,6 +90,12 @@ def test_parallel_ingest__volume_over_task_memory_is_refused_from_header(ray_clu
     assert storage.open_store(uri).cases == [] and [q["case"] for q in quarantine(uri)] == [CASES[0]]
 
 
+def test_parallel_ingest__task_memory_larger_than_any_node_is_refused(ray_cluster, acdc_dir, tmp_path):
+    src = acdc_subset(acdc_dir, tmp_path / "src", cases=CASES[:1], bad=False)
+    with pytest.raises(ValueError, match="memory_per_task=.*exceeds the largest node"):
+        parallel_ingest(src, str(tmp_path / "s.zarr"), progress=False, memory_per_task=2**50)
+
+
 def test_parallel_ingest__bad_arguments_name_the_parameter(tmp_path):
     for kw, name in (({"batch_size": 0}, "batch_size"), ({"memory_per_task": 10}, "memory_per_task"),
                      ({"max_in_flight": 0}, "max_in_flight")):
