@@ -415,7 +415,7 @@ def _read_json(path: str) -> Optional[dict[str, Any]]:
 
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
@@ -444,12 +444,20 @@ def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
 
 
 def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
-              log: Callable[[str], None] = print, max_cells: Optional[int] = None) -> dict[str, Any]:
+              log: Callable[[str], None] = print, max_cells: Optional[int] = None,
+              only_seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Run every unfinished cell, rewriting the report after each. Ray must be initialised.
     ``max_cells``: stop after that many newly finished cells (the report says 'partial').
+    ``only_seeds``: run only the cells of these seeds, so several drivers can share one study
+    directory (``--only-seed``; a shared pretraining is built by one of them under a file
+    lock, the others wait for it). The report is rebuilt from every finished ``cell.json``.
     Returns ``{"records": [...], "done": n, "total": N, "report": {...}}``."""
     from ray_jobs import pipeline
 
+    if only_seeds is not None:
+        unknown = sorted(set(only_seeds) - set(study.seeds))
+        if unknown:
+            raise UserError(f"--only-seed: {unknown} not in the study's seeds {study.seeds}")
     prepare_study_dir(study, study_dir, resume)
     t_start = time.perf_counter()
     data = open_data(study, study_dir, log)
@@ -467,6 +475,8 @@ def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
         if done and done.get("config_hash") == cfg.hash():
             records.append(done)
             continue
+        if only_seeds is not None and cell.seed not in only_seeds:
+            continue
         if max_cells is not None and new >= max_cells:
             break
         if init is not None:
@@ -481,6 +491,8 @@ def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
         res = pipeline.run_section(cfg, plan, cell_dir, "finetune", init=(
             {"kind": "backbone", "dir": init} if init else None), progress=False, log=quiet)
         t_ft = time.perf_counter() - t0
+        if res.get("history") is None:  # exported by an interrupted earlier run: its epoch times
+            t_ft = _history_seconds(os.path.join(cell_dir, "finetune", "history.csv"))
         t1 = time.perf_counter()
         ev = pipeline.evaluate_models(cfg, plan, cell_dir, log=quiet)
         t_ev = time.perf_counter() - t1
@@ -497,7 +509,8 @@ def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
         el = time.perf_counter() - t_start
         log(f"[{i + 1}/{len(todo)}] {cell.key}: Dice {rec['dice']:.3f} (finetune {t_ft:.0f} s, "
             f"evaluate {t_ev:.0f} s; study {el / 60:.1f} min)")
-        write_report(study, study_dir, records, total=len(todo))
+        write_report(study, study_dir, finished_records(study, study_dir, data.store), len(todo))
+    records = finished_records(study, study_dir, data.store)
     report = write_report(study, study_dir, records, total=len(todo))
     return {"records": records, "done": len(records), "total": len(todo), "report": report}
 
@@ -517,6 +530,40 @@ def resolve_cell(study: StudyConfig, study_dir: str, cell: Cell, store: str
     if pre is not None and tuple(getattr(METHODS[pre["method"]["name"]], "stages", ()) or ()):
         init = os.path.join(_pretrain_dir(study, study_dir, cell), "pretrain", "model")
     return cell_config(study, cell.method, cell.budget, cell.seed, store=store, init=init), init
+
+
+def _history_seconds(path: str) -> float:
+    """Sum of the ``time_s`` column of a ``history.csv`` (0 when absent)."""
+    try:
+        with open(path) as f:
+            return float(sum(float(r.get("time_s") or 0) for r in csv.DictReader(f)))
+    except (OSError, ValueError):
+        return 0.0
+
+
+class _FileLock:
+    """Exclusive ``fcntl.flock`` on ``path`` (blocking; logs once when it has to wait)."""
+
+    def __init__(self, path: str, log: Callable[[str], None], what: str) -> None:
+        self.path, self.log, self.what = path, log, what
+        self.f: Any = None
+
+    def __enter__(self) -> "_FileLock":
+        import fcntl
+
+        self.f = open(self.path, "a")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.log(f"{self.what}: another driver is building it; waiting")
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
 
 
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -547,6 +594,19 @@ def _ensure_pretrain(study: StudyConfig, study_dir: str, cell: Cell, data: Data,
     cfg = pretrain_config(study, cell.method, store=data.store, budget=budget, seed=seed)
     if pipeline._done(os.path.join(run_dir, "pretrain", "model"), cfg):
         return 0.0
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with _FileLock(run_dir + ".lock", log, f"pretrain {os.path.basename(run_dir)}"):
+        if pipeline._done(os.path.join(run_dir, "pretrain", "model"), cfg):
+            return 0.0  # built by another driver while this one waited
+        return _run_pretrain(cfg, data, budget, budgets, run_dir, seed, log)
+
+
+def _run_pretrain(cfg: Config, data: Data, budget: Optional[Budget],
+                  budgets: Mapping[str, list[str]], run_dir: str, seed: int,
+                  log: Callable[[str], None]) -> float:
+    """Fit and export one pretraining (the caller holds its lock); returns its wall time."""
+    from ray_jobs import pipeline
+
     labelled = budgets[budget.name] if budget else []
     plan = pretrain_plan(data, cfg, labelled)
     log(f"pretrain {os.path.basename(run_dir)}: {cfg.pretrain.method.name} on "
@@ -826,19 +886,25 @@ def _read_command(study_dir: str) -> str:
         return ""
 
 
-def report_only(study: StudyConfig, study_dir: str) -> dict[str, Any]:
-    """Rewrite the report from the finished cells' ``cell.json`` whose config hash matches the
-    study's cell config (no training, no Ray)."""
-    cfg_path = os.path.join(study_dir, "study.yaml")
-    if not os.path.exists(cfg_path):
-        raise UserError(f"--study-dir {study_dir}: no study.yaml (not a study directory)")
-    store = (study.base.get("data") or {}).get("store") or os.path.join(study_dir, "store.zarr")
+def finished_records(study: StudyConfig, study_dir: str, store: str) -> list[dict[str, Any]]:
+    """The ``cell.json`` of every finished cell whose config hash matches the study's cell
+    config, in cell order."""
     recs = []
     for cell in cells(study):
         r = _read_json(os.path.join(cell_dir_of(study_dir, cell), "cell.json"))
         if r is not None and r.get("config_hash") == resolve_cell(study, study_dir, cell,
                                                                   _store_uri(store))[0].hash():
             recs.append(r)
+    return recs
+
+
+def report_only(study: StudyConfig, study_dir: str) -> dict[str, Any]:
+    """Rewrite the report from the finished cells (no training, no Ray)."""
+    cfg_path = os.path.join(study_dir, "study.yaml")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"--study-dir {study_dir}: no study.yaml (not a study directory)")
+    store = (study.base.get("data") or {}).get("store") or os.path.join(study_dir, "store.zarr")
+    recs = finished_records(study, study_dir, store)
     return {"records": recs, "report": write_report(study, study_dir, recs, len(cells(study)))}
 
 

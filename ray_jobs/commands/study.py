@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rewrite results.* and curve.png from the finished cells")
     p.add_argument("--max-cells", type=int, default=None, metavar="N",
                    help="stop after N newly finished cells (the report is marked partial)")
+    p.add_argument("--only-seed", dest="only_seeds", type=int, action="append", default=None,
+                   metavar="SEED", help="run only this seed's cells (repeatable); several "
+                   "drivers with different --only-seed can share one study directory")
     p.set_defaults(func=run)
 
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             f.write(cmd.replace(" --resume", "") + "\n")
     _init_ray_patiently(args.address)
     out = S.run_study(st, study_dir, resume=True, max_cells=args.max_cells,
+                      only_seeds=args.only_seeds,
                       log=lambda m: print(m, flush=True))
     print()
     print(open(out["report"]["md"]).read())

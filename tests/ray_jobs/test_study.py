@@ -275,3 +275,28 @@ def test_cli_study__dry_run_and_one_line_errors(tmp_path, capsys):
     assert main(["study", "--config", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "unknown finetune method 'nope'" in err and "Traceback" not in err
+
+
+def test_run_study__only_seed_must_be_a_study_seed(tmp_path):
+    st = S.load_study(micro())
+    with pytest.raises(UserError, match=r"--only-seed: \[7\] not in the study's seeds \[0\]"):
+        S.run_study(st, str(tmp_path / "d"), only_seeds=[7])
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_file_lock__second_holder_waits_for_the_first(tmp_path):
+    """The pretraining lock is exclusive across processes: a child blocks until it is freed."""
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "x.lock")
+    msgs: list[str] = []
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); t = time.time(); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print(time.time() - t)")
+    with S._FileLock(path, msgs.append, "pretrain x"):
+        child = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert child.poll() is None  # still waiting for the lock
+    waited = float(child.communicate(timeout=30)[0])
+    assert waited >= 0.9 and msgs == []
