@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the archive here (default: a temp dir)")
     ap.add_argument("--loader-cases", type=int, default=20)
     ap.add_argument("--loader-samples", type=int, default=200)
+    ap.add_argument("--skip-loader", action="store_true", help="ingest figures only")
     args = ap.parse_args()
     import ray
 
@@ -169,7 +170,8 @@ def main() -> None:
     ray.init(num_cpus=args.workers, object_store_memory=256 * 2**20, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     bench_ingest(src, work, args.workers)
-    bench_loader(work / f"store_{2 * args.workers}.zarr", args.loader_cases, args.loader_samples)
+    if not args.skip_loader:
+        bench_loader(work / f"store_{2 * args.workers}.zarr", args.loader_cases, args.loader_samples)
     print(f"load average after: {os.getloadavg()}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
