@@ -32,8 +32,9 @@ Cells (``method x budget x seed``):
 - the unlabelled pool of a cell is the pool split minus the budget's patients (labels hidden);
   fine-tuning with the ``supervised`` strategy gets no unlabelled pool (it would ignore it).
 
-A cell is finished when ``cell.json`` holds the cell's config hash; finished cells are skipped,
-an interrupted cell resumes from its last checkpoint (the pipeline's stage resume).
+A cell is finished when ``cell.json`` holds the cell's config hash; finished cells and the
+finished stages of an interrupted cell are skipped; an interrupted stage resumes at its last
+epoch with Ray Train workers and restarts at epoch 1 in local mode (``num_workers: 0``).
 """
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "each label budget with each seed, evaluate on the evaluation split, and "
                     "write results.csv/json, results.md (tables + published numbers) and "
                     "curve.png into the study directory. Re-run with --resume to continue: "
-                    "finished cells are skipped, an interrupted cell resumes from its last "
-                    "checkpoint.")
+                    "finished cells and stages are skipped.")
     p.add_argument("--config", "-c", required=True,
                    help="study YAML or shipped name (ray_jobs/configs/study/: acdc_cpu, "
                         "acdc_paper)")
