@@ -9,7 +9,7 @@ Layout of one store (a single Zarr v3 group, local path or fsspec URI)::
         label                      uint8   (X, Y, Z)  (labelled cases only)
         <derived>                  e.g. superpixels int32/uint16, pseudo_r1 uint8 (X, Y, Z)
 
-Chunks and codec (see ``docs/readme/20-storage.md`` for the measurements):
+Chunks and codec (see the README section "Data: ingest NIfTI into a Zarr store" for the measurements):
 
 - **chunks (X, Y, 1)**: one inner chunk is one whole in-plane slice, so the 2D sampler (the
   default training mode) decodes exactly one chunk per sample and nothing else. A 3D patch of
