@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import localcl.dist as dist
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = ["glcl_global_pairs", "glcl_global_loss", "GLCLGlobalLoss", "VARIANTS"]
 
@@ -209,8 +209,7 @@ class GLCLGlobalLoss(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not (isinstance(tau, (int, float)) and tau > 0):
-            raise ValueError(f"tau must be a number > 0, got {tau!r}")
+        check_tau(tau)
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError("gather_distributed=True but torch.distributed is not available")
         self.variant = variant

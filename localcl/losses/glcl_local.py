@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = [
     "ANCHORS_Q",
@@ -212,10 +212,6 @@ def _check_regions(regions: torch.Tensor, grid: LocalGrid) -> None:
         )
 
 
-def _check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
-
 
 def glcl_local_loss(
     regions: torch.Tensor, grid: LocalGrid, tau: float = 0.1, chunk_size: int | None = None
@@ -233,7 +229,7 @@ def glcl_local_loss(
         Scalar: mean of ``ℓ`` over images, both directions and the ``A`` anchors.
     """
     _check_regions(regions, grid)
-    _check_tau(tau)
+    check_tau(tau)
     B, _, P, D = regions.shape
     A = grid.num_anchors
     dev = regions.device
@@ -303,7 +299,7 @@ def glcl_local_domain_loss(
         Scalar: mean over the ``B * A * 3`` terms.
     """
     _check_regions(regions, grid)
-    _check_tau(tau)
+    check_tau(tau)
     B, _, P, D = regions.shape
     if volume.shape != (B,) or partition.shape != (B,):
         raise ValueError(f"volume and partition must have shape (B,)=({B},)")
@@ -374,7 +370,7 @@ class GLCLLocalLoss(nn.Module):
         super().__init__()
         if variant not in ("R", "D"):
             raise ValueError(f"variant must be 'R' or 'D', got {variant!r}")
-        _check_tau(tau)
+        check_tau(tau)
         self.grid = local_grid(map_size, region_size, neighbours)
         self.variant = variant
         self.tau = float(tau)

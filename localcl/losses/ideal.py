@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import localcl.dist as dist
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = [
     "DenseQueue",
@@ -56,10 +56,6 @@ __all__ = [
     "consistency_weight",
 ]
 
-
-def _check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
 
 
 class DenseQueue(nn.Module):
@@ -200,7 +196,7 @@ def ideal_dense_loss(
     Returns:
         Scalar loss.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if r.dim() != 4 or t.dim() != 4 or r.shape[:2] != t.shape[:2]:
         raise ValueError(f"r and t must be (B, D, h, w) with equal B and D, got {tuple(r.shape)}, {tuple(t.shape)}")
     if not 0.0 <= lam <= 1.0:
@@ -298,7 +294,7 @@ class IDEALDenseLoss(nn.Module):
         queue_init: Literal["warm", "random"] = "warm",
     ) -> None:
         super().__init__()
-        _check_tau(tau)
+        check_tau(tau)
         if queue_init not in ("warm", "random"):
             raise ValueError(f"queue_init must be 'warm' or 'random', got {queue_init!r}")
         if match not in ("argmax", "geometric"):

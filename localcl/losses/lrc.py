@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = [
     "felzenszwalb_superpixels",
@@ -227,10 +227,6 @@ def gather_point_embeddings(embeddings: torch.Tensor, points: RegionPoints, map_
     return embeddings[points.image, points.view, :, yy, xx]
 
 
-def _check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
-
 
 def lrc_loss(
     embeddings: torch.Tensor,
@@ -274,7 +270,7 @@ def lrc_loss(
     Returns:
         Scalar loss. Only the embeddings at sampled points receive gradient.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if mode not in ("summed", "per_positive"):
         raise ValueError(f"mode must be 'summed' or 'per_positive', got {mode!r}")
     if embeddings.dim() != 5 or embeddings.shape[1] != 2:
@@ -307,7 +303,7 @@ def lrc_loss_from_points(
     Returns:
         Scalar: mean over the anchors ``a`` with a non-empty ``P(a)``.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if w.dim() != 2 or group.shape != (w.shape[0],) or view.shape != (w.shape[0],):
         raise ValueError(
             f"w must be (N, D) and group/view (N,), got {tuple(w.shape)}, {tuple(group.shape)}, {tuple(view.shape)}"
@@ -349,7 +345,7 @@ class LRCLoss(nn.Module):
         chunk_size: int | None = 256,
     ) -> None:
         super().__init__()
-        _check_tau(tau)
+        check_tau(tau)
         if mode not in ("summed", "per_positive"):
             raise ValueError(f"mode must be 'summed' or 'per_positive', got {mode!r}")
         for name, val in (("num_regions", num_regions), ("points_per_region", points_per_region), ("min_pix", min_pix)):

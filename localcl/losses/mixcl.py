@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import localcl.dist as dist
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = [
     "identity_loss",
@@ -50,10 +50,6 @@ __all__ = [
     "MixCLLoss",
 ]
 
-
-def _check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
 
 
 def identity_loss(
@@ -75,7 +71,7 @@ def identity_loss(
     Returns:
         Scalar, mean over the 2B local anchors.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both have shape (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     B = z1.shape[0]
@@ -161,7 +157,7 @@ def label_consistency_loss(
         Scalar (0 with no sampled pixel or no anchor with a positive). Unsampled pixels get
         exactly zero gradient.
     """
-    _check_tau(tau)
+    check_tau(tau)
     if embeddings.dim() != 5:
         raise ValueError(f"embeddings must have shape (B, V, D, H, W), got {tuple(embeddings.shape)}")
     B, V, D, H, W = embeddings.shape
@@ -251,7 +247,7 @@ class MixCLLoss(nn.Module):
         chunk_size: int | None = 256,
     ) -> None:
         super().__init__()
-        _check_tau(tau)
+        check_tau(tau)
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if num_pixels < 1:

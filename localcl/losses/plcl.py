@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from localcl.losses.kernel import info_nce
+from localcl.losses.kernel import check_tau, info_nce
 
 __all__ = ["class_prototypes", "sample_class_pixels", "plcl_loss", "PLCLLoss"]
 
@@ -147,8 +147,7 @@ def plcl_loss(
         raise ValueError(f"num_classes must be >= 2 (background + >= 1 foreground), got {num_classes}")
     if int(labels.max()) >= num_classes:
         raise ValueError(f"labels hold class {int(labels.max())} >= num_classes={num_classes}")
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    check_tau(tau)
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     if variant not in ("inter", "intra"):
@@ -247,8 +246,7 @@ class PLCLLoss(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not (isinstance(tau, (int, float)) and tau > 0):
-            raise ValueError(f"tau must be a number > 0, got {tau!r}")
+        check_tau(tau)
         if per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {per_class}")
         if variant not in ("inter", "intra"):
