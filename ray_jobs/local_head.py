@@ -94,10 +94,13 @@ class LocalHead:
         env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                    RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
-        env.pop("RAY_ADDRESS", None)
+        gcs = free_port()
+        # Workers inherit it: Ray code in a worker that looks the cluster up by itself (the
+        # State API of Train's PlacementGroupCleaner) finds this head, not another instance.
+        env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
         self._log = open(Path(self.temp_dir) / "ray_start.log", "w")
         cmd = [str(ray if ray.exists() else "ray"), "start", "--head", "--block",
-               "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+               "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()),

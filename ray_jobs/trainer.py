@@ -2,7 +2,8 @@
 
 - :func:`init_ray`: ``--address`` or ``RAY_ADDRESS`` -> ``ray.init(address)`` with no resource
   arguments (they are refused when connecting); otherwise a local instance on 127.0.0.1 sized
-  to the job (``num_workers`` CPUs at least). Already-initialised Ray (tests) is reused.
+  to the job (``num_workers`` CPUs at least; :func:`start_local_ray`, whose workers know
+  their cluster's address). Already-initialised Ray (tests) is reused.
 - :func:`fit_stage`: ``TorchTrainer(train_func, ScalingConfig(...), TorchConfig(backend=
   "nccl" on GPU else "gloo"), RunConfig(storage_path=RUN_DIR/<stage>, name=<run>-<stage>,
   FailureConfig(max_failures), CheckpointConfig(num_to_keep)))``. No ``trainer_resources``
@@ -44,8 +45,44 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
             raise UserError(f"--address {address or os.environ.get('RAY_ADDRESS')}: "
                             f"cannot connect to Ray ({str(exc).splitlines()[0]})") from None
         return
-    ray.init(num_cpus=num_cpus, object_store_memory=512 * 2**20, include_dashboard=True,
-             dashboard_host="127.0.0.1", **kwargs)
+    start_local_ray(num_cpus=num_cpus, **kwargs)
+
+
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a new local Ray instance on 127.0.0.1 (512 MiB object store, dashboard on
+    loopback) and return its GCS address ``127.0.0.1:PORT``.
+
+    The GCS port is chosen up front (``RAY_GCS_SERVER_PORT``) and ``RAY_ADDRESS`` names it in
+    the environment the raylet and therefore every worker inherit. Without that, Ray code in a
+    worker that looks the cluster up by itself (Ray Train V2's ``PlacementGroupCleaner`` calls
+    the State API with no address) fails with "Found multiple active Ray instances" whenever
+    another Ray instance runs on the host, and the placement groups of a Train run whose
+    controller died (a trial stopped by ASHA, a killed driver) are never released: later
+    trials then wait for CPUs that are reserved by no one. ``address="local"`` makes
+    ``ray.init`` itself ignore ``RAY_ADDRESS``; the driver's own environment is restored after.
+    """
+    import ray
+
+    from ray_jobs.local_head import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    kwargs: dict[str, Any] = dict(object_store_memory=512 * 2**20, include_dashboard=True,
+                                  dashboard_host="127.0.0.1")
+    kwargs.update(init_kwargs)
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1])
+    try:
+        ctx = ray.init(address="local", **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    got = ctx.address_info.get("gcs_address", address)
+    if got != address:  # the port was taken between choosing and binding
+        raise RuntimeError(f"local Ray started on {got}, not on the chosen {address}")
+    return address
 
 
 def worker_runtime_env() -> dict[str, Any]:

@@ -49,14 +49,9 @@ def ray_cluster():
     """One local Ray instance for the session: 2 CPUs, capped object store, 127.0.0.1."""
     import ray
 
+    from ray_jobs.trainer import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            object_store_memory=512 * 2**20,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

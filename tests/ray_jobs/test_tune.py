@@ -493,7 +493,6 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # real campaign + driver kill/resume: ~10 min idle; a resume hung once under load
 @pytest.mark.timeout(2400)
 def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resumed: dict[str, Any]) -> None:
     c: tune.Campaign = killed_and_resumed["campaign"]
@@ -527,7 +526,6 @@ def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resume
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # real campaign + driver kill/resume: ~10 min idle; a resume hung once under load
 @pytest.mark.timeout(2400)
 def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -> None:
     import pandas as pd
@@ -548,7 +546,6 @@ def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # real campaign + driver kill/resume: ~10 min idle; a resume hung once under load
 @pytest.mark.timeout(2400)
 def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, Any]) -> None:
     import subprocess
