@@ -11,7 +11,9 @@ float32), written once under ``--workdir``. Then:
 2. Loader: ``SliceDataset`` over the first ``--loader-cases`` volumes of the local store and
    of the same store copied to a moto S3 server on 127.0.0.1 (credentials in env only):
    slices/s for local, S3 without prefetch/cache, S3 with the remote defaults (prefetch 4,
-   256 MiB cache), and S3 second epoch (cache warm). Ratios vs local, same run.
+   256 MiB cache), and S3 second epoch (cache warm). Ratios vs local, same run. Also the time
+   to open the S3 store (``store.cases``) with the case index ingest writes vs without it
+   (every case's ``zarr.json`` read), same run.
 
 Usage: ``.venv/bin/python benchmarks/bench_ingest_scale.py --n 2000`` (default 2000).
 The machine's load average is printed: on a shared CPU the scaling figure is meaningless
@@ -120,11 +122,23 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
     t0 = time.perf_counter()
     all_cases = storage.open_store(str(store)).cases
     t_local = time.perf_counter() - t0
+    s3_uri = "s3://bench/store.zarr"
     t0 = time.perf_counter()
-    assert storage.open_store("s3://bench/store.zarr").cases == all_cases
+    assert storage.open_store(s3_uri).cases == all_cases
     t_s3 = time.perf_counter() - t0
-    print(f"listing {len(all_cases)} cases (store.cases): local {t_local:.2f} s, S3 {t_s3:.2f} s "
-          f"({1e3 * t_s3 / len(all_cases):.1f} ms/case on S3)")
+    w = storage.open_store(s3_uri, mode="a")
+    assert w.read_case_index() is not None, "ingest wrote no case index"
+    w.drop_case_index()  # baseline: what opening cost before the index (one GET per case)
+    t0 = time.perf_counter()
+    assert storage.open_store(s3_uri).cases == all_cases
+    t_s3_groups = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w.write_case_index()
+    t_write = time.perf_counter() - t0
+    print(f"opening a store of {len(all_cases)} cases (store.cases): local {t_local:.2f} s; S3 with the "
+          f"case index {t_s3:.2f} s ({1e3 * t_s3 / len(all_cases):.2f} ms/case), S3 reading every case's "
+          f"zarr.json (16 at a time) {t_s3_groups:.2f} s ({1e3 * t_s3_groups / len(all_cases):.2f} ms/case): "
+          f"index {t_s3_groups / t_s3:.1f}x faster; rewriting the index {t_write:.2f} s")
     cases = all_cases[:n_cases]
 
     def rate(uri: str, epochs: int = 1, **kw) -> float:  # type: ignore[no-untyped-def]

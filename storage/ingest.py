@@ -32,6 +32,7 @@ class CaseResult:
     source: str = ""
     error: str | None = None
     seconds: float = 0.0
+    meta: dict[str, Any] | None = field(default=None, repr=False)  # case attrs as stored (ingested/skipped)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def ingest_case(
     state = st.case_state(case_id)
     if (not force and state is not None and state.get("complete") is True
             and state.get("source_sha256") == img_sha and state.get("label_sha256") == lab_sha):
-        return CaseResult(case_id, "skipped", str(src_image), seconds=time.perf_counter() - t0)
+        return CaseResult(case_id, "skipped", str(src_image), seconds=time.perf_counter() - t0, meta=state)
     try:
         image = load_volume(src_image, "image", max_bytes=max_bytes, sha256=img_sha)
         label = load_volume(src_label, "label", max_bytes=max_bytes, sha256=lab_sha) if src_label is not None else None
@@ -169,13 +170,28 @@ def ingest_case(
         meta["slice_labels"], meta["fg_bbox"] = label_summary(label.data)
     else:
         meta["slice_labels"], meta["fg_bbox"] = None, None
-    st.write_case(case_id, image.data, None if label is None else label.data, meta, chunk_xy=chunk_xy)
-    return CaseResult(case_id, "ingested", str(src_image), seconds=time.perf_counter() - t0)
+    stored = st.write_case(case_id, image.data, None if label is None else label.data, meta, chunk_xy=chunk_xy)
+    return CaseResult(case_id, "ingested", str(src_image), seconds=time.perf_counter() - t0, meta=stored)
 
 
 def discover(src: str | os.PathLike[str], unlabelled: bool = False) -> SourceDataset:
     """MSD/nnU-Net dataset (default) or a folder tree of unlabelled NIfTI files."""
     return discover_unlabelled(src) if unlabelled else discover_msd(src)
+
+
+def finish_case_index(st: VolumeStore, old: Mapping[str, Mapping[str, Any]] | None, report: "IngestReport") -> int:
+    """Write the store's case index at the end of an ingest run (see :mod:`storage.store`).
+
+    Attrs come from the run's results (ingested and skipped cases carry them) and from the
+    index read before the run (``old``) for cases this run did not touch; failed cases and
+    anything else are read from storage. Drops the results' attrs afterwards (memory)."""
+    touched = {r.case_id for r in report.results}
+    known = {c: m for c, m in (old or {}).items() if c not in touched}
+    known.update({r.case_id: r.meta for r in report.results if r.status != "failed" and r.meta})
+    n = st.write_case_index(known)
+    for r in report.results:
+        r.meta = None
+    return n
 
 
 def prepare_store(dataset: SourceDataset, store: str | VolumeStore, storage_options: Mapping[str, Any] | None = None) -> VolumeStore:
@@ -231,6 +247,8 @@ def ingest(
     dataset = discover(src, unlabelled=unlabelled)
     todo: list[CaseSource] = [c for c in dataset.cases if cases is None or c.case_id in cases]
     st = prepare_store(dataset, store, storage_options)
+    old_index = st.read_case_index()
+    st.drop_case_index()  # rewritten below: an index on storage always matches the cases
     report = IngestReport()
     bar = tqdm(total=len(todo), unit="vol", desc="ingest", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     say = on_error or (lambda msg: tqdm.write(f"localcl: error: {msg}", file=sys.stderr))
@@ -267,6 +285,7 @@ def ingest(
     finally:
         bar.close()
     report.results.sort(key=lambda r: r.case_id)
+    finish_case_index(st, old_index, report)
     report.seconds = time.perf_counter() - t0
     st.refresh()
     return report

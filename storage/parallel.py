@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import InputError
-from storage.ingest import CaseResult, IngestReport, discover, ingest_case, prepare_store
+from storage.ingest import CaseResult, IngestReport, discover, finish_case_index, ingest_case, prepare_store
 from storage.remote import discover_remote, forwarded_env, is_url
 from storage.sources import CaseSource
 from storage.store import open_store
@@ -107,7 +107,7 @@ def _ingest_remote(st: Any, spec: Mapping[str, Any], label_names: Mapping[int, s
     cid, version = spec["case_id"], spec["version"]
     state = st.case_state(cid)
     if state is not None and state.get("complete") is True and state.get("source_version") == version:
-        return CaseResult(cid, "skipped", spec["image"])
+        return CaseResult(cid, "skipped", spec["image"], meta=state)
     with tempfile.TemporaryDirectory(prefix="localcl-ingest-") as tmp:
         # image and label often share a file name (imagesTr/x.nii.gz, labelsTr/x.nii.gz)
         img_dir, lab_dir = os.path.join(tmp, "image"), os.path.join(tmp, "label")
@@ -208,6 +208,8 @@ def parallel_ingest(
     todo = [c for c in dataset.cases if wanted is None or c.case_id in wanted]
     store = store if is_url(store) else os.path.abspath(os.fspath(store))
     st = prepare_store(dataset, store, storage_options)
+    old_index = st.read_case_index()
+    st.drop_case_index()  # rewritten at the end: an index on storage always matches the cases
 
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
@@ -253,6 +255,7 @@ def parallel_ingest(
     finally:
         bar.close()
     report.results.sort(key=lambda r: r.case_id)
+    finish_case_index(st, old_index, report)
     report.seconds = time.perf_counter() - t0
     write_quarantine(st, report)
     st.refresh()

@@ -4,6 +4,7 @@ Layout of one store (a single Zarr v3 group, local path or fsspec URI)::
 
     STORE/                         root attrs: localcl_store {version, layout}, splits,
                                    label_names, dataset, source
+      case_index.json.gz           every complete case's attrs in one object (written by ingest)
       cases/<case>/                group attrs: meta (see :meth:`VolumeStore.meta`) + complete
         image                      float32 (X, Y, Z)  == nibabel get_fdata()
         label                      uint8   (X, Y, Z)  (labelled cases only)
@@ -31,6 +32,14 @@ Atomic visibility: a case group is created with ``complete: false``; arrays are 
 then is ``complete: true`` set (one metadata write; atomic on local disks via rename and on
 object stores via PUT). Readers list only complete cases, so a killed ingest never exposes a
 half case; a rerun deletes and rewrites incomplete ones.
+
+Case index: opening a store must not read one ``zarr.json`` per case (100k cases on S3 are
+100k GETs, ~25 min at 15 ms each). Ingest ends by writing ``case_index.json.gz``
+(``{"version": 1, "cases": {case: attrs}}``, one PUT/rename) and deletes it before its first
+write, so an index on storage always describes the cases as they are. Readers list the case
+names (one LIST per 1,000 cases on S3, one ``scandir`` locally), take the attrs of indexed
+names from the index and read ``zarr.json`` only for names the index lacks (cases written
+since, stores without an index), 16 at a time on object storage.
 """
 from __future__ import annotations
 
@@ -51,6 +60,8 @@ from storage.errors import StoreError
 
 STORE_VERSION = 1
 CASES = "cases"
+CASE_INDEX = "case_index.json.gz"
+CASE_INDEX_VERSION = 1
 RESERVED_ARRAYS = ("image", "label")
 
 
@@ -102,6 +113,18 @@ def _jsonable_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(meta.get("label_names"), dict):
         meta["label_names"] = {int(k): v for k, v in meta["label_names"].items()}
     return meta
+
+
+def _as_stored(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``attrs`` as a JSON round trip gives them back (tuples -> lists, numpy scalars -> Python)."""
+    import json
+
+    def default(o: Any) -> Any:
+        if isinstance(o, (np.generic, np.ndarray)):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return json.loads(json.dumps(dict(attrs), default=default))
 
 
 def _retry_if_created_meanwhile(make: Any, attempts: int = 5) -> Any:
@@ -190,22 +213,136 @@ class VolumeStore:
 
     def _scan(self) -> dict[str, dict[str, Any]]:
         if self._meta is None:
-            grp = self._cases_group()
-            found: dict[str, dict[str, Any]] = {}
-            if grp is not None:
-                for name, node in grp.groups():
-                    attrs = dict(node.attrs)
-                    if attrs.get("complete") is True:
-                        found[name] = attrs
-            self._meta = dict(sorted(found.items()))
+            names = self._case_names()
+            index = self.read_case_index() or {}
+            found = {n: index[n] for n in names if n in index}
+            found.update(self._read_case_attrs([n for n in names if n not in index]))
+            self._meta = dict(sorted((n, a) for n, a in found.items() if a.get("complete") is True))
         return self._meta
+
+    # ------------------------------------------------------------------ case index
+    def _fs_root(self) -> tuple[Any, str]:
+        """``(fsspec file system, store path)``; the file system is ``None`` for local stores."""
+        if self._local_root is not None:
+            return None, self._local_root
+        if self._fs is None:
+            from storage.remote import url_to_fs
+
+            self._fs = url_to_fs(self.uri, self.storage_options)
+        fs, root = self._fs
+        return fs, root.rstrip("/")
+
+    def _case_names(self) -> list[str]:
+        """Names of the case groups on storage (complete or not), from one directory listing."""
+        fs, root = self._fs_root()
+        path = f"{root}/{CASES}"
+        if fs is None:
+            try:
+                return sorted(e.name for e in os.scandir(path) if e.is_dir())
+            except FileNotFoundError:
+                return []
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+    def _read_case_attrs(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Attrs of the case groups ``names`` from their ``zarr.json`` (16 GETs at a time on
+        object storage); a name that vanished meanwhile is left out."""
+        if not names:
+            return {}
+
+        def one(name: str) -> tuple[str, dict[str, Any] | None]:
+            try:
+                return name, dict(self._root[f"{CASES}/{name}"].attrs)
+            except KeyError:
+                return name, None
+
+        if self._local_root is not None or len(names) == 1:
+            pairs = [one(n) for n in names]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                pairs = list(pool.map(one, names))
+        return {n: a for n, a in pairs if a is not None}
+
+    def read_case_index(self) -> dict[str, dict[str, Any]] | None:
+        """``{case: attrs}`` from ``case_index.json.gz``, or ``None`` when the store has none
+        (or an unreadable one: the index is a cache, the case groups stay the truth)."""
+        import gzip
+        import json
+
+        fs, root = self._fs_root()
+        path = f"{root}/{CASE_INDEX}"
+        try:
+            if fs is None:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            else:
+                raw = fs.cat_file(path)
+            doc = json.loads(gzip.decompress(raw))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as exc:
+            import warnings
+
+            warnings.warn(f"{self.uri}/{CASE_INDEX}: unreadable case index ({type(exc).__name__}); "
+                          f"reading every case's metadata instead", stacklevel=2)
+            return None
+        if not isinstance(doc, dict) or doc.get("version") != CASE_INDEX_VERSION or not isinstance(doc.get("cases"), dict):
+            return None
+        return doc["cases"]
+
+    def drop_case_index(self) -> None:
+        """Delete ``case_index.json.gz`` (ingest does it before writing any case)."""
+        self._require_writable()
+        fs, root = self._fs_root()
+        path = f"{root}/{CASE_INDEX}"
+        try:
+            if fs is None:
+                os.remove(path)
+            else:
+                fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        self._meta = None
+
+    def write_case_index(self, known: Mapping[str, Mapping[str, Any]] | None = None) -> int:
+        """Write ``case_index.json.gz`` for the complete cases now on storage; returns their number.
+
+        ``known``: attrs already at hand (what ingest just wrote or checked); a listed case not
+        in it is read from its ``zarr.json``. Atomic: a rename locally, one PUT on S3.
+        """
+        import gzip
+        import json
+
+        self._require_writable()
+        self._invalidate_fs_listing()
+        names = self._case_names()
+        known = known or {}
+        cases = {n: dict(known[n]) for n in names if n in known}
+        cases.update(self._read_case_attrs([n for n in names if n not in known]))
+        cases = {n: a for n, a in sorted(cases.items()) if a.get("complete") is True}
+        raw = gzip.compress(json.dumps({"version": CASE_INDEX_VERSION, "written_at": time.time(),
+                                        "cases": cases}, separators=(",", ":")).encode(), 6)
+        fs, root = self._fs_root()
+        path = f"{root}/{CASE_INDEX}"
+        if fs is None:
+            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, raw)
+        self._meta = None
+        return len(cases)
 
     def incomplete_cases(self) -> list[str]:
         """Case groups present on storage but not marked complete (interrupted writes)."""
-        grp = self._cases_group()
-        if grp is None:
-            return []
-        return sorted(name for name, node in grp.groups() if node.attrs.get("complete") is not True)
+        attrs = self._read_case_attrs(self._case_names())
+        return sorted(n for n, a in attrs.items() if a.get("complete") is not True)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -453,10 +590,11 @@ class VolumeStore:
         label: np.ndarray | None,
         meta: Mapping[str, Any],
         chunk_xy: int | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Write one case atomically-visible: group (complete=false) -> arrays -> complete=true.
 
-        An existing group of the same name (complete or not) is deleted first.
+        An existing group of the same name (complete or not) is deleted first. Returns the
+        case's attrs as stored (what :meth:`meta` and the case index hold).
         """
         self._require_writable()
         if image.ndim != 3 or (label is not None and label.shape != image.shape):
@@ -475,12 +613,14 @@ class VolumeStore:
                 compressors=compressors(), fill_value=0,
             )
             arr[...] = data
-        grp.attrs.update({"complete": True, "ingested_at": time.time()})
+        done = {"complete": True, "ingested_at": time.time()}
+        grp.attrs.update(done)
         self._meta = None
         self._catalog = None
         for cache in (self._arrays, self._readers):
             for key in [k for k in cache if k[0] == case]:
                 del cache[key]
+        return _as_stored({**attrs, **done})
 
 
 def open_store(

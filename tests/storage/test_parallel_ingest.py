@@ -64,15 +64,20 @@ def test_parallel_ingest__resume_completes_only_what_is_missing(ray_cluster, acd
     uri = str(tmp_path / "s.zarr")
     first = parallel_ingest(src, uri, cases=CASES[:2], progress=False, memory_per_task=256 * 2**20)
     assert [r.case_id for r in first.ingested] == sorted(CASES[:2])
-    # as if the driver died while case 2 was half written: group present, complete=false
+    assert sorted(storage.open_store(uri).read_case_index()) == sorted(CASES[:2])
+    # as if the next run's driver died while case 2 was half written: that run dropped the case
+    # index before writing, the group is present with complete=false
+    storage.open_store(uri, mode="a").drop_case_index()
     zarr.open_group(uri, path=f"cases/{CASES[1]}", mode="a").attrs["complete"] = False
     assert storage.open_store(uri).incomplete_cases() == [CASES[1]]
+    assert storage.open_store(uri).cases == [CASES[0]]
     second = parallel_ingest(src, uri, progress=False, memory_per_task=256 * 2**20)
     assert [r.case_id for r in second.skipped] == [CASES[0]]
     assert sorted(r.case_id for r in second.ingested) == sorted([CASES[1], CASES[2]])
     assert [r.case_id for r in second.failed] == [BAD]
     st = storage.open_store(uri)
     assert st.cases == sorted(CASES) and st.incomplete_cases() == []  # the bad file never wrote a group
+    assert sorted(st.read_case_index()) == sorted(CASES)
     # fix the malformed file: the next run ingests it and empties the quarantine
     (src / "imagesTr" / f"{BAD}.nii.gz").unlink()
     shutil.copy(acdc_dir / "imagesTr" / f"{CASES[0]}.nii.gz", src / "imagesTr" / f"{BAD}.nii.gz")

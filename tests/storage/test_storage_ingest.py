@@ -45,7 +45,9 @@ def test_ingest__incomplete_case_is_invisible_then_rewritten(tmp_path: Path, syn
     storage.ingest(src, uri, progress=False)
     import zarr
 
-    zarr.open_group(uri, path="cases/c0", mode="a").attrs["complete"] = False  # as if interrupted
+    # as if a later ingest was interrupted while rewriting c0 (it drops the case index first)
+    storage.open_store(uri, mode="a").drop_case_index()
+    zarr.open_group(uri, path="cases/c0", mode="a").attrs["complete"] = False
     st = storage.open_store(uri)
     assert st.cases == ["c1"] and st.incomplete_cases() == ["c0"]
     report = storage.ingest(src, uri, progress=False)
@@ -81,11 +83,13 @@ def test_ingest__killed_midway_leaves_no_half_case_and_resumes(tmp_path: Path, a
     st = storage.open_store(uri)
     assert st.cases == sorted(cases)[:2]  # the two written before the kill, nothing else
     assert st.incomplete_cases() == [sorted(cases)[2]]
+    assert st.read_case_index() is None  # dropped before the first write, never written
     report = storage.ingest(acdc_dir, uri, progress=False, cases=cases)
     assert [r.case_id for r in report.ingested] == sorted(cases)[2:]
     assert len(report.skipped) == 2
     st = storage.open_store(uri)
     assert st.cases == sorted(cases) and st.incomplete_cases() == []
+    assert sorted(st.read_case_index()) == sorted(cases)
     half = sorted(cases)[2]
     ref = nib.load(str(acdc_dir / "imagesTr" / f"{half}.nii.gz")).get_fdata()
     np.testing.assert_allclose(st.image(half), ref, atol=1e-4)
@@ -372,3 +376,45 @@ def test_ingest_case__parallel_processes_into_a_fresh_store(tmp_path: Path, synt
     assert st.cases == ["p0", "p1", "p2", "p3"] and st.incomplete_cases() == []
     for img, _, _, case in jobs:
         np.testing.assert_allclose(st.image(case), nib.load(img).get_fdata(), atol=1e-4)
+
+
+def test_ingest__writes_case_index_and_open_reads_no_case_metadata(tmp_path: Path, synth, monkeypatch) -> None:
+    """The index makes opening a store one listing + one object, whatever the number of cases;
+    cases it lacks (written since) are read from their group, so nothing is hidden."""
+    from storage.store import CASE_INDEX, VolumeStore
+
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1", "c2"])
+    uri = str(tmp_path / "s.zarr")
+    storage.ingest(src, uri, progress=False)
+    assert (Path(uri) / CASE_INDEX).is_file()
+    reads: list[list[str]] = []
+    original = VolumeStore._read_case_attrs
+    monkeypatch.setattr(VolumeStore, "_read_case_attrs", lambda self, names: reads.append(list(names)) or original(self, names))
+    st = storage.open_store(uri)
+    assert st.cases == ["c0", "c1", "c2"] and reads == [[]]
+    slow = storage.open_store(uri, mode="a")
+    slow.drop_case_index()
+    slow.refresh()
+    assert slow.cases == st.cases and all(slow.meta(c) == st.meta(c) for c in st.cases)  # index == groups
+    storage.ingest(src, uri, progress=False)  # nothing to do: rewrites the index from the skip results
+    reads.clear()
+    w = storage.open_store(uri, mode="a")
+    img = np.zeros((4, 4, 2), np.float32)
+    w.write_case("extra", img, None, {"shape": [4, 4, 2], "labelled": False})  # not via ingest
+    assert storage.open_store(uri).cases == ["c0", "c1", "c2", "extra"] and reads[-1] == ["extra"]
+    assert w.write_case_index() == 4
+    reads.clear()
+    assert storage.open_store(uri).cases == ["c0", "c1", "c2", "extra"] and reads == [[]]
+
+
+def test_case_index__corrupt_index_warns_and_falls_back_to_the_groups(tmp_path: Path, synth) -> None:
+    from storage.store import CASE_INDEX
+
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1"])
+    uri = str(tmp_path / "s.zarr")
+    storage.ingest(src, uri, progress=False)
+    (Path(uri) / CASE_INDEX).write_bytes(b"not gzip")
+    with pytest.warns(UserWarning, match="case_index.json.gz: unreadable case index"):
+        assert storage.open_store(uri).cases == ["c0", "c1"]
+    storage.ingest(src, uri, progress=False)  # the next ingest replaces it
+    assert storage.open_store(uri).read_case_index() is not None

@@ -47,3 +47,28 @@ def test_s3_store__ingest_read_and_sample(tmp_path: Path, synth, s3_options) -> 
     assert len(again.skipped) == 2
     items = list(SliceDataset(uri, st.cases, size=(16, 16), seed=0, storage_options=s3_options))
     assert len(items) == sum(st.num_slices(c) for c in st.cases)
+
+
+def test_s3_store__case_index_opens_without_reading_each_case(tmp_path: Path, synth, s3_options, monkeypatch) -> None:
+    """On object storage the index turns N per-case GETs into one LIST and one GET; a case
+    added since (not via ingest) is still found, from its own group."""
+    from storage.store import VolumeStore
+
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1", "c2"])
+    uri = "s3://lcl-test/stores/indexed.zarr"
+    storage.ingest(src, uri, progress=False, storage_options=s3_options)
+    reads: list[list[str]] = []
+    original = VolumeStore._read_case_attrs
+    monkeypatch.setattr(VolumeStore, "_read_case_attrs",
+                        lambda self, names: reads.append(list(names)) or original(self, names))
+    st = storage.open_store(uri, storage_options=s3_options)
+    assert st.cases == ["c0", "c1", "c2"] and reads == [[]]
+    assert st.meta("c1")["shape"] == list(nib.load(str(src / "imagesTr" / "c1.nii.gz")).shape)
+    w = storage.open_store(uri, mode="a", storage_options=s3_options)
+    w.drop_case_index()
+    w.refresh()
+    assert w.cases == st.cases and all(w.meta(c) == st.meta(c) for c in st.cases)
+    assert sorted(reads[-1]) == ["c0", "c1", "c2"]  # no index: every group read
+    assert w.write_case_index() == 3
+    reads.clear()
+    assert storage.open_store(uri, storage_options=s3_options).cases == ["c0", "c1", "c2"] and reads == [[]]
