@@ -7,7 +7,8 @@ float32), written once under ``--workdir``. Then:
 1. ``storage.parallel.parallel_ingest`` into a fresh local store with ``max_in_flight=1``
    (one Ray task at a time: 1 worker) and with ``max_in_flight=2*W`` on ``W`` CPUs
    (``--workers``, default 2); prints volumes/s and the speed-up ratio (target >= 1.7x with 2
-   on a quiet machine; both runs in the same process, same Ray instance).
+   on a quiet machine; both runs in the same process, same Ray instance), once per
+   ``--batch-size`` (cases per task; default 1 and 8).
 2. Loader: ``SliceDataset`` over the first ``--loader-cases`` volumes of the local store and
    of the same store copied to a moto S3 server on 127.0.0.1 (credentials in env only):
    slices/s for local, S3 without prefetch/cache, S3 with the remote defaults (prefetch 4,
@@ -60,7 +61,7 @@ def make_archive(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0)
     return time.perf_counter() - t0
 
 
-def bench_ingest(src: Path, work: Path, workers: int) -> dict[str, float]:
+def bench_ingest(src: Path, work: Path, workers: int, batch_size: int = 1) -> dict[str, float]:
     import ray
 
     from storage.parallel import parallel_ingest
@@ -68,20 +69,21 @@ def bench_ingest(src: Path, work: Path, workers: int) -> dict[str, float]:
     # warm-up (not timed): start the Ray workers of the ingest runtime env and import storage
     warm = [p.relative_to(src).as_posix()[:-len(".nii.gz")].replace("/", "__") for p in sorted(src.rglob("*.nii.gz"))]
     parallel_ingest(src, str(work / "warmup.zarr"), unlabelled=True, cases=warm[:2 * workers],
-                    max_in_flight=2 * workers, memory_per_task=512 * 2**20, progress=False)
+                    max_in_flight=2 * workers, memory_per_task=512 * 2**20, progress=False,
+                    batch_size=batch_size)
     out = {}
     for label, in_flight in (("1 worker", 1), (f"{workers} workers", 2 * workers)):
         store = work / f"store_{in_flight}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         t0, c0 = time.perf_counter(), time.process_time()
         rep = parallel_ingest(src, str(store), unlabelled=True, max_in_flight=in_flight,
-                              memory_per_task=512 * 2**20, progress=False)
+                              memory_per_task=512 * 2**20, progress=False, batch_size=batch_size)
         dt, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
         assert rep.ok and len(rep.ingested) == len(rep.results), rep.summary()
         n = len(rep.ingested)
         out[label] = n / dt
         task_ms = 1e3 * sum(r.seconds for r in rep.results) / n
-        print(f"ingest {label:>10}: {n} volumes in {dt:7.1f} s = {out[label]:6.2f} volumes/s; "
+        print(f"ingest {label:>10} (batch {batch_size}): {n} volumes in {dt:7.1f} s = {out[label]:6.2f} volumes/s; "
               f"task wall {task_ms:.0f} ms/volume, driver CPU {1e3 * driver_cpu / n:.1f} ms/volume")
     ratio = out[f"{workers} workers"] / out["1 worker"]
     print(f"ingest scaling {workers} vs 1 worker: {ratio:.2f}x (target >= 1.7x with 2)")
@@ -172,6 +174,8 @@ def main() -> None:
     ap.add_argument("--loader-cases", type=int, default=20)
     ap.add_argument("--loader-samples", type=int, default=200)
     ap.add_argument("--skip-loader", action="store_true", help="ingest figures only")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8],
+                    help="cases per Ray task (localcl ingest --batch-size); one ingest pair per value")
     args = ap.parse_args()
     import ray
 
@@ -183,7 +187,8 @@ def main() -> None:
     print(f"archive: {args.n} volumes of {tuple(args.shape)} ({size:.0f} MiB gzip) in {work} (generated in {dt:.0f} s)")
     ray.init(num_cpus=args.workers, object_store_memory=256 * 2**20, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
-    bench_ingest(src, work, args.workers)
+    for b in args.batch_size:
+        bench_ingest(src, work, args.workers, b)
     if not args.skip_loader:
         bench_loader(work / f"store_{2 * args.workers}.zarr", args.loader_cases, args.loader_samples)
     print(f"load average after: {os.getloadavg()}")

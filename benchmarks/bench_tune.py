@@ -1,13 +1,15 @@
 """ASHA + TPE vs an exhaustive grid: trial-epochs needed to get within 0.01 Dice of the grid's best.
 
-Space (small enough to grid): fine-tune LR in {3e-4, 1e-3, 3e-3, 1e-2} x IDEAL dense
-temperature in {0.1, 0.2, 0.5} = 12 configurations, each a short IDEAL pretraining + an
-``--epochs``-epoch fine-tune (1 labelled ACDC patient, 48x48 slices; the tiny CPU campaign).
+Space (small enough to grid): fine-tune LR in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2} x IDEAL
+dense temperature in {0.1, 0.2, 0.5} = 18 configurations, each a short IDEAL pretraining + an
+``--epochs``-epoch fine-tune of ``--steps`` steps per epoch (1 labelled ACDC patient, 48x48
+slices; the tiny CPU campaign). ASHA: grace period 1, reduction factor 3 (rungs at 1, 3, 9
+epochs with the default 9).
 
 1. **Grid (live).** All 12 configurations are trained for real through the campaign machinery
    (``ray_jobs.tune.run_campaign``, Optuna ``GridSampler``, no early stopping); every trial's
    per-epoch validation Dice curve is read back from Tune's ``result.json``.
-   Grid cost = 12 x epochs trial-epochs; target = max final Dice - 0.01.
+   Grid cost = 18 x epochs trial-epochs; target = max final Dice - 0.01.
 2. **ASHA + TPE (replayed).** Training here is deterministic for a given configuration (same
    seeds; ``tests/ray_jobs/test_tune.py::test_best_config__rerun_gives_reported_score``), so
    a trial of a configuration reproduces the grid trial's curve. The searches therefore use
@@ -47,12 +49,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LRS = [3e-4, 1e-3, 3e-3, 1e-2]
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 TAUS = [0.1, 0.2, 0.5]
 CASES = [f"{p}_frame0{f}" for p in ("patient099", "patient038", "patient050", "patient002") for f in (1, 2)]
 
 
-def campaign_dict(out: Path, store: str, epochs: int, name: str) -> dict[str, Any]:
+REDUCTION_FACTOR = 3
+
+
+def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str) -> dict[str, Any]:
     import yaml
 
     d = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
@@ -60,6 +65,7 @@ def campaign_dict(out: Path, store: str, epochs: int, name: str) -> dict[str, An
     d["base_config"] = str(REPO / "ray_jobs" / "configs" / "run" / "ideal_cpu.yaml")
     d["base"]["data"].update(store=store, source=None)
     d["base"]["finetune"]["schedule"]["epochs"] = epochs
+    d["base"]["finetune"]["schedule"]["steps_per_epoch"] = steps
     d["root"] = str(out / "campaigns")
     d["space"] = {
         "finetune.optim.lr": {"type": "categorical", "choices": LRS},
@@ -77,8 +83,9 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
 
     from ray_jobs import tune
 
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    from ray_jobs.trainer import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
     store = str(out / "acdc.zarr")
     if not (Path(store) / "zarr.json").exists():
@@ -87,7 +94,7 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
         rep = storage.ingest(args.acdc, store, cases=CASES, progress=False, workers=1)
         if rep.failed:
             raise SystemExit(f"ingest failed: {rep.failed}")
-    d = campaign_dict(out, store, args.epochs, "bench-grid")
+    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid")
     d.update(sampler="grid", scheduler={"type": "none"})
     d["resources"]["max_concurrent_trials"] = args.concurrent
     path = out / "grid.yaml"
@@ -114,7 +121,7 @@ def read_curves(campaign_dir: Path) -> dict[tuple[float, float], list[float]]:
 
 
 def replay(curves: dict[tuple[float, float], list[float]], epochs: int, strategy: str, seed: int,
-           n_trials: int) -> list[tuple[int, float]]:
+           n_trials: int, grace: int = 1) -> list[tuple[int, float]]:
     """Run one search over the recorded curves; returns [(epochs run, final dice)] in trial order."""
     import numpy as np
     import optuna
@@ -129,7 +136,7 @@ def replay(curves: dict[tuple[float, float], list[float]], epochs: int, strategy
         sampler="random" if strategy.startswith("random") else "tpe",
         startup_trials=3,
         scheduler={"type": "asha" if strategy.endswith("asha") else "none",
-                   "grace_period": 1, "reduction_factor": 2, "max_t": epochs},
+                   "grace_period": grace, "reduction_factor": REDUCTION_FACTOR, "max_t": epochs},
     )
     storage = optuna.storages.InMemoryStorage()
     searcher, scheduler = tune.build_search(camp, storage, seed)
@@ -171,7 +178,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--acdc", default=str(REPO.parent / "shared" / "data" / "acdc"))
     p.add_argument("--out", default=str(REPO / "runs" / "bench_tune"))
-    p.add_argument("--epochs", type=int, default=4, help="fine-tune epochs per full trial")
+    p.add_argument("--epochs", type=int, default=9, help="fine-tune epochs per full trial")
+    p.add_argument("--steps", type=int, default=12, help="fine-tune steps per epoch")
+    p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the replayed searches")
     p.add_argument("--concurrent", type=int, default=2, help="grid trials at once (live phase)")
     p.add_argument("--seeds", type=int, default=20, help="sampler seeds per replayed strategy")
     p.add_argument("--reuse-grid", action="store_true", help="read the grid's curves from --out")
@@ -198,12 +207,14 @@ def main() -> int:
     print(f"configs within 0.01 of the best: {n_hit}/{n_grid} (random pick expectation "
           f"{grid_epochs * (n_grid + 1) / (n_hit + 1) / n_grid:.1f} trial-epochs without early stopping)")
     results: dict[str, Any] = {"grid_epochs": grid_epochs, "grid_best": grid_best, "target": target,
-                               "curves": {f"{k[0]},{k[1]}": v for k, v in curves.items()}, "strategies": {}}
+                               "curves": {f"{k[0]},{k[1]}": v for k, v in curves.items()}, "strategies": {},
+                               "asha": {"grace_period": args.grace, "reduction_factor": REDUCTION_FACTOR,
+                                        "max_t": args.epochs}}
     print(f"\n{'strategy':<14}{'median %':>10}{'mean %':>9}{'reached':>9}   per-seed trial-epochs")
     for strategy in ("tpe+asha", "random+asha", "tpe"):
         spent = []
         for seed in range(args.seeds):
-            seq = replay(curves, args.epochs, strategy, seed, n_grid)
+            seq = replay(curves, args.epochs, strategy, seed, n_grid, args.grace)
             spent.append(epochs_to_target(seq, target))
         reached = [s for s in spent if s is not None]
         capped = [s if s is not None else grid_epochs for s in spent]

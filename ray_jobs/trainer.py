@@ -100,7 +100,7 @@ class StageResult:
     name: str
     storage: str
     history: list[dict[str, Any]]
-    checkpoint_dir: str  # local copy of the final checkpoint (state.pt, best.pt)
+    checkpoint_dir: str  # final checkpoint on this machine (state.pt, best.pt); read only
 
 
 def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
@@ -183,7 +183,14 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
                 pass
     if result.checkpoint is None:
         raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
-    local = result.checkpoint.to_directory()
+    if storage_fs is None and os.path.isdir(result.checkpoint.path):
+        local = result.checkpoint.path  # already on this machine: no copy
+    else:  # object storage: download once, deleted when the driver exits
+        import atexit
+        import shutil
+
+        local = result.checkpoint.to_directory()
+        atexit.register(shutil.rmtree, local, True)
     import torch
 
     from ray_jobs.train_loop import STATE_FILE

@@ -87,7 +87,13 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     snapshot = tmp_path / "run" / "finetune" / "e2e-finetune" / "checkpoint_manager_snapshot.json"
     hooks = {"events": str(events), "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag),
                                              "snapshot": str(snapshot)}}
+    import glob
+    import tempfile
+
+    tmp_copies = set(glob.glob(os.path.join(tempfile.gettempdir(), "checkpoint_tmp_*")))
     out = pipeline.run_pipeline(cfg, run_dir, progress=False, hooks=hooks, log=lambda m: None)
+    # a local run dir's checkpoints are used in place, never copied into the temp dir
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "checkpoint_tmp_*"))) <= tmp_copies
 
     assert flag.exists(), "the kill hook never fired"
     lines = events.read_text().split("\n")
