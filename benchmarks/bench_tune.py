@@ -2,9 +2,9 @@
 
 Space (small enough to grid): fine-tune LR in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2} x IDEAL
 dense temperature in {0.1, 0.2, 0.5} = 18 configurations, each a short IDEAL pretraining + an
-``--epochs``-epoch fine-tune of ``--steps`` steps per epoch (1 labelled ACDC patient, 48x48
-slices; the tiny CPU campaign). ASHA: grace period 1, reduction factor 3 (rungs at 1, 3, 9
-epochs with the default 9).
+``--epochs``-epoch (9) fine-tune of ``--steps`` (16) steps per epoch on ``--label-budget`` (3)
+labelled ACDC patients, validated on ``--val-cases`` (6) volumes, 48x48 slices (the tiny CPU
+campaign otherwise). ASHA: grace period ``--grace`` (3), reduction factor 3.
 
 1. **Grid (live).** All 12 configurations are trained for real through the campaign machinery
    (``ray_jobs.tune.run_campaign``, Optuna ``GridSampler``, no early stopping); every trial's
@@ -51,13 +51,16 @@ sys.path.insert(0, str(REPO))
 
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 TAUS = [0.1, 0.2, 0.5]
-CASES = [f"{p}_frame0{f}" for p in ("patient099", "patient038", "patient050", "patient002") for f in (1, 2)]
+LABELLED = ("patient099", "patient038", "patient050")  # splits.json ssl4mis_labeled_patients["3"]
+VAL = ("patient002", "patient019", "patient028")  # splits.json val_patients[:3]
+CASES = [f"{p}_frame0{f}" for p in LABELLED + VAL for f in (1, 2)]
 
 
 REDUCTION_FACTOR = 3
 
 
-def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str) -> dict[str, Any]:
+def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str,
+                  label_budget: int = 1, val_cases: int = 2) -> dict[str, Any]:
     import yaml
 
     d = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
@@ -66,6 +69,7 @@ def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str) -> 
     d["base"]["data"].update(store=store, source=None)
     d["base"]["finetune"]["schedule"]["epochs"] = epochs
     d["base"]["finetune"]["schedule"]["steps_per_epoch"] = steps
+    d["base"]["data"].update(label_budget=label_budget, max_val_cases=val_cases)
     d["root"] = str(out / "campaigns")
     d["space"] = {
         "finetune.optim.lr": {"type": "categorical", "choices": LRS},
@@ -94,7 +98,7 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
         rep = storage.ingest(args.acdc, store, cases=CASES, progress=False, workers=1)
         if rep.failed:
             raise SystemExit(f"ingest failed: {rep.failed}")
-    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid")
+    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid", args.label_budget, args.val_cases)
     d.update(sampler="grid", scheduler={"type": "none"})
     d["resources"]["max_concurrent_trials"] = args.concurrent
     path = out / "grid.yaml"
@@ -179,10 +183,15 @@ def main() -> int:
     p.add_argument("--acdc", default=str(REPO.parent / "shared" / "data" / "acdc"))
     p.add_argument("--out", default=str(REPO / "runs" / "bench_tune"))
     p.add_argument("--epochs", type=int, default=9, help="fine-tune epochs per full trial")
-    p.add_argument("--steps", type=int, default=12, help="fine-tune steps per epoch")
-    p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the replayed searches")
+    p.add_argument("--steps", type=int, default=16, help="fine-tune steps per epoch")
+    p.add_argument("--label-budget", type=int, default=3, help="labelled patients (of 3)")
+    p.add_argument("--val-cases", type=int, default=6, help="validation volumes (of 6)")
+    p.add_argument("--grace", type=int, default=3, help="ASHA grace period (epochs) of the replayed searches")
+    p.add_argument("--objective", choices=("val_dice", "best_val_dice"), default="val_dice",
+                   help="trial score: the epoch's val Dice, or the running max (the score of the exported "
+                        "best.pt, reported by the loop as best_val_dice)")
     p.add_argument("--concurrent", type=int, default=2, help="grid trials at once (live phase)")
-    p.add_argument("--seeds", type=int, default=20, help="sampler seeds per replayed strategy")
+    p.add_argument("--seeds", type=int, default=100, help="sampler seeds per replayed strategy")
     p.add_argument("--reuse-grid", action="store_true", help="read the grid's curves from --out")
     args = p.parse_args()
     import optuna
@@ -194,9 +203,12 @@ def main() -> int:
     else:
         curves = run_grid(args)
     n_grid = len(LRS) * len(TAUS)
+    if args.objective == "best_val_dice":
+        curves = {k: [max(v[:i + 1]) for i in range(len(v))] for k, v in curves.items()}
     if len(curves) != n_grid or any(len(c) != args.epochs for c in curves.values()):
         raise SystemExit(f"grid incomplete: {len(curves)}/{n_grid} curves, lengths {[len(c) for c in curves.values()]}")
     grid_epochs = n_grid * args.epochs
+    print(f"objective: {args.objective}; ASHA grace {args.grace}, reduction factor {REDUCTION_FACTOR}")
     best_key = max(curves, key=lambda k: curves[k][-1])
     grid_best = curves[best_key][-1]
     target = grid_best - 0.01
@@ -208,7 +220,7 @@ def main() -> int:
           f"{grid_epochs * (n_grid + 1) / (n_hit + 1) / n_grid:.1f} trial-epochs without early stopping)")
     results: dict[str, Any] = {"grid_epochs": grid_epochs, "grid_best": grid_best, "target": target,
                                "curves": {f"{k[0]},{k[1]}": v for k, v in curves.items()}, "strategies": {},
-                               "asha": {"grace_period": args.grace, "reduction_factor": REDUCTION_FACTOR,
+                               "objective": args.objective, "asha": {"grace_period": args.grace, "reduction_factor": REDUCTION_FACTOR,
                                         "max_t": args.epochs}}
     print(f"\n{'strategy':<14}{'median %':>10}{'mean %':>9}{'reached':>9}   per-seed trial-epochs")
     for strategy in ("tpe+asha", "random+asha", "tpe"):

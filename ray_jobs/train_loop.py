@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 STATE_FILE = "state.pt"
-VAL_METRICS = ("val_dice", "val_hd95")  # per-epoch validation metrics (fine-tuning)
+VAL_METRICS = ("val_dice", "val_hd95", "best_val_dice")  # per-epoch validation metrics (fine-tuning)
 BEST_FILE = "best.pt"
 
 
@@ -436,6 +436,8 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
             if rank == 0:
                 best_state = {k: v.detach().cpu().clone() for k, v in method.state_dict().items()}
         metrics["best_epoch"] = best["epoch"]
+        if score is not None:  # the val Dice of best.pt, the checkpoint the stage exports
+            metrics["best_val_dice"] = best["score"]
         history.append(dict(metrics))
         if mlflow is not None:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()

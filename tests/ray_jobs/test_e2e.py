@@ -104,6 +104,9 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     hist = read_history(Path(run_dir) / "finetune" / "history.csv")
     assert [int(r["epoch"]) for r in hist] == [1, 2, 3]
     assert [int(r["start_epoch"]) for r in hist] == [1, 2, 2]
+    # best_val_dice: the running max of val_dice (the score of best.pt), across the restart too
+    dice = [float(r["val_dice"]) for r in hist]
+    assert [float(r["best_val_dice"]) for r in hist] == [max(dice[:i + 1]) for i in range(len(dice))]
     assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in hist)
 
     root = Path(run_dir)
