@@ -3,8 +3,9 @@
 Space (small enough to grid): fine-tune LR in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2} x IDEAL
 dense temperature in {0.1, 0.2, 0.5} = 18 configurations, each a short IDEAL pretraining + an
 ``--epochs``-epoch (9) fine-tune of ``--steps`` (16) steps per epoch on ``--label-budget`` (3)
-labelled ACDC patients, validated on ``--val-cases`` (6) volumes, 48x48 slices (the tiny CPU
-campaign otherwise). ASHA: grace period ``--grace`` (3), reduction factor 3.
+labelled ACDC patients with a ``--lr-schedule`` (cosine) fine-tune LR, validated on
+``--val-cases`` (6) volumes, 48x48 slices (the tiny CPU campaign otherwise). ASHA: grace
+period ``--grace`` (1), reduction factor 3.
 
 1. **Grid (live).** All 12 configurations are trained for real through the campaign machinery
    (``ray_jobs.tune.run_campaign``, Optuna ``GridSampler``, no early stopping); every trial's
@@ -60,7 +61,7 @@ REDUCTION_FACTOR = 3
 
 
 def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str,
-                  label_budget: int = 1, val_cases: int = 2) -> dict[str, Any]:
+                  label_budget: int = 1, val_cases: int = 2, lr_schedule: str = "constant") -> dict[str, Any]:
     import yaml
 
     d = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
@@ -69,6 +70,7 @@ def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str,
     d["base"]["data"].update(store=store, source=None)
     d["base"]["finetune"]["schedule"]["epochs"] = epochs
     d["base"]["finetune"]["schedule"]["steps_per_epoch"] = steps
+    d["base"]["finetune"]["schedule"]["scheduler"] = lr_schedule
     d["base"]["data"].update(label_budget=label_budget, max_val_cases=val_cases)
     d["root"] = str(out / "campaigns")
     d["space"] = {
@@ -98,7 +100,8 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
         rep = storage.ingest(args.acdc, store, cases=CASES, progress=False, workers=1)
         if rep.failed:
             raise SystemExit(f"ingest failed: {rep.failed}")
-    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid", args.label_budget, args.val_cases)
+    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid", args.label_budget, args.val_cases,
+                      args.lr_schedule)
     d.update(sampler="grid", scheduler={"type": "none"})
     d["resources"]["max_concurrent_trials"] = args.concurrent
     path = out / "grid.yaml"
@@ -186,7 +189,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16, help="fine-tune steps per epoch")
     p.add_argument("--label-budget", type=int, default=3, help="labelled patients (of 3)")
     p.add_argument("--val-cases", type=int, default=6, help="validation volumes (of 6)")
-    p.add_argument("--grace", type=int, default=3, help="ASHA grace period (epochs) of the replayed searches")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine", "poly"), default="cosine",
+                   help="fine-tune LR schedule (finetune.schedule.scheduler)")
+    p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the replayed searches")
     p.add_argument("--objective", choices=("val_dice", "best_val_dice"), default="val_dice",
                    help="trial score: the epoch's val Dice, or the running max (the score of the exported "
                         "best.pt, reported by the loop as best_val_dice)")
