@@ -4,7 +4,7 @@ Space (small enough to grid): fine-tune LR in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-
 dense temperature in {0.1, 0.2, 0.5} = 18 configurations, each a short IDEAL pretraining + an
 ``--epochs``-epoch (9) fine-tune of ``--steps`` (16) steps per epoch on ``--label-budget`` (3)
 labelled ACDC patients with a ``--lr-schedule`` (cosine) fine-tune LR, validated on
-``--val-cases`` (6) volumes, 48x48 slices (the tiny CPU campaign otherwise). ASHA: grace
+``--val-cases`` (10) volumes, 48x48 slices (the tiny CPU campaign otherwise). ASHA: grace
 period ``--grace`` (1), reduction factor 3.
 
 1. **Grid (live).** All 12 configurations are trained for real through the campaign machinery
@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 TAUS = [0.1, 0.2, 0.5]
 LABELLED = ("patient099", "patient038", "patient050")  # splits.json ssl4mis_labeled_patients["3"]
-VAL = ("patient002", "patient019", "patient028")  # splits.json val_patients[:3]
+VAL = ("patient002", "patient019", "patient028", "patient030", "patient039")  # splits.json val_patients[:5]
 CASES = [f"{p}_frame0{f}" for p in LABELLED + VAL for f in (1, 2)]
 
 
@@ -188,7 +188,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=9, help="fine-tune epochs per full trial")
     p.add_argument("--steps", type=int, default=16, help="fine-tune steps per epoch")
     p.add_argument("--label-budget", type=int, default=3, help="labelled patients (of 3)")
-    p.add_argument("--val-cases", type=int, default=6, help="validation volumes (of 6)")
+    p.add_argument("--val-cases", type=int, default=10, help="validation volumes (of 10)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine", "poly"), default="cosine",
                    help="fine-tune LR schedule (finetune.schedule.scheduler)")
     p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the replayed searches")
