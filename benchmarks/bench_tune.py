@@ -85,10 +85,7 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
     """Train every configuration (live) and return {(lr, tau): [val_dice per epoch]}."""
     import yaml
 
-    import ray
-
     from ray_jobs import tune
-
     from ray_jobs.trainer import start_local_ray
 
     start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)

@@ -46,10 +46,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_jobs.config import CONFIG_ROOT, Config, _format, apply_overrides, deep_merge, load_yaml, validate
 from ray_jobs.errors import ConfigError, UserError
@@ -97,6 +97,16 @@ def pretrain_sees_labels(method: str, method_cfg: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- config
+def _check_name(v: str) -> str:
+    """A study or budget name: used in directory names, so letters, digits, '-', '_', '.'."""
+    if not v or not all(c.isalnum() or c in "-_." for c in v):
+        raise ValueError("letters, digits, '-', '_' or '.' only")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,17 +115,10 @@ class Budget(_Strict):
     """One label budget: ``patients: n`` (all labelled frames of n patients of the pool,
     drawn by the catalog) or ``cases: [...]`` (exactly these volumes)."""
 
-    name: str
+    name: Name
     patients: Optional[int] = Field(None, ge=1)
     cases: Optional[list[str]] = None
     label: Optional[str] = None  # table/plot label; default from the size
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError("letters, digits, '-', '_' or '.' only")
-        return v
 
     @model_validator(mode="after")
     def _one(self) -> "Budget":
@@ -138,7 +141,7 @@ class StudyConfig(_Strict):
     """A study: ``base`` run-config keys shared by every cell, ``stage_defaults`` merged into
     each method's ``pretrain``/``finetune`` section, ``methods`` (METHODS key -> sections)."""
 
-    name: str
+    name: Name
     study_dir: Optional[str] = None  # null: runs/study/<name>
     base: dict[str, Any] = Field(default_factory=dict)
     stage_defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -151,12 +154,6 @@ class StudyConfig(_Strict):
     require_all_methods: bool = True
     notes: list[str] = Field(default_factory=list)  # stated reductions, printed in results.md
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError("letters, digits, '-', '_' or '.' only")
-        return v
 
     @field_validator("seeds")
     @classmethod

@@ -319,8 +319,7 @@ class VolumeStore:
         import json
 
         self._require_writable()
-        self._invalidate_fs_listing()
-        names = self._case_names()
+        names = self._case_names()  # a fresh listing (refresh=True on object storage)
         known = known or {}
         cases = {n: dict(known[n]) for n in names if n in known}
         cases.update(self._read_case_attrs([n for n in names if n not in known]))
@@ -468,12 +467,10 @@ class VolumeStore:
 
                 reader = ShardReader.open(os.path.join(self._local_root, CASES, case, array))
             else:  # object storage: shard index once, then one ranged GET per chunk
-                from storage.remote import RemoteShardReader, url_to_fs
+                from storage.remote import RemoteShardReader
 
-                if self._fs is None:
-                    self._fs = url_to_fs(self.uri, self.storage_options)
-                fs, root = self._fs
-                reader = RemoteShardReader.open_remote(fs, f"{root.rstrip('/')}/{CASES}/{case}/{array}")
+                fs, root = self._fs_root()
+                reader = RemoteShardReader.open_remote(fs, f"{root}/{CASES}/{case}/{array}")
             self._readers[key] = reader
         return self._readers[key]
 

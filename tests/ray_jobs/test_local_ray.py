@@ -44,7 +44,7 @@ def test_worker_state_api__finds_its_own_cluster_beside_another_instance(ray_clu
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_instance) -> None:
+def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_instance, tmp_path: Path) -> None:
     """A TorchTrainer fitted inside an actor (as a Tune trial does) that is killed mid-run gives
     its worker's CPU back: the placement-group cleaner works with two instances on the host."""
     ray = ray_cluster
@@ -62,10 +62,8 @@ def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_
             TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
                          run_config=RunConfig(storage_path=storage, name="killed")).fit()
 
-    import tempfile
-
     total = ray.cluster_resources()["CPU"]
-    tmp = Path(tempfile.mkdtemp(prefix="lcl_pg_"))
+    tmp = tmp_path
     trial = Trial.remote()
     trial.fit.remote(str(tmp / "runs"), str(tmp / "started"))
     # Ray registers the run's placement group with the cleaner once the worker group has
