@@ -19,6 +19,12 @@ epoch). Ray Tune's ASHA scheduler stops poor trials early; Optuna's seeded TPE p
 configurations through Ray's ``OptunaSearch``. Multi-objective campaigns (Dice up, HD95 down)
 use NSGA-II and no early stopping (ASHA needs one scalar to rank rungs).
 
+On a finite space (every parameter categorical, int, or float with a step) TPE and random
+search never run a configuration twice (:mod:`ray_jobs.no_repeat`; trials are deterministic,
+so a repeat would only cost a trial). Once every configuration has been tried, each one ASHA
+stopped early gets one more run (ASHA's late promotion, by re-running), then the campaign
+ends, possibly before ``trials``. ``repeat_configs: true`` turns this off.
+
 Persistence has ONE source of truth: the Optuna study in RDB storage (SQLite file in the
 campaign directory by default, a PostgreSQL URL on clusters). Tune's own experiment state is
 *not* restored (``Tuner.restore`` and a persistent Optuna storage conflict:
@@ -241,6 +247,9 @@ class Campaign(BaseModel):
     startup_trials: int | None = Field(None, ge=0)  # TPE random start-up trials (optuna default 10)
     population_size: int | None = Field(None, ge=2)  # NSGA-II population (optuna default 50)
     sampler: Literal["auto", "tpe", "nsga2", "random", "grid"] = "auto"
+    # finite spaces, tpe/random: never run a configuration twice while an untried one is left
+    # (trials are deterministic, a repeat teaches nothing); the campaign ends when all are tried
+    repeat_configs: bool = False
     objective: Objective = Field(default_factory=Objective)
     scheduler: Scheduler = Field(default_factory=Scheduler)
     resources: Resources = Field(default_factory=Resources)
@@ -747,20 +756,30 @@ def plan_resources(res: Resources, cluster: dict[str, float]) -> ResourcePlan:
 
 
 def make_sampler(campaign: Campaign, seed: int) -> Any:
-    """The Optuna sampler for ``campaign`` seeded with ``seed`` (TPE, NSGA-II, random, grid)."""
+    """The Optuna sampler for ``campaign`` seeded with ``seed`` (TPE, NSGA-II, random, grid).
+
+    TPE and random on a finite space are wrapped in :class:`ray_jobs.no_repeat.NoRepeatSampler`
+    (no configuration twice) unless ``repeat_configs`` is set."""
     import optuna
 
     name = campaign.sampler_name
-    if name == "tpe":
-        kw = {} if campaign.startup_trials is None else {"n_startup_trials": campaign.startup_trials}
-        return optuna.samplers.TPESampler(seed=seed, **kw)
+    grid = {k: p.grid() for k, p in campaign.space.items()}
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid, seed=seed)  # type: ignore[arg-type]
     if name == "nsga2":
         kw = {} if campaign.population_size is None else {"population_size": campaign.population_size}
         return optuna.samplers.NSGAIISampler(seed=seed, **kw)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    grid = {k: p.grid() for k, p in campaign.space.items()}
-    return optuna.samplers.GridSampler(grid, seed=seed)  # type: ignore[arg-type]
+    if name == "tpe":
+        kw = {} if campaign.startup_trials is None else {"n_startup_trials": campaign.startup_trials}
+        base: Any = optuna.samplers.TPESampler(seed=seed, **kw)
+    else:
+        base = optuna.samplers.RandomSampler(seed=seed)
+    if campaign.repeat_configs or grid_size(campaign) is None:
+        return base
+    from ray_jobs.no_repeat import NoRepeatSampler
+
+    full = (campaign.scheduler.max_t or finetune_epochs(campaign)) if campaign.scheduler_name == "asha" else None
+    return NoRepeatSampler(base, campaign.distributions(), grid, seed=seed, full_epochs=full)  # type: ignore[arg-type]
 
 
 def grid_size(campaign: Campaign) -> int | None:
@@ -847,6 +866,10 @@ def run_campaign(
         + (f", {len(plan.stale)} unfinished re-queued" if plan.stale else "")
         + f"; launching {plan.remaining} (run {plan.run_index}, seed {plan.seed})"
     )
+    n_grid = grid_size(campaign)
+    if n_grid is not None and not campaign.repeat_configs and campaign.sampler_name in ("tpe", "random"):
+        log(f"space: {n_grid} configurations, none run twice (an ASHA-stopped one gets one more run); "
+            f"the campaign ends when all are used")
     if plan.remaining > 0:
         log(f"resources: {rplan.describe()}")
         _fit(campaign, storage, plan, rplan)
@@ -999,10 +1022,20 @@ def _tracked_search_cls() -> type:
     """``OptunaSearch`` that also records, on each Optuna trial while it runs, the Tune trial
     id and the fine-tune epochs reached (user attributes ``tune_trial_id``, ``epochs``): Optuna's
     intermediate values miss the last result of an ASHA-stopped trial, and multi-objective
-    trials get none, so trial-epochs are counted from ``epochs``."""
+    trials get none, so trial-epochs are counted from ``epochs``. With a
+    :class:`~ray_jobs.no_repeat.NoRepeatSampler` it tells Tune the search is finished once every
+    configuration has been tried."""
     from ray.tune.search.optuna import OptunaSearch
 
     class TrackedOptunaSearch(OptunaSearch):  # type: ignore[misc]
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            from ray_jobs.no_repeat import NoRepeatSampler
+
+            sampler = self._ot_study.sampler
+            if trial_id not in self._ot_trials and isinstance(sampler, NoRepeatSampler) and sampler.exhausted(self._ot_study):
+                return self.FINISHED  # every configuration of the finite space has been tried
+            return super().suggest(trial_id)
+
         def _mark(self, trial_id: str, result: dict[str, Any] | None) -> None:
             ot = self._ot_trials.get(trial_id)
             if ot is None or not result:
