@@ -99,8 +99,10 @@ class NoRepeatSampler(BaseSampler):
         return [p for *_, p in sorted(ranked, key=lambda r: r[:3])]
 
     def exhausted(self, study: Study) -> bool:
-        """True when every configuration has been tried and no early-stopped one awaits its
-        second chance."""
+        """True when every configuration has been tried, no early-stopped one awaits its second
+        chance and no enqueued trial waits to run."""
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return False
         tried = self._tried(study)
         return all(_key(p, self._names) in tried for p in self._grid) and not self._second_chances(study, tried)
 

@@ -864,13 +864,21 @@ def run_campaign(
     log(
         f"campaign {campaign.name}: {plan.done}/{campaign.trials} trials finished"
         + (f", {len(plan.stale)} unfinished re-queued" if plan.stale else "")
-        + f"; launching {plan.remaining} (run {plan.run_index}, seed {plan.seed})"
+        + f"; up to {plan.remaining} more (run {plan.run_index}, seed {plan.seed})"
     )
-    n_grid = grid_size(campaign)
-    if n_grid is not None and not campaign.repeat_configs and campaign.sampler_name in ("tpe", "random"):
-        log(f"space: {n_grid} configurations, none run twice (an ASHA-stopped one gets one more run); "
-            f"the campaign ends when all are used")
-    if plan.remaining > 0:
+    from ray_jobs.no_repeat import NoRepeatSampler
+
+    remaining = plan.remaining
+    sampler = make_sampler(campaign, plan.seed)
+    if isinstance(sampler, NoRepeatSampler):
+        log(f"space: {grid_size(campaign)} configurations, none run twice (an ASHA-stopped one gets one more "
+            f"run); the campaign ends when all are used")
+        import optuna
+
+        if remaining > 0 and sampler.exhausted(optuna.load_study(study_name=campaign.name, storage=storage)):
+            log("space: every configuration has been used; nothing to launch (repeat_configs: true allows repeats)")
+            remaining = 0
+    if remaining > 0:
         log(f"resources: {rplan.describe()}")
         _fit(campaign, storage, plan, rplan)
     report_dir = write_report(campaign.campaign_dir)

@@ -109,8 +109,19 @@ def test_no_repeat__waiting_trial_is_not_proposed_to_others(tmp_path: Path) -> N
         study.enqueue_trial(p)
         t = study.ask(c.distributions())
         study.tell(t, 0.1)
-    study.enqueue_trial(grid[-1])  # the last configuration waits for a worker
-    assert sampler.exhausted(study)  # the waiting trial's configuration counts as tried
+    study.enqueue_trial(grid[-1])  # the last configuration waits for a worker (a resumed re-run)
+    assert not sampler.exhausted(study)  # the enqueued trial must still run ...
+    assert sampler._tried(study).keys() == {_key_of(p) for p in grid}  # ... but is not proposed again
+    t = study.ask(c.distributions())
+    assert t.params == grid[-1]
+    study.tell(t, 0.1)
+    assert sampler.exhausted(study)
+
+
+def _key_of(p: dict[str, Any]) -> str:
+    from ray_jobs.no_repeat import _key
+
+    return _key(p, sorted(p))
 
 
 def _stopped(study: optuna.Study, c: tune.Campaign, params: dict[str, Any], epochs: int, value: float) -> None:
@@ -212,3 +223,21 @@ def test_bench_replay__matches_a_real_tune_run(ray_cluster: Any, tmp_path: Path)
             (float(r.config["finetune.optim.lr"]), float(r.config["pretrain.method.tau"]))) for r in rows]
     assert seq == expected
     assert len(rows) < budget  # Tune stopped asking: the searcher said FINISHED
+
+
+def test_searcher__finished_when_space_used_but_not_before_enqueued_trials(tmp_path: Path) -> None:
+    c = _campaign(tmp_path, sampler="random",
+                  space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 1e-2]}})
+    storage = optuna.storages.InMemoryStorage()
+    searcher, _ = tune.build_search(c, storage, seed=0)
+    got = []
+    for i in range(2):
+        cfg = searcher.suggest(f"t{i}")
+        got.append(cfg["finetune.optim.lr"])
+        searcher.on_trial_complete(f"t{i}", result={"val_dice": 0.5, "training_iteration": 2})
+    assert sorted(got) == [1e-3, 1e-2]
+    study = optuna.load_study(study_name=c.name, storage=storage)
+    study.enqueue_trial({"finetune.optim.lr": 1e-2})  # as --resume re-queues an unfinished trial
+    assert searcher.suggest("t2") == {"finetune.optim.lr": 1e-2}
+    searcher.on_trial_complete("t2", result={"val_dice": 0.5, "training_iteration": 2})
+    assert searcher.suggest("t3") == searcher.FINISHED
