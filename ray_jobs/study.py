@@ -154,7 +154,6 @@ class StudyConfig(_Strict):
     require_all_methods: bool = True
     notes: list[str] = Field(default_factory=list)  # stated reductions, printed in results.md
 
-
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:

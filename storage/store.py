@@ -44,6 +44,8 @@ since, stores without an index), 16 at a time on object storage.
 from __future__ import annotations
 
 import copy
+import gzip
+import json
 import math
 import os
 import threading
@@ -117,8 +119,6 @@ def _jsonable_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 def _as_stored(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """``attrs`` as a JSON round trip gives them back (tuples -> lists, numpy scalars -> Python)."""
-    import json
-
     def default(o: Any) -> Any:
         if isinstance(o, (np.generic, np.ndarray)):
             return o.tolist()
@@ -271,9 +271,6 @@ class VolumeStore:
     def read_case_index(self) -> dict[str, dict[str, Any]] | None:
         """``{case: attrs}`` from ``case_index.json.gz``, or ``None`` when the store has none
         (or an unreadable one: the index is a cache, the case groups stay the truth)."""
-        import gzip
-        import json
-
         fs, root = self._fs_root()
         path = f"{root}/{CASE_INDEX}"
         try:
@@ -315,9 +312,6 @@ class VolumeStore:
         ``known``: attrs already at hand (what ingest just wrote or checked); a listed case not
         in it is read from its ``zarr.json``. Atomic: a rename locally, one PUT on S3.
         """
-        import gzip
-        import json
-
         self._require_writable()
         names = self._case_names()  # a fresh listing (refresh=True on object storage)
         known = known or {}

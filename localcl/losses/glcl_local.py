@@ -212,7 +212,6 @@ def _check_regions(regions: torch.Tensor, grid: LocalGrid) -> None:
         )
 
 
-
 def glcl_local_loss(
     regions: torch.Tensor, grid: LocalGrid, tau: float = 0.1, chunk_size: int | None = None
 ) -> torch.Tensor:

@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 
-
 class DenseQueue(nn.Module):
     """FIFO queue of normalised keys (DenseCL/MoCo negatives), kept as a buffer.
 

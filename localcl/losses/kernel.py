@@ -42,13 +42,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+__all__ = ["info_nce", "check_tau", "MODES", "REDUCTIONS"]
+
 
 def check_tau(tau: float) -> None:
     """Raise ``ValueError`` unless the temperature ``tau`` is a number > 0 (shared by every loss)."""
     if not (isinstance(tau, (int, float)) and tau > 0):
         raise ValueError(f"tau must be a number > 0, got {tau!r}")
 
-__all__ = ["info_nce", "MODES", "REDUCTIONS"]
 
 MODES = ("single", "summed", "per_positive")
 REDUCTIONS = ("mean", "none", "sum")

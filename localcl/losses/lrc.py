@@ -227,7 +227,6 @@ def gather_point_embeddings(embeddings: torch.Tensor, points: RegionPoints, map_
     return embeddings[points.image, points.view, :, yy, xx]
 
 
-
 def lrc_loss(
     embeddings: torch.Tensor,
     regions: torch.Tensor,

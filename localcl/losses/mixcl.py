@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 
-
 def identity_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,

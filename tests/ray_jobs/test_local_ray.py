@@ -63,15 +63,14 @@ def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_
                          run_config=RunConfig(storage_path=storage, name="killed")).fit()
 
     total = ray.cluster_resources()["CPU"]
-    tmp = tmp_path
     trial = Trial.remote()
-    trial.fit.remote(str(tmp / "runs"), str(tmp / "started"))
+    trial.fit.remote(str(tmp_path / "runs"), str(tmp_path / "started"))
     # Ray registers the run's placement group with the cleaner once the worker group has
     # started (a run killed before that leaks it whatever the address): wait for the loop.
     deadline = time.monotonic() + 120
-    while not (tmp / "started").exists() and time.monotonic() < deadline:
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert (tmp / "started").exists(), "the Train worker never started"
+    assert (tmp_path / "started").exists(), "the Train worker never started"
     time.sleep(2)
     ray.kill(trial)  # the controller (owned by the trial) dies ungracefully with it
     deadline = time.monotonic() + 90
