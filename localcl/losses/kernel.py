@@ -37,6 +37,7 @@ arXiv 2002.05709); Khosla et al. 2020 (SupCon, arXiv 2004.11362, the "L_out" per
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -46,9 +47,12 @@ __all__ = ["info_nce", "check_tau", "MODES", "REDUCTIONS"]
 
 
 def check_tau(tau: float) -> None:
-    """Raise ``ValueError`` unless the temperature ``tau`` is a number > 0 (shared by every loss)."""
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    """Raise ``ValueError`` unless the temperature ``tau`` is a finite number > 0.
+
+    The one temperature rule, shared by every loss and by the method configs
+    (:data:`localcl.methods.base.Temperature` is the same rule as a pydantic type)."""
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
 
 
 MODES = ("single", "summed", "per_positive")
@@ -274,8 +278,7 @@ def info_nce(
             raise ValueError(
                 f"candidates embedding dim D={candidates.shape[1]} does not match anchors D={anchors.shape[1]}"
             )
-    if not isinstance(tau, (int, float)) or not tau > 0 or tau == float("inf"):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    check_tau(tau)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if reduction not in REDUCTIONS:

@@ -14,12 +14,22 @@ its pre-training losses. Contract (``docs/interfaces.md``):
   gradients;
 - ``stage_parameters(stage)``: the parameters the optimiser of that stage updates;
 - ``on_after_step()``: EMA / queue updates (call after ``optimizer.step()``);
-- ``backbone_state()``: U-Net state_dict (keys ``encoder.*``, ``decoder.*``) for fine-tuning.
+- ``backbone_state()``: U-Net state_dict (keys ``encoder.*``, ``decoder.*``) for fine-tuning;
+- ``M.pretrain_reads_labels(cfg)``: whether pre-training reads ``batch["label"]`` (default False);
+- ``M.superpixel_params(cfg)``: keyword arguments of
+  :func:`localcl.losses.lrc.felzenszwalb_superpixels` for ``"slices+superpixels"`` batches
+  (default ``{}``: the function's defaults).
 
 A *fine-tuning strategy* (``FINETUNE[name]``) has ``FT(cfg, in_channels, num_classes)``,
 ``load_backbone(state, strict=False)``, ``finetune_step(batch_l, batch_u, step, total_steps)``,
 ``predict(image) -> probs``; ``forward(batch_l, batch_u, step, total_steps)`` is the training
-step when ``batch_l`` is a dict and ``predict`` when it is a tensor.
+step when ``batch_l`` is a dict and ``predict`` when it is a tensor. Hooks with defaults:
+``on_after_step()`` (no-op), ``start_round(r)`` (self-training round; no-op),
+``pseudo_label_key`` (key of the pseudo-labels in ``batch_u``; ``"pseudo_label"``).
+
+Hyperparameters are validated once, by the field types of the config (pydantic constraints):
+:data:`Temperature`, :data:`PositiveFinite`, :data:`NonNegative`, :data:`UnitInterval`,
+:data:`Count`.
 
 Randomness (views, sampling) comes from ``self.generator``, a CPU ``torch.Generator`` seeded
 with ``cfg.seed + 1_000_003 * rank`` so workers draw different views; reseed with
@@ -27,10 +37,10 @@ with ``cfg.seed + 1_000_003 * rank`` so workers draw different views; reseed wit
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Iterable, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from localcl import dist
@@ -38,10 +48,28 @@ from localcl.augment import make_generator
 
 __all__ = [
     "BaseMethodConfig",
+    "Count",
     "FinetuneStrategy",
+    "NonNegative",
+    "PositiveFinite",
     "PretrainMethod",
+    "Temperature",
+    "UnitInterval",
     "check_batch",
 ]
+
+# ------------------------------------------------------------------ hyperparameter types
+# One rule per kind of hyperparameter; a config field states its kind by its type.
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A finite float > 0 (learning rates, Felzenszwalb scale, CRF kernel widths)."""
+Temperature = PositiveFinite
+"""A softmax temperature: finite and > 0 (the rule of :func:`localcl.losses.kernel.check_tau`)."""
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+"""A finite float >= 0 (loss weights)."""
+UnitInterval = Annotated[float, Field(ge=0, le=1)]
+"""A float in [0, 1] (EMA momentum, probabilities, fractions)."""
+Count = Annotated[int, Field(ge=1)]
+"""An int >= 1 (sizes, counts, iterations)."""
 
 
 class BaseMethodConfig(BaseModel):
@@ -60,10 +88,10 @@ class BaseMethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     seed: int = 0
-    widths: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
-    decoder_widths: tuple[int, ...] = (128, 128, 64, 32, 16)
+    widths: tuple[Count, ...] = (16, 32, 64, 128, 128, 128)
+    decoder_widths: tuple[Count, ...] = (128, 128, 64, 32, 16)
     norm: str = "batch"
-    lr: float = 1e-3
+    lr: PositiveFinite = 1e-3
 
     @model_validator(mode="before")
     @classmethod
@@ -76,13 +104,6 @@ class BaseMethodConfig(BaseModel):
                     f"valid keys: {sorted(cls.model_fields)}"
                 )
         return data
-
-    @field_validator("widths", "decoder_widths")
-    @classmethod
-    def _widths(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
-        if len(v) < 1 or any(int(c) <= 0 for c in v):
-            raise ValueError(f"{info.field_name} must list positive channel counts, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _decoder_matches(self) -> "BaseMethodConfig":
@@ -103,19 +124,6 @@ class BaseMethodConfig(BaseModel):
             raise ValueError(f"norm must be one of {allowed}, got {v!r}")
         return v
 
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"lr must be > 0, got {v}")
-        return v
-
-
-def positive(name: str, v: float) -> float:
-    """Shared check: ``v > 0`` else ``ValueError`` naming ``name``."""
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
 
 
 def check_batch(batch: Mapping[str, Tensor], keys: Iterable[str], owner: str) -> None:
@@ -170,6 +178,9 @@ class _Seeded(nn.Module):
         """Reset the view/sampling generator to ``seed + 1_000_003 * rank``."""
         self.generator = make_generator(int(seed) + 1_000_003 * dist.rank())
 
+    def on_after_step(self) -> None:
+        """EMA / queue updates after the optimiser step (no-op by default)."""
+
 
 class PretrainMethod(_Seeded):
     """Base class of ``METHODS`` entries (see module docstring)."""
@@ -200,8 +211,18 @@ class PretrainMethod(_Seeded):
         self._stage(stage)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def on_after_step(self) -> None:
-        """EMA / queue updates after the optimiser step (no-op by default)."""
+    @classmethod
+    def pretrain_reads_labels(cls, cfg: BaseMethodConfig) -> bool:
+        """Whether pre-training with ``cfg`` reads ``batch["label"]`` (False by default).
+
+        A label-reading pre-training must see only the labels of the current label budget."""
+        return False
+
+    @classmethod
+    def superpixel_params(cls, cfg: BaseMethodConfig) -> dict[str, Any]:
+        """Keyword arguments of :func:`localcl.losses.lrc.felzenszwalb_superpixels` for the
+        super-pixel cache of ``"slices+superpixels"`` batches (``{}``: the function's defaults)."""
+        return {}
 
     def backbone_state(self) -> dict[str, Tensor]:
         """State dict of the U-Net (``encoder.*`` and ``decoder.*`` keys) on CPU."""
@@ -221,6 +242,15 @@ class FinetuneStrategy(_Seeded):
     def backbone_state(self) -> dict[str, Tensor]:
         """``encoder.*``/``decoder.*`` weights (e.g. the PLCL baseline -> PLCL joint training)."""
         raise NotImplementedError
+
+    @property
+    def pseudo_label_key(self) -> str:
+        """Key of the pseudo-label map in ``batch_u`` (self-training strategies)."""
+        return "pseudo_label"
+
+    def start_round(self, r: int | None = None) -> int:
+        """Enter self-training round ``r`` and return it (no-op without self-training)."""
+        return 0 if r is None else int(r)
 
     def finetune_step(
         self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None, step: int, total_steps: int

@@ -33,14 +33,14 @@ from __future__ import annotations
 from typing import Literal, Mapping
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 from torch import Tensor, nn
 
 from localcl.augment import glcl_global_view, intensity_view
 from localcl.losses.glcl_global import glcl_global_loss
 from localcl.losses.glcl_local import GLCLLocalLoss
 from localcl.methods import _nets
-from localcl.methods.base import BaseMethodConfig, PretrainMethod, check_batch, positive
+from localcl.methods.base import BaseMethodConfig, Count, PretrainMethod, Temperature, check_batch
 from localcl.models.heads import DenseHead, GlobalHead
 
 __all__ = ["GLCL", "GLCLConfig", "glcl_global_step", "glcl_local_step"]
@@ -68,36 +68,23 @@ class GLCLConfig(BaseMethodConfig):
         gather_distributed: G^R/G^D negatives from all workers (positives stay local).
     """
 
-    input_size: int = 192
+    input_size: Count = 192
     global_loss: Literal["D", "D-", "R"] = "D"
     local_loss: Literal["R", "D"] = "R"
-    tau_global: float = 0.1
-    tau_local: float = 0.1
-    partitions: int = 4
-    volumes_per_batch: int = 12
-    global_hidden: int = 1024
-    global_dim: int = 128
+    tau_global: Temperature = 0.1
+    tau_local: Temperature = 0.1
+    partitions: Count = 4
+    volumes_per_batch: Count = 12
+    global_hidden: Count = 1024
+    global_dim: Count = 128
     local_depth: int = 3
     region_size: Literal[1, 3] = 3
     negatives: Literal["code", "nearest", "all"] = "code"
-    local_dim: int = 128
-    local_batch: int = 12
-    iterations_global: int = 10001
-    iterations_local: int = 10001
+    local_dim: Count = 128
+    local_batch: Count = 12
+    iterations_global: Count = 10001
+    iterations_local: Count = 10001
     gather_distributed: bool = False
-
-    @field_validator("tau_global", "tau_local")
-    @classmethod
-    def _tau(cls, v: float, info: object) -> float:
-        return positive(getattr(info, "field_name", "tau"), v)
-
-    @field_validator("partitions", "volumes_per_batch", "global_hidden", "global_dim", "local_dim",
-                     "local_batch", "iterations_global", "iterations_local", "input_size")
-    @classmethod
-    def _pos_int(cls, v: int, info: object) -> int:
-        if v < 1:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 1, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _geometry(self) -> "GLCLConfig":

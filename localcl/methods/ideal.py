@@ -39,14 +39,23 @@ from __future__ import annotations
 from typing import Literal, Mapping
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 from torch import Tensor, nn
 
 from localcl.augment import Warp, correspondence, intensity_view, random_geometric, warp_image
 from localcl.losses.ideal import IDEALDenseLoss, bidirectional_consistency, consistency_weight, grid_match_from_coords
 from localcl.methods import _nets
 from localcl.methods._moco import ema_update, make_key_copy
-from localcl.methods.base import BaseMethodConfig, FinetuneStrategy, PretrainMethod, check_batch, positive
+from localcl.methods.base import (
+    BaseMethodConfig,
+    Count,
+    FinetuneStrategy,
+    NonNegative,
+    PretrainMethod,
+    Temperature,
+    UnitInterval,
+    check_batch,
+)
 from localcl.methods.supervised import augment_labelled
 from localcl.models.heads import DenseHead
 from localcl.models.unet import SegHead, UNetDecoder
@@ -68,11 +77,11 @@ class IDEALConfig(BaseMethodConfig):
         batch_size: slices per step (32; read by ``ray_jobs``). optimizer lr: 1e-3 (Adam).
     """
 
-    tau: float = 0.2
-    lam: float = 1.0
-    momentum: float = 0.999
-    queue_size: int = 16384
-    proj_dim: int = 128
+    tau: Temperature = 0.2
+    lam: UnitInterval = 1.0
+    momentum: UnitInterval = 0.999
+    queue_size: Count = 16384
+    proj_dim: Count = 128
     head_layers: Literal[1, 2] = 2
     feature_level: int | None = None
     match: Literal["argmax", "geometric"] = "argmax"
@@ -80,27 +89,8 @@ class IDEALConfig(BaseMethodConfig):
     crop_area: tuple[float, float] = (0.4, 1.0)
     rotation_deg: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
-    flip_p: float = 0.5
-    batch_size: int = 32
-
-    @field_validator("tau")
-    @classmethod
-    def _tau(cls, v: float) -> float:
-        return positive("tau", v)
-
-    @field_validator("lam", "momentum", "flip_p")
-    @classmethod
-    def _unit(cls, v: float, info: object) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be in [0, 1], got {v}")
-        return v
-
-    @field_validator("queue_size", "proj_dim", "batch_size")
-    @classmethod
-    def _pos_int(cls, v: int, info: object) -> int:
-        if v < 1:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 1, got {v}")
-        return v
+    flip_p: UnitInterval = 0.5
+    batch_size: Count = 32
 
     @model_validator(mode="after")
     def _level(self) -> "IDEALConfig":
@@ -196,8 +186,8 @@ class IDEALFinetuneConfig(BaseMethodConfig):
         batch_size: slices per step, half labelled (24).
     """
 
-    lambda_max: float = 0.5
-    ramp_fraction: float = 0.3
+    lambda_max: NonNegative = 0.5
+    ramp_fraction: UnitInterval = 0.3
     pl_dice: bool = False
     sup_loss: Literal["dice_ce", "dice"] = "dice_ce"
     include_background: bool = True
@@ -208,20 +198,6 @@ class IDEALFinetuneConfig(BaseMethodConfig):
     elastic: bool = True
     elastic_sigma_px: float = 5.0
     batch_size: int = 24
-
-    @field_validator("lambda_max")
-    @classmethod
-    def _lam(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"lambda_max must be >= 0, got {v}")
-        return v
-
-    @field_validator("ramp_fraction")
-    @classmethod
-    def _ramp(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"ramp_fraction must be in [0, 1], got {v}")
-        return v
 
     @model_validator(mode="after")
     def _different(self) -> "IDEALFinetuneConfig":

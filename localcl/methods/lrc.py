@@ -30,18 +30,26 @@ equal ids of different slices count as one region.
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
-from pydantic import field_validator
 from torch import Tensor, nn
 
 from localcl.losses.ideal import DenseQueue
 from localcl.losses.lrc import lrc_loss
 from localcl.methods import _nets
 from localcl.methods._moco import ema_update, make_key_copy, moco_loss
-from localcl.methods.base import BaseMethodConfig, PretrainMethod, check_batch, positive
-from localcl.methods.mixcl import _as_2d, make_views
+from localcl.methods.base import (
+    BaseMethodConfig,
+    Count,
+    NonNegative,
+    PositiveFinite,
+    PretrainMethod,
+    Temperature,
+    UnitInterval,
+    check_batch,
+)
+from localcl.methods.mixcl import as_2d, make_views
 from localcl.models.heads import DenseHead, GlobalHead
 
 __all__ = ["LRC", "LRCConfig", "lrc_step"]
@@ -65,54 +73,27 @@ class LRCConfig(BaseMethodConfig):
     """
 
     global_loss: Literal["moco", "supervised", "none"] = "moco"
-    lambda_loc: float = 1.0
-    tau_local: float = 0.1
-    tau_global: float = 0.2
-    num_regions: int = 16
-    points_per_region: int = 8
-    min_pix: int = 1
+    lambda_loc: NonNegative = 1.0
+    tau_local: Temperature = 0.1
+    tau_global: Temperature = 0.2
+    num_regions: Count = 16
+    points_per_region: Count = 8
+    min_pix: Count = 1
     allow_fewer: bool = True
     loss_mode: Literal["summed", "per_positive"] = "summed"
     same_view_positives: bool = False
-    superpixel_scale: float = 100.0
-    superpixel_sigma: float = 0.8
-    superpixel_min_size: int = 50
-    momentum: float = 0.999
-    queue_size: int = 16384
-    proj_dim: int = 128
+    superpixel_scale: PositiveFinite = 100.0
+    superpixel_sigma: NonNegative = 0.8
+    superpixel_min_size: Count = 50
+    momentum: UnitInterval = 0.999
+    queue_size: Count = 16384
+    proj_dim: Count = 128
     dims: Literal[2, 3] = 2
     crop_area: tuple[float, float] = (0.4, 1.0)
     rotation_deg: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
-    flip_p: float = 0.5
-    batch_size: int = 32
-
-    @field_validator("tau_local", "tau_global", "superpixel_scale")
-    @classmethod
-    def _positive(cls, v: float, info: object) -> float:
-        return positive(getattr(info, "field_name", "value"), v)
-
-    @field_validator("lambda_loc", "superpixel_sigma")
-    @classmethod
-    def _non_negative(cls, v: float, info: object) -> float:
-        if v < 0:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 0, got {v}")
-        return v
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {v}")
-        return v
-
-    @field_validator("num_regions", "points_per_region", "min_pix", "superpixel_min_size", "queue_size",
-                     "proj_dim", "batch_size")
-    @classmethod
-    def _pos_int(cls, v: int, info: object) -> int:
-        if v < 1:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 1, got {v}")
-        return v
+    flip_p: UnitInterval = 0.5
+    batch_size: Count = 32
 
 
 class LRC(PretrainMethod):
@@ -134,6 +115,18 @@ class LRC(PretrainMethod):
             self.key_glob = make_key_copy(self.g_glob)
             self.queue = DenseQueue(cfg.queue_size, cfg.proj_dim)
         self._pending_keys: Tensor | None = None
+
+    @classmethod
+    def pretrain_reads_labels(cls, cfg: BaseMethodConfig) -> bool:
+        """With ``global_loss="supervised"`` (its Dice + CE term reads ``batch["label"]``)."""
+        return isinstance(cfg, LRCConfig) and cfg.global_loss == "supervised"
+
+    @classmethod
+    def superpixel_params(cls, cfg: BaseMethodConfig) -> dict[str, Any]:
+        """Felzenszwalb ``scale``, ``sigma``, ``min_size`` from the ``superpixel_*`` fields."""
+        if not isinstance(cfg, LRCConfig):
+            raise TypeError(f"lrc needs an LRCConfig, got {type(cfg).__name__}")
+        return {"scale": cfg.superpixel_scale, "sigma": cfg.superpixel_sigma, "min_size": cfg.superpixel_min_size}
 
     def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
         self._stage(stage)
@@ -168,8 +161,8 @@ def lrc_step(model: LRC, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     taps = ("features",) if cfg.global_loss != "moco" else ("bottleneck", "features")
     out = model.unet(torch.cat(views, 0), taps=taps, logits=cfg.global_loss == "supervised")
     w = model.g_loc(out["features"])
-    regions = torch.stack([_as_2d(maps[0][0][:, None])[:, 0], _as_2d(maps[1][0][:, None])[:, 0]], 1)
-    emb = torch.stack([_as_2d(w[:b]), _as_2d(w[b:])], 1)
+    regions = torch.stack([as_2d(maps[0][0][:, None])[:, 0], as_2d(maps[1][0][:, None])[:, 0]], 1)
+    emb = torch.stack([as_2d(w[:b]), as_2d(w[b:])], 1)
     l_loc = lrc_loss(emb, regions, tau=cfg.tau_local, num_regions=cfg.num_regions,
                      points_per_region=cfg.points_per_region, min_pix=cfg.min_pix, mode=cfg.loss_mode,
                      same_view_positives=cfg.same_view_positives, generator=model.generator_for(x.device),

@@ -26,16 +26,23 @@ from __future__ import annotations
 from typing import Literal, Mapping, Sequence
 
 import torch
-from pydantic import field_validator
 from torch import Tensor
 
 from localcl.augment import apply_flips, intensity_view, random_flips, random_geometric, warp_image, warp_labels
 from localcl.losses.mixcl import mixcl_loss
 from localcl.methods import _nets
-from localcl.methods.base import BaseMethodConfig, PretrainMethod, check_batch, positive
+from localcl.methods.base import (
+    BaseMethodConfig,
+    Count,
+    NonNegative,
+    PretrainMethod,
+    Temperature,
+    UnitInterval,
+    check_batch,
+)
 from localcl.models.heads import DenseHead, GlobalHead, ReconHead
 
-__all__ = ["MixCL", "MixCLConfig", "make_views", "mixcl_step"]
+__all__ = ["MixCL", "MixCLConfig", "as_2d", "make_views", "mixcl_step"]
 
 
 class MixCLConfig(BaseMethodConfig):
@@ -51,39 +58,20 @@ class MixCLConfig(BaseMethodConfig):
         batch_size: slices per step (32; read by ``ray_jobs``).
     """
 
-    tau: float = 0.1
-    alpha: float = 1.0
-    beta: float = 1.0
-    num_pixels: int = 4096
-    proj_dim: int = 128
+    tau: Temperature = 0.1
+    alpha: NonNegative = 1.0
+    beta: NonNegative = 1.0
+    num_pixels: Count = 4096
+    proj_dim: Count = 128
     rec_kind: Literal["l1", "mse"] = "l1"
     rec_kernel: Literal[1, 3] = 1
     dims: Literal[2, 3] = 2
     crop_area: tuple[float, float] = (0.4, 1.0)
     rotation_deg: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
-    flip_p: float = 0.5
+    flip_p: UnitInterval = 0.5
     gather_distributed: bool = False
-    batch_size: int = 32
-
-    @field_validator("tau")
-    @classmethod
-    def _tau(cls, v: float) -> float:
-        return positive("tau", v)
-
-    @field_validator("alpha", "beta")
-    @classmethod
-    def _weights(cls, v: float, info: object) -> float:
-        if v < 0:
-            raise ValueError(f"{getattr(info, 'field_name', 'weight')} must be >= 0, got {v}")
-        return v
-
-    @field_validator("num_pixels", "proj_dim", "batch_size")
-    @classmethod
-    def _pos_int(cls, v: int, info: object) -> int:
-        if v < 1:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 1, got {v}")
-        return v
+    batch_size: Count = 32
 
 
 class MixCL(PretrainMethod):
@@ -101,6 +89,11 @@ class MixCL(PretrainMethod):
         self.g_id = GlobalHead(cb, cfg.proj_dim, hidden_dim=cb, pool="gap", bias=True)
         self.g_lab = DenseHead(cf, out_dim=cfg.proj_dim, hidden_dim=cf, layers=2, norm=cfg.norm, dim=cfg.dims)
         self.g_rec = ReconHead(cf, in_channels, kernel=cfg.rec_kernel, dim=cfg.dims)
+
+    @classmethod
+    def pretrain_reads_labels(cls, cfg: BaseMethodConfig) -> bool:
+        """Always: the label-consistency term ``L_lab`` reads ``batch["label"]``."""
+        return True
 
     def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
         self._stage(stage)
@@ -144,7 +137,7 @@ def make_views(
     return views, vmaps, targets, valids
 
 
-def _as_2d(t: Tensor) -> Tensor:
+def as_2d(t: Tensor) -> Tensor:
     """(B, C, D, H, W) -> (B, C, D*H, W) (depth folded into rows; losses sample flat indices)."""
     return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1]) if t.dim() == 5 else t
 
@@ -164,12 +157,12 @@ def mixcl_step(model: MixCL, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     emb = model.g_lab(out["features"])
     rec = model.g_rec(out["features"])
     b = x.shape[0]
-    e1, e2 = _as_2d(emb[:b]), _as_2d(emb[b:])
+    e1, e2 = as_2d(emb[:b]), as_2d(emb[b:])
     lab = torch.stack([labels[0].reshape(b, *e1.shape[2:]), labels[1].reshape(b, *e1.shape[2:])], 1)
     res = mixcl_loss(
-        z1, z2, torch.stack([e1, e2], 1), lab, _as_2d(rec), _as_2d(torch.cat(targets, 0)),
+        z1, z2, torch.stack([e1, e2], 1), lab, as_2d(rec), as_2d(torch.cat(targets, 0)),
         alpha=cfg.alpha, beta=cfg.beta, tau=cfg.tau, num_pixels=cfg.num_pixels, rec_kind=cfg.rec_kind,
-        rec_mask=_as_2d(torch.cat(valids, 0)), gather_distributed=cfg.gather_distributed,
+        rec_mask=as_2d(torch.cat(valids, 0)), gather_distributed=cfg.gather_distributed,
         generator=model.generator_for(x.device),
     )
     return {"loss": res["loss"], "id": res["id"].detach(), "lab": res["lab"].detach(), "rec": res["rec"].detach()}

@@ -45,13 +45,21 @@ from typing import Literal, Mapping
 
 import numpy as np
 import torch
-from pydantic import field_validator
 from torch import Tensor
 
 from localcl.augment import intensity_view
 from localcl.losses.plcl import plcl_loss
 from localcl.methods import _nets
-from localcl.methods.base import BaseMethodConfig, FinetuneStrategy, PretrainMethod, check_batch, positive
+from localcl.methods.base import (
+    BaseMethodConfig,
+    Count,
+    FinetuneStrategy,
+    NonNegative,
+    PositiveFinite,
+    PretrainMethod,
+    Temperature,
+    check_batch,
+)
 from localcl.methods.supervised import augment_labelled
 from localcl.models.heads import DenseHead
 
@@ -186,15 +194,15 @@ class PLCLFinetuneConfig(BaseMethodConfig):
             has a 301 placeholder). baseline_iterations: 5,001. batch_size: 20. val_every: 50.
     """
 
-    lambda_lc: float = 0.1
-    tau: float = 0.1
-    per_class: int = 3
-    embed_dim: int = 16
+    lambda_lc: NonNegative = 0.1
+    tau: Temperature = 0.1
+    per_class: Count = 3
+    embed_dim: Count = 16
     variant: Literal["inter", "intra"] = "inter"
-    contrast_labelled: int = 5
-    contrast_unlabelled: int = 5
+    contrast_labelled: Count = 5
+    contrast_unlabelled: Count = 5
     require_all_classes: bool = True
-    seg_min_labels: int = 3
+    seg_min_labels: Count = 3
     loss: Literal["dice", "dice_ce"] = "dice"
     include_background: bool = True
     augment: Literal["glcl", "none"] = "glcl"
@@ -202,38 +210,17 @@ class PLCLFinetuneConfig(BaseMethodConfig):
     elastic_sigma_px: float = 5.0
     pseudo_label_key: str = "pseudo_label"
     crf: bool = True
-    crf_gaussian_sxy: float = 10.0
+    crf_gaussian_sxy: PositiveFinite = 10.0
     crf_gaussian_weight: float = 30.0
-    crf_bilateral_sxy: float = 0.01
-    crf_bilateral_srgb: float = 0.5
+    crf_bilateral_sxy: PositiveFinite = 0.01
+    crf_bilateral_srgb: PositiveFinite = 0.5
     crf_bilateral_weight: float = 10.0
-    crf_iterations: int = 30
-    rounds: int = 3
-    iterations_per_round: int = 5000
-    baseline_iterations: int = 5001
-    batch_size: int = 20
-    val_every: int = 50
-
-    @field_validator("tau", "crf_gaussian_sxy", "crf_bilateral_sxy", "crf_bilateral_srgb")
-    @classmethod
-    def _positive(cls, v: float, info: object) -> float:
-        return positive(getattr(info, "field_name", "value"), v)
-
-    @field_validator("lambda_lc")
-    @classmethod
-    def _lambda(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"lambda_lc must be >= 0, got {v}")
-        return v
-
-    @field_validator("per_class", "embed_dim", "contrast_labelled", "contrast_unlabelled", "seg_min_labels",
-                     "crf_iterations", "rounds", "iterations_per_round", "baseline_iterations", "batch_size",
-                     "val_every")
-    @classmethod
-    def _pos_int(cls, v: int, info: object) -> int:
-        if v < 1:
-            raise ValueError(f"{getattr(info, 'field_name', 'value')} must be >= 1, got {v}")
-        return v
+    crf_iterations: Count = 30
+    rounds: Count = 3
+    iterations_per_round: Count = 5000
+    baseline_iterations: Count = 5001
+    batch_size: Count = 20
+    val_every: Count = 50
 
 
 def _all_classes(lbl: Tensor, k: int) -> Tensor:
@@ -339,6 +326,10 @@ class PLCLFinetune(FinetuneStrategy):
 
     def backbone_state(self) -> dict[str, Tensor]:
         return _nets.unet_backbone_state(self.unet)
+
+    @property
+    def pseudo_label_key(self) -> str:
+        return self.cfg.pseudo_label_key
 
     def start_round(self, r: int | None = None) -> int:
         """Enter self-training round ``r`` (default: the next one); returns it. Raises if

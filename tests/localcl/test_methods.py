@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from localcl.losses.kernel import check_tau
 from localcl.losses.lrc import felzenszwalb_superpixels
-from localcl.methods import FINETUNE, METHODS, get_finetune, get_method
+from localcl.methods import FINETUNE, METHODS, base, get_finetune, get_method
 from localcl.methods.base import FinetuneStrategy, PretrainMethod
 from localcl.methods.plcl import REFERENCE_PAIRS, contrastive_pairs, crf_available, pseudo_label
 
@@ -190,19 +191,19 @@ def test_config__unknown_key_names_it_and_lists_valid_keys() -> None:
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("glcl", {"tau_global": 0.0}, "tau_global must be > 0"),
+        ("glcl", {"tau_global": 0.0}, r"tau_global\s+Input should be greater than 0"),
         ("glcl", {"global_loss": "X"}, r"global_loss[\s\S]*'D', 'D-' or 'R'"),
         ("glcl", {"local_depth": 6}, r"local_depth must be in \[1, 5\]"),
         ("glcl", {"input_size": 100}, "input_size must be divisible by"),
         ("glcl", {"volumes_per_batch": 3}, "volumes_per_batch must be even"),
         ("glcl", {"decoder_widths": (8, 8)}, "decoder_widths must have len"),
         ("glcl", {"norm": "layer"}, r"norm must be one of \['batch', 'instance', 'group', 'none'\]"),
-        ("ideal", {"momentum": 1.5}, r"momentum must be in \[0, 1\]"),
+        ("ideal", {"momentum": 1.5}, r"momentum\s+Input should be less than or equal to 1"),
         ("ideal", {"feature_level": 9}, r"feature_level must be in \[1, 6\]"),
         ("ideal", {"match": "nearest"}, r"match[\s\S]*'argmax' or 'geometric'"),
-        ("mixcl", {"alpha": -1.0}, "alpha must be >= 0"),
+        ("mixcl", {"alpha": -1.0}, r"alpha\s+Input should be greater than or equal to 0"),
         ("mixcl", {"dims": 4}, r"dims[\s\S]*2 or 3"),
-        ("lrc", {"num_regions": 0}, "num_regions must be >= 1"),
+        ("lrc", {"num_regions": 0}, r"num_regions\s+Input should be greater than or equal to 1"),
         ("lrc", {"global_loss": "simclr"}, r"global_loss[\s\S]*'moco', 'supervised' or 'none'"),
     ],
 )
@@ -214,9 +215,9 @@ def test_config__bad_values_name_field_and_allowed_values(name: str, kwargs: dic
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("plcl", {"lambda_lc": -0.1}, "lambda_lc must be >= 0"),
-        ("plcl", {"per_class": 0}, "per_class must be >= 1"),
-        ("ideal", {"ramp_fraction": 2.0}, r"ramp_fraction must be in \[0, 1\]"),
+        ("plcl", {"lambda_lc": -0.1}, r"lambda_lc\s+Input should be greater than or equal to 0"),
+        ("plcl", {"per_class": 0}, r"per_class\s+Input should be greater than or equal to 1"),
+        ("ideal", {"ramp_fraction": 2.0}, r"ramp_fraction\s+Input should be less than or equal to 1"),
         ("ideal", {"upsample_2": "transposed"}, "upsample_1 and upsample_2 must differ"),
         ("supervised", {"loss": "focal"}, r"loss[\s\S]*'dice' or 'dice_ce'"),
     ],
@@ -511,3 +512,64 @@ def test_finetune__loss_falls_on_real_acdc_slices(name: str, acdc_batch: dict[st
     bu = {"image": acdc_batch["image"][4:], "pseudo_label": acdc_batch["label"][4:]}
     before, after = _finetune_falls(ft, bl, bu)
     assert after < before
+
+
+# ------------------------------------------------------------------------------ hyperparameter types
+
+
+TEMPERATURE_FIELDS = [
+    ("glcl", "tau_global"), ("glcl", "tau_local"), ("ideal", "tau"), ("mixcl", "tau"),
+    ("lrc", "tau_local"), ("lrc", "tau_global"),
+]
+
+
+@pytest.mark.parametrize("name, field", TEMPERATURE_FIELDS)
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("inf"), float("nan")])
+def test_temperature__one_rule_finite_and_positive(name: str, field: str, bad: float) -> None:
+    """Every temperature is a ``Temperature`` (finite, > 0), the same rule as ``check_tau``."""
+    with pytest.raises(pydantic.ValidationError, match=field):
+        METHODS[name].Config(**{field: bad})
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        check_tau(bad)
+
+
+def test_temperature__plcl_finetune_uses_the_same_type() -> None:
+    assert FINETUNE["plcl"].Config.model_fields["tau"].metadata == base.BaseMethodConfig.model_fields["lr"].metadata
+    with pytest.raises(pydantic.ValidationError, match="tau"):
+        FINETUNE["plcl"].Config(tau=float("inf"))
+
+
+def test_config__no_copied_validators_left() -> None:
+    """Hyperparameters are checked by their pydantic types, not per-config ``field_validator``s."""
+    assert not hasattr(base, "positive")
+    for cls in [*METHODS.values(), *FINETUNE.values()]:
+        own = {n for n, d in cls.Config.__pydantic_decorators__.field_validators.items()}
+        assert own <= {"_norm"}, (cls.__name__, own)
+
+
+# ------------------------------------------------------------------------------ method hooks
+
+
+def test_pretrain_reads_labels__declared_by_the_method() -> None:
+    reads = {name: cls.pretrain_reads_labels(cls.Config()) for name, cls in METHODS.items()}
+    assert reads == {"ideal": False, "glcl": False, "plcl": False, "mixcl": True, "lrc": False,
+                     "supervised": False}
+    assert METHODS["lrc"].pretrain_reads_labels(METHODS["lrc"].Config(global_loss="supervised"))
+
+
+def test_superpixel_params__only_lrc_and_from_its_fields() -> None:
+    for name, cls in METHODS.items():
+        if name != "lrc":
+            assert cls.superpixel_params(cls.Config()) == {}
+    cfg = METHODS["lrc"].Config(superpixel_scale=50.0, superpixel_sigma=0.5, superpixel_min_size=20)
+    assert METHODS["lrc"].superpixel_params(cfg) == {"scale": 50.0, "sigma": 0.5, "min_size": 20}
+
+
+def test_finetune_hooks__defaults_and_plcl_overrides() -> None:
+    sup = FINETUNE["supervised"](FINETUNE["supervised"].Config(**SMALL), 1, 4)
+    sup.on_after_step()  # no-op default
+    assert sup.pseudo_label_key == "pseudo_label"
+    assert sup.start_round(2) == 2
+    plcl = FINETUNE["plcl"](FINETUNE["plcl"].Config(**SMALL, pseudo_label_key="pl"), 1, 4)
+    assert plcl.pseudo_label_key == "pl"
+    assert plcl.start_round(1) == 1 and int(plcl.st_round) == 1
