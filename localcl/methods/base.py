@@ -14,6 +14,7 @@ its pre-training losses. Contract (``docs/interfaces.md``):
   gradients;
 - ``stage_parameters(stage)``: the parameters the optimiser of that stage updates;
 - ``on_after_step()``: EMA / queue updates (call after ``optimizer.step()``);
+- ``set_total_steps(T)``: the stage's number of optimiser steps, for step schedules;
 - ``backbone_state()``: U-Net state_dict (keys ``encoder.*``, ``decoder.*``) for fine-tuning;
 - ``M.pretrain_reads_labels(cfg)``: whether pre-training reads ``batch["label"]`` (default False);
 - ``M.superpixel_params(cfg)``: keyword arguments of
@@ -188,6 +189,15 @@ class PretrainMethod(_Seeded):
     pretrain_batch: ClassVar[str | None] = None
     stages: ClassVar[tuple[str, ...]] = ("main",)
     default_finetune: ClassVar[str] = "supervised"
+    #: optimiser steps of the current stage (set by :meth:`set_total_steps`; None = unknown).
+    total_steps: int | None = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the method how many optimiser steps the current stage has (for schedules such
+        as the key momentum's); the training loop calls it before the first step."""
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
 
     def _stage(self, stage: str | None) -> str:
         if not self.stages:

@@ -36,16 +36,17 @@ ramp_fraction · total_steps``. Inference: mean of the two streams' softmax (or 
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Annotated, Literal, Mapping
 
 import torch
-from pydantic import model_validator
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from localcl.augment import Warp, correspondence, intensity_view, random_geometric, warp_image
+from localcl.augment import Warp, correspondence, glcl_finetune_augment, intensity_view, random_geometric, warp_image
 from localcl.losses.ideal import IDEALDenseLoss, bidirectional_consistency, consistency_weight, grid_match_from_coords
 from localcl.methods import _nets
-from localcl.methods._moco import ema_update, make_key_copy
+from localcl.methods._moco import ema_update, grouped_forward, make_key_copy, momentum_at
 from localcl.methods.base import (
     BaseMethodConfig,
     Count,
@@ -60,7 +61,8 @@ from localcl.methods.supervised import augment_labelled
 from localcl.models.heads import DenseHead
 from localcl.models.unet import SegHead, UNetDecoder
 
-__all__ = ["IDEAL", "IDEALConfig", "IDEALFinetune", "IDEALFinetuneConfig", "ideal_finetune_step", "ideal_pretrain_step"]
+__all__ = ["IDEAL", "IDEALConfig", "IDEALFinetune", "IDEALFinetuneConfig", "combine_streams", "cutmix_box",
+           "ideal_finetune_step", "ideal_pretrain_step"]
 
 
 class IDEALConfig(BaseMethodConfig):
@@ -69,6 +71,12 @@ class IDEALConfig(BaseMethodConfig):
     Attributes:
         tau: 0.2 (DenseCL). lam: dense weight λ (1.0: dense only; < 1 adds the global term).
         momentum: EMA momentum of the key branch (0.999). queue_size: 16,384. proj_dim: 128.
+        momentum_schedule: "constant" (spec) or "cosine": ``m`` rises from ``momentum`` to 1
+            over the stage (BYOL / MoCo v3), so short runs still move the key branch early.
+        shuffle_bn_groups: 1 (spec: off) or G > 1: shuffle-BN on one worker, queries and keys
+            normalised in G sub-batches, the keys' drawn from a random permutation
+            (:func:`localcl.methods._moco.grouped_forward`), so BatchNorm statistics cannot
+            mark a positive key as coming from the current batch rather than the queue.
         head_layers: 2 (1×1 conv stack, default) or 1 (single 1×1 conv).
         feature_level: encoder level of the dense grid, 1..L (None = bottleneck).
         match: "argmax" (DenseCL backbone similarity) or "geometric" (tracked transforms).
@@ -80,6 +88,8 @@ class IDEALConfig(BaseMethodConfig):
     tau: Temperature = 0.2
     lam: UnitInterval = 1.0
     momentum: UnitInterval = 0.999
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    shuffle_bn_groups: Count = 1
     queue_size: Count = 16384
     proj_dim: Count = 128
     head_layers: Literal[1, 2] = 2
@@ -118,6 +128,7 @@ class IDEAL(PretrainMethod):
         self.loss_fn = IDEALDenseLoss(tau=cfg.tau, lam=cfg.lam, match=cfg.match, negatives=cfg.negatives,
                                       queue_size=cfg.queue_size, dim=cfg.proj_dim)
         self._pending_keys: Tensor | None = None
+        self._step = 0
 
     def stage_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
         self._stage(stage)
@@ -125,11 +136,17 @@ class IDEAL(PretrainMethod):
 
     def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
         self._stage(stage)
+        self._step = int(step)
         return ideal_pretrain_step(self, batch)
 
+    def key_momentum(self) -> float:
+        """Momentum of the EMA update after the current step (``momentum_schedule``)."""
+        return momentum_at(self._step, self.total_steps, self.cfg.momentum, self.cfg.momentum_schedule)
+
     def on_after_step(self) -> None:
-        ema_update(self.key_encoder, self.unet.encoder, self.cfg.momentum)
-        ema_update(self.key_head, self.head, self.cfg.momentum)
+        m = self.key_momentum()
+        ema_update(self.key_encoder, self.unet.encoder, m)
+        ema_update(self.key_head, self.head, m)
         if self._pending_keys is not None:
             self.loss_fn.enqueue(self._pending_keys)
             self._pending_keys = None
@@ -154,13 +171,19 @@ def ideal_pretrain_step(model: IDEAL, batch: Mapping[str, Tensor]) -> dict[str, 
     if x.dim() != 4:
         raise ValueError(f"ideal: image must be (B, C, H, W), got {tuple(x.shape)}")
     xq, xk, wq, wk = _views(model, x)
-    bq = model.unet.encoder(xq, num_levels=model.level)[-1]
-    r = model.head(bq)
+    groups = model.cfg.shuffle_bn_groups
+    bq = grouped_forward(lambda v: model.unet.encoder(v, num_levels=model.level)[-1], xq, groups)
+    r = grouped_forward(model.head, bq, groups)
     with torch.no_grad():
         model.key_encoder.train(model.training)
         model.key_head.train(model.training)
-        bk = model.key_encoder(xk, num_levels=model.level)[-1]
-        t = model.key_head(bk)
+
+        def key_branch(v: Tensor) -> Tensor:
+            b = model.key_encoder(v, num_levels=model.level)[-1]
+            return torch.cat([b, model.key_head(b)], 1)
+
+        bt = grouped_forward(key_branch, xk, groups, model.generator if groups > 1 else None)
+        bk, t = bt[:, :bq.shape[1]], bt[:, bq.shape[1]:]
     index = None
     if model.cfg.match == "geometric":
         hw = (r.shape[-2], r.shape[-1])
@@ -181,8 +204,18 @@ class IDEALFinetuneConfig(BaseMethodConfig):
         sup_loss: supervised term per stream, "dice_ce" (default) or "dice".
         include_background: Dice over all classes (True).
         upsample_1, upsample_2: decoder types ("transposed", "bilinear").
-        inference: "mean" (average of the two streams) or "stream1".
+        inference: how the two streams make one prediction: "mean" (spec: mean of the two
+            softmaxes), "logits" (softmax of the mean logits), "stream1" or "stream2" (one stream).
         augment, elastic, elastic_sigma_px: augmentation of labelled slices (GLCL family).
+        unlabelled_augment: "none" (spec) or "glcl": the unlabelled slices get the labelled
+            slices' augmentation family too (the same augmented input goes to both streams).
+        cutmix: False (spec) or True: cross pseudo supervision with CutMix (French et al. 2020,
+            CPS): pairs of unlabelled slices are mixed by a random box; each stream is trained on
+            the mixed slice against the other stream's pseudo-label of the two unmixed slices,
+            mixed by the same box (one extra no-gradient forward of the unlabelled batch).
+        pl_threshold: pseudo-label confidence threshold in [0, 1): pixels whose target
+            stream's max softmax probability is below it are left out of the consistency term
+            (0: every pixel, spec).
         batch_size: slices per step, half labelled (24).
     """
 
@@ -193,11 +226,20 @@ class IDEALFinetuneConfig(BaseMethodConfig):
     include_background: bool = True
     upsample_1: Literal["nearest", "bilinear", "transposed"] = "transposed"
     upsample_2: Literal["nearest", "bilinear", "transposed"] = "bilinear"
-    inference: Literal["mean", "stream1"] = "mean"
+    inference: Literal["mean", "logits", "stream1", "stream2"] = "mean"
     augment: Literal["glcl", "none"] = "glcl"
+    unlabelled_augment: Literal["glcl", "none"] = "none"
+    cutmix: bool = False
+    pl_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
     elastic: bool = True
     elastic_sigma_px: float = 5.0
     batch_size: int = 24
+
+    @model_validator(mode="after")
+    def _pl_dice_spec_path(self) -> "IDEALFinetuneConfig":
+        if self.pl_dice and (self.cutmix or self.pl_threshold > 0):
+            raise ValueError("pl_dice works with the spec's consistency only (cutmix: false, pl_threshold: 0)")
+        return self
 
     @model_validator(mode="after")
     def _different(self) -> "IDEALFinetuneConfig":
@@ -250,10 +292,51 @@ class IDEALFinetune(FinetuneStrategy):
         return ideal_finetune_step(self, batch_l, batch_u, step, total_steps)
 
     def predict(self, image: Tensor) -> Tensor:
-        l1, l2 = self.stream_logits(image)
-        if self.cfg.inference == "stream1":
-            return torch.softmax(l1, 1)
+        return combine_streams(*self.stream_logits(image), self.cfg.inference)
+
+
+def combine_streams(l1: Tensor, l2: Tensor, inference: str) -> Tensor:
+    """Class probabilities (B, K, H, W) of the two streams' logits ``l1, l2`` (B, K, H, W):
+    "mean" ``(softmax(l1) + softmax(l2)) / 2``, "logits" ``softmax((l1 + l2) / 2)``, "stream1"
+    ``softmax(l1)``, "stream2" ``softmax(l2)``."""
+    if inference == "stream1":
+        return torch.softmax(l1, 1)
+    if inference == "stream2":
+        return torch.softmax(l2, 1)
+    if inference == "logits":
+        return torch.softmax(0.5 * (l1 + l2), 1)
+    if inference == "mean":
         return 0.5 * (torch.softmax(l1, 1) + torch.softmax(l2, 1))
+    raise ValueError(f"inference must be 'mean', 'logits', 'stream1' or 'stream2', got {inference!r}")
+
+
+def _hard_targets(logits: Tensor, threshold: float) -> Tensor:
+    """argmax pseudo-labels (B, H, W) of ``logits`` (B, K, H, W); -1 where max prob < threshold."""
+    with torch.no_grad():
+        conf, y = logits.float().softmax(1).max(1)
+        return y.masked_fill(conf < threshold, -1) if threshold > 0 else y
+
+
+def _pseudo_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean CE over pixels with ``target >= 0`` (0 with a zero gradient when there are none)."""
+    if not bool((target >= 0).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+def cutmix_box(batch: int, size: tuple[int, int], gen: torch.Generator,
+               area: tuple[float, float] = (0.25, 0.5)) -> Tensor:
+    """CutMix masks (B, H, W) bool: one axis-aligned box per image of area fraction ``U(area)``
+    and the image's aspect ratio, placed uniformly (CPS's box mask)."""
+    h, w = size
+    frac = torch.empty(batch, dtype=torch.float64).uniform_(area[0], area[1], generator=gen)
+    bh = (frac.sqrt() * h).round().long().clamp(1, h)
+    bw = (frac.sqrt() * w).round().long().clamp(1, w)
+    y0 = (torch.rand(batch, generator=gen, dtype=torch.float64) * (h - bh + 1)).long()
+    x0 = (torch.rand(batch, generator=gen, dtype=torch.float64) * (w - bw + 1)).long()
+    ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    return ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
+            & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
 
 
 def ideal_finetune_step(
@@ -268,14 +351,35 @@ def ideal_finetune_step(
     xl, yl = augment_labelled(batch_l["image"], batch_l["label"].long(), model.generator, cfg.augment,
                               cfg.elastic, cfg.elastic_sigma_px)
     x = xl
+    mixed: tuple[Tensor, Tensor] | None = None
     if batch_u is not None:
         check_batch(batch_u, ("image",), "ideal fine-tuning (unlabelled batch)")
-        x = torch.cat([xl, batch_u["image"]], 0)
+        xu = batch_u["image"]
+        if cfg.unlabelled_augment == "glcl":
+            xu = glcl_finetune_augment(xu, None, model.generator, elastic=cfg.elastic, sigma_px=cfg.elastic_sigma_px)[0]
+        if cfg.cutmix:
+            # pseudo-labels of the unmixed slices (no gradient), then mix slices and targets alike
+            with torch.no_grad():
+                u1, u2 = model.stream_logits(xu)
+            t1, t2 = _hard_targets(u1, cfg.pl_threshold), _hard_targets(u2, cfg.pl_threshold)
+            box = cutmix_box(xu.shape[0], (xu.shape[-2], xu.shape[-1]), model.generator).to(xu.device)
+            perm = torch.roll(torch.arange(xu.shape[0], device=xu.device), 1)
+            xu = torch.where(box[:, None], xu[perm], xu)
+            mixed = (torch.where(box, t1[perm], t1), torch.where(box, t2[perm], t2))
+        x = torch.cat([xl, xu], 0)
     l1, l2 = model.stream_logits(x)
     n = xl.shape[0]
     s1 = _nets.seg_loss(l1[:n], yl, cfg.sup_loss, cfg.include_background)["loss"]
     s2 = _nets.seg_loss(l2[:n], yl, cfg.sup_loss, cfg.include_background)["loss"]
-    pl = bidirectional_consistency(l1, l2, dice=cfg.pl_dice)
+    if mixed is not None:  # CPS + CutMix: labelled slices cross-supervised directly, mixed ones by mixed targets
+        tl1, tl2 = _hard_targets(l1[:n], cfg.pl_threshold), _hard_targets(l2[:n], cfg.pl_threshold)
+        t1 = torch.cat([tl1, mixed[0]], 0)
+        t2 = torch.cat([tl2, mixed[1]], 0)
+        pl = _pseudo_ce(l1, t2) + _pseudo_ce(l2, t1)
+    elif cfg.pl_threshold > 0:
+        pl = _pseudo_ce(l1, _hard_targets(l2, cfg.pl_threshold)) + _pseudo_ce(l2, _hard_targets(l1, cfg.pl_threshold))
+    else:
+        pl = bidirectional_consistency(l1, l2, dice=cfg.pl_dice)
     lam = consistency_weight(step, cfg.ramp_fraction * total_steps, cfg.lambda_max)
     sup = s1 + s2
     return {"loss": sup + lam * pl, "sup": sup.detach(), "pl": pl.detach(),

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from localcl.losses.ideal import DenseQueue
 from localcl.losses.lrc import lrc_loss
 from localcl.methods import _nets
-from localcl.methods._moco import ema_update, make_key_copy, moco_loss
+from localcl.methods._moco import ema_update, grouped_forward, make_key_copy, moco_loss, momentum_at
 from localcl.methods.base import (
     BaseMethodConfig,
     Count,
@@ -68,6 +68,10 @@ class LRCConfig(BaseMethodConfig):
         superpixel_scale, superpixel_sigma, superpixel_min_size: Felzenszwalb parameters used by
             ``storage`` when it computes the cache (100, 0.8, 50).
         momentum: 0.999. queue_size: 16,384. proj_dim: 128.
+        momentum_schedule: "constant" (spec) or "cosine" (from ``momentum`` to 1 over the stage).
+        shuffle_bn_groups: 1 (off) or G > 1: shuffle-BN on one worker for the MoCo global term
+            (:func:`localcl.methods._moco.grouped_forward` on the key branch; the queries keep
+            the whole two-view batch, whose features also feed the local loss).
         dims: 2 (slices) or 3 (patches). crop_area, rotation_deg, scale, flip_p: 2D views.
         batch_size: slices per step (32; read by ``ray_jobs``).
     """
@@ -86,6 +90,8 @@ class LRCConfig(BaseMethodConfig):
     superpixel_sigma: NonNegative = 0.8
     superpixel_min_size: Count = 50
     momentum: UnitInterval = 0.999
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    shuffle_bn_groups: Count = 1
     queue_size: Count = 16384
     proj_dim: Count = 128
     dims: Literal[2, 3] = 2
@@ -115,6 +121,7 @@ class LRC(PretrainMethod):
             self.key_glob = make_key_copy(self.g_glob)
             self.queue = DenseQueue(cfg.queue_size, cfg.proj_dim)
         self._pending_keys: Tensor | None = None
+        self._step = 0
 
     @classmethod
     def pretrain_reads_labels(cls, cfg: BaseMethodConfig) -> bool:
@@ -130,6 +137,7 @@ class LRC(PretrainMethod):
 
     def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
         self._stage(stage)
+        self._step = int(step)
         return lrc_step(self, batch)
 
     def stage_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
@@ -139,8 +147,9 @@ class LRC(PretrainMethod):
     def on_after_step(self) -> None:
         if self.cfg.global_loss != "moco":
             return
-        ema_update(self.key_encoder, self.unet.encoder, self.cfg.momentum)
-        ema_update(self.key_glob, self.g_glob, self.cfg.momentum)
+        m = momentum_at(self._step, self.total_steps, self.cfg.momentum, self.cfg.momentum_schedule)
+        ema_update(self.key_encoder, self.unet.encoder, m)
+        ema_update(self.key_glob, self.g_glob, m)
         if self._pending_keys is not None:
             self.queue.push(self._pending_keys)
             self._pending_keys = None
@@ -172,7 +181,9 @@ def lrc_step(model: LRC, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         with torch.no_grad():
             model.key_encoder.train(model.training)
             model.key_glob.train(model.training)
-            k = model.key_glob(model.key_encoder(torch.cat([views[1], views[0]], 0))[-1])
+            groups = cfg.shuffle_bn_groups
+            k = grouped_forward(lambda v: model.key_glob(model.key_encoder(v)[-1]), torch.cat([views[1], views[0]], 0),
+                                groups, model.generator if groups > 1 else None)
         k2, k1 = k.chunk(2, 0)  # k2: key of view 2 (positive of q1), k1: key of view 1
         negatives = model.queue.negatives()
         if negatives.shape[0] == 0:
