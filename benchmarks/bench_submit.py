@@ -1,6 +1,6 @@
 """What ``localcl submit`` costs on top of a bare Ray job, measured in one run on a private head.
 
-Starts a loopback Ray head (:class:`ray_jobs.local_head.LocalHead`), then times:
+Starts a loopback Ray head (:class:`ray_jobs.cluster.local_head.LocalHead`), then times:
 
 - local work before any network call: ``validate_config`` of a run config and of a campaign,
   and ``build_submission`` (validation + self-contained config + metadata);
@@ -33,8 +33,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from ray_jobs import submit as sub  # noqa: E402
-from ray_jobs.local_head import LocalHead  # noqa: E402
+from ray_jobs.cluster import submit as sub  # noqa: E402
+from ray_jobs.cluster.local_head import LocalHead  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

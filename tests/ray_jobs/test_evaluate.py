@@ -1,4 +1,4 @@
-"""Tests of evaluation (ray_jobs.evaluate), ``localcl evaluate`` and the model card."""
+"""Tests of evaluation (ray_jobs.evaluation.job), ``localcl evaluate`` and the model card."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 from localcl.metrics import evaluate_case
-from ray_jobs import evaluate as E
+from ray_jobs.evaluation import job as E
 from ray_jobs.cli import main
 from ray_jobs.errors import UserError
 
@@ -186,8 +186,8 @@ def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
 def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import storage
-    from ray_jobs.checkpoint import load_model
-    from ray_jobs.inference import predict_case
+    from ray_jobs.train.checkpoint import load_model
+    from ray_jobs.evaluation.inference import predict_case
 
     out = tmp_path / "eval"
     monkeypatch.chdir(tmp_path)  # a relative --out must reach the workers as an absolute path
@@ -233,7 +233,7 @@ def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], 
 # --------------------------------------------------------------------------- model card
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
     from ray_jobs.config import Config
-    from ray_jobs.model_card import build_model_card, store_fingerprint, write_model_card
+    from ray_jobs.evaluation.model_card import build_model_card, store_fingerprint, write_model_card
     from storage.phantom import make_phantom_dataset
     import storage
 
@@ -265,7 +265,7 @@ def test_plots__png_output_and_input_checks() -> None:
 
     import pandas as pd
 
-    from ray_jobs import plots as P
+    from ray_jobs.evaluation import plots as P
 
     png_magic = b"\x89PNG\r\n\x1a\n"
     hist = pd.read_csv(io.StringIO("epoch,loss,loss_dice,lr,time_s,val_dice,val_hd95\n"

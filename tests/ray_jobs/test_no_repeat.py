@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ray_jobs import tune
-from ray_jobs.no_repeat import NoRepeatSampler
+from ray_jobs.campaign import run as tune
+from ray_jobs.campaign.no_repeat import NoRepeatSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -119,7 +119,7 @@ def test_no_repeat__waiting_trial_is_not_proposed_to_others(tmp_path: Path) -> N
 
 
 def _key_of(p: dict[str, Any]) -> str:
-    from ray_jobs.no_repeat import _key
+    from ray_jobs.campaign.no_repeat import _key
 
     return _key(p, sorted(p))
 

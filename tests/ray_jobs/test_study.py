@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ray_jobs import study as S
+from ray_jobs.study import run as S
 from ray_jobs.errors import ConfigError, UserError
 
 LABELLED = ["patient099", "patient038", "patient050"]  # splits.json ssl4mis_labeled_patients["3"]

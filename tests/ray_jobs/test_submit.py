@@ -1,6 +1,6 @@
 """``localcl submit`` / ``localcl jobs`` against a real Ray head started on 127.0.0.1.
 
-The head is this module's own :class:`ray_jobs.local_head.LocalHead` (``ray start --head``
+The head is this module's own :class:`ray_jobs.cluster.local_head.LocalHead` (``ray start --head``
 with a private ``--temp-dir`` and free ports), so it never collides with the session's
 ``ray_cluster`` fixture or another test process; teardown ends exactly the processes it started
 (the ``ray start`` process and its descendants, plus any orphan whose command line names the
@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs import cli, job_entry
-from ray_jobs import submit as sub
-from ray_jobs.local_head import LocalHead, free_port
+from ray_jobs import cli
+from ray_jobs.cluster import job_entry
+from ray_jobs.config import overrides_to_tree
+from ray_jobs.cluster import submit as sub
+from ray_jobs.cluster.local_head import LocalHead, free_port
 from ray_jobs.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +81,7 @@ def test_submit__preflight_job_runs_and_jobs_reads_status_and_logs(ray_head, tmp
     assert status["metadata"]["team"] == "cardiac"
     assert status["metadata"]["localcl.job"] == "finetune"
     assert status["metadata"]["localcl.overrides"] == "finetune.optim.lr=0.005"
-    assert status["entrypoint"] == "python -m ray_jobs.job_entry finetune --preflight"
+    assert status["entrypoint"] == "python -m ray_jobs.cluster.job_entry finetune --preflight"
 
     code, logs, err = _run_cli(capsys, "jobs", "logs", job_id, "--address", ray_head)
     assert code == 0, err
@@ -206,7 +208,7 @@ def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monke
     assert s.metadata["owner"] == "me" and s.metadata["localcl.job"] == "finetune"
     kw = s.submit_kwargs()
     assert kw["entrypoint_num_cpus"] == 1 and kw["entrypoint_num_gpus"] == 0.5
-    assert kw["entrypoint"] == "python -m ray_jobs.job_entry finetune"
+    assert kw["entrypoint"] == "python -m ray_jobs.cluster.job_entry finetune"
     assert all(isinstance(v, str) for v in kw["metadata"].values())
 
     assert s.metadata["localcl.git_sha"]  # `git describe --dirty` of the uploaded checkout
@@ -239,11 +241,11 @@ def test_portable_config_text__extends_chain_ships_self_contained(tmp_path):
 
 
 def test_overrides_to_tree__nested_and_errors():
-    assert sub.overrides_to_tree(["a.b=1", "a.c=[2, 3]", "d=x"]) == {"a": {"b": 1, "c": [2, 3]}, "d": "x"}
+    assert overrides_to_tree(["a.b=1", "a.c=[2, 3]", "d=x"]) == {"a": {"b": 1, "c": [2, 3]}, "d": "x"}
     with pytest.raises(UserError, match="expected KEY=VALUE"):
-        sub.overrides_to_tree(["a.b"])
-    with pytest.raises(UserError, match="set twice"):
-        sub.overrides_to_tree(["a=1", "a.b=2"])
+        overrides_to_tree(["a.b"])
+    with pytest.raises(UserError, match="not a section"):
+        overrides_to_tree(["a=1", "a.b=2"])
 
 
 def test_job_entry__materialises_shipped_config_and_refuses_without_it(tmp_path, monkeypatch):
@@ -345,7 +347,7 @@ def test_submit_job_retrying__retries_only_while_no_agent_is_available(monkeypat
 def test_job_entry__expands_a_shipped_config_on_the_cluster(tmp_path, monkeypatch, capsys):
     cfg = _write_run_config(tmp_path, run_dir="${RUNS_ROOT}/submit-test")
     s = sub.build_submission("finetune", cfg, expand_env=True, preflight=True)
-    assert s.entrypoint == "python -m ray_jobs.job_entry finetune --expand-env --preflight"
+    assert s.entrypoint == "python -m ray_jobs.cluster.job_entry finetune --expand-env --preflight"
     shipped = s.runtime_env["env_vars"][sub.CONFIG_ENV]
     assert "${RUNS_ROOT}" in shipped  # the value never leaves the cluster
     monkeypatch.setenv(sub.CONFIG_ENV, shipped)

@@ -1,4 +1,4 @@
-"""Hyperparameter campaigns (ray_jobs.tune, `localcl tune`).
+"""Hyperparameter campaigns (ray_jobs.campaign.run, `localcl tune`).
 
 Fast tests (no Ray): schema and space validation, study storage errors, resume bookkeeping on
 a real SQLite Optuna study, resource planning, the report of a study. Ray tests (session
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ray_jobs import tune
+from ray_jobs.campaign import run as tune
 from ray_jobs.errors import UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
