@@ -41,13 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ray_jobs.campaign import run as tune
+    from ray_jobs.campaign import report as campaign_report
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
     from ray_jobs.config import overrides_to_tree
 
     if not args.config:
         raise UserError("tune: --config CAMPAIGN.yaml is required (or use `tune report` / `tune dashboard`)")
-    campaign = tune.load_campaign(args.config, overrides=overrides_to_tree(args.overrides))
-    result = tune.run_campaign(campaign, resume=args.resume, address=args.address)
+    campaign = campaign_spec.load_campaign(args.config, overrides=overrides_to_tree(args.overrides))
+    result = campaign_run.run_campaign(campaign, resume=args.resume, address=args.address)
     if result.report_dir is not None:
         print(f"best config: {result.report_dir / 'best_config.yaml'}")
     return 0 if result.n_complete >= 1 else 1
@@ -56,9 +59,12 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from ray_jobs.campaign import run as tune
+    from ray_jobs.campaign import report as campaign_report
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
 
-    out = tune.write_report(args.campaign_dir, args.out)
+    out = campaign_report.write_report(args.campaign_dir, args.out)
     summary = json.loads((out / "summary.json").read_text())
     print((out / "trials.md").read_text(), end="")
     for b in summary["best"][:1]:
@@ -73,10 +79,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from ray_jobs.campaign import run as tune
+    from ray_jobs.campaign import report as campaign_report
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
 
-    campaign = tune.load_campaign_dir(args.campaign_dir)
-    storage = tune.open_storage(campaign.storage_url)
+    campaign = campaign_spec.load_campaign_dir(args.campaign_dir)
+    storage = campaign_search.open_storage(campaign.storage_url)
     try:
         import optuna_dashboard
     except ModuleNotFoundError:

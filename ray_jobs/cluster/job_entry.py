@@ -83,10 +83,11 @@ def config_from_file(path: str | os.PathLike[str], expand: bool) -> Path:
 
 def campaign_started(config: Path) -> bool:
     """Whether the Optuna study of the campaign in ``config`` exists in its storage."""
-    from ray_jobs.campaign import run as tune
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
 
-    campaign = tune.load_campaign(config)
-    return bool(tune.study_exists(tune.open_storage(campaign.storage_url), campaign.name))
+    campaign = campaign_spec.load_campaign(config)
+    return bool(campaign_search.study_exists(campaign_search.open_storage(campaign.storage_url), campaign.name))
 
 
 def preflight(job: str, config: Path) -> int:

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from ray_jobs.campaign.run import load_campaign
+from ray_jobs.campaign.spec import load_campaign
 from ray_jobs.config import load_config, overrides_to_tree, resolve_config_path
 from ray_jobs.errors import UserError
 
