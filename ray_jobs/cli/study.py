@@ -41,16 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs.study import run as S
+    from ray_jobs.study import cells as study_cells
+    from ray_jobs.study import report as study_report
+    from ray_jobs.study import run as study_run
+    from ray_jobs.study import spec as study_spec
     from ray_jobs.errors import UserError
 
-    st = S.load_study(args.config, args.overrides)
+    st = study_spec.load_study(args.config, args.overrides)
     study_dir = st.resolved_dir(args.study_dir)
     if args.max_cells is not None and args.max_cells < 1:
         raise UserError("--max-cells: must be >= 1")
     if args.dry_run:
-        todo = S.cells(st)
-        pre = sorted({os.path.relpath(S._pretrain_dir(st, study_dir, c), study_dir)
+        todo = study_cells.cells(st)
+        pre = sorted({os.path.relpath(study_cells.pretrain_dir(st, study_dir, c), study_dir)
                       for c in todo if "pretrain" in st.methods[c.method]})
         print(f"study {st.name}: {len(todo)} cells ({len(st.methods)} methods x "
               f"{len(st.budgets)} budgets x {len(st.seeds)} seeds) -> {study_dir}")
@@ -59,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {c.key}")
         return 0
     if args.report_only:
-        out = S.report_only(st, study_dir)
+        out = study_report.report_only(st, study_dir)
         print(f"{len(out['records'])} finished cell(s); report: {out['report']['md']}")
         return 0
-    S.prepare_study_dir(st, study_dir, args.resume)
+    study_run.prepare_study_dir(st, study_dir, args.resume)
     _local_mode_threads(st)
     cmd = "localcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [
         "study"] else ""
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(study_dir, "command.txt"), "w") as f:
             f.write(cmd.replace(" --resume", "") + "\n")
     _init_ray_patiently(args.address)
-    out = S.run_study(st, study_dir, resume=True, max_cells=args.max_cells,
+    out = study_run.run_study(st, study_dir, resume=True, max_cells=args.max_cells,
                       only_seeds=args.only_seeds,
                       log=lambda m: print(m, flush=True))
     print()

@@ -46,6 +46,7 @@ import nibabel as nib
 import numpy as np
 
 from ray_jobs.errors import UserError
+from storage.remote import join_uri
 
 METRICS = ("dice", "hd95", "asd")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -144,9 +145,6 @@ def summary_markdown(summary: Mapping[str, Any], title: str = "Evaluation") -> s
 
 
 # --------------------------------------------------------------------------- I/O helpers
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
 
 def _absolute(path: str) -> str:
     """Local paths made absolute; URIs (``s3://...``, ``memory://...``) unchanged."""
@@ -233,10 +231,10 @@ def resolve_model_dir(checkpoint: str) -> str:
     """The exported model directory for ``--checkpoint``: the directory itself when it holds
     ``model.json``, else ``<checkpoint>/finetune/model`` (a run directory)."""
     fs, path = fsspec.core.url_to_fs(str(checkpoint))
-    if fs.exists(_join(path, "model.json")):
+    if fs.exists(join_uri(path, "model.json")):
         return str(checkpoint)
-    if fs.exists(_join(path, "finetune", "model", "model.json")):
-        return _join(str(checkpoint), "finetune", "model")
+    if fs.exists(join_uri(path, "finetune", "model", "model.json")):
+        return join_uri(str(checkpoint), "finetune", "model")
     if not fs.exists(path):
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
     raise UserError(f"--checkpoint {checkpoint}: no model.json (expected an exported model directory "
@@ -290,14 +288,14 @@ def write_report(
     """Write per_case.json/.csv, summary.json/.md and plots/*.png under ``out``; returns the summary."""
     records = sorted(records, key=lambda r: r["case"])
     summary = summarise(records, source)
-    _write_bytes(_join(out, "per_case.json"), json.dumps(_json_safe(list(records)), indent=1).encode())
+    _write_bytes(join_uri(out, "per_case.json"), json.dumps(_json_safe(list(records)), indent=1).encode())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["case", "class", "label", "dice", "hd95_mm", "asd_mm"])
     for r in records:
         for name, v in r["metrics"].items():
             w.writerow([r["case"], name, v["label"], _csv_num(v["dice"]), _csv_num(v["hd95"]), _csv_num(v["asd"])])
-    _write_bytes(_join(out, "per_case.csv"), buf.getvalue().encode())
+    _write_bytes(join_uri(out, "per_case.csv"), buf.getvalue().encode())
     files = ["per_case.json", "per_case.csv", "summary.json", "summary.md"]
     if plots:
         from ray_jobs.evaluation import plots as P
@@ -305,13 +303,13 @@ def write_report(
         dice = {name: [r["metrics"][name]["dice"] for r in records if name in r["metrics"]]
                 for name in summary["classes"]}
         dice["mean fg"] = [r["mean_fg"]["dice"] for r in records]
-        _write_bytes(_join(out, "plots", "dice_boxplot.png"), P.dice_boxplot_png(dice, f"{title}: Dice per class"))
+        _write_bytes(join_uri(out, "plots", "dice_boxplot.png"), P.dice_boxplot_png(dice, f"{title}: Dice per class"))
         files.append("plots/dice_boxplot.png")
         for stage, uri in (histories or {}).items():
             hist = _read_history(uri)
             if hist is None or hist.empty or "epoch" not in hist.columns:
                 continue
-            _write_bytes(_join(out, "plots", f"loss_{stage}.png"), P.loss_curves_png(hist, f"{stage}: {uri}"))
+            _write_bytes(join_uri(out, "plots", f"loss_{stage}.png"), P.loss_curves_png(hist, f"{stage}: {uri}"))
             files.append(f"plots/loss_{stage}.png")
         names = dict(label_names or {})
         by_case = {r["case"]: r for r in records}
@@ -319,11 +317,11 @@ def write_report(
             d = by_case[case]["mean_fg"]["dice"]
             png = P.overlay_png(np.asarray(ov["image"], np.float32), ov["ref"], ov["pred"], ov["slices"], names,
                                 f"{case}: mean foreground Dice {d:.3f}")
-            _write_bytes(_join(out, "plots", f"overlay_{case}.png"), png)
+            _write_bytes(join_uri(out, "plots", f"overlay_{case}.png"), png)
             files.append(f"plots/overlay_{case}.png")
     summary["files"] = files
-    _write_bytes(_join(out, "summary.json"), json.dumps(_json_safe(summary), indent=1).encode())
-    _write_bytes(_join(out, "summary.md"), summary_markdown(summary, title).encode())
+    _write_bytes(join_uri(out, "summary.json"), json.dumps(_json_safe(summary), indent=1).encode())
+    _write_bytes(join_uri(out, "summary.md"), summary_markdown(summary, title).encode())
     return summary
 
 
@@ -506,7 +504,7 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
         scores = score_case(pred, ref, meta["spacing"], fg, where=case)
         records.append(case_record(case, scores, names, ref.shape, meta["spacing"]))
         if cfg["save_predictions"]:
-            _write_bytes(_join(cfg["out"], "predictions", f"{case}.nii.gz"),
+            _write_bytes(join_uri(cfg["out"], "predictions", f"{case}.nii.gz"),
                          label_nifti_bytes(pred, np.asarray(meta["affine"], float)))
         if cfg["plots"] and cfg["overlay_cases"] > 0:
             # keep only the few slices an overlay needs, not the whole volumes
@@ -636,6 +634,6 @@ def evaluate_store(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    fs, path = fsspec.core.url_to_fs(_join(str(out), "summary.json"))
+    fs, path = fsspec.core.url_to_fs(join_uri(str(out), "summary.json"))
     with fs.open(path, "r") as f:
         return json.load(f)

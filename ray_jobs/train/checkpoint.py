@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ray_jobs.errors import UserError
+from storage.remote import join_uri
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.pt"
@@ -39,9 +40,6 @@ SPEC_FILE = "model.json"
 REQUIRED_SPEC_KEYS = ("stage", "name", "config", "in_channels", "num_classes", "size")
 STAGES = ("pretrain", "finetune")
 
-
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -91,9 +89,9 @@ def export_model(directory: str, module: nn.Module, spec: Mapping[str, Any]) -> 
     text = json.dumps(out, indent=2, sort_keys=True, default=_json_default)
     fs, root = fsspec.core.url_to_fs(where)
     fs.makedirs(root, exist_ok=True)
-    with fs.open(_join(root, WEIGHTS_FILE), "wb") as f:
+    with fs.open(join_uri(root, WEIGHTS_FILE), "wb") as f:
         f.write(data)
-    with fs.open(_join(root, SPEC_FILE), "w") as f:
+    with fs.open(join_uri(root, SPEC_FILE), "w") as f:
         f.write(text)
     return json.loads(text)
 
@@ -111,7 +109,7 @@ def _json_default(obj: Any) -> Any:
 def read_spec(directory: str) -> dict[str, Any]:
     """The validated ``model.json`` of an exported model directory."""
     fs, root = fsspec.core.url_to_fs(str(directory))
-    path = _join(root, SPEC_FILE)
+    path = join_uri(root, SPEC_FILE)
     if not fs.exists(path):
         raise UserError(f"{directory}: no {SPEC_FILE} (not an exported model directory)")
     with fs.open(path, "r") as f:
@@ -131,7 +129,7 @@ def read_spec(directory: str) -> dict[str, Any]:
 def load_state(directory: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """The state_dict in ``model.pt``, loaded with ``weights_only=True`` (no pickled objects)."""
     fs, root = fsspec.core.url_to_fs(str(directory))
-    path = _join(root, WEIGHTS_FILE)
+    path = join_uri(root, WEIGHTS_FILE)
     if not fs.exists(path):
         raise UserError(f"{directory}: no {WEIGHTS_FILE}")
     with fs.open(path, "rb") as f:

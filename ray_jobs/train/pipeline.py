@@ -1,58 +1,34 @@
 """The main job: (ingest) -> pretrain -> fine-tune -> evaluate, plus the supervised baseline.
 
-Layout of RUN_DIR (``docs/interfaces.md``)::
-
-    config.yaml                    resolved, validated config
-    pretrain/        Ray Train storage of the pretraining fit(s); GLCL: one per method stage
-    pretrain/model/  exported pretrained method (model.pt + model.json)
-    finetune/, finetune/model/, finetune_baseline/, finetune_baseline/model/
-    <stage>/history.csv            one row per epoch
-    eval/<name>/                   written by the evaluation step
-
-Stages whose ``<stage>/model/model.json`` exists with the same config hash are skipped, and an
-interrupted stage resumes from its last checkpoint (same Ray run name and storage path), so
-re-running the same command continues a run.
+The run directory layout and the stage API are in :mod:`ray_jobs.train.stage`. Stages whose
+``<stage>/model/model.json`` exists with the same config hash are skipped, and an interrupted
+stage resumes from its last checkpoint (same Ray run name and storage path), so re-running the
+same command continues a run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass, field
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import fsspec
+import ray
+import yaml
 
-from ray_jobs.train.checkpoint import export_model, read_spec
-from ray_jobs.config import Config
+import storage
+from localcl.losses.lrc import felzenszwalb_superpixels
+from localcl.methods import METHODS
+from ray_jobs.config import Config, validate
 from ray_jobs.errors import UserError
-
-STAGE_DIRS = {"pretrain": "pretrain", "finetune": "finetune", "baseline": "finetune_baseline"}
-
-
-@dataclass
-class Plan:
-    """Everything a stage needs to know about the data, resolved once on the driver."""
-
-    store: str
-    num_classes: int
-    label_names: dict[str, str]
-    labelled: list[str]
-    unlabelled: list[str]
-    pretrain_cases: list[str]
-    val: list[str]
-    test: list[str]
-    fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
-
-
-def _exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(path)
-
+from ray_jobs.evaluation.job import evaluate_store
+from ray_jobs.evaluation.model_card import build_model_card, write_model_card
+from ray_jobs.train.checkpoint import read_spec
+from ray_jobs.train.self_training import run_self_training
+from ray_jobs.train.stage import STAGE_DIRS, Plan, export_stage, loop_spec, stage_done
+from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
+from storage.remote import join_uri, uri_exists
 
 def resolve_run_dir(cfg: Config, run_dir: Optional[str]) -> str:
     rd = run_dir or cfg.run_dir or os.path.join("runs", cfg.name)
@@ -64,11 +40,9 @@ def resolve_run_dir(cfg: Config, run_dir: Optional[str]) -> str:
 def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) -> Plan:
     """Open (or ingest) the store and draw the label budget, the unlabelled pool and the
     validation/test cases from the catalog."""
-    import storage
-
     so = cfg.data.storage_options or None
-    uri = cfg.data.store or _join(run_dir, "store.zarr")
-    if not _exists(uri) or not _has_cases(uri, so):
+    uri = cfg.data.store or join_uri(run_dir, "store.zarr")
+    if not uri_exists(uri) or not has_cases(uri, so):
         if not cfg.data.source:
             raise UserError(f"data.store: {uri} does not exist and data.source is not set")
         log(f"ingesting {cfg.data.source} -> {uri}")
@@ -100,80 +74,12 @@ def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     return Plan(uri, num_classes, names, labelled, unlabelled, pretrain_cases, val, test, str(fp))
 
 
-def _has_cases(uri: str, so: Any) -> bool:
-    import storage
-
+def has_cases(uri: str, so: Any) -> bool:
+    """Whether ``uri`` is a store holding at least one case."""
     try:
         return len(storage.open_store(uri, storage_options=so).cases) > 0
     except Exception:
         return False
-
-
-def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:
-    """The model.json of ``section``'s network (without the weights hash)."""
-    stage = getattr(cfg, section)
-    return {
-        "stage": "pretrain" if section == "pretrain" else "finetune",
-        "name": stage.method.name,
-        "config": cfg.method_config(section).model_dump(mode="json"),
-        "in_channels": cfg.model.in_channels,
-        "num_classes": plan.num_classes,
-        "size": list(cfg.data.size),
-        "spacing_mm": list(cfg.data.spacing_mm) if cfg.data.spacing_mm else None,
-        "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0,
-                          "high_percentile": 99.0},
-        "label_names": plan.label_names,
-        "label_budget": cfg.data.label_budget,
-        "labelled_cases": plan.labelled,
-        "run": cfg.name,
-        "config_hash": cfg.hash(),
-    }
-
-
-def _loop_cfg(cfg: Config, plan: Plan, section: str, **kw: Any) -> dict[str, Any]:
-    lc = {
-        "config": cfg.to_dict(), "section": section, "store": plan.store,
-        "num_classes": plan.num_classes, "labelled": plan.labelled,
-        "unlabelled": plan.unlabelled, "pretrain_cases": plan.pretrain_cases,
-        "val": plan.val if section != "pretrain" else [],
-        "spec": model_spec(cfg, plan, section),
-        "use_unlabelled": section == "finetune",
-    }
-    lc.update(kw)
-    return lc
-
-
-def _done(model_dir: str, cfg: Config) -> bool:
-    try:
-        return read_spec(model_dir).get("config_hash") == cfg.hash()
-    except UserError:
-        return False
-
-
-def export_checkpoint(spec: dict[str, Any], ckpt_dir: str, model_dir: str) -> dict:
-    """Rebuild the network of ``spec`` on the driver, load the checkpoint's best weights
-    (``best.pt``) and export them to ``model_dir``."""
-    import torch
-
-    from ray_jobs.train.worker import BEST_FILE
-
-    state = torch.load(os.path.join(ckpt_dir, BEST_FILE), map_location="cpu", weights_only=True)
-    return export_state(spec, state, model_dir)
-
-
-def export_state(spec: dict[str, Any], state: dict[str, Any], model_dir: str) -> dict:
-    """Export a state_dict of the network ``spec`` describes (strict load first, so a
-    mismatch fails here and not at inference)."""
-    from ray_jobs.train.checkpoint import build_model
-
-    net = build_model(spec)
-    net.load_state_dict(state)
-    return export_model(model_dir, net, spec)
-
-
-def export_stage(cfg: Config, plan: Plan, section: str, ckpt_dir: str, model_dir: str) -> dict:
-    """Rebuild ``section``'s network on the driver, load the best weights, export them."""
-    return export_checkpoint(model_spec(cfg, plan, section), ckpt_dir, model_dir)
 
 
 def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
@@ -181,42 +87,45 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
                 callbacks: Sequence[Any] = (), progress: bool = True,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit ``section`` ("pretrain" | "finetune" | "baseline"), export its model, write
-    ``history.csv``. Returns ``{"model_dir", "history", "results"}``."""
-    from localcl.methods import METHODS
+    ``history.csv``. Returns ``{"model_dir", "history", "results"}``.
 
-    from ray_jobs.train.trainer import fit_stage, write_history, write_tensorboard
-
-    if section == "finetune" and cfg.finetune.self_training is not None:
-        from ray_jobs.train.self_training import run_self_training
-
-        return run_self_training(cfg, plan, run_dir, init=init, hooks=hooks,
+    A fine-tune stage with ``self_training`` runs PLCL's rounds
+    (:func:`ray_jobs.train.self_training.run_self_training`); its round-0 teacher is the
+    baseline stage when the run has one and no initialisation."""
+    if section == "finetune" and cfg.finetune is not None and cfg.finetune.self_training is not None:
+        teacher = None
+        if init is None and cfg.baseline is not None and not stage_done(
+                join_uri(run_dir, STAGE_DIRS["finetune"], "model"), cfg):
+            teacher = run_section(cfg, plan, run_dir, "baseline", hooks=hooks,
+                                  progress=progress, log=log)["model_dir"]
+        return run_self_training(cfg, plan, run_dir, init=init, teacher=teacher, hooks=hooks,
                                  callbacks=callbacks, progress=progress, log=log)
     sdir = STAGE_DIRS[section]
-    model_dir = _join(run_dir, sdir, "model")
-    if _done(model_dir, cfg):
+    model_dir = join_uri(run_dir, sdir, "model")
+    if stage_done(model_dir, cfg):
         log(f"{sdir}: already done ({model_dir}), skipping")
         return {"model_dir": model_dir, "history": None, "results": {}}
-    if section == "pretrain" and METHODS[cfg.pretrain.method.name].pretrain_batch == \
-            "slices+superpixels":
+    method_cls = METHODS[cfg.pretrain.method.name] if section == "pretrain" and cfg.pretrain else None
+    if method_cls is not None and method_cls.pretrain_batch == "slices+superpixels":
         ensure_superpixels(cfg, plan, log)
     mstages: list[Optional[str]] = [None]
-    if section == "pretrain":
-        mstages = list(getattr(METHODS[cfg.pretrain.method.name], "stages", ()) or [None])
+    if method_cls is not None:
+        mstages = list(method_cls.stages or [None])
     results, history = {}, []
     for i, ms in enumerate(mstages):
         suffix = "" if ms in (None, "main") or len(mstages) == 1 else f"-{ms}"
         this_init = init
         if i > 0:  # next method stage starts from the previous one's weights (GLCL local)
-            this_init = {"kind": "state", "dir": _join(run_dir, sdir, f"stage-{mstages[i - 1]}")}
-        lc = _loop_cfg(cfg, plan, section, init=this_init, hooks=hooks, method_stage=ms)
+            this_init = {"kind": "state", "dir": join_uri(run_dir, sdir, f"stage-{mstages[i - 1]}")}
+        spec = loop_spec(cfg, plan, section, init=this_init, hooks=hooks, method_stage=ms)  # type: ignore[arg-type]
         log(f"{sdir}{suffix}: {cfg.scaling.num_workers} worker(s), "
             f"{cfg.schedule_for(section, ms).epochs} epoch(s)")
-        res = fit_stage(cfg, lc, run_dir, sdir, run_name=f"{cfg.name}-{sdir}{suffix}",
+        res = fit_stage(cfg, spec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}{suffix}",
                         progress=progress, callbacks=list(callbacks) if section != "pretrain" else [])
         results[ms or "main"] = res
         history += [dict(r, stage=ms) if ms and len(mstages) > 1 else r for r in res.history]
         if len(mstages) > 1 and i < len(mstages) - 1:
-            export_stage(cfg, plan, section, res.checkpoint_dir, _join(run_dir, sdir, f"stage-{ms}"))
+            export_stage(cfg, plan, section, res.checkpoint_dir, join_uri(run_dir, sdir, f"stage-{ms}"))
         last = res
     write_history(run_dir, sdir, history)
     if cfg.logging.tensorboard:
@@ -225,68 +134,39 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
     return {"model_dir": model_dir, "history": history, "results": results}
 
 
-SUPERPIXEL_ARGS = ("scale", "sigma", "min_size")
-SUPERPIXEL_PREFIXES = ("superpixel_", "sp_", "felzenszwalb_", "fz_")
-
-
-def superpixel_kwargs(method_cfg: Any) -> dict[str, Any]:
-    """Felzenszwalb arguments from the method Config: fields ``<prefix>scale|sigma|min_size``
-    with a prefix of :data:`SUPERPIXEL_PREFIXES` (absent: the function's defaults)."""
-    fields = type(method_cfg).model_fields if hasattr(type(method_cfg), "model_fields") else {}
-    out = {}
-    for arg in SUPERPIXEL_ARGS:
-        for pre in SUPERPIXEL_PREFIXES:
-            if pre + arg in fields:
-                out[arg] = getattr(method_cfg, pre + arg)
-                break
-    return out
-
-
-def _superpixel_task(uri: str, case: str, kwargs: dict[str, Any], so: Any) -> list[str]:
-    import functools
-
-    import storage
-    from localcl.losses.lrc import felzenszwalb_superpixels
-
+def superpixel_task(uri: str, case: str, kwargs: dict[str, Any], so: Any) -> list[str]:
+    """One case's super-pixel cache (a Ray task)."""
     fn = functools.partial(felzenszwalb_superpixels, **kwargs)
-    return storage.cache_derived(uri, "superpixels", fn, cases=[case], storage_options=so)["computed"]
+    return list(storage.cache_derived(uri, "superpixels", fn, cases=[case], storage_options=so)["computed"])
 
 
 def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = print) -> list[str]:
     """Cache Felzenszwalb super-pixels (``localcl.losses.lrc.felzenszwalb_superpixels`` on the
-    normalised native slice, via ``storage.cache_derived``) as the derived array
-    ``superpixels`` of every pretraining case that lacks it: one Ray task per case (1 CPU).
-    Cached maps are reused whatever their parameters (the store records ``fn`` in the
-    array's attributes); delete the array to recompute. Returns the cases computed."""
-    import ray
-
-    import storage
-
+    normalised native slice, via ``storage.cache_derived``, with the parameters the method
+    declares in ``superpixel_params``) as the derived array ``superpixels`` of every
+    pretraining case that lacks it: one Ray task per case (1 CPU). Cached maps are reused
+    whatever their parameters (the store records ``fn`` in the array's attributes); delete the
+    array to recompute. Returns the cases computed."""
     so = cfg.data.storage_options or None
     st = storage.open_store(plan.store, storage_options=so)
     todo = [c for c in plan.pretrain_cases if not st.has_array(c, "superpixels")]
     if not todo:
         return []
-    kwargs = superpixel_kwargs(cfg.method_config("pretrain"))
+    assert cfg.pretrain is not None
+    kwargs = METHODS[cfg.pretrain.method.name].superpixel_params(cfg.method_config("pretrain"))
     log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
-    from ray_jobs.train.trainer import worker_runtime_env
-
-    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(_superpixel_task)
+    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)
     done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
     return [c for part in done for c in part]
 
 
 def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:
     """Write RUN_DIR/config.yaml; refuse to reuse a run dir holding a different config."""
-    import yaml
-
     fs, root = fsspec.core.url_to_fs(run_dir)
-    path = _join(root, "config.yaml")
+    path = join_uri(root, "config.yaml")
     if fs.exists(path) and not force:
         with fs.open(path, "r") as f:
             old = yaml.safe_load(f) or {}
-        from ray_jobs.config import validate
-
         try:
             same = validate(old).hash() == cfg.hash()
         except UserError:
@@ -307,8 +187,6 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
     from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
     configured, else from scratch. Writes the model card (without metrics) when ``card``.
     Returns ``{"plan": Plan, "timings": {section: s}, section: run_section(...) result}``."""
-    import time
-
     plan = prepare_data(cfg, run_dir, log)
     write_config(cfg, run_dir)
     out: dict[str, Any] = {"plan": plan, "timings": {}}
@@ -318,10 +196,10 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
         init = None
         if section == "finetune":
             src = cfg.finetune.init or (out.get("pretrain", {}).get("model_dir")
-                                        or (_join(run_dir, "pretrain", "model")
+                                        or (join_uri(run_dir, "pretrain", "model")
                                             if cfg.pretrain is not None else None))
             if src:
-                if not _exists(_join(src, "model.json")):
+                if not uri_exists(join_uri(src, "model.json")):
                     raise UserError(f"finetune.init: no exported model at {src} "
                                     f"(run 'localcl pretrain' first)")
                 init = {"kind": "backbone", "dir": src}
@@ -340,8 +218,6 @@ def run_pipeline(cfg: Config, run_dir: str, evaluate: bool = True, progress: boo
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
     then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
-    import time
-
     stages = [s for s in ("pretrain", "finetune", "baseline") if getattr(cfg, s) is not None]
     out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log,
                      card=not evaluate)
@@ -362,8 +238,6 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
     """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
     on the test cases into RUN_DIR/eval/<name>/ with :func:`ray_jobs.evaluation.job.evaluate_store`
     (a Ray Train job with ``scaling.num_workers`` workers). Returns ``{name: summary.json}``."""
-    from ray_jobs.evaluation.job import evaluate_store
-
     if not plan.test:
         raise UserError(f"evaluate.split: no labelled test cases in split "
                         f"{cfg.evaluate.split or cfg.data.splits.test!r}")
@@ -373,8 +247,8 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
     for section, name in EVAL_NAMES:
         if getattr(cfg, section) is None:
             continue
-        model_dir = _join(run_dir, STAGE_DIRS[section], "model")
-        out_dir = _join(run_dir, "eval", name)
+        model_dir = join_uri(run_dir, STAGE_DIRS[section], "model")
+        out_dir = join_uri(run_dir, "eval", name)
         log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
         sc = cfg.scaling
         res[name] = evaluate_store(
@@ -395,12 +269,10 @@ def write_run_card(cfg: Config, plan: Plan, run_dir: str,
     """RUN_DIR/model_card.json + MODEL_CARD.md (:mod:`ray_jobs.evaluation.model_card`): pretraining
     method, fine-tuning strategy, store + fingerprint, label budget and labelled cases, the
     resolved config and its hash, code version, evaluation metrics and ``extra``."""
-    from ray_jobs.evaluation.model_card import build_model_card, write_model_card
-
     ex = dict(extra or {})
     if cfg.finetune is not None and cfg.finetune.self_training is not None:
         try:
-            ex["self_training"] = read_spec(_join(run_dir, "finetune", "model")).get("self_training")
+            ex["self_training"] = read_spec(join_uri(run_dir, "finetune", "model")).get("self_training")
         except UserError:
             pass
     card = build_model_card(

@@ -32,7 +32,26 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+import ray
+import torch
 
+import storage
+from localcl.methods.plcl import pseudo_label
+from ray_jobs.config import Config, validate
+from ray_jobs.evaluation.inference import preprocessing_from_spec
+from ray_jobs.train.checkpoint import load_model, load_state, read_spec
+from ray_jobs.train.stage import (
+    STAGE_DIRS,
+    Plan,
+    export_checkpoint,
+    export_state,
+    loop_spec,
+    model_spec,
+    stage_done,
+)
+from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
+from storage.preprocess import preprocess_slice, restore_slice
+from storage.remote import join_uri
 
 CRF_KEYS = {  # PLCLFinetuneConfig field -> localcl.methods.plcl.pseudo_label argument
     "crf_gaussian_sxy": "gaussian_sxy", "crf_gaussian_weight": "gaussian_weight",
@@ -57,12 +76,6 @@ def pseudo_label_volume(model: Any, spec: Mapping[str, Any], store: Any, case: s
     :func:`storage.preprocess.restore_slice` (nearest) maps them back to ``(X, Y)``; voxels
     outside the training crop get background (0), which the sampler crops away again.
     """
-    import torch
-
-    from localcl.methods.plcl import pseudo_label
-    from ray_jobs.evaluation.inference import preprocessing_from_spec
-    from storage.preprocess import preprocess_slice, restore_slice
-
     pre = preprocessing_from_spec(spec)
     size, target = pre["size"], pre["spacing_mm"]
     meta = store.meta(case)
@@ -85,14 +98,9 @@ def pseudo_label_volume(model: Any, spec: Mapping[str, Any], store: Any, case: s
     return out
 
 
-def _label_task(model_dir: str, store_uri: str, storage_options: Optional[dict], case: str,
+def label_task(model_dir: str, store_uri: str, storage_options: Optional[dict], case: str,
                 name: str, crf: bool, crf_kwargs: dict, use_gpu: bool) -> dict[str, Any]:
     """One case (a Ray task): load the teacher, pseudo-label, write the derived array."""
-    import torch
-
-    import storage
-    from ray_jobs.train.checkpoint import load_model
-
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model, spec = load_model(model_dir, device=device)
     st = storage.open_store(store_uri, mode="a", storage_options=storage_options)
@@ -107,73 +115,59 @@ def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], nam
                        use_gpu: bool = False) -> dict[str, list[str]]:
     """Pseudo-label ``cases`` as one Ray task per case (1 CPU, or 1 GPU with ``use_gpu``);
     cases that already hold a complete ``name`` array are skipped. Ray must be initialised."""
-    import ray
-
-    import storage
-
     st = storage.open_store(store_uri, storage_options=storage_options)
     todo = [c for c in cases if not st.has_array(c, name)]
     done = {"computed": todo, "skipped": [c for c in cases if c not in todo]}
     if not todo:
         return done
-    from ray_jobs.train.trainer import worker_runtime_env
-
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env=worker_runtime_env() or None)(_label_task)
+                      runtime_env=worker_runtime_env() or None)(label_task)
     refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu)
             for c in todo]
     ray.get(refs)
     return done
 
 
-def _supervised_cfg(cfg: Any) -> Any:
+def _supervised_cfg(cfg: Config) -> Config:
     """A copy of ``cfg`` whose ``baseline`` section is FINETUNE["supervised"] with the
     fine-tune stage's backbone keys, optimiser and schedule (the round-0 teacher)."""
-    from ray_jobs.config import validate
-
     d = cfg.to_dict()
     d["baseline"] = True
     return validate(d)
 
 
-def run_self_training(cfg: Any, plan: Any, run_dir: str, *, init: Optional[dict[str, Any]],
-                      hooks: Optional[dict[str, Any]] = None, callbacks: Sequence[Any] = (),
-                      progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run round 0 (if needed) and rounds 1..R; export the best round to finetune/model.
+def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: Optional[dict[str, Any]],
+                      teacher: Optional[str] = None, hooks: Optional[dict[str, Any]] = None,
+                      callbacks: Sequence[Any] = (), progress: bool = True,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run round 0 (unless ``teacher``, an exported supervised model such as the run's
+    baseline, is given) and rounds 1..R; export the best round to finetune/model.
     Returns ``{"model_dir", "history", "results", "rounds"}`` like ``pipeline.run_section``."""
-    from ray_jobs.train import pipeline
-    from ray_jobs.train.checkpoint import read_spec
-    from ray_jobs.train.trainer import fit_stage, write_history, write_tensorboard
-
+    assert cfg.finetune is not None and cfg.finetune.self_training is not None
     st_cfg = cfg.finetune.self_training
-    sdir = pipeline.STAGE_DIRS["finetune"]
-    final_dir = pipeline._join(run_dir, sdir, "model")
-    if pipeline._done(final_dir, cfg):
+    sdir = STAGE_DIRS["finetune"]
+    final_dir = join_uri(run_dir, sdir, "model")
+    if stage_done(final_dir, cfg):
         log(f"{sdir}: already done ({final_dir}), skipping")
         return {"model_dir": final_dir, "history": None, "results": {}, "rounds": None}
     mcfg = cfg.method_config("finetune")
     crf_kwargs = {arg: getattr(mcfg, key) for key, arg in CRF_KEYS.items()}
 
     # ---- round 0: the supervised teacher
-    if init is None and cfg.baseline is not None:
-        teacher = pipeline.run_section(cfg, plan, run_dir, "baseline", hooks=hooks,
-                                       progress=progress, log=log)["model_dir"]
-        history: list[dict[str, Any]] = []
-    else:
+    history: list[dict[str, Any]] = []
+    if teacher is None:
         scfg = _supervised_cfg(cfg)
-        r0_dir = pipeline._join(run_dir, sdir, "round0", "model")
-        if pipeline._done(r0_dir, cfg):
+        r0_dir = join_uri(run_dir, sdir, "round0", "model")
+        if stage_done(r0_dir, cfg):
             log(f"{sdir}/round0: already done, skipping")
-            history = []
         else:
-            lc = pipeline._loop_cfg(scfg, plan, "baseline", init=init, hooks=hooks)
-            lc["spec"]["config_hash"] = cfg.hash()
+            spec = dict(model_spec(scfg, plan, "baseline"), config_hash=cfg.hash())
+            lspec = loop_spec(scfg, plan, "baseline", init=init, hooks=hooks, model=spec)
             log(f"{sdir}/round0 (supervised teacher): {cfg.scaling.num_workers} worker(s), "
                 f"{scfg.schedule_for('baseline').epochs} epoch(s)")
-            res = fit_stage(scfg, lc, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r0",
+            res = fit_stage(scfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r0",
                             progress=progress)
-            spec = dict(pipeline.model_spec(scfg, plan, "baseline"), config_hash=cfg.hash())
-            pipeline.export_checkpoint(spec, res.checkpoint_dir, r0_dir)
+            export_checkpoint(spec, res.checkpoint_dir, r0_dir)
             history = [dict(r, round=0) for r in res.history]
         teacher = r0_dir
 
@@ -182,8 +176,8 @@ def run_self_training(cfg: Any, plan: Any, run_dir: str, *, init: Optional[dict[
     results: dict[str, Any] = {}
     for r in range(1, st_cfg.rounds + 1):
         name = pseudo_label_name(cfg, r)
-        r_dir = pipeline._join(run_dir, sdir, f"round{r}", "model")
-        if pipeline._done(r_dir, cfg):
+        r_dir = join_uri(run_dir, sdir, f"round{r}", "model")
+        if stage_done(r_dir, cfg):
             spec_r = read_spec(r_dir)
             log(f"{sdir}/round{r}: already done, skipping")
             rounds.append({"round": r, "model_dir": r_dir, "best": spec_r.get("best_score"),
@@ -198,14 +192,13 @@ def run_self_training(cfg: Any, plan: Any, run_dir: str, *, init: Optional[dict[
             f"({'CRF' if st_cfg.crf else 'argmax'}; {len(done['skipped'])} cached) -> {name}")
         r_init = ({"kind": "backbone", "dir": teacher} if r == 1
                   else {"kind": "state", "dir": teacher})
-        lc = pipeline._loop_cfg(cfg, plan, "finetune", init=r_init, hooks=hooks, pseudo=name,
-                                round=r)
-        res = fit_stage(cfg, lc, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r{r}",
+        lspec = loop_spec(cfg, plan, "finetune", init=r_init, hooks=hooks, pseudo=name, round=r)
+        res = fit_stage(cfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r{r}",
                         progress=progress, callbacks=list(callbacks))
         best = _best_score(res.history)
-        spec = dict(pipeline.model_spec(cfg, plan, "finetune"), round=r, best_score=best,
+        spec = dict(model_spec(cfg, plan, "finetune"), round=r, best_score=best,
                     pseudo_labels=name)
-        pipeline.export_checkpoint(spec, res.checkpoint_dir, r_dir)
+        export_checkpoint(spec, res.checkpoint_dir, r_dir)
         history += [dict(row, round=r) for row in res.history]
         rounds.append({"round": r, "model_dir": r_dir, "best": best, "pseudo": name})
         results[f"round{r}"] = res
@@ -215,15 +208,13 @@ def run_self_training(cfg: Any, plan: Any, run_dir: str, *, init: Optional[dict[
     scored = [x for x in rounds if x["best"] is not None]
     pick = max(scored, key=lambda x: x["best"]) if scored else rounds[-1]
     log(f"{sdir}: best round {pick['round']} (val_dice {pick['best']}) -> {final_dir}")
-    from ray_jobs.train.checkpoint import load_state
-
     state = load_state(pick["model_dir"])
     spec = dict(read_spec(pick["model_dir"]))
     for k in ("format", "weights_sha256"):
         spec.pop(k, None)
     spec["self_training"] = {"rounds": [{k: v for k, v in x.items() if k != "model_dir"}
                                         for x in rounds], "selected_round": pick["round"]}
-    pipeline.export_state(spec, state, final_dir)
+    export_state(spec, state, final_dir)
     if history:
         write_history(run_dir, sdir, history)
         if cfg.logging.tensorboard:

@@ -19,22 +19,35 @@
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import os
+import shutil
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import fsspec
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ray_jobs.cluster.local_head import free_port
+from ray_jobs.config import Config
 from ray_jobs.errors import UserError
+from ray_jobs.train.stage import STATE_FILE, LoopSpec
+from ray_jobs.train.worker import train_func
+from storage.remote import env_storage_options, forwarded_env
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
@@ -61,10 +74,6 @@ def start_local_ray(**init_kwargs: Any) -> str:
     trials then wait for CPUs that are reserved by no one. ``address="local"`` makes
     ``ray.init`` itself ignore ``RAY_ADDRESS``; the driver's own environment is restored after.
     """
-    import ray
-
-    from ray_jobs.cluster.local_head import free_port
-
     address = f"127.0.0.1:{free_port()}"
     kwargs: dict[str, Any] = dict(object_store_memory=512 * 2**20, include_dashboard=True,
                                   dashboard_host="127.0.0.1")
@@ -89,8 +98,6 @@ def worker_runtime_env() -> dict[str, Any]:
     """Runtime env of Train workers: the driver's object-storage variables (credentials,
     endpoint; :data:`storage.remote.FORWARDED_ENV`), so an ``s3://`` store or run directory
     works in workers of a Ray instance started before they were set. Empty when none is set."""
-    from storage.remote import forwarded_env
-
     env = forwarded_env()
     return {"env_vars": env} if env else {}
 
@@ -108,30 +115,22 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
 
     For ``s3://`` the file system carries the driver's ``AWS_*`` settings explicitly: it is
     pickled to Ray Train's controller actor, whose environment has only Ray's variables."""
-    from storage.remote import env_storage_options
-
     fs, path = fsspec.core.url_to_fs(run_dir, **env_storage_options(run_dir))
     if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
         full = os.path.abspath(os.path.join(path, stage))
         os.makedirs(full, exist_ok=True)
         return full, None
-    import pyarrow.fs
-
     pafs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     return f"{path.rstrip('/')}/{stage}", pafs
 
 
-def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
+def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
               run_name: Optional[str] = None, progress: bool = True,
               callbacks: Sequence[Any] = ()) -> StageResult:
-    """Fit one stage into ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default
-    ``<cfg.name>-<stage>``) and return its history (one row per epoch) and final checkpoint.
-    ``callbacks`` are extra Ray Train callbacks (e.g. Tune's ``TuneReportCallback``)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_jobs.train.worker import train_func
-
+    """Fit one stage (``spec``, built by :func:`ray_jobs.train.stage.loop_spec`) into
+    ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
+    history (one row per epoch) and final checkpoint. ``callbacks`` are extra Ray Train
+    callbacks (e.g. Tune's ``TuneReportCallback``)."""
     storage_path, storage_fs = _storage(run_dir, stage)
     sc = cfg.scaling
     resources = dict(sc.resources_per_worker)
@@ -139,18 +138,16 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
         resources.setdefault("GPU", 1)
     queue = None
     if progress and cfg.logging.progress:
-        from ray.util.queue import Queue
-
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    lc = dict(loop_cfg, progress_queue=queue, stage_name=stage)
+    update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage}
     if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
         if storage_fs is not None:
             raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
-        lc["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}",
-                                             "local_checkpoints")
+        update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}",
+                                                 "local_checkpoints")
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=lc,
+        train_loop_config={"spec": spec.model_copy(update=update)},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu,
@@ -186,15 +183,8 @@ def fit_stage(cfg: Any, loop_cfg: dict[str, Any], run_dir: str, stage: str,
     if storage_fs is None and os.path.isdir(result.checkpoint.path):
         local = result.checkpoint.path  # already on this machine: no copy
     else:  # object storage: download once, deleted when the driver exits
-        import atexit
-        import shutil
-
         local = result.checkpoint.to_directory()
         atexit.register(shutil.rmtree, local, True)
-    import torch
-
-    from ray_jobs.train.worker import STATE_FILE
-
     state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
     history = list(state["history"])
     return StageResult(stage, storage_path, history, local)
@@ -214,8 +204,6 @@ def _failure_summary(exc: BaseException) -> str:
 
 def _write_failure(storage_path: str, storage_fs: Any, exc: BaseException) -> str:
     """Write the full failure text (every worker's traceback) to ``<stage>/failure.log``."""
-    import traceback
-
     parts = ["".join(traceback.format_exception(exc))]
     for rank, err in sorted((getattr(exc, "worker_failures", None) or {}).items()):
         parts.append(f"--- rank {rank} ---\n" + "".join(traceback.format_exception(err)))
@@ -263,6 +251,7 @@ def write_tensorboard(run_dir: str, stage: str, history: list[dict[str, Any]]) -
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return
     try:
+        # deferred: TensorBoard is heavy to import and only used with logging.tensorboard
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: skip silently (documented)
         return
@@ -291,8 +280,6 @@ class _Progress:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         cols = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(),
                 TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                 TextColumn("loss {task.fields[loss]:.4f}"),

@@ -1,34 +1,35 @@
 """The per-worker training function of every Ray Train job (pretraining and fine-tuning).
 
-``train_func(loop_cfg)`` runs on each of the ``W`` workers of a ``TorchTrainer``. It
+``train_func({"spec": spec})`` runs on each of the ``W`` workers of a ``TorchTrainer``, with
+``spec`` the frozen :class:`ray_jobs.train.stage.LoopSpec` the driver built and validated (the
+worker trusts it: the run config and the method config arrive validated). It
 
-1. rebuilds the validated :class:`ray_jobs.config.Config` from ``loop_cfg["config"]``;
-2. builds the storage samplers for this worker, sharded by ``(rank, W)``: the global batch of
+1. builds the storage samplers for this worker, sharded by ``(rank, W)``: the global batch of
    ``B`` slices is split into ``B / W`` per worker; one epoch is ``steps_per_epoch`` steps;
-3. builds the method (``METHODS[name]`` to pretrain, ``FINETUNE[name]`` to fine-tune), wraps it in
+2. builds the method (``METHODS[name]`` to pretrain, ``FINETUNE[name]`` to fine-tune), wraps it in
    :class:`StepModule` so that the method's ``pretrain_step`` / ``finetune_step`` run inside the
    DDP ``forward`` (gradient synchronisation is armed there; calling the raw method would bypass
    it), and calls ``ray.train.torch.prepare_model(find_unused_parameters=True)`` (heads unused in
    a phase would otherwise stall DDP's reducer);
-4. builds the optimiser and a per-step LR schedule
+3. builds the optimiser and a per-step LR schedule
    ``lr(s) = lr0 * w(s) * f(s)`` with linear warm-up ``w(s) = min(1, (s+1)/S_w)`` and
    ``f`` = 1 (constant), ``r + (1-r)(1+cos(pi s/S))/2`` (cosine) or ``r + (1-r)(1-s/S)^0.9`` (poly),
    ``S`` the total number of steps of the stage and ``r = min_lr_ratio``;
-5. resumes from ``ray.train.get_checkpoint()`` when there is one (worker restart after a failure,
+4. resumes from ``ray.train.get_checkpoint()`` when there is one (worker restart after a failure,
    or a driver re-fit with the same run name): model (EMA/momentum branches and queues are
    registered buffers/sub-modules of the method, so they are in its state_dict), optimiser,
    scheduler, AMP scaler, best model so far, history and the global step; training continues at
    the epoch after the checkpoint's;
-6. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
+5. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
    the method) from ``(seed, rank, epoch)`` and calls ``sampler.set_epoch(epoch)``, so a resumed
    epoch draws exactly what an uninterrupted run would; runs the steps (autocast bf16/fp16 on CUDA
    only); in fine-tuning, computes the validation Dice; then every rank calls
    ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
 
-Fine-tuning extras: ``lc["pseudo"]`` (PLCL self-training round ``lc["round"]``, see
-:mod:`ray_jobs.train.self_training`) makes the unlabelled sampler read that derived array as labels,
-delivered to the strategy under its ``pseudo_label_key``; ``method.start_round(r)`` is called
-before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's metrics to MLflow
+Fine-tuning extras: ``spec.pseudo`` (PLCL self-training round ``spec.round``, see
+:mod:`ray_jobs.train.self_training`) makes the unlabelled sampler read that derived array as
+labels, delivered to the strategy under its ``pseudo_label_key``; ``method.start_round(r)`` is
+called before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's metrics to MLflow
 through ``ray.air.integrations.mlflow.setup_mlflow``. Every history row carries
 ``start_epoch``, the epoch this worker group started at (1, or the resumed epoch).
 
@@ -46,15 +47,24 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 from torch import nn
 
-STATE_FILE = "state.pt"
-VAL_METRICS = ("val_dice", "val_hd95", "best_val_dice")  # per-epoch validation metrics (fine-tuning)
-BEST_FILE = "best.pt"
+from localcl.methods import FINETUNE, METHODS
+from localcl.methods.base import FinetuneStrategy, PretrainMethod
+from ray_jobs.train.checkpoint import load_model, load_state
+from ray_jobs.train.hooks import KeptDir, event, push_progress, should_kill
+from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
+from ray_jobs.train.validation import validation_dice
+from storage import samplers
+
+__all__ = ["BEST_FILE", "STATE_FILE", "VAL_METRICS", "StepModule", "amp_dtype", "build_loaders",
+           "build_method", "epoch_seed", "lr_factor", "reseed", "train_func", "validation_dice"]
 
 
 class StepModule(nn.Module):
@@ -96,13 +106,13 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0] % (2**31))
 
 
-def reseed(method: Optional[nn.Module], seed: int) -> None:
+def reseed(method: Optional[PretrainMethod | FinetuneStrategy], seed: int) -> None:
     """Seed torch/CUDA/numpy/python and the method's view/sampling generator
     (``method.reseed(seed)``, which adds its own rank offset)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
-    if method is not None and hasattr(method, "reseed"):
+    if method is not None:
         method.reseed(seed)
 
 
@@ -135,13 +145,11 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 # --------------------------------------------------------------------------- data
-def build_loaders(lc: dict[str, Any], cfg: Any, method_cls: Any, rank: int, world: int,
-                  schedule: Any) -> dict[str, Any]:
+def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
     """Samplers for this worker. Returns ``{"main": Dataset, "unlabelled": Dataset|None}``."""
-    from storage import samplers
-
+    cfg, schedule = spec.config, spec.schedule
     size = tuple(cfg.data.size)
-    uri, so = lc["store"], cfg.data.storage_options or None
+    uri, so = spec.store, cfg.data.storage_options or None
     per_worker = schedule.batch_size // max(world, 1)
     n_samples = per_worker * schedule.steps_per_epoch * max(world, 1)
     seed = cfg.data.seed
@@ -151,13 +159,12 @@ def build_loaders(lc: dict[str, Any], cfg: Any, method_cls: Any, rank: int, worl
         if sy != sx:
             raise ValueError("data.spacing_mm: the samplers resample to isotropic in-plane pixels")
         common["spacing_mm"] = float(sy)
-    hidden = list(lc["unlabelled"])  # outside the label budget: labels never reach training
-    if lc["section"] == "pretrain":
-        kind = method_cls.pretrain_batch
-        cases = lc["pretrain_cases"]
+    hidden = list(spec.unlabelled)  # outside the label budget: labels never reach training
+    if spec.section == "pretrain":
+        kind = METHODS[spec.method_name].pretrain_batch
+        cases = list(spec.pretrain_cases)
         if kind == "partition":
-            mcfg = lc["_method_cfg"]
-            parts = int(getattr(mcfg, "partitions", 4))
+            parts = int(getattr(spec.method_cfg, "partitions", 4))
             if per_worker % parts:
                 raise ValueError(f"pretrain.schedule.batch_size per worker ({per_worker}) must be a "
                                  f"multiple of the method's partitions ({parts})")
@@ -171,14 +178,14 @@ def build_loaders(lc: dict[str, Any], cfg: Any, method_cls: Any, rank: int, worl
         ds = samplers.SliceDataset(uri, cases, samples_per_epoch=n_samples, derived=derived,
                                    hide_labels=hidden, **common)
         return {"main": ds, "batched": False, "unlabelled": None, "per_worker": per_worker}
-    ds_l = samplers.SliceDataset(uri, lc["labelled"], samples_per_epoch=n_samples,
+    ds_l = samplers.SliceDataset(uri, list(spec.labelled), samples_per_epoch=n_samples,
                                  fg_oversample=cfg.data.fg_oversample, **common)
     ds_u = None
     ub = schedule.unlabelled_batch_size or schedule.batch_size
-    if lc.get("use_unlabelled") and lc["unlabelled"]:
-        pseudo = lc.get("pseudo")  # PLCL round r: labels come from the derived "pseudo_r{r}"
+    if spec.use_unlabelled and spec.unlabelled:
+        pseudo = spec.pseudo  # PLCL round r: labels come from the derived "pseudo_r{r}"
         ds_u = samplers.SliceDataset(
-            uri, lc["unlabelled"], samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch
+            uri, list(spec.unlabelled), samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch
             * max(world, 1), hide_labels=[] if pseudo else hidden,
             label_array=pseudo or "label", **{**common, "seed": seed + 1})
     return {"main": ds_l, "batched": False, "unlabelled": ds_u, "per_worker": per_worker,
@@ -192,121 +199,44 @@ def _loader(ds: Any, batch: Optional[int], workers: int) -> torch.utils.data.Dat
 
 
 # --------------------------------------------------------------------------- model
-def build_method(lc: dict[str, Any], cfg: Any) -> tuple[Any, nn.Module]:
-    from localcl.methods import FINETUNE, METHODS
-
-    from ray_jobs.train.checkpoint import load_model, load_state
-
-    section = lc["section"]
-    registry = METHODS if section == "pretrain" else FINETUNE
-    cls = registry[lc["method_name"]]
-    method = cls(lc["_method_cfg"], in_channels=cfg.model.in_channels,
-                 num_classes=lc["num_classes"])
-    init = lc.get("init")
-    if init:
-        if init["kind"] == "backbone":  # pretrained method export -> fine-tuning backbone
-            pre, _ = load_model(init["dir"])
+def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
+    """The network of ``spec`` (``METHODS`` to pretrain, ``FINETUNE`` to fine-tune), with the
+    initial weights ``spec.init``."""
+    registry: Mapping[str, type[PretrainMethod] | type[FinetuneStrategy]] = (
+        METHODS if spec.section == "pretrain" else FINETUNE)
+    method = registry[spec.method_name](spec.method_cfg, spec.config.model.in_channels, spec.num_classes)
+    init = spec.init
+    if init is not None:
+        if init.kind == "backbone":  # pretrained method export -> fine-tuning backbone
+            if not isinstance(method, FinetuneStrategy):
+                raise ValueError("init kind 'backbone' loads into a fine-tuning strategy")
+            pre, _ = load_model(init.dir)
             method.load_backbone(pre.backbone_state(), strict=False)
-        elif init["kind"] == "state":  # same network (GLCL phase 2, PLCL round r)
-            state = load_state(init["dir"])
-            method.load_state_dict(state, strict=False)
-        else:
-            raise ValueError(f"unknown init kind {init['kind']!r}")
-    return cls, method
-
-
-# --------------------------------------------------------------------------- validation
-def validation_dice(method: nn.Module, lc: dict[str, Any], cfg: Any, rank: int, world: int,
-                    device: torch.device) -> Optional[dict[str, float]]:
-    """Mean foreground Dice over the validation cases (native grid, 3D per case).
-
-    Each rank predicts the cases ``val[rank::W]``; the per-case means are summed across ranks
-    with an all-reduce, so every rank returns the same value:
-    ``dice = (1/N) sum_cases (1/|C|) sum_{c in C} 2|P_c & R_c| / (|P_c| + |R_c|)`` with ``C`` the
-    foreground classes present in the reference or the prediction (absent in both: skipped).
-    """
-    cases = lc.get("val") or []
-    if not cases:
-        return None
-    import storage
-
-    from ray_jobs.evaluation.inference import predict_case
-
-    st = storage.open_store(lc["store"], storage_options=cfg.data.storage_options or None)
-    spec = lc["spec"]
-    want_hd = cfg.evaluate.val_hd95
-    tot = torch.zeros(4, dtype=torch.float64)  # dice sum, n, hd95 sum, n(hd95 finite)
-    was_training = method.training
-    method.eval()
-    with torch.no_grad():
-        for case in cases[rank::max(world, 1)]:
-            ref = st.label(case)
-            pred = predict_case(method, spec, st, case)
-            tot[0] += _mean_fg_dice(pred, ref, lc["num_classes"])
-            tot[1] += 1
-            if want_hd:
-                hd = _mean_fg_hd95(pred, ref, st.meta(case)["spacing"], lc["num_classes"])
-                if hd is not None:
-                    tot[2] += hd
-                    tot[3] += 1
-    method.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = tot.to(device) if torch.distributed.get_backend() == "nccl" else tot
-        torch.distributed.all_reduce(t)
-        tot = t.cpu()
-    if tot[1] == 0:
-        return None
-    out = {"val_dice": float(tot[0] / tot[1])}
-    if want_hd and tot[3] > 0:
-        out["val_hd95"] = float(tot[2] / tot[3])
-    return out
-
-
-def _mean_fg_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Any, num_classes: int
-                  ) -> Optional[float]:
-    """Mean over foreground classes of HD95 (mm) from ``localcl.metrics.evaluate_case``;
-    classes where it is undefined (empty prediction or reference) are skipped."""
-    from localcl.metrics import evaluate_case
-
-    res = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), tuple(spacing),
-                        list(range(1, num_classes)))
-    vals = [float(v["hd95"]) for v in res.values() if np.isfinite(v.get("hd95", np.nan))]
-    return float(np.mean(vals)) if vals else None
-
-
-def _mean_fg_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
-    vals = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = p.sum() + r.sum()
-        if denom:
-            vals.append(2.0 * np.logical_and(p, r).sum() / denom)
-    return float(np.mean(vals)) if vals else 1.0
+        else:  # "state": same network (GLCL phase 2, PLCL round r)
+            method.load_state_dict(load_state(init.dir), strict=False)
+    return method
 
 
 # --------------------------------------------------------------------------- main loop
-def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
-    """Entry point run by every Ray Train worker. See the module docstring."""
-    import ray.train
-    import ray.train.torch
-
-    from ray_jobs.config import validate
-
-    cfg = validate(lc["config"])
-    section, mstage = lc["section"], lc.get("method_stage")
-    lc["_method_cfg"] = cfg.method_config(section)
-    lc["method_name"] = getattr(cfg, section).method.name
-    schedule = cfg.schedule_for(section, mstage)
+def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one linear story
+    """Entry point run by every Ray Train worker: ``config["spec"]`` is the stage's
+    :class:`~ray_jobs.train.stage.LoopSpec`. See the module docstring."""
+    spec = config["spec"]
+    cfg = spec.config
+    section, mstage = spec.section, spec.method_stage
+    schedule = spec.schedule
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     reseed(None, epoch_seed(cfg.data.seed, 0, 0))  # same initial weights on every rank (epochs start at 1)
 
-    cls, method = build_method(lc, cfg)
-    if lc.get("round") and hasattr(method, "start_round"):  # PLCL self-training round r
-        method.start_round(int(lc["round"]))
-    pseudo_key = (getattr(lc["_method_cfg"], "pseudo_label_key", "pseudo_label")
-                  if lc.get("pseudo") else None)
+    method = build_method(spec)
+    pseudo_key: Optional[str] = None
+    if isinstance(method, FinetuneStrategy):
+        if spec.round:  # PLCL self-training round r
+            method.start_round(spec.round)
+        if spec.pseudo:
+            pseudo_key = method.pseudo_label_key
     method.to(device)
     step_module = StepModule(method)
     if world > 1:
@@ -314,7 +244,7 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
             step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
     else:
         model = step_module
-    if section == "pretrain" and hasattr(method, "stage_parameters"):
+    if isinstance(method, PretrainMethod):
         params = list(method.stage_parameters(mstage))
     else:
         params = [p for p in method.parameters() if p.requires_grad]
@@ -343,18 +273,18 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         best = dict(st["best"])
 
     first_epoch = start_epoch
-    data = build_loaders(lc, cfg, cls, rank, world, schedule)
+    data = build_loaders(spec, rank, world)
     nw = cfg.data.loader_workers
     main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
     u_loader = (_loader(data["unlabelled"], data["per_worker_u"], nw)
                 if data["unlabelled"] is not None else None)
-    hooks = lc.get("hooks") or {}
-    queue = lc.get("progress_queue") if rank == 0 else None
-    mlflow = _setup_mlflow(cfg, lc, section, mstage) if cfg.logging.mlflow_uri else None
-    _event(hooks, rank, "start", start_epoch)
+    hooks = spec.hooks
+    queue = spec.progress_queue if rank == 0 else None
+    mlflow = _setup_mlflow(spec) if cfg.logging.mlflow_uri else None
+    event(hooks, rank, "start", start_epoch)
 
     for epoch in range(start_epoch, schedule.epochs + 1):
-        _event(hooks, rank, "epoch", epoch)
+        event(hooks, rank, "epoch", epoch)
         reseed(method, epoch_seed(cfg.data.seed, rank, epoch))
         for ds in (data["main"], data["unlabelled"]):
             if ds is not None and hasattr(ds, "set_epoch"):
@@ -399,19 +329,18 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
             else:
                 optim.step()
             sched.step()
-            if hasattr(method, "on_after_step"):
-                method.on_after_step()
+            method.on_after_step()
             global_step += 1
             n_seen += int(batch["image"].shape[0])
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if hooks.get("kill") and _should_kill(hooks["kill"], rank, epoch, i):
+            if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
                 os.kill(os.getpid(), signal.SIGKILL)
             now = time.perf_counter()
             if queue is not None and (now - last_push > 1.0 or i == schedule.steps_per_epoch - 1):
                 last_push = now
-                _push(queue, {"stage": lc["stage_name"], "epoch": epoch, "epochs": schedule.epochs,
+                push_progress(queue, {"stage": spec.stage_name, "epoch": epoch, "epochs": schedule.epochs,
                               "step": i + 1, "steps": schedule.steps_per_epoch,
                               "loss": sums.get("loss", 0.0) / (i + 1),
                               "samples_per_s": n_seen * max(world, 1) / max(now - t0, 1e-9)})
@@ -425,7 +354,7 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         score = None
         if section != "pretrain":
             t_val = time.perf_counter()
-            val = validation_dice(method, lc, cfg, rank, world, device)
+            val = validation_dice(method, spec, rank, world, device)
             if val is not None:
                 metrics.update(val)
                 score = val["val_dice"]
@@ -445,10 +374,10 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
         checkpoint = None
         # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
         # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
-        keep_dir = lc.get("local_ckpt_root")
+        keep_dir = spec.local_ckpt_root
         if keep_dir:
             os.makedirs(keep_dir, exist_ok=True)
-        with (_KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir)) if keep_dir
+        with (KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir)) if keep_dir
               else tempfile.TemporaryDirectory()) as tmp:
             if rank == 0:
                 state = {
@@ -462,22 +391,24 @@ def train_func(lc: dict[str, Any]) -> None:  # noqa: C901 - one linear story
                 torch.save(best_state, Path(tmp) / BEST_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        _event(hooks, rank, "reported", epoch)
+        event(hooks, rank, "reported", epoch)
     if mlflow is not None:
         mlflow.end_run()
 
 
-def _setup_mlflow(cfg: Any, lc: dict[str, Any], section: str, mstage: Optional[str]) -> Any:
+def _setup_mlflow(spec: LoopSpec) -> Any:
     """MLflow run of this stage through Ray's integration
     (``ray.air.integrations.mlflow.setup_mlflow``): rank 0 gets the ``mlflow`` module (other
     ranks a no-op), experiment ``cfg.name`` (created if missing), run name ``<stage>[-<method
     stage>][-r<round>]``, the flattened config logged as parameters. A worker-group restart
     opens a new MLflow run (tagged with the same ``ray_run``) whose steps continue the epochs."""
+    # deferred: the MLflow integration imports mlflow (the optional ``mlflow`` extra)
     from ray.air.integrations.mlflow import setup_mlflow
 
-    run = lc.get("stage_name", section) + (f"-{mstage}" if mstage and mstage != "main" else "")
-    if lc.get("round"):
-        run += f"-r{lc['round']}"
+    cfg, section, mstage = spec.config, spec.section, spec.method_stage
+    run = (spec.stage_name or section) + (f"-{mstage}" if mstage and mstage != "main" else "")
+    if spec.round:
+        run += f"-r{spec.round}"
     flat = _flatten({k: v for k, v in cfg.to_dict().items() if k not in ("logging", "run_dir")})
     return setup_mlflow(config=flat, tracking_uri=cfg.logging.mlflow_uri,
                         experiment_name=cfg.name, run_name=run,
@@ -494,60 +425,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
-
-
-class _KeptDir:
-    """Context manager yielding a directory that is not deleted on exit (local mode)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _push(queue: Any, item: dict[str, Any]) -> None:
-    try:
-        queue.put_nowait(item)
-    except Exception:  # a full or gone queue must never stop training
-        pass
-
-
-def _should_kill(spec: dict[str, Any], rank: int, epoch: int, step: int) -> bool:
-    """Test hook: SIGKILL this worker once (a flag file marks that it already happened)."""
-    if rank != spec.get("rank", 1) or epoch != spec.get("epoch", 2) or step != spec.get("step", 0):
-        return False
-    flag = Path(spec["flag"])
-    if flag.exists():
-        return False
-    if spec.get("snapshot"):  # die only once the previous epoch's checkpoint is registered
-        _wait_registered(Path(spec["snapshot"]), epoch - 1, timeout=float(spec.get("timeout", 300)))
-    flag.write_text(f"killed rank {rank} epoch {epoch} step {step}\n")
-    return True
-
-
-def _wait_registered(snapshot: Path, epoch: int, timeout: float) -> None:
-    """Block until Ray Train's ``checkpoint_manager_snapshot.json`` lists a checkpoint of
-    ``epoch`` (the controller registers reported checkpoints asynchronously)."""
-    import json
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
-            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in results):
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-
-
-def _event(hooks: dict[str, Any], rank: int, what: str, epoch: int) -> None:
-    """Test/diagnostic hook: append ``rank what epoch`` to ``hooks["events"]`` (local file)."""
-    path = hooks.get("events")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{rank} {what} {epoch}\n")
