@@ -84,6 +84,16 @@ def uri_exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bo
     return bool(fs.exists(path))
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to a local path or URI, creating parent directories."""
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """``(fsspec file system, path without protocol)`` for ``uri``."""
     import fsspec

@@ -8,13 +8,11 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+
 import yaml
 
 from ray_jobs.campaign.search import open_storage, redact, study_exists
-from ray_jobs.campaign.spec import Campaign, CampaignError, STALE_ATTR, load_campaign_dir, validate_run_config
-
-
-# ----------------------------------------------------------------------------- report
+from ray_jobs.campaign.spec import STALE_ATTR, Campaign, CampaignError, load_campaign_dir, validate_run_config
 
 #: Plots written by ``localcl tune report`` (single-objective; multi adds ``pareto_front``).
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")

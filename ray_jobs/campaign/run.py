@@ -55,16 +55,31 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import yaml
 
 from ray_jobs.campaign.report import write_report
-from ray_jobs.campaign.search import ResumePlan, build_search, check_study, count_complete, grid_size, make_sampler, open_storage, prepare_study
-from ray_jobs.campaign.spec import Campaign, CampaignError, Resources, TRIAL_DRIVER_MEMORY, load_campaign_dir, save_campaign, validate_run_config
+from ray_jobs.campaign.search import (
+    ResumePlan,
+    build_search,
+    check_study,
+    count_complete,
+    grid_size,
+    make_sampler,
+    open_storage,
+    prepare_study,
+)
+from ray_jobs.campaign.spec import (
+    TRIAL_DRIVER_MEMORY,
+    Campaign,
+    CampaignError,
+    Resources,
+    load_campaign_dir,
+    save_campaign,
+    validate_run_config,
+)
 from ray_jobs.config import get_path, set_path
 from ray_jobs.errors import UserError
-
-
-# ----------------------------------------------------------------------------- resources
 
 
 @dataclass

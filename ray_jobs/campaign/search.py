@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.campaign.spec import Campaign, RUNS_ATTR, SEED_STRIDE, SIGNATURE_ATTR, STALE_ATTR, finetune_epochs
+from ray_jobs.campaign.spec import (
+    RUNS_ATTR,
+    SEED_STRIDE,
+    SIGNATURE_ATTR,
+    STALE_ATTR,
+    Campaign,
+    finetune_epochs,
+)
 from ray_jobs.errors import UserError
-
-
-# ----------------------------------------------------------------------------- study storage
 
 
 def open_storage(url: str) -> Any:

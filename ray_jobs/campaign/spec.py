@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Literal
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,7 +20,6 @@ from ray_jobs import config as run_config
 from ray_jobs.config import deep_merge, get_path, set_path
 from ray_jobs.errors import UserError
 from ray_jobs.train.worker import VAL_METRICS
-
 
 #: non-empty, small enough never to be the constraint.
 TRIAL_DRIVER_MEMORY = 64 * 2**20

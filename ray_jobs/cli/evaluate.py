@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _default_out(checkpoint: str, split: str) -> str:
-    from ray_jobs.evaluation.job import resolve_model_dir
+    from ray_jobs.evaluation.scoring import resolve_model_dir
 
     model_dir = resolve_model_dir(checkpoint).rstrip("/")
     parts = model_dir.rsplit("/", 2)
@@ -59,7 +59,8 @@ def _default_out(checkpoint: str, split: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs.evaluation import job as E
+    from ray_jobs.evaluation import job as evaluation_job
+    from ray_jobs.evaluation import scoring as evaluation_scoring
 
     by_folder = args.pred is not None or args.ref is not None
     by_model = args.checkpoint is not None or args.store is not None
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if by_folder:
         if not (args.pred and args.ref):
             raise UserError("--pred and --ref go together")
-        summary = E.score_folders(args.pred, args.ref, args.out, labels=args.labels,
+        summary = evaluation_scoring.score_folders(args.pred, args.ref, args.out, labels=args.labels,
                                   plots=not args.no_plots, overlay_cases=args.overlays,
                                   images_dir=args.images)
         out = args.out or os.path.join(args.pred, "eval")
@@ -85,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         if "://" not in out:
             out = os.path.abspath(out)
         # validate the model directory before Ray starts
-        E.resolve_model_dir(args.checkpoint)
+        evaluation_scoring.resolve_model_dir(args.checkpoint)
         from ray_jobs.train.trainer import init_ray
 
         init_ray(args.address, num_cpus=max(args.workers, 1) if not args.address else None)
-        summary = E.evaluate_store(
+        summary = evaluation_job.evaluate_store(
             args.checkpoint, args.store, out, split=args.split, max_cases=args.max_cases,
             num_workers=args.workers, use_gpu=args.gpu, storage_options=so,
             plots=not args.no_plots, overlay_cases=args.overlays,
@@ -100,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(E.summary_markdown(summary, "Evaluation"))
+        print(evaluation_scoring.summary_markdown(summary, "Evaluation"))
         print(f"report: {out}  (summary.md, per_case.csv, plots/)")
     return 0

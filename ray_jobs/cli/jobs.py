@@ -6,7 +6,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ray_jobs.cluster import submit as sub
+from ray_jobs.cluster import jobs as cluster_jobs
 from ray_jobs.cli.submit import add_address_argument
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,25 +58,25 @@ def _details(info: "JobDetails") -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    client = sub.connect(args.address)
-    jobs = sub.list_jobs(client)
+    client = cluster_jobs.connect(args.address)
+    jobs = cluster_jobs.list_jobs(client)
     if args.json:
         print(json.dumps([_details(j) for j in jobs], indent=2))
     elif not jobs:
         print("no jobs")
     else:
-        print(sub.format_table([sub.job_row(j) for j in jobs]))
+        print(cluster_jobs.format_table([cluster_jobs.job_row(j) for j in jobs]))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    client = sub.connect(args.address)
-    info = sub.job_info(client, args.job_id)
+    client = cluster_jobs.connect(args.address)
+    info = cluster_jobs.job_info(client, args.job_id)
     d = _details(info)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    row = sub.job_row(info)
+    row = cluster_jobs.job_row(info)
     print(f"{row.submission_id}: {d['status']}")
     if d["message"]:
         print(f"  message:    {d['message']}")
@@ -90,23 +90,23 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    client = sub.connect(args.address)
+    client = cluster_jobs.connect(args.address)
     if args.follow:
-        status = sub.follow(client, args.job_id, sys.stdout)
+        status = cluster_jobs.follow(client, args.job_id, sys.stdout)
         print(f"localcl: {args.job_id} {status}", file=sys.stderr)
         return 0 if status == "SUCCEEDED" else 1
-    sys.stdout.write(sub.job_logs(client, args.job_id))
+    sys.stdout.write(cluster_jobs.job_logs(client, args.job_id))
     return 0
 
 
 def _stop(args: argparse.Namespace) -> int:
-    client = sub.connect(args.address)
-    was_running = sub.stop_job(client, args.job_id)
+    client = cluster_jobs.connect(args.address)
+    was_running = cluster_jobs.stop_job(client, args.job_id)
     if not was_running:
-        status = sub.job_info(client, args.job_id).status
+        status = cluster_jobs.job_info(client, args.job_id).status
         print(f"{args.job_id}: not running ({status})")
         return 0
     print(f"{args.job_id}: stop requested")
     if args.wait:
-        print(f"{args.job_id}: {sub.wait(client, args.job_id, timeout=args.timeout)}")
+        print(f"{args.job_id}: {cluster_jobs.wait(client, args.job_id, timeout=args.timeout)}")
     return 0

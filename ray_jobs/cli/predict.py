@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ray_jobs.errors import UserError
+from ray_jobs.errors import UserError, storage_errors_as_user_errors
+from storage.nifti import label_nifti_bytes, list_nifti, load_nifti
+from storage.remote import write_bytes
+from storage.sources import strip_nifti_suffix
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,28 +56,28 @@ def _is_store(path: str) -> bool:
 
 def nifti_inputs(path: str) -> dict[str, Path]:
     """``{name: file}`` for a NIfTI file, a folder of them, or an MSD folder (imagesTr/imagesTs)."""
-    from ray_jobs.evaluation.job import _strip_nifti, list_nifti
-
     p = Path(path)
     if p.is_file():
-        name = _strip_nifti(p.name)
+        name = strip_nifti_suffix(p.name)
         if name is None:
             raise UserError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
         return {name: p}
     if not p.is_dir():
         raise UserError(f"INPUT {path}: no such file or directory")
     subs = [p / s for s in ("imagesTr", "imagesTs") if (p / s).is_dir()]
-    if subs and not any(_strip_nifti(f.name) for f in p.iterdir() if f.is_file()):
+    if subs and not any(strip_nifti_suffix(f.name) for f in p.iterdir() if f.is_file()):
         found: dict[str, Path] = {}
-        for s in subs:
-            found.update(list_nifti(s, "INPUT"))
+        with storage_errors_as_user_errors():
+            for s in subs:
+                found.update(list_nifti(s, "INPUT"))
         return found
-    return list_nifti(p, "INPUT")
+    with storage_errors_as_user_errors():
+        return list_nifti(p, "INPUT")
 
 
 def run(args: argparse.Namespace) -> int:
     from ray_jobs.train.checkpoint import load_model, read_spec
-    from ray_jobs.evaluation.job import label_nifti_bytes, load_nifti, resolve_model_dir, _write_bytes
+    from ray_jobs.evaluation.scoring import resolve_model_dir
     from ray_jobs.evaluation.inference import predict_case, predict_volume, preprocessing_from_spec
 
     if args.batch_size < 1:
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise UserError(f"INPUT {args.input}: nothing to predict")
     # read every input header before loading the model, so a bad file fails fast
-    headers = {name: load_nifti(path) for name, path in jobs if path is not None}
+    with storage_errors_as_user_errors():
+        headers = {name: load_nifti(path) for name, path in jobs if path is not None}
     model, spec = load_model(model_dir, device=_device(args.device))
     t0 = time.perf_counter()
     for i, (name, path) in enumerate(jobs, 1):
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             labels = predict_volume(model, spec, image, img.header.get_zooms()[:3], batch_size=args.batch_size)
             data = label_nifti_bytes(labels, img.affine, img.header)
         dst = (out.rstrip("/") + "/" if "://" in out else str(Path(out)) + os.sep) + f"{name}.nii.gz"
-        _write_bytes(dst, data)
+        write_bytes(dst, data)
         counts = np.bincount(labels.ravel(), minlength=int(spec["num_classes"]))
         print(f"[{i}/{len(jobs)}] {name}: {labels.shape} -> {dst}  voxels per class {counts.tolist()}")
     print(f"predicted {len(jobs)} scan(s) in {time.perf_counter() - t0:.1f} s -> {out}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_jobs.cluster import submit as sub
+from ray_jobs.cluster import jobs as cluster_jobs
+from ray_jobs.cluster import submit as cluster_submit
 
 
 def add_address_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "through the Ray Jobs API. Prints the submission id. By default waits for the job "
         "and exits 0 when it succeeds.",
     )
-    p.add_argument("job", choices=sub.JOBS, help="the localcl verb to run on the cluster")
+    p.add_argument("job", choices=cluster_submit.JOBS, help="the localcl verb to run on the cluster")
     p.add_argument("--config", required=True, help="run config (or campaign file for tune)")
     add_address_argument(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Everything local first: a bad config or option never opens a connection.
-    submission = sub.build_submission(
+    submission = cluster_submit.build_submission(
         args.job,
         args.config,
         args.overrides,
@@ -66,22 +67,22 @@ def run(args: argparse.Namespace) -> int:
         image_runtime=args.image_runtime,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
         entrypoint_num_gpus=args.entrypoint_num_gpus,
-        metadata=sub.parse_pairs(args.metadata, "--metadata"),
-        env=sub.parse_pairs(args.env, "--env"),
+        metadata=cluster_submit.parse_pairs(args.metadata, "--metadata"),
+        env=cluster_submit.parse_pairs(args.env, "--env"),
         preflight=args.preflight,
         expand_env=args.expand_env,
     )
-    client = sub.connect(args.address)
-    job_id = sub.submit(client, submission)
+    client = cluster_jobs.connect(args.address)
+    job_id = cluster_jobs.submit(client, submission)
     print(job_id, flush=True)
     if args.no_wait:
         print(f"localcl: submitted; follow with `localcl jobs logs {job_id} --follow "
               f"--address {client.get_address()}`", file=sys.stderr)
         return 0
     if args.follow:
-        status = sub.follow(client, job_id, sys.stdout)
+        status = cluster_jobs.follow(client, job_id, sys.stdout)
     else:
-        status = sub.wait(
+        status = cluster_jobs.wait(
             client, job_id, timeout=args.timeout,
             on_status=lambda s, m: print(f"localcl: {job_id} {s}" + (f": {m}" if m else ""),
                                          file=sys.stderr, flush=True),

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ray_jobs.errors import UserError
 from ray_jobs.cluster.submit import CONFIG_ENV, CONFIG_NAME_ENV, JOBS, validate_config
+from ray_jobs.errors import UserError
 
 
 def materialise_config(directory: str | os.PathLike[str] | None = None) -> Path:

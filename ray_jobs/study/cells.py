@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import storage
 from localcl.methods import METHODS
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
@@ -19,10 +20,8 @@ from ray_jobs.study.spec import Budget, StudyConfig, cell_config, method_section
 from ray_jobs.train import pipeline
 from ray_jobs.train.stage import Plan, stage_done
 from storage.remote import join_uri, uri_exists
-import storage
 
 
-# --------------------------------------------------------------------------- plan
 @dataclass
 class Cell:
     method: str

@@ -9,13 +9,13 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
 import numpy as np
 import yaml
 
 from ray_jobs.errors import UserError
 from ray_jobs.study.cells import cell_dir_of, cells, read_json, resolve_cell, write_json
 from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, store_uri
-
 
 # --------------------------------------------------------------------------- report
 def aggregate(records: Sequence[Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:

@@ -44,10 +44,24 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
 import yaml
 
 from ray_jobs.errors import UserError
-from ray_jobs.study.cells import budget_cases, cell_dir_of, cell_plan, cells, ensure_pretrain, history_seconds, make_record, open_data, quiet_log, read_json, resolve_cell, write_json
+from ray_jobs.study.cells import (
+    budget_cases,
+    cell_dir_of,
+    cell_plan,
+    cells,
+    ensure_pretrain,
+    history_seconds,
+    make_record,
+    open_data,
+    quiet_log,
+    read_json,
+    resolve_cell,
+    write_json,
+)
 from ray_jobs.study.report import finished_records, write_report
 from ray_jobs.study.spec import StudyConfig, load_study
 from ray_jobs.train import pipeline

@@ -9,13 +9,22 @@ import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping, Optional
+
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from localcl.methods import METHODS
-from ray_jobs.config import CONFIG_ROOT, Config, Strict, apply_overrides, deep_merge, format_validation_error, load_yaml, validate
+from ray_jobs.config import (
+    CONFIG_ROOT,
+    Config,
+    Strict,
+    apply_overrides,
+    deep_merge,
+    format_validation_error,
+    load_yaml,
+    validate,
+)
 from ray_jobs.errors import ConfigError
-
 
 # Published ACDC mean foreground Dice (spec methods.md §1.8 and §3.8), keyed by labelled volumes.
 # IDEAL's 1.25 / 2.5 / 10 % columns are GLCL's 1 / 2 / 8 labelled volumes (methods.md §3.2 [R]).

@@ -30,6 +30,7 @@ from ray_jobs.train.stage import STAGE_DIRS, Plan, export_stage, loop_spec, stag
 from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
 from storage.remote import join_uri, uri_exists
 
+
 def resolve_run_dir(cfg: Config, run_dir: Optional[str]) -> str:
     rd = run_dir or cfg.run_dir or os.path.join("runs", cfg.name)
     if "://" not in rd:

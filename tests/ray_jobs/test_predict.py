@@ -298,7 +298,7 @@ def test_predict_cli__real_acdc_scan_keeps_geometry(acdc_dir: Path, tiny_run: Pa
 def test_label_nifti_bytes__keeps_the_source_orientation_codes(qcode: int, scode: int) -> None:
     import gzip
 
-    from ray_jobs.evaluation.job import label_nifti_bytes
+    from storage.nifti import label_nifti_bytes
 
     aff = np.diag([1.5, 1.5, 8.0, 1.0])
     aff[:3, 3] = [-10, 20, 5]
