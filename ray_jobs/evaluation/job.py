@@ -107,7 +107,8 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     overlays = {c: p for part in _gather_all(payload) for c, p in part.items()}
     if rank == 0:
         write_report(cfg["out"], all_records, source=cfg["source"], label_names=names,
-                     histories=cfg["histories"], overlays=overlays, plots=cfg["plots"], title=cfg["title"])
+                     histories=cfg["histories"], overlays=overlays, plots=cfg["plots"], title=cfg["title"],
+                     run_name=cfg["run_name"])
 
 
 def split_cases(st: Any, split: str) -> list[str]:
@@ -196,6 +197,7 @@ def evaluate_store(
         "use_gpu": use_gpu, "plots": plots, "overlay_cases": overlay_cases,
         "save_predictions": save_predictions, "histories": dict(histories), "batch_size": batch_size,
         "source": source, "title": title or f"{spec.get('name', 'model')} on {split}",
+        "run_name": spec.get("run"),
     }
     res = dict(resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}))
     tmp = None

@@ -3,9 +3,9 @@
 Every function returns the PNG as ``bytes`` so the caller can write it to a local path or an
 fsspec URI alike.
 
-- :func:`loss_curves_png`: the columns of a ``<stage>/history.csv`` against ``epoch``: losses
-  in one panel (log scale when they span more than a decade), validation Dice and distances
-  (mm, second axis) in another.
+- :func:`loss_curves_png`: the loss terms of a ``<stage>/history.csv`` against ``epoch`` in one
+  panel (log scale when they span more than a decade), validation Dice on its own axis and the
+  distances (mm, second axis) in another (:func:`curve_series` says which column goes where).
 - :func:`dice_boxplot_png`: per-class Dice over cases (box, whiskers at 1.5 IQR, every case as
   a jittered dot) plus the per-case mean over foreground classes.
 - :func:`overlay_png`: a few slices of one case: the image, the reference and the prediction
@@ -37,22 +37,38 @@ def _png(fig: "plt.Figure") -> bytes:
     return buf.getvalue()
 
 
-def loss_curves_png(history: pd.DataFrame, title: str) -> bytes:
-    """Training curves of one stage from its ``history.csv`` (one row per epoch).
+# Columns of a history.csv that are bookkeeping, not curves: epoch counters, schedule, timing,
+# throughput, best-so-far markers, and step outputs that are weights or flags, not loss terms.
+NOT_CURVES = frozenset({
+    "epoch", "start_epoch", "global_step", "best_epoch", "best_val_dice", "round", "stage", "step",
+    "steps", "lr", "time", "time_s", "wall_s", "val_time_s", "samples_per_s", "throughput",
+    "lambda_c", "lc_skipped",
+})
 
-    Left panel: every loss-like numeric column against ``epoch`` (log scale when they span more
-    than a decade). Right panel, when present: validation overlap metrics (``val_dice`` ...,
-    in [0, 1]) and, on a second axis, validation distances in mm (``val_hd95``, ``val_asd``).
-    Bookkeeping columns (time, lr, throughput, step) are not drawn.
+
+def curve_series(history: pd.DataFrame) -> dict[str, list[str]]:
+    """Which columns of a ``history.csv`` are drawn, and where.
+
+    Returns ``{"losses": [...], "dice": [...], "distances": [...]}``: loss terms (every numeric
+    column not in :data:`NOT_CURVES`, not a ``val_*`` metric, not a time or rate ``*_s``), the
+    validation overlap metrics (``val_dice``, in [0, 1]) and the validation distances in mm
+    (``val_hd95``, ``val_asd``).
     """
+    numeric = [c for c in history.columns
+               if c not in NOT_CURVES and not str(c).endswith("_s")
+               and pd.api.types.is_numeric_dtype(history[c]) and history[c].notna().any()]
+    dist = [c for c in numeric if c.startswith("val_") and ("hd" in c or "asd" in c)]
+    dice = [c for c in numeric if c.startswith("val_") and c not in dist]
+    losses = [c for c in numeric if not c.startswith("val_")]
+    return {"losses": losses, "dice": dice, "distances": dist}
+
+
+def loss_curves_figure(history: pd.DataFrame, title: str) -> "plt.Figure":
+    """The figure of :func:`loss_curves_png` (one or two panels; see there)."""
     if "epoch" not in history.columns:
         raise ValueError(f"{title}: history has no 'epoch' column (columns {list(history.columns)})")
-    skip = {"epoch", "time", "time_s", "wall_s", "step", "steps", "lr", "samples_per_s", "throughput"}
-    numeric = [c for c in history.columns if c not in skip and pd.api.types.is_numeric_dtype(history[c])
-               and history[c].notna().any()]
-    dist = [c for c in numeric if c.startswith("val_") and ("hd" in c or "asd" in c)]
-    overlap = [c for c in numeric if c not in dist and c.startswith("val_")]
-    losses = [c for c in numeric if c not in dist and c not in overlap]
+    series = curve_series(history)
+    losses, overlap, dist = series["losses"], series["dice"], series["distances"]
     x = history["epoch"].to_numpy()
     ncols = 2 if (overlap or dist) else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.0 * ncols, 4.0), squeeze=False)
@@ -87,7 +103,19 @@ def loss_curves_png(history: pd.DataFrame, title: str) -> bytes:
             ax3.set_ylabel("distance (mm)")
         ax2.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def loss_curves_png(history: pd.DataFrame, title: str) -> bytes:
+    """Training curves of one stage from its ``history.csv`` (one row per epoch).
+
+    Left panel: the loss terms (:func:`curve_series`) against ``epoch`` (log scale when they
+    span more than a decade). Right panel, when present: the validation Dice on its own axis
+    ([0, 1]) and, on a second axis, validation distances in mm (``val_hd95``, ``val_asd``).
+    Bookkeeping columns (:data:`NOT_CURVES`: epochs, steps, lr, timing, best-so-far markers)
+    are not drawn. ``title`` names the run and stage (e.g. ``"ideal-acdc finetune"``).
+    """
+    return _png(loss_curves_figure(history, title))
 
 
 def dice_boxplot_png(dice: Mapping[str, Sequence[float]], title: str = "Dice per class") -> bytes:

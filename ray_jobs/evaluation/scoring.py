@@ -149,6 +149,12 @@ def _read_history(uri: str) -> Any | None:
         return pd.read_csv(f)
 
 
+def history_run_name(uri: str) -> str:
+    """The run a ``RUN_DIR/<stage>/history.csv`` belongs to: the name of ``RUN_DIR``."""
+    parts = [p for p in str(uri).split("://", 1)[-1].split("/") if p]
+    return parts[-3] if len(parts) >= 3 else ""
+
+
 def find_histories(model_dir: str) -> dict[str, str]:
     """``{stage: history.csv URI}`` next to an exported model: ``<stage>/model`` has its stage's
     ``<stage>/history.csv`` and the run directory's other stages beside it."""
@@ -223,6 +229,7 @@ def write_report(
     overlays: Mapping[str, Mapping[str, Any]] | None = None,
     plots: bool = True,
     title: str = "Evaluation",
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Write per_case.json/.csv, summary.json/.md and plots/*.png under ``out``; returns the summary."""
     records = sorted(records, key=lambda r: r["case"])
@@ -246,7 +253,9 @@ def write_report(
             hist = _read_history(uri)
             if hist is None or hist.empty or "epoch" not in hist.columns:
                 continue
-            write_bytes(join_uri(out, "plots", f"loss_{stage}.png"), P.loss_curves_png(hist, f"{stage}: {uri}"))
+            run = run_name or history_run_name(uri)
+            write_bytes(join_uri(out, "plots", f"loss_{stage}.png"),
+                        P.loss_curves_png(hist, f"{run} {stage}" if run else stage))
             files.append(f"plots/loss_{stage}.png")
         names = dict(label_names or {})
         by_case = {r["case"]: r for r in records}

@@ -261,6 +261,63 @@ def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, s
 
 
 # --------------------------------------------------------------------------- plots
+FINETUNE_HISTORY = (
+    "epoch,start_epoch,global_step,lr,time_s,samples_per_s,loss,sup,pl,lambda_c,val_dice,val_hd95,"
+    "val_time_s,best_epoch,best_val_dice\n"
+    "1,1,8,0.001,3.0,10.0,2.0,1.5,0.5,0.1,0.30,20.0,1.2,1,0.30\n"
+    "2,1,16,0.001,3.1,11.0,1.1,0.8,0.3,0.4,0.50,12.0,1.1,2,0.50\n"
+)
+
+
+def test_loss_curves__draw_loss_terms_and_validation_dice_on_its_own_axis() -> None:
+    """The finetune loss plot draws loss terms only (no start_epoch / global_step / best_epoch /
+    timing columns), the validation Dice alone on the Dice axis, distances on their own mm axis,
+    and titles that name the run, not a path."""
+    import io
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from ray_jobs.evaluation import plots as P
+
+    hist = pd.read_csv(io.StringIO(FINETUNE_HISTORY))
+    assert P.curve_series(hist) == {"losses": ["loss", "sup", "pl"], "dice": ["val_dice"],
+                                    "distances": ["val_hd95"]}
+    fig = P.loss_curves_figure(hist, "ideal-acdc finetune")
+    try:
+        loss_ax, dice_ax, mm_ax = fig.axes
+        assert [ln.get_label() for ln in loss_ax.get_lines()] == ["loss", "sup", "pl"]
+        assert [ln.get_label() for ln in dice_ax.get_lines()] == ["val_dice"]
+        assert dice_ax.get_ylabel() == "Dice" and dice_ax.get_ylim()[1] <= 1.02
+        assert [ln.get_label() for ln in mm_ax.get_lines()] == ["val_hd95"]
+        assert mm_ax.get_ylabel() == "distance (mm)"
+        assert loss_ax.get_title() == "ideal-acdc finetune: training losses"
+        assert dice_ax.get_title() == "ideal-acdc finetune: validation"
+    finally:
+        plt.close(fig)
+    pre = P.loss_curves_figure(hist[["epoch", "start_epoch", "global_step", "loss", "time_s"]], "run pretrain")
+    try:
+        assert len(pre.axes) == 1 and [ln.get_label() for ln in pre.axes[0].get_lines()] == ["loss"]
+    finally:
+        plt.close(pre)
+
+
+def test_write_report__loss_plot_titles_name_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs.evaluation import plots as P
+
+    stage = tmp_path / "runs" / "ideal-acdc" / "finetune"
+    stage.mkdir(parents=True)
+    (stage / "history.csv").write_text(FINETUNE_HISTORY)
+    titles: list[str] = []
+    real = P.loss_curves_png
+    monkeypatch.setattr(P, "loss_curves_png", lambda h, t: titles.append(t) or real(h, t))
+    rec = evaluation_scoring.case_record("c1", {1: {"dice": 0.8, "hd95": 2.0, "asd": 1.0}}, {0: "bg", 1: "fg"},
+                                         (4, 4, 2), (1.0, 1.0, 1.0))
+    evaluation_scoring.write_report(str(tmp_path / "eval"), [rec], histories={"finetune": str(stage / "history.csv")})
+    assert titles == ["ideal-acdc finetune"]
+    assert evaluation_scoring.history_run_name("s3://bucket/runs/r1/finetune/history.csv") == "r1"
+
+
 def test_plots__png_output_and_input_checks() -> None:
     import io
 
