@@ -4,8 +4,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from storage.errors import StorageError
-
 
 class UserError(Exception):
     """An error the user can fix (bad config, bad path, unreachable address...)."""
@@ -21,5 +19,11 @@ def storage_errors_as_user_errors() -> Iterator[None]:
     message) as a :class:`UserError` with the same message."""
     try:
         yield
-    except StorageError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        # deferred: importing the storage package loads zarr, which most CLI paths (and
+        # ``localcl --help``) never need; a StorageError means storage is loaded already
+        from storage.errors import StorageError
+
+        if isinstance(exc, StorageError):
+            raise UserError(str(exc)) from None
+        raise

@@ -9,7 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
+import optuna.visualization as ov
+import pandas as pd
 import yaml
+from optuna.importance import PedAnovaImportanceEvaluator
+from optuna.trial import TrialState
 
 from ray_jobs.campaign.search import open_storage, redact, study_exists
 from ray_jobs.campaign.spec import STALE_ATTR, Campaign, CampaignError, load_campaign_dir, validate_run_config
@@ -22,8 +27,6 @@ def trials_table(campaign: Campaign, study: Any) -> "Any":
     """A pandas DataFrame, one row per Optuna trial: number, state, objective value(s),
     fine-tune epochs reached (``epochs``; < budget when ASHA stopped it), duration, params,
     and ``stale`` (orphaned by a killed driver and re-run)."""
-    import pandas as pd
-
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"number": t.number, "state": t.state.name}
@@ -43,8 +46,6 @@ def trials_table(campaign: Campaign, study: Any) -> "Any":
 def best_trials(campaign: Campaign, study: Any) -> list[Any]:
     """Single objective: ``[study.best_trial]``. Multi: the Pareto front sorted by the first
     metric in its preferred direction (so ``[0]`` is the best-Dice Pareto trial)."""
-    from optuna.trial import TrialState
-
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return []
     if not campaign.objective.multi:
@@ -65,8 +66,6 @@ def write_report(campaign_dir: str | os.PathLike[str], out_dir: str | os.PathLik
       Pareto front and one history per metric). A plot that cannot be drawn yet (e.g.
       importances with fewer than 2 complete trials) is listed under ``skipped_plots``.
     """
-    import optuna
-
     campaign = load_campaign_dir(campaign_dir)
     out = Path(out_dir) if out_dir else campaign.campaign_dir / "report"
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -125,14 +124,13 @@ def _markdown_table(df: Any) -> str:
 
 
 def _plots(campaign: Campaign, study: Any, out: Path) -> tuple[list[str], dict[str, str]]:
+    # deferred: matplotlib must get the Agg backend before pyplot (and optuna's matplotlib
+    # backend, which imports pyplot) is loaded
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import optuna
-    import optuna.visualization as ov
     import optuna.visualization.matplotlib as ovm
-    from optuna.importance import PedAnovaImportanceEvaluator
 
     written: list[str] = []
     skipped: dict[str, str] = {}

@@ -56,8 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
+from ray_jobs.campaign.no_repeat import NoRepeatSampler
 from ray_jobs.campaign.report import write_report
 from ray_jobs.campaign.search import (
     ResumePlan,
@@ -80,6 +84,8 @@ from ray_jobs.campaign.spec import (
 )
 from ray_jobs.config import get_path, set_path
 from ray_jobs.errors import UserError
+from ray_jobs.train import pipeline
+from ray_jobs.train.trainer import init_ray
 
 
 @dataclass
@@ -161,9 +167,6 @@ def run_campaign(
     campaign.campaign_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(campaign.storage_url)
     check_study(campaign, storage, resume)
-    import ray
-
-    from ray_jobs.train.trainer import init_ray
 
     init_ray(address)
     rplan = plan_resources(campaign.resources, ray.cluster_resources())
@@ -175,7 +178,6 @@ def run_campaign(
         + (f", {len(plan.stale)} unfinished re-queued" if plan.stale else "")
         + f"; up to {plan.remaining} more (run {plan.run_index}, seed {plan.seed})"
     )
-    from ray_jobs.campaign.no_repeat import NoRepeatSampler
 
     remaining = plan.remaining
     sampler = make_sampler(campaign, plan.seed)
@@ -198,8 +200,6 @@ def run_campaign(
 
 
 def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan) -> None:
-    from ray import tune
-
     searcher, scheduler = build_search(campaign, storage, plan.seed)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -258,11 +258,6 @@ def trial_fn(params: dict[str, Any], campaign_yaml: str) -> None:
     epoch's ``ray.train.report`` (``val_dice`` ...) to Tune, so ASHA can stop the trial between
     epochs; the callback also forwards the checkpoint.
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ray_jobs.train import pipeline
-
     campaign = load_campaign_dir(Path(campaign_yaml).parent)
     trial_id = tune.get_context().get_trial_id()
     cfg = validate_run_config(trial_config(campaign, params, trial_id))
@@ -281,8 +276,6 @@ def prepare_data(campaign: Campaign, log: Any = print) -> dict[str, Any]:
     """Validate the base config and make sure its store exists (ingested once here, in the
     driver, so concurrent trials never race to ingest). Returns the base config with
     absolute paths and ``data.store`` set (default ``<campaign_dir>/store.zarr``)."""
-    from ray_jobs.train import pipeline
-
     base = _absolute(campaign.resolved_base(), Path.cwd())
     if not get_path(base, "data.store"):
         set_path(base, "data.store", str(campaign.campaign_dir / "store.zarr"))

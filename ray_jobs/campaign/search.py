@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ray_jobs.campaign.no_repeat import NoRepeatSampler
 from ray_jobs.campaign.spec import (
     RUNS_ATTR,
     SEED_STRIDE,
@@ -29,9 +36,6 @@ def open_storage(url: str) -> Any:
     a connection is opened with a 10 s timeout. Any failure -> :class:`UserError`, before any
     trial starts.
     """
-    import optuna
-    import sqlalchemy
-
     if url.startswith("sqlite:///"):
         db = Path(url.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
@@ -69,8 +73,6 @@ def redact(url: str) -> str:
 
 
 def study_exists(storage: Any, name: str) -> bool:
-    import optuna
-
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
@@ -100,8 +102,6 @@ def check_study(campaign: Campaign, storage: Any, resume: bool) -> bool:
     """Raise :class:`UserError` when the study exists with a different space/objective/base,
     or exists and ``resume`` is false, or is missing and ``resume`` is true; return whether it
     exists. Creates nothing."""
-    import optuna
-
     exists = study_exists(storage, campaign.name)
     if exists:
         study = optuna.load_study(study_name=campaign.name, storage=storage)
@@ -128,9 +128,6 @@ def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
     Raises :class:`UserError` when the study exists with a different space/objective, or
     exists and ``resume`` is false, or does not exist and ``resume`` is true.
     """
-    import optuna
-    from optuna.trial import TrialState
-
     exists = check_study(campaign, storage, resume)
     sig = campaign.signature()
     if exists:
@@ -186,8 +183,6 @@ def make_sampler(campaign: Campaign, seed: int) -> Any:
 
     TPE and random on a finite space are wrapped in :class:`ray_jobs.campaign.no_repeat.NoRepeatSampler`
     (no configuration twice) unless ``repeat_configs`` is set."""
-    import optuna
-
     name = campaign.sampler_name
     grid = {k: p.grid() for k, p in campaign.space.items()}
     if name == "grid":
@@ -202,7 +197,6 @@ def make_sampler(campaign: Campaign, seed: int) -> Any:
         base = optuna.samplers.RandomSampler(seed=seed)
     if campaign.repeat_configs or grid_size(campaign) is None:
         return base
-    from ray_jobs.campaign.no_repeat import NoRepeatSampler
 
     full = (campaign.scheduler.max_t or finetune_epochs(campaign)) if campaign.scheduler_name == "asha" else None
     return NoRepeatSampler(base, campaign.distributions(), grid, seed=seed, full_epochs=full)  # type: ignore[arg-type]
@@ -221,9 +215,6 @@ def grid_size(campaign: Campaign) -> int | None:
 
 
 def count_complete(campaign: Campaign, storage: Any) -> int:
-    import optuna
-    from optuna.trial import TrialState
-
     study = optuna.load_study(study_name=campaign.name, storage=storage)
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -233,8 +224,6 @@ def build_search(campaign: Campaign, storage: Any, seed: int) -> tuple[Any, Any]
     campaign's distributions with :func:`make_sampler` (seeded ``seed``) writing to the study
     ``campaign.name`` in ``storage``, and ``ASHAScheduler`` on ``training_iteration`` (= fine-tune
     epoch; rungs at ``grace_period * reduction_factor**k`` up to ``max_t``) or ``None``."""
-    from ray.tune.schedulers import ASHAScheduler
-
     obj = campaign.objective
     metric: str | list[str] = obj.metrics if obj.multi else obj.metrics[0]
     mode: str | list[str] = list(obj.modes) if obj.multi else obj.modes[0]
@@ -267,12 +256,8 @@ def _tracked_search_cls() -> type:
     trials get none, so trial-epochs are counted from ``epochs``. With a
     :class:`~ray_jobs.campaign.no_repeat.NoRepeatSampler` it tells Tune the search is finished once every
     configuration has been tried."""
-    from ray.tune.search.optuna import OptunaSearch
-
     class TrackedOptunaSearch(OptunaSearch):  # type: ignore[misc]
         def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-            from ray_jobs.campaign.no_repeat import NoRepeatSampler
-
             sampler = self._ot_study.sampler
             if trial_id not in self._ot_trials and isinstance(sampler, NoRepeatSampler) and sampler.exhausted(self._ot_study):
                 return self.FINISHED  # every configuration of the finite space has been tried

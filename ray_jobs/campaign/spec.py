@@ -9,17 +9,17 @@ import hashlib
 import json
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from localcl.methods import FINETUNE, METHODS
 from ray_jobs import config as run_config
-from ray_jobs.config import deep_merge, get_path, set_path
+from ray_jobs.config import deep_merge, get_path, method_registry, set_path
 from ray_jobs.errors import UserError
-from ray_jobs.train.worker import VAL_METRICS
+from ray_jobs.train.names import VAL_METRICS
 
 #: non-empty, small enough never to be the constraint.
 TRIAL_DRIVER_MEMORY = 64 * 2**20
@@ -131,6 +131,7 @@ class ParamSpec(BaseModel):
 
     def distribution(self) -> Any:
         """The equivalent ``optuna.distributions`` object."""
+        # deferred: optuna is slow to import; loading and checking a campaign file does not need it
         import optuna.distributions as od
 
         if self.type == "categorical":
@@ -351,8 +352,9 @@ def validate_space(campaign: Campaign) -> None:
     """Every parameter must be a known field of the run config / method config, and every
     bound or choice must validate there. Raises :class:`CampaignError` naming the entry."""
 
-    if campaign.method not in METHODS:
-        raise CampaignError(f"method: unknown method {campaign.method!r}; choose one of {sorted(METHODS)}")
+    methods = method_registry("pretrain")
+    if campaign.method not in methods:
+        raise CampaignError(f"method: unknown method {campaign.method!r}; choose one of {sorted(methods)}")
     base = campaign.with_scaling(campaign.resolved_base())
     try:
         validate_run_config(base)
@@ -426,7 +428,7 @@ def known_paths(base: dict[str, Any]) -> set[str]:
             sub = _model_of(finfo.annotation)
             if sub is run_config.MethodConfig:
                 stage = prefix.split(".")[0]
-                registry = METHODS if stage == "pretrain" else FINETUNE
+                registry = method_registry(stage)
                 name = get_path(base, f"{path}.name")
                 if name in registry:
                     for mf in registry[name].Config.model_fields:
@@ -442,8 +444,6 @@ def known_paths(base: dict[str, Any]) -> set[str]:
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``Model`` / ``Optional[Model]``, else ``None``."""
-    import typing
-
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):

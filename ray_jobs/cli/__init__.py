@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Sequence
 
+from ray_jobs.errors import UserError
+
 # Verbs in the order ``localcl --help`` lists them. A module that is missing (a part not built
 # yet) is skipped so the rest of the CLI keeps working.
 COMMAND_MODULES = (
@@ -62,8 +64,6 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ray_jobs.errors import UserError
-
     # Loopback only, no token auth for local clusters (see README "Ray settings").
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -12,6 +12,7 @@ import os
 import time
 
 from ray_jobs.cli.train_common import add_common, load, start_ray
+from ray_jobs.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.train import pipeline
 
     cfg = load(args, "run")
@@ -34,11 +36,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.data:
         if not os.path.isdir(args.data):
-            from ray_jobs.errors import UserError
-
             raise UserError(f"--data: {args.data} is not a folder")
         source = os.path.abspath(args.data)
     else:
+        # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
         from storage.phantom import make_phantom_dataset
 
         source = os.path.join(run_dir, "phantom")

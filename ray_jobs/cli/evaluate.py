@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _default_out(checkpoint: str, split: str) -> str:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.evaluation.scoring import resolve_model_dir
 
     model_dir = resolve_model_dir(checkpoint).rstrip("/")
@@ -59,6 +60,7 @@ def _default_out(checkpoint: str, split: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.evaluation import job as evaluation_job
     from ray_jobs.evaluation import scoring as evaluation_scoring
 
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             out = os.path.abspath(out)
         # validate the model directory before Ray starts
         evaluation_scoring.resolve_model_dir(args.checkpoint)
+        # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
         from ray_jobs.train.trainer import init_ray
 
         init_ray(args.address, num_cpus=max(args.workers, 1) if not args.address else None)

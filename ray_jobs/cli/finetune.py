@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.train import pipeline
 
     cfg = load(args, "finetune")

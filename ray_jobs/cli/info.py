@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def store_info(uri: str) -> dict[str, Any]:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import storage
 
     try:

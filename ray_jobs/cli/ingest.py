@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import storage
 
     if args.workers < 1:
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.src}: an object-storage source needs --ray (or --address)")
     try:
         if use_ray:
+            # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
             from storage.parallel import parallel_ingest
             from ray_jobs.train.trainer import init_ray
 

@@ -6,8 +6,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ray_jobs.cluster import jobs as cluster_jobs
 from ray_jobs.cli.submit import add_address_argument
+from ray_jobs.cluster import jobs as cluster_jobs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobDetails

@@ -19,9 +19,6 @@ from typing import Any
 import numpy as np
 
 from ray_jobs.errors import UserError, storage_errors_as_user_errors
-from storage.nifti import label_nifti_bytes, list_nifti, load_nifti
-from storage.remote import write_bytes
-from storage.sources import strip_nifti_suffix
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _device(name: str) -> Any:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import torch
 
     if name == "auto":
@@ -56,6 +54,10 @@ def _is_store(path: str) -> bool:
 
 def nifti_inputs(path: str) -> dict[str, Path]:
     """``{name: file}`` for a NIfTI file, a folder of them, or an MSD folder (imagesTr/imagesTs)."""
+    # deferred: the storage package loads zarr; `localcl --help` and the other verbs stay fast
+    from storage.nifti import list_nifti
+    from storage.sources import strip_nifti_suffix
+
     p = Path(path)
     if p.is_file():
         name = strip_nifti_suffix(p.name)
@@ -76,9 +78,13 @@ def nifti_inputs(path: str) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_jobs.train.checkpoint import load_model, read_spec
-    from ray_jobs.evaluation.scoring import resolve_model_dir
+    # deferred: these load torch, Ray and zarr; `localcl --help` and the other verbs stay fast
+    import storage
     from ray_jobs.evaluation.inference import predict_case, predict_volume, preprocessing_from_spec
+    from ray_jobs.evaluation.scoring import resolve_model_dir
+    from ray_jobs.train.checkpoint import load_model, read_spec
+    from storage.nifti import label_nifti_bytes, load_nifti
+    from storage.remote import write_bytes
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -90,8 +96,6 @@ def run(args: argparse.Namespace) -> int:
     preprocessing_from_spec(spec)
     out = args.output
     if _is_store(args.input):
-        import storage
-
         try:
             so = json.loads(args.storage_options) if args.storage_options else None
         except json.JSONDecodeError as exc:

@@ -5,6 +5,9 @@ import argparse
 import os
 import shlex
 import sys
+import time
+
+from ray_jobs.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.study import cells as study_cells
     from ray_jobs.study import report as study_report
     from ray_jobs.study import run as study_run
     from ray_jobs.study import spec as study_spec
-    from ray_jobs.errors import UserError
 
     st = study_spec.load_study(args.config, args.overrides)
     study_dir = st.resolved_dir(args.study_dir)
@@ -87,8 +90,7 @@ def _init_ray_patiently(address: str | None, attempts: int = 3) -> None:
     """``trainer.init_ray``, retried when a local Ray node misses Ray's fixed 30 s start-up
     window (seen on an overloaded machine); a study runs for hours, so a slow start should not
     end it. Other errors propagate at once."""
-    import time
-
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import ray
 
     from ray_jobs.train.trainer import init_ray
@@ -115,6 +117,7 @@ def _local_mode_threads(st) -> None:
     if scaling.get("num_workers", 2) != 0 or scaling.get("use_gpu") or \
             os.environ.get("OMP_NUM_THREADS"):
         return
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import torch
 
     torch.set_num_threads(1)

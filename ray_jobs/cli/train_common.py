@@ -32,6 +32,7 @@ def load(args: argparse.Namespace, stage: str) -> Config:
 
 
 def start_ray(args: argparse.Namespace, cfg: Config) -> None:
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.train.trainer import init_ray
 
     init_ray(args.address, num_cpus=None)

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from ray_jobs.config import overrides_to_tree
 from ray_jobs.errors import UserError
 
 
@@ -41,11 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ray_jobs.campaign import report as campaign_report
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.campaign import run as campaign_run
-    from ray_jobs.campaign import search as campaign_search
     from ray_jobs.campaign import spec as campaign_spec
-    from ray_jobs.config import overrides_to_tree
 
     if not args.config:
         raise UserError("tune: --config CAMPAIGN.yaml is required (or use `tune report` / `tune dashboard`)")
@@ -57,12 +57,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
-
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.campaign import report as campaign_report
-    from ray_jobs.campaign import run as campaign_run
-    from ray_jobs.campaign import search as campaign_search
-    from ray_jobs.campaign import spec as campaign_spec
 
     out = campaign_report.write_report(args.campaign_dir, args.out)
     summary = json.loads((out / "summary.json").read_text())
@@ -79,14 +75,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from ray_jobs.campaign import report as campaign_report
-    from ray_jobs.campaign import run as campaign_run
+    # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.campaign import search as campaign_search
     from ray_jobs.campaign import spec as campaign_spec
 
     campaign = campaign_spec.load_campaign_dir(args.campaign_dir)
     storage = campaign_search.open_storage(campaign.storage_url)
-    try:
+    try:  # deferred: optional dependency (the ``dashboard`` extra)
         import optuna_dashboard
     except ModuleNotFoundError:
         raise UserError("tune dashboard needs optuna-dashboard: pip install 'localcl[dashboard]'") from None

@@ -32,6 +32,13 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import ray
+import torch
+
+import localcl
+from ray_jobs.campaign import search as campaign_search
+from ray_jobs.campaign import spec as campaign_spec
+from ray_jobs.cli import main as cli_main
 from ray_jobs.cluster.submit import CONFIG_ENV, CONFIG_NAME_ENV, JOBS, validate_config
 from ray_jobs.errors import UserError
 
@@ -83,9 +90,6 @@ def config_from_file(path: str | os.PathLike[str], expand: bool) -> Path:
 
 def campaign_started(config: Path) -> bool:
     """Whether the Optuna study of the campaign in ``config`` exists in its storage."""
-    from ray_jobs.campaign import search as campaign_search
-    from ray_jobs.campaign import spec as campaign_spec
-
     campaign = campaign_spec.load_campaign(config)
     return bool(campaign_search.study_exists(campaign_search.open_storage(campaign.storage_url), campaign.name))
 
@@ -95,11 +99,6 @@ def preflight(job: str, config: Path) -> int:
     validate_config(job, config)
     digest = hashlib.sha256(config.read_bytes()).hexdigest()
     print(f"localcl preflight: {job} config {config.name} OK (sha256 {digest[:16]})")
-
-    import torch
-
-    import localcl
-    import ray
 
     print(f"localcl preflight: localcl from {Path(localcl.__file__).parent}")
     print(f"localcl preflight: python {sys.version.split()[0]}, torch {torch.__version__}, "
@@ -149,7 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"localcl: error: {exc}", file=sys.stderr)
         return 2
-    from ray_jobs.cli import main as cli_main
 
     return cli_main([args.job, "--config", str(config), *extra])
 

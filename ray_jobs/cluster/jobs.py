@@ -64,7 +64,7 @@ def connect(address: str | None, timeout: float = 10.0) -> "JobSubmissionClient"
     seconds (the Ray client itself has no connect timeout)."""
     url = resolve_address(address)
     _probe(url, timeout)
-    try:
+    try:  # deferred: the Jobs client pulls in Ray's dashboard modules; `localcl --help` stays fast
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # pragma: no cover - ray[default] is a dependency
         raise UserError(f"the Ray Jobs client is unavailable ({exc}): install ray[default]") from exc

@@ -30,6 +30,7 @@ from ray_jobs.config.run import (
     StageConfig,
     load_config,
     load_yaml,
+    method_registry,
     resolve_config_path,
     validate,
     validate_method,
@@ -41,6 +42,6 @@ __all__ = [
     "LoggingSection", "MethodConfig", "ModelConfig", "OptimConfig", "ScalingSection",
     "ScheduleConfig", "SelfTrainingConfig", "SplitsConfig", "StageConfig", "Strict",
     "apply_overrides", "deep_merge", "format_validation_error", "get_path", "load_config",
-    "load_yaml", "overrides_to_tree", "resolve_config_path", "set_path", "validate",
+    "load_yaml", "method_registry", "overrides_to_tree", "resolve_config_path", "set_path", "validate",
     "validate_method",
 ]

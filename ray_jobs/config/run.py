@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional
@@ -34,7 +35,6 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from localcl.methods import FINETUNE, METHODS
 from ray_jobs.config.overrides import apply_overrides, deep_merge
 from ray_jobs.config.strict import Strict, format_validation_error
 from ray_jobs.errors import ConfigError
@@ -44,6 +44,15 @@ STAGE_DIRS = ("pretrain", "finetune", "run")
 
 
 # --------------------------------------------------------------------------- sections
+def method_registry(section: str) -> Mapping[str, Any]:
+    """``localcl.methods.METHODS`` for the pretrain section, ``FINETUNE`` for the others."""
+    # deferred: localcl.methods imports torch (seconds); loading a config for ``localcl --help``,
+    # ``localcl submit`` and campaign files does not need it until a method is validated
+    from localcl.methods import FINETUNE, METHODS
+
+    return METHODS if section == "pretrain" else FINETUNE
+
+
 class SplitsConfig(Strict):
     """Names of catalog splits (``store.catalog.splits``) used by the pipeline."""
 
@@ -174,8 +183,6 @@ class LoggingSection(Strict):
     @classmethod
     def _mlflow_installed(cls, v: Optional[str]) -> Optional[str]:
         if v is not None:
-            import importlib.util
-
             if importlib.util.find_spec("mlflow") is None:
                 raise ValueError("MLflow is not installed: pip install 'localcl[mlflow]' "
                                  "(or set it to null)")
@@ -206,8 +213,8 @@ class Config(Strict):
 
     def check(self) -> "Config":
         """Cross-section checks and method validation (raises :class:`ConfigError`)."""
-        for section, registry in (("pretrain", METHODS), ("finetune", FINETUNE),
-                                  ("baseline", FINETUNE)):
+        for section in ("pretrain", "finetune", "baseline"):
+            registry = method_registry(section)
             stage = getattr(self, section)
             if stage is None:
                 continue
@@ -251,7 +258,7 @@ class Config(Strict):
     def method_config(self, section: str) -> Any:
         """The method's validated pydantic Config object for ``section``."""
         stage: StageConfig = getattr(self, section)
-        registry = METHODS if section == "pretrain" else FINETUNE
+        registry = method_registry(section)
         return registry[stage.method.name].Config(**stage.method.params())
 
     def schedule_for(self, section: str, method_stage: str | None = None) -> ScheduleConfig:
@@ -396,7 +403,7 @@ def _fill_method_geometry(data: Mapping[str, Any]) -> dict[str, Any]:
             m["decoder_widths"] = list(reversed(list(w)[:-1]))
         if "input_size" not in m and isinstance(size, (list, tuple)) and len(size) == 2 \
                 and size[0] == size[1]:
-            reg: Mapping[str, Any] = METHODS if section == "pretrain" else FINETUNE
+            reg = method_registry(section)
             cls = reg.get(str(m.get("name")))
             if cls is not None and "input_size" in cls.Config.model_fields:
                 m["input_size"] = int(size[0])

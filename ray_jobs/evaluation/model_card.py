@@ -28,10 +28,13 @@ import datetime as _dt
 import hashlib
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import fsspec
+
+import storage
 
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
@@ -52,8 +55,6 @@ def store_fingerprint(store: Any, storage_options: Mapping[str, Any] | None = No
         store: a ``storage`` store object or its path/URI.
     """
     if isinstance(store, (str, Path)):
-        import storage
-
         store = storage.open_store(str(store), storage_options=storage_options)
     labelled = set(store.labelled_cases)
     h = hashlib.sha256()
@@ -67,8 +68,6 @@ def store_fingerprint(store: Any, storage_options: Mapping[str, Any] | None = No
 def code_version() -> dict[str, Any]:
     """Installed package version and, when the code runs from a git checkout, its HEAD sha."""
     try:
-        from importlib.metadata import version
-
         pkg = version("localcl")
     except Exception:  # not installed (e.g. a copied working_dir on a cluster)
         pkg = None

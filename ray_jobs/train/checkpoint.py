@@ -31,6 +31,7 @@ import fsspec
 import torch
 from torch import nn
 
+from localcl.methods import FINETUNE, METHODS
 from ray_jobs.errors import UserError
 from storage.remote import join_uri
 
@@ -148,8 +149,6 @@ def load_state(directory: str, expected_sha256: str | None = None) -> dict[str, 
 
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
     """Rebuild the (untrained) network a spec describes, via the localcl registries."""
-    from localcl.methods import FINETUNE, METHODS
-
     registry = METHODS if spec["stage"] == "pretrain" else FINETUNE
     name = spec["name"]
     if name not in registry:

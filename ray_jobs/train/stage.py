@@ -30,6 +30,7 @@ from localcl.methods.base import BaseMethodConfig
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
 from ray_jobs.train.checkpoint import build_model, export_model, read_spec
+from ray_jobs.train.names import BEST_FILE, STAGE_DIRS, STATE_FILE, VAL_METRICS
 from storage.remote import join_uri
 
 __all__ = [
@@ -37,10 +38,6 @@ __all__ = [
     "export_checkpoint", "export_stage", "export_state", "loop_spec", "model_spec", "stage_done",
 ]
 
-STAGE_DIRS = {"pretrain": "pretrain", "finetune": "finetune", "baseline": "finetune_baseline"}
-STATE_FILE = "state.pt"  # checkpoint: model/optimiser/scheduler/scaler state, epoch, history, best
-BEST_FILE = "best.pt"  # checkpoint: state_dict with the best validation Dice
-VAL_METRICS = ("val_dice", "val_hd95", "best_val_dice")  # per-epoch validation metrics (fine-tuning)
 
 Section = Literal["pretrain", "finetune", "baseline"]
 
