@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ray_jobs import config as run_config
-from ray_jobs.config import deep_merge, get_path, method_registry, set_path
+from ray_jobs.config import Strict, deep_merge, get_path, method_registry, set_path
 from ray_jobs.errors import UserError
 from ray_jobs.train.names import VAL_METRICS
 
@@ -45,7 +45,7 @@ class CampaignError(UserError, ValueError):
 # ----------------------------------------------------------------------------- schema
 
 
-class ParamSpec(BaseModel):
+class ParamSpec(Strict):
     """One search-space entry.
 
     - ``float``: uniform on ``[low, high]`` (``step`` optional: grid ``low + k*step``);
@@ -53,8 +53,6 @@ class ParamSpec(BaseModel):
     - ``int``: integers ``low, low+step, ..., high`` (``step`` default 1, ``log`` optional);
     - ``categorical``: one of ``choices`` (non-empty, distinct; str/int/float/bool/None).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["float", "log_float", "int", "categorical"]
     low: float | None = None
@@ -143,10 +141,8 @@ class ParamSpec(BaseModel):
         return od.FloatDistribution(float(self.low), float(self.high), step=self.step)  # type: ignore[arg-type]
 
 
-class Objective(BaseModel):
+class Objective(Strict):
     """What a trial is scored on. One metric: TPE + ASHA. Two or more: NSGA-II, no pruning."""
-
-    model_config = ConfigDict(extra="forbid")
 
     metrics: list[str] = Field(default_factory=lambda: ["val_dice"], min_length=1)
     modes: list[Literal["max", "min"]] = Field(default_factory=lambda: ["max"], min_length=1)
@@ -164,11 +160,9 @@ class Objective(BaseModel):
         return len(self.metrics) > 1
 
 
-class Scheduler(BaseModel):
+class Scheduler(Strict):
     """Early stopping. ``asha`` ranks trials at rungs ``grace_period * reduction_factor**k``
     fine-tune epochs (``max_t`` = the fine-tune epoch budget of the base config unless given)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["auto", "asha", "none"] = "auto"
     grace_period: int = Field(1, ge=1)
@@ -176,10 +170,8 @@ class Scheduler(BaseModel):
     max_t: int | None = Field(None, ge=1)
 
 
-class Resources(BaseModel):
+class Resources(Strict):
     """Per-trial Ray Train workers; how many trials run at once follows from the cluster."""
-
-    model_config = ConfigDict(extra="forbid")
 
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -187,10 +179,8 @@ class Resources(BaseModel):
     max_concurrent_trials: int | None = Field(None, ge=1)
 
 
-class Campaign(BaseModel):
+class Campaign(Strict):
     """A validated campaign (see the module docstring for the YAML layout)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: str
