@@ -1,6 +1,6 @@
 """What ``localcl submit`` costs on top of a bare Ray job, measured in one run on a private head.
 
-Starts a loopback Ray head (:class:`ray_jobs.local_head.LocalHead`), then times:
+Starts a loopback Ray head (:class:`ray_jobs.cluster.local_head.LocalHead`), then times:
 
 - local work before any network call: ``validate_config`` of a run config and of a campaign,
   and ``build_submission`` (validation + self-contained config + metadata);
@@ -33,8 +33,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from ray_jobs import submit as sub  # noqa: E402
-from ray_jobs.local_head import LocalHead  # noqa: E402
+from ray_jobs.cluster import jobs as cluster_jobs
+from ray_jobs.cluster import submit as cluster_submit
+from ray_jobs.cluster.local_head import LocalHead  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):
@@ -45,8 +46,8 @@ def timed(fn, *args, **kwargs):
 
 def run_to_end(client, **submit_kwargs) -> float:
     t0 = time.perf_counter()
-    job_id = sub.submit_job_retrying(client, **submit_kwargs)
-    status = sub.wait(client, job_id, timeout=300, poll=0.2)
+    job_id = cluster_jobs.submit_job_retrying(client, **submit_kwargs)
+    status = cluster_jobs.wait(client, job_id, timeout=300, poll=0.2)
     if status != "SUCCEEDED":
         raise RuntimeError(f"{job_id} {status}:\n{client.get_job_logs(job_id)[-2000:]}")
     return time.perf_counter() - t0
@@ -60,10 +61,10 @@ def main() -> int:
     args = ap.parse_args()
 
     print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} repeats={args.repeats}")
-    _, t_val_run = timed(sub.validate_config, "finetune", args.config)
-    _, t_val_tune = timed(sub.validate_config, "tune", args.campaign)
-    wd_sub, t_build = timed(sub.build_submission, "finetune", args.config, preflight=True)
-    img_sub = sub.build_submission("finetune", args.config, preflight=True, image_runtime=True)
+    _, t_val_run = timed(cluster_submit.validate_config, "finetune", args.config)
+    _, t_val_tune = timed(cluster_submit.validate_config, "tune", args.campaign)
+    wd_sub, t_build = timed(cluster_submit.build_submission, "finetune", args.config, preflight=True)
+    img_sub = cluster_submit.build_submission("finetune", args.config, preflight=True, image_runtime=True)
     import logging
     import tempfile
     import zipfile
@@ -72,7 +73,7 @@ def main() -> int:
 
     logging.getLogger(packaging.__name__).setLevel(logging.WARNING)
     wd = wd_sub.runtime_env["working_dir"]
-    excludes = list(sub.DEFAULT_EXCLUDES)
+    excludes = list(cluster_submit.DEFAULT_EXCLUDES)
     _, t_hash = timed(packaging.get_uri_for_directory, wd, True, excludes=excludes)
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = Path(tmp) / "pkg.zip"
@@ -86,7 +87,7 @@ def main() -> int:
           f"campaign {t_val_tune:.3f} s, build_submission {t_build:.3f} s")
 
     with LocalHead(num_cpus=2) as head:
-        client = sub.connect(head.address)
+        client = cluster_jobs.connect(head.address)
         times: dict[str, list[float]] = {k: [] for k in
                                          ("bare", "bare+import", "preflight/image", "preflight/wd")}
         run_to_end(client, entrypoint="python -c pass")  # warm-up: job agent registered
@@ -95,9 +96,9 @@ def main() -> int:
             kw = submission.submit_kwargs()
             kw["submission_id"] = None
             t0 = time.perf_counter()
-            job = sub.submit_job_retrying(client, **kw)
+            job = cluster_jobs.submit_job_retrying(client, **kw)
             dt = time.perf_counter() - t0
-            sub.wait(client, job, timeout=300, poll=0.2)
+            cluster_jobs.wait(client, job, timeout=300, poll=0.2)
             return dt
 
         # the first working_dir submission zips and uploads the repo; the second finds it cached

@@ -8,14 +8,14 @@ fine-tune LR, validated on ``--val-cases`` (20) volumes, 48x48 slices (the tiny 
 otherwise). ASHA: grace period ``--grace`` (1), reduction factor 3.
 
 1. **Grid (live).** All 18 configurations are trained for real through the campaign machinery
-   (``ray_jobs.tune.run_campaign``, Optuna ``GridSampler``, no early stopping); every trial's
+   (``ray_jobs.campaign.run.run_campaign``, Optuna ``GridSampler``, no early stopping); every trial's
    per-epoch validation Dice curve is read back from Tune's ``result.json``.
    Grid cost = 18 x epochs trial-epochs; target = max final Dice - 0.01.
 2. **Searches (replayed).** Training here is deterministic for a given configuration (same
    seeds; ``tests/ray_jobs/test_tune.py::test_best_config__rerun_gives_reported_score``), so
    a trial of a configuration reproduces the grid trial's curve. The searches therefore use
    the real Ray Tune ``ASHAScheduler`` + ``OptunaSearch``, built by the same
-   ``ray_jobs.tune.build_search`` as ``localcl tune`` (so TPE and random search come wrapped
+   ``ray_jobs.campaign.search.build_search`` as ``localcl tune`` (so TPE and random search come wrapped
    in ``NoRepeatSampler`` on this finite space), driven with the calls Tune's controller
    makes (``suggest``; per epoch ``scheduler.on_trial_result`` then, unless STOP,
    ``searcher.on_trial_result``; then ``on_trial_complete`` on both) on the recorded curves,
@@ -95,8 +95,10 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
     """Train every configuration (live) and return {(lr, tau): [val_dice per epoch]}."""
     import yaml
 
-    from ray_jobs import tune
-    from ray_jobs.trainer import start_local_ray
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
+    from ray_jobs.train.trainer import start_local_ray
 
     start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     out = Path(args.out)
@@ -113,9 +115,9 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
     d["resources"]["max_concurrent_trials"] = args.concurrent
     path = out / "grid.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
-    campaign = tune.load_campaign(path)
+    campaign = campaign_spec.load_campaign(path)
     t0 = time.perf_counter()
-    tune.run_campaign(campaign, resume=(campaign.campaign_dir / "study.db").exists())
+    campaign_run.run_campaign(campaign, resume=(campaign.campaign_dir / "study.db").exists())
     print(f"grid: {len(LRS) * len(TAUS)} trials trained in {time.perf_counter() - t0:.0f} s")
     return read_curves(campaign.campaign_dir)
 
@@ -149,9 +151,11 @@ def read_curves(campaign_dir: Path) -> dict[tuple[float, float], list[float]]:
 def replay_campaign(strategy: str, seed: int, budget: int, epochs: int, grace: int = 1) -> Any:
     """The campaign of one replayed search: ``strategy`` is ``tpe`` or ``random``, ``+asha`` for
     ASHA (grace ``grace``, factor 3, ``max_t`` = ``epochs``), ``/repeats`` for ``repeat_configs``."""
-    from ray_jobs import tune
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
 
-    return tune.Campaign(
+    return campaign_spec.Campaign(
         name=f"replay-{strategy.replace('+', '-').replace('/', '-')}-{seed}", method="ideal", trials=budget,
         seed=seed,
         space={"finetune.optim.lr": {"type": "categorical", "choices": LRS},
@@ -176,11 +180,13 @@ def replay(curves: dict[tuple[float, float], list[float]], epochs: int, strategy
     import optuna
     from ray.tune.schedulers import TrialScheduler
 
-    from ray_jobs import tune
+    from ray_jobs.campaign import run as campaign_run
+    from ray_jobs.campaign import search as campaign_search
+    from ray_jobs.campaign import spec as campaign_spec
 
     camp = replay_campaign(strategy, seed, budget, epochs, grace)
     storage = optuna.storages.InMemoryStorage()
-    searcher, scheduler = tune.build_search(camp, storage, seed)
+    searcher, scheduler = campaign_search.build_search(camp, storage, seed)
     np.random.seed(seed)  # ASHA draws its bracket from numpy's global RNG
     out: list[tuple[int, float, tuple[float, float]]] = []
     spent = 0

@@ -27,7 +27,7 @@ from typing import Any
 import numcodecs.blosc
 import numpy as np
 
-_MISSING = 2**64 - 1
+MISSING = 2**64 - 1
 
 
 def parse_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], np.dtype] | None:
@@ -98,7 +98,7 @@ class ShardReader:
 
     def _chunk(self, fd: int, ix: int, iy: int, iz: int) -> np.ndarray | None:
         offset, nbytes = (int(v) for v in self.index[ix, iy, iz])
-        if offset == _MISSING and nbytes == _MISSING:
+        if offset == MISSING and nbytes == MISSING:
             return None
         buf = os.pread(fd, nbytes, offset)
         return np.frombuffer(numcodecs.blosc.decompress(buf), dtype=self.dtype).reshape(self.chunk[:2])

@@ -1,4 +1,5 @@
-"""Reading and validating NIfTI volumes before they enter a store.
+"""NIfTI I/O: reading and validating volumes before they enter a store, listing and loading
+prediction/reference folders, and writing label maps.
 
 Every check raises :class:`storage.errors.InputError` with ``"<file>: <problem>"`` so one bad
 file never becomes a traceback, and every check runs *before* anything is written, so a bad
@@ -34,7 +35,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from storage.errors import InputError
+from storage.errors import InputError, StorageError
+from storage.sources import NIFTI_SUFFIXES, strip_nifti_suffix
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -219,3 +221,69 @@ def _as_label(path: Path, data: np.ndarray) -> np.ndarray:
     if lo < 0 or hi > 255:
         raise InputError(path, f"label values outside 0..255 (min {lo:g}, max {hi:g})")
     return data.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- label maps and folders
+# Used by evaluation (``localcl evaluate --pred/--ref``) and prediction (``localcl predict``);
+# errors are :class:`StorageError` with a one-line message naming the file or folder.
+
+
+def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> bytes:
+    """A gzipped NIfTI-1 (``.nii.gz``) of a uint8 label map with the given affine and header.
+
+    The source header is copied (dimensions, zooms, qform/sform codes, units, descrip...), its
+    data type set to uint8 and intensity scaling removed, so the label map overlays its scan.
+    """
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine, header=hdr)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0.0, float(labels.max(initial=0))
+    # the source's codes when known; otherwise (a store case: only its affine is kept) the
+    # affine is the scanner geometry the store recorded from the source file
+    qcode = int(header["qform_code"]) if header is not None else 1
+    scode = int(header["sform_code"]) if header is not None else 1
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine, code=scode)
+    raw = img.to_bytes()
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
+        gz.write(raw)
+    return buf.getvalue()
+
+
+def list_nifti(folder: str | os.PathLike[str], what: str, strict: bool = True) -> dict[str, Path]:
+    """``{case: path}`` of the ``.nii``/``.nii.gz`` files of a folder. With ``strict``, any
+    other file (except hidden files and ``.json/.md/.txt/.csv``) is an error naming the file;
+    otherwise it is ignored."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise StorageError(f"{what} {folder}: no such directory")
+    out: dict[str, Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or p.is_dir() or p.suffix in (".json", ".md", ".txt", ".csv"):
+            continue
+        case = strip_nifti_suffix(p.name)
+        if case is None:
+            if not strict:
+                continue
+            raise StorageError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+        if case in out:
+            raise StorageError(f"{p}: case {case!r} appears twice in {folder}")
+        out[case] = p
+    if not out:
+        raise StorageError(f"{what} {folder}: no .nii/.nii.gz files")
+    return out
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+        img.header  # noqa: B018 - force header parsing
+    except Exception as exc:  # nibabel raises ImageFileError, gzip errors, EOFError...
+        raise StorageError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise StorageError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    return img

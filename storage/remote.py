@@ -27,7 +27,7 @@ import numcodecs.blosc
 import numpy as np
 
 from storage.errors import InputError
-from storage.fastread import _MISSING, ShardReader, parse_layout
+from storage.fastread import MISSING, ShardReader, parse_layout
 from storage.sources import CaseSource, SourceDataset, parse_label_names, safe_case_id, strip_nifti_suffix
 
 #: Environment variables that configure object-storage access (forwarded to Ray workers).
@@ -70,6 +70,28 @@ def env_storage_options(uri: str) -> dict[str, Any]:
     if region:
         opts["client_kwargs"] = {"region_name": region}
     return opts
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """``root/part/...`` for local paths and URIs alike (``s3://b/run`` + ``eval`` ->
+    ``s3://b/run/eval``): one ``/`` between parts, whatever slashes they carry."""
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def uri_exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a local path or URI exists (a file or a directory)."""
+    fs, path = url_to_fs(uri, storage_options)
+    return bool(fs.exists(path))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to a local path or URI, creating parent directories."""
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -239,7 +261,7 @@ class RemoteShardReader(ShardReader):
             for ix in range(x0 // cx, (x1 - 1) // cx + 1):
                 for iy in range(y0 // cy, (y1 - 1) // cy + 1):
                     offset, nbytes = (int(v) for v in self.index[ix, iy, iz])
-                    missing = offset == _MISSING and nbytes == _MISSING
+                    missing = offset == MISSING and nbytes == MISSING
                     wanted.append((ix, iy, iz, missing))
                     if not missing:
                         starts.append(offset)

@@ -49,7 +49,7 @@ def ray_cluster():
     """One local Ray instance for the session: 2 CPUs, capped object store, 127.0.0.1."""
     import ray
 
-    from ray_jobs.trainer import start_local_ray
+    from ray_jobs.train.trainer import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)

@@ -112,7 +112,7 @@ def test_gpu_cloud__gpu_workers_autoscale_and_head_runs_no_work(rendered):
         assert spec["suspend"] is True  # applying the overlay starts nothing; jobs are unsuspended in order
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
         assert spec["rayClusterSpec"] == rc  # one cluster definition, copied by kustomize
-        assert spec["entrypoint"].startswith(f"python -m ray_jobs.job_entry {'tune' if job == 'campaign' else job} ")
+        assert spec["entrypoint"].startswith(f"python -m ray_jobs.cluster.job_entry {'tune' if job == 'campaign' else job} ")
 
 
 def test_cpu_local__patches_reach_the_rayjobs_and_no_gpu_is_requested(rendered):
@@ -143,8 +143,8 @@ def test_pods__secrets_come_from_secret_refs(rendered):
 
 def test_configmap__configs_validate_with_the_project_validators(rendered, tmp_path):
     """The run configs and campaigns shipped to pods pass the same checks as `localcl submit`."""
-    from ray_jobs import job_entry
-    from ray_jobs import submit as sub
+    from ray_jobs.cluster import job_entry
+    from ray_jobs.cluster import submit as cluster_submit
 
     for name, docs in rendered.items():
         data = _one(docs, "ConfigMap", "localcl-configs")["data"]
@@ -155,11 +155,11 @@ def test_configmap__configs_validate_with_the_project_validators(rendered, tmp_p
             path.parent.mkdir(exist_ok=True)
             path.write_text(job_entry.expand_env(text, env))
             if key.startswith("campaign"):
-                campaign, _ = sub.validate_config("tune", path)
+                campaign, _ = cluster_submit.validate_config("tune", path)
                 assert campaign.storage == env["OPTUNA_STORAGE"]
             else:
                 for job in ("pretrain", "finetune"):
-                    cfg, _ = sub.validate_config(job, path)
+                    cfg, _ = cluster_submit.validate_config(job, path)
                     assert cfg.scaling.use_gpu is (name == "gpu-cloud")
 
 

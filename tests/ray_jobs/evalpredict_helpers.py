@@ -1,7 +1,7 @@
 """Shared builders for test_evaluate.py / test_predict.py: a phantom store and a tiny model.
 
 The model is a real ``FINETUNE["supervised"]`` U-Net (widths 4, 8), exported with
-``ray_jobs.checkpoint.export_model`` into ``RUN/finetune/model`` like a pipeline run. It is not
+``ray_jobs.train.checkpoint.export_model`` into ``RUN/finetune/model`` like a pipeline run. It is not
 trained (training even a tiny net costs tens of seconds on the shared 2-core CI box); instead
 its segmentation head's last weights are scaled up and its bias zeroed, so the arg-max follows
 the spatially varying features and the predictions contain every class with finite, non-trivial
@@ -36,7 +36,7 @@ def make_phantom_store(root: Path) -> tuple[Path, str]:
 def make_tiny_run(root: Path, stage: str = "finetune", seed: int = 0) -> Path:
     """Export a tiny supervised U-Net as ``root/run-<stage>/<stage>/model``; returns the run dir."""
     from localcl.methods import FINETUNE, METHODS
-    from ray_jobs.checkpoint import export_model
+    from ray_jobs.train.checkpoint import export_model
 
     registry = FINETUNE if stage == "finetune" else METHODS
     cls = registry["supervised"]

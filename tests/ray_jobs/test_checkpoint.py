@@ -1,4 +1,4 @@
-"""ray_jobs.checkpoint: weights-only export/load of trained networks."""
+"""ray_jobs.train.checkpoint: weights-only export/load of trained networks."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ray_jobs import checkpoint as ck
+from ray_jobs.train import checkpoint as ck
 from ray_jobs.errors import UserError
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from ray_jobs import config as C
 from ray_jobs.errors import ConfigError
-from ray_jobs.train_loop import epoch_seed, lr_factor
+from ray_jobs.train.worker import epoch_seed, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 

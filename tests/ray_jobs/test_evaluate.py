@@ -1,4 +1,4 @@
-"""Tests of evaluation (ray_jobs.evaluate), ``localcl evaluate`` and the model card."""
+"""Tests of evaluation (ray_jobs.evaluation.job), ``localcl evaluate`` and the model card."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 from localcl.metrics import evaluate_case
-from ray_jobs import evaluate as E
+from ray_jobs.evaluation import job as evaluation_job
+from ray_jobs.evaluation import scoring as evaluation_scoring
 from ray_jobs.cli import main
 from ray_jobs.errors import UserError
 
@@ -45,28 +46,28 @@ def _perturbed_predictions(src: Path, dst: Path) -> None:
 def test_summarise__nan_aware_mean_std_and_mean_foreground() -> None:
     names = {0: "background", 1: "A", 2: "B"}
     recs = [
-        E.case_record("c1", {1: {"dice": 0.5, "hd95": 2.0, "asd": 1.0}, 2: {"dice": 0.0, "hd95": math.nan, "asd": math.nan}},
+        evaluation_scoring.case_record("c1", {1: {"dice": 0.5, "hd95": 2.0, "asd": 1.0}, 2: {"dice": 0.0, "hd95": math.nan, "asd": math.nan}},
                       names, (4, 4, 4), (1, 1, 1)),
-        E.case_record("c2", {1: {"dice": 1.0, "hd95": 0.0, "asd": 0.0}, 2: {"dice": 0.8, "hd95": 4.0, "asd": 2.0}},
+        evaluation_scoring.case_record("c2", {1: {"dice": 1.0, "hd95": 0.0, "asd": 0.0}, 2: {"dice": 0.8, "hd95": 4.0, "asd": 2.0}},
                       names, (4, 4, 4), (1, 1, 1)),
     ]
     assert recs[0]["mean_fg"]["dice"] == pytest.approx(0.25)
     assert recs[0]["mean_fg"]["hd95"] == pytest.approx(2.0)  # the NaN class is skipped
-    s = E.summarise(recs)
+    s = evaluation_scoring.summarise(recs)
     assert s["classes"]["A"]["dice"]["mean"] == pytest.approx(0.75)
     assert s["classes"]["A"]["dice"]["std"] == pytest.approx(0.25)  # population std
     assert s["classes"]["B"]["hd95"] == {"mean": 4.0, "std": 0.0, "median": 4.0, "n": 1, "n_missing": 1}
     assert s["mean_foreground"]["dice"]["mean"] == pytest.approx((0.25 + 0.9) / 2)
     assert s["mean"]["dice"] == s["mean_foreground"]["dice"]["mean"]
-    md = E.summary_markdown(s)
+    md = evaluation_scoring.summary_markdown(s)
     assert "| A | 1 | 0.750 ± 0.250 |" in md and "(1 n/a)" in md
 
 
 def test_choose_overlay_cases__worst_median_best() -> None:
     recs = [{"case": f"c{i}", "mean_fg": {"dice": d}} for i, d in enumerate([0.9, 0.1, 0.5, math.nan, 0.7])]
-    assert E.choose_overlay_cases(recs, 3) == ["c3", "c2", "c0"]
-    assert E.choose_overlay_cases(recs, 0) == []
-    assert len(E.choose_overlay_cases(recs, 10)) == 5
+    assert evaluation_scoring.choose_overlay_cases(recs, 3) == ["c3", "c2", "c0"]
+    assert evaluation_scoring.choose_overlay_cases(recs, 0) == []
+    assert len(evaluation_scoring.choose_overlay_cases(recs, 10)) == 5
 
 
 # --------------------------------------------------------------------------- folders
@@ -79,7 +80,7 @@ def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Pa
     (ref / "LICENSE").write_text("a reference folder may hold other files")
     shutil.copytree(src / "imagesTr", tmp_path / "imagesTr")  # MSD sibling: overlays over the scans
     shutil.copy(src / "dataset.json", tmp_path / "dataset.json")  # class names
-    s = E.score_folders(pred, ref, tmp_path / "out")
+    s = evaluation_scoring.score_folders(pred, ref, tmp_path / "out")
     assert s["source"]["overlay_images"] == str(tmp_path / "imagesTr")
     assert s["n_cases"] == 6
     assert list(s["classes"]) == ["RV", "MYO", "LV"]  # names from the MSD dataset.json
@@ -93,7 +94,7 @@ def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Pa
 def test_score_folders__numbers_match_localcl_metrics(phantom: tuple[Path, str], tmp_path: Path) -> None:
     src = phantom[0]
     _perturbed_predictions(src, tmp_path / "pred")
-    s = E.score_folders(tmp_path / "pred", src / "labelsTr", tmp_path / "out", plots=False)
+    s = evaluation_scoring.score_folders(tmp_path / "pred", src / "labelsTr", tmp_path / "out", plots=False)
     per_case = json.loads((tmp_path / "out" / "per_case.json").read_text())
     rows = list(csv.DictReader((tmp_path / "out" / "per_case.csv").open()))
     assert len(per_case) == 6 and len(rows) == 18
@@ -175,23 +176,23 @@ def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
         phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path) -> None:
     pre = make_tiny_run(tmp_path, stage="pretrain")
     with pytest.raises(UserError, match="pretrain model has no segmentation head"):
-        E.evaluate_store(str(pre / "pretrain" / "model"), phantom[1], str(tmp_path / "o"))
+        evaluation_job.evaluate_store(str(pre / "pretrain" / "model"), phantom[1], str(tmp_path / "o"))
     with pytest.raises(UserError, match="--split 'test2'.*known"):
-        E.evaluate_store(str(tiny_run), phantom[1], str(tmp_path / "o"), split="test2")
+        evaluation_job.evaluate_store(str(tiny_run), phantom[1], str(tmp_path / "o"), split="test2")
     with pytest.raises(UserError, match="--store"):
-        E.evaluate_store(str(tiny_run), str(tmp_path / "no-store"), str(tmp_path / "o"))
+        evaluation_job.evaluate_store(str(tiny_run), str(tmp_path / "no-store"), str(tmp_path / "o"))
 
 
 @pytest.mark.ray
 def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import storage
-    from ray_jobs.checkpoint import load_model
-    from ray_jobs.inference import predict_case
+    from ray_jobs.train.checkpoint import load_model
+    from ray_jobs.evaluation.inference import predict_case
 
     out = tmp_path / "eval"
     monkeypatch.chdir(tmp_path)  # a relative --out must reach the workers as an absolute path
-    summary = E.evaluate_store(str(tiny_run), phantom[1], "eval", split="all", num_workers=2,
+    summary = evaluation_job.evaluate_store(str(tiny_run), phantom[1], "eval", split="all", num_workers=2,
                                save_predictions=True)
     st = storage.open_store(phantom[1])
     assert summary["n_cases"] == 6 and summary["cases"] == sorted(st.cases)
@@ -233,12 +234,12 @@ def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], 
 # --------------------------------------------------------------------------- model card
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
     from ray_jobs.config import Config
-    from ray_jobs.model_card import build_model_card, store_fingerprint, write_model_card
+    from ray_jobs.evaluation.model_card import build_model_card, store_fingerprint, write_model_card
     from storage.phantom import make_phantom_dataset
     import storage
 
     cfg = Config(name="card-test")
-    summary = E.summarise([E.case_record("c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1))])
+    summary = evaluation_scoring.summarise([evaluation_scoring.case_record("c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1))])
     card = build_model_card(run_name="card-test", method="ideal", strategy="supervised", store=phantom[1],
                             label_budget=1, labelled_cases=["patient001_frame01"], config=cfg.to_dict(),
                             metrics={"method": summary})
@@ -260,12 +261,69 @@ def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, s
 
 
 # --------------------------------------------------------------------------- plots
+FINETUNE_HISTORY = (
+    "epoch,start_epoch,global_step,lr,time_s,samples_per_s,loss,sup,pl,lambda_c,val_dice,val_hd95,"
+    "val_time_s,best_epoch,best_val_dice\n"
+    "1,1,8,0.001,3.0,10.0,2.0,1.5,0.5,0.1,0.30,20.0,1.2,1,0.30\n"
+    "2,1,16,0.001,3.1,11.0,1.1,0.8,0.3,0.4,0.50,12.0,1.1,2,0.50\n"
+)
+
+
+def test_loss_curves__draw_loss_terms_and_validation_dice_on_its_own_axis() -> None:
+    """The finetune loss plot draws loss terms only (no start_epoch / global_step / best_epoch /
+    timing columns), the validation Dice alone on the Dice axis, distances on their own mm axis,
+    and titles that name the run, not a path."""
+    import io
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from ray_jobs.evaluation import plots as P
+
+    hist = pd.read_csv(io.StringIO(FINETUNE_HISTORY))
+    assert P.curve_series(hist) == {"losses": ["loss", "sup", "pl"], "dice": ["val_dice"],
+                                    "distances": ["val_hd95"]}
+    fig = P.loss_curves_figure(hist, "ideal-acdc finetune")
+    try:
+        loss_ax, dice_ax, mm_ax = fig.axes
+        assert [ln.get_label() for ln in loss_ax.get_lines()] == ["loss", "sup", "pl"]
+        assert [ln.get_label() for ln in dice_ax.get_lines()] == ["val_dice"]
+        assert dice_ax.get_ylabel() == "Dice" and dice_ax.get_ylim()[1] <= 1.02
+        assert [ln.get_label() for ln in mm_ax.get_lines()] == ["val_hd95"]
+        assert mm_ax.get_ylabel() == "distance (mm)"
+        assert loss_ax.get_title() == "ideal-acdc finetune: training losses"
+        assert dice_ax.get_title() == "ideal-acdc finetune: validation"
+    finally:
+        plt.close(fig)
+    pre = P.loss_curves_figure(hist[["epoch", "start_epoch", "global_step", "loss", "time_s"]], "run pretrain")
+    try:
+        assert len(pre.axes) == 1 and [ln.get_label() for ln in pre.axes[0].get_lines()] == ["loss"]
+    finally:
+        plt.close(pre)
+
+
+def test_write_report__loss_plot_titles_name_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray_jobs.evaluation import plots as P
+
+    stage = tmp_path / "runs" / "ideal-acdc" / "finetune"
+    stage.mkdir(parents=True)
+    (stage / "history.csv").write_text(FINETUNE_HISTORY)
+    titles: list[str] = []
+    real = P.loss_curves_png
+    monkeypatch.setattr(P, "loss_curves_png", lambda h, t: titles.append(t) or real(h, t))
+    rec = evaluation_scoring.case_record("c1", {1: {"dice": 0.8, "hd95": 2.0, "asd": 1.0}}, {0: "bg", 1: "fg"},
+                                         (4, 4, 2), (1.0, 1.0, 1.0))
+    evaluation_scoring.write_report(str(tmp_path / "eval"), [rec], histories={"finetune": str(stage / "history.csv")})
+    assert titles == ["ideal-acdc finetune"]
+    assert evaluation_scoring.history_run_name("s3://bucket/runs/r1/finetune/history.csv") == "r1"
+
+
 def test_plots__png_output_and_input_checks() -> None:
     import io
 
     import pandas as pd
 
-    from ray_jobs import plots as P
+    from ray_jobs.evaluation import plots as P
 
     png_magic = b"\x89PNG\r\n\x1a\n"
     hist = pd.read_csv(io.StringIO("epoch,loss,loss_dice,lr,time_s,val_dice,val_hd95\n"
@@ -292,13 +350,13 @@ def test_write_report__fsspec_uri_and_histories_beside_the_model() -> None:
     fs.makedirs("/evaltest-run/finetune/model", exist_ok=True)
     fs.pipe("/evaltest-run/finetune/history.csv", b"epoch,loss,val_dice\n0,1.0,0.2\n1,0.5,0.6\n")
     fs.pipe("/evaltest-run/pretrain/history.csv", b"epoch,loss\n0,4.0\n1,3.0\n")
-    hist = E.find_histories(f"{run}/finetune/model")
+    hist = evaluation_scoring.find_histories(f"{run}/finetune/model")
     assert sorted(hist) == ["finetune", "pretrain"]
     for stage, uri in hist.items():
         assert uri.startswith("memory://") and uri.endswith(f"evaltest-run/{stage}/history.csv")
     names = {0: "background", 3: "LV"}
-    recs = [E.case_record("a", {3: {"dice": 0.5, "hd95": 1.0, "asd": 0.5}}, names, (2, 2, 2), (1, 1, 1))]
-    s = E.write_report(f"{run}/eval/method", recs, label_names=names, histories=hist)
+    recs = [evaluation_scoring.case_record("a", {3: {"dice": 0.5, "hd95": 1.0, "asd": 0.5}}, names, (2, 2, 2), (1, 1, 1))]
+    s = evaluation_scoring.write_report(f"{run}/eval/method", recs, label_names=names, histories=hist)
     assert set(s["files"]) >= {"plots/loss_pretrain.png", "plots/loss_finetune.png", "plots/dice_boxplot.png"}
     for f in s["files"]:
         assert fs.exists(f"/evaltest-run/eval/method/{f}")

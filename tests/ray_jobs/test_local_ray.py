@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.local_head import LocalHead
+from ray_jobs.cluster.local_head import LocalHead
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ray_jobs import tune
-from ray_jobs.no_repeat import NoRepeatSampler
+from ray_jobs.campaign import search as campaign_search
+from ray_jobs.campaign import spec as campaign_spec
+from ray_jobs.campaign.no_repeat import NoRepeatSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -22,7 +23,7 @@ LRS = [1e-4, 1e-3, 1e-2]
 TAUS = [0.1, 0.2, 0.5]
 
 
-def _campaign(tmp_path: Path, **kw: Any) -> tune.Campaign:
+def _campaign(tmp_path: Path, **kw: Any) -> campaign_spec.Campaign:
     d: dict[str, Any] = dict(
         name="nr", method="ideal", trials=9, seed=0, root=str(tmp_path / "campaigns"), startup_trials=2,
         space={"finetune.optim.lr": {"type": "categorical", "choices": LRS},
@@ -30,7 +31,7 @@ def _campaign(tmp_path: Path, **kw: Any) -> tune.Campaign:
         scheduler={"type": "none"},
     )
     d.update(kw)
-    return tune.Campaign(**d)
+    return campaign_spec.Campaign(**d)
 
 
 def _score(p: dict[str, Any]) -> float:
@@ -38,8 +39,8 @@ def _score(p: dict[str, Any]) -> float:
     return 1.0 - abs(LRS.index(p["finetune.optim.lr"]) - 1) * 0.3 - abs(TAUS.index(p["pretrain.method.tau"]) - 1) * 0.1
 
 
-def _run(c: tune.Campaign, n: int, seed: int) -> tuple[optuna.Study, list[tuple[Any, ...]]]:
-    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(c, seed))
+def _run(c: campaign_spec.Campaign, n: int, seed: int) -> tuple[optuna.Study, list[tuple[Any, ...]]]:
+    study = optuna.create_study(direction="maximize", sampler=campaign_search.make_sampler(c, seed))
     seen = []
     for _ in range(n):
         t = study.ask(c.distributions())
@@ -49,16 +50,16 @@ def _run(c: tune.Campaign, n: int, seed: int) -> tuple[optuna.Study, list[tuple[
 
 
 def test_make_sampler__wraps_finite_tpe_and_random_only(tmp_path: Path) -> None:
-    assert isinstance(tune.make_sampler(_campaign(tmp_path), 0), NoRepeatSampler)
-    assert isinstance(tune.make_sampler(_campaign(tmp_path, sampler="random"), 0), NoRepeatSampler)
-    assert isinstance(tune.make_sampler(_campaign(tmp_path, repeat_configs=True), 0), optuna.samplers.TPESampler)
-    assert isinstance(tune.make_sampler(_campaign(tmp_path, sampler="grid"), 0), optuna.samplers.GridSampler)
+    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path), 0), NoRepeatSampler)
+    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, sampler="random"), 0), NoRepeatSampler)
+    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, repeat_configs=True), 0), optuna.samplers.TPESampler)
+    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, sampler="grid"), 0), optuna.samplers.GridSampler)
     continuous = {"finetune.optim.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}}
-    assert isinstance(tune.make_sampler(_campaign(tmp_path, space=continuous), 0), optuna.samplers.TPESampler)
+    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, space=continuous), 0), optuna.samplers.TPESampler)
     # full_epochs (the second-chance threshold) is ASHA's max_t
-    s = tune.make_sampler(_campaign(tmp_path, scheduler={"type": "asha", "max_t": 7}), 0)
+    s = campaign_search.make_sampler(_campaign(tmp_path, scheduler={"type": "asha", "max_t": 7}), 0)
     assert isinstance(s, NoRepeatSampler) and s._full_epochs == 7
-    assert tune.make_sampler(_campaign(tmp_path), 0)._full_epochs is None
+    assert campaign_search.make_sampler(_campaign(tmp_path), 0)._full_epochs is None
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
@@ -83,7 +84,7 @@ def test_no_repeat__seeded(tmp_path: Path) -> None:
 
 def test_no_repeat__enqueued_trials_keep_their_params_and_count_as_tried(tmp_path: Path) -> None:
     c = _campaign(tmp_path, sampler="random")
-    study = optuna.create_study(direction="maximize", sampler=tune.make_sampler(c, 0))
+    study = optuna.create_study(direction="maximize", sampler=campaign_search.make_sampler(c, 0))
     first = study.ask(c.distributions())
     study.tell(first, 0.5)
     # a resumed campaign re-runs an unfinished configuration: enqueue it (it is already tried)
@@ -102,7 +103,7 @@ def test_no_repeat__enqueued_trials_keep_their_params_and_count_as_tried(tmp_pat
 
 def test_no_repeat__waiting_trial_is_not_proposed_to_others(tmp_path: Path) -> None:
     c = _campaign(tmp_path, sampler="random")
-    sampler = tune.make_sampler(c, 0)
+    sampler = campaign_search.make_sampler(c, 0)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     grid = [dict(zip(("finetune.optim.lr", "pretrain.method.tau"), p)) for p in itertools.product(LRS, TAUS)]
     for p in grid[:-1]:
@@ -119,12 +120,12 @@ def test_no_repeat__waiting_trial_is_not_proposed_to_others(tmp_path: Path) -> N
 
 
 def _key_of(p: dict[str, Any]) -> str:
-    from ray_jobs.no_repeat import _key
+    from ray_jobs.campaign.no_repeat import _key
 
     return _key(p, sorted(p))
 
 
-def _stopped(study: optuna.Study, c: tune.Campaign, params: dict[str, Any], epochs: int, value: float) -> None:
+def _stopped(study: optuna.Study, c: campaign_spec.Campaign, params: dict[str, Any], epochs: int, value: float) -> None:
     study.enqueue_trial(params)
     t = study.ask(c.distributions())
     t.set_user_attr("epochs", epochs)
@@ -133,7 +134,7 @@ def _stopped(study: optuna.Study, c: tune.Campaign, params: dict[str, Any], epoc
 
 def test_no_repeat__second_chances_furthest_and_best_first(tmp_path: Path) -> None:
     c = _campaign(tmp_path, sampler="random", scheduler={"type": "asha", "max_t": 9})
-    sampler = tune.make_sampler(c, 0)
+    sampler = campaign_search.make_sampler(c, 0)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     grid = [dict(zip(("finetune.optim.lr", "pretrain.method.tau"), p)) for p in itertools.product(LRS, TAUS)]
     # 4 configurations ran to the end (9 epochs), 5 were stopped early at rungs 1 and 3
@@ -155,7 +156,7 @@ def test_no_repeat__second_chances_furthest_and_best_first(tmp_path: Path) -> No
 def test_no_repeat__minimize_ranks_second_chances_lowest_first(tmp_path: Path) -> None:
     c = _campaign(tmp_path, sampler="random", scheduler={"type": "asha", "max_t": 9},
                   objective={"metrics": ["val_loss"], "modes": ["min"]})
-    sampler = tune.make_sampler(c, 0)
+    sampler = campaign_search.make_sampler(c, 0)
     study = optuna.create_study(direction="minimize", sampler=sampler)
     grid = [dict(zip(("finetune.optim.lr", "pretrain.method.tau"), p)) for p in itertools.product(LRS, TAUS)]
     for i, p in enumerate(grid):
@@ -201,7 +202,7 @@ def test_bench_replay__matches_a_real_tune_run(ray_cluster: Any, tmp_path: Path)
     assert len({k for _, _, k in expected}) < len(expected)  # second chances ran (in Tune too, below)
 
     camp = bench.replay_campaign("tpe+asha", seed, budget, epochs, grace=1)
-    searcher, scheduler = tune.build_search(camp, optuna.storages.InMemoryStorage(), seed)
+    searcher, scheduler = campaign_search.build_search(camp, optuna.storages.InMemoryStorage(), seed)
 
     def trainable(config: dict[str, Any]) -> None:
         curve = curves[(float(config["finetune.optim.lr"]), float(config["pretrain.method.tau"]))]
@@ -230,7 +231,7 @@ def test_searcher__finished_when_space_used_but_not_before_enqueued_trials(tmp_p
     c = _campaign(tmp_path, sampler="random",
                   space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 1e-2]}})
     storage = optuna.storages.InMemoryStorage()
-    searcher, _ = tune.build_search(c, storage, seed=0)
+    searcher, _ = campaign_search.build_search(c, storage, seed=0)
     got = []
     for i in range(2):
         cfg = searcher.suggest(f"t{i}")

@@ -1,4 +1,4 @@
-"""Tests of slice-wise inference (ray_jobs.inference) and ``localcl predict``."""
+"""Tests of slice-wise inference (ray_jobs.evaluation.inference) and ``localcl predict``."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ray_jobs.errors import UserError
-from ray_jobs.inference import predict_volume, preprocessing_from_spec
+from ray_jobs.evaluation.inference import predict_volume, preprocessing_from_spec
 
 
 class IntensityOracle(nn.Module):
@@ -184,7 +184,7 @@ def _scaled_rotated_copy(src: Path, dst: Path) -> nib.Nifti1Image:
 
 def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(phantom: tuple[Path, str], tiny_run: Path,
                                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from ray_jobs.checkpoint import load_model
+    from ray_jobs.train.checkpoint import load_model
 
     src = phantom[0] / "imagesTr"
     inp = tmp_path / "in"
@@ -298,7 +298,7 @@ def test_predict_cli__real_acdc_scan_keeps_geometry(acdc_dir: Path, tiny_run: Pa
 def test_label_nifti_bytes__keeps_the_source_orientation_codes(qcode: int, scode: int) -> None:
     import gzip
 
-    from ray_jobs.evaluate import label_nifti_bytes
+    from storage.nifti import label_nifti_bytes
 
     aff = np.diag([1.5, 1.5, 8.0, 1.0])
     aff[:3, 3] = [-10, 20, 5]

@@ -1,4 +1,4 @@
-"""PLCL pseudo-labelling of a stored case (``ray_jobs.self_training.pseudo_label_volume``):
+"""PLCL pseudo-labelling of a stored case (``ray_jobs.train.self_training.pseudo_label_volume``):
 an oracle teacher that returns the reference label on the training grid must give back the
 reference exactly for the identity geometry, and exactly the nearest round trip of the
 reference (training grid -> native grid, cropped area -> background) with resampling +
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ray_jobs.self_training import pseudo_label_name, pseudo_label_volume
+from ray_jobs.train.self_training import pseudo_label_name, pseudo_label_volume
 
 
 class OracleTeacher(nn.Module):

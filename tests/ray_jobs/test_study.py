@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from ray_jobs import study as S
+from ray_jobs.study import cells as study_cells
+from ray_jobs.study import report as study_report
+from ray_jobs.study import run as study_run
+from ray_jobs.study import spec as study_spec
 from ray_jobs.errors import ConfigError, UserError
 
 LABELLED = ["patient099", "patient038", "patient050"]  # splits.json ssl4mis_labeled_patients["3"]
@@ -53,21 +56,21 @@ def micro(store: str = "store.zarr", **over: Any) -> dict[str, Any]:
 def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     from localcl.methods import METHODS
 
-    cpu, paper = S.load_study("acdc_cpu"), S.load_study("ray_jobs/configs/study/acdc_paper.yaml")
+    cpu, paper = study_spec.load_study("acdc_cpu"), study_spec.load_study("ray_jobs/configs/study/acdc_paper.yaml")
     for st, seeds in ((cpu, 2), (paper, 3)):
         assert set(st.methods) == set(METHODS) and st.baseline == "supervised"
         assert [b.name for b in st.budgets] == ["1vol", "3pat", "7pat"]
-        assert len(st.seeds) == seeds and len(S.cells(st)) == len(METHODS) * 3 * seeds
+        assert len(st.seeds) == seeds and len(study_cells.cells(st)) == len(METHODS) * 3 * seeds
     assert cpu.budgets[0].cases == ["patient099_frame01"] and cpu.budgets[1].patients == 3
-    c = S.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
+    c = study_spec.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
     assert c.data.size == (96, 96) and c.data.seed == 1 and c.data.splits.val is None
     assert c.finetune.method.name == "ideal" and c.finetune.init == "/x"
     assert c.finetune.schedule.unlabelled_batch_size == 8 and c.scaling.num_workers == 0
-    p = S.cell_config(paper, "ideal", paper.budgets[2], 1, store="s.zarr", init="/x")
+    p = study_spec.cell_config(paper, "ideal", paper.budgets[2], 1, store="s.zarr", init="/x")
     assert p.data.size == (192, 192) and p.finetune.schedule.epochs * p.finetune.schedule.steps_per_epoch == 10000
     # the first cells are the baseline, and a cell differs from another budget's by its hash
-    assert S.cells(cpu)[0].method == "supervised"
-    assert c.hash() != S.cell_config(cpu, "ideal", cpu.budgets[1], 1, store="s.zarr", init="/x").hash()
+    assert study_cells.cells(cpu)[0].method == "supervised"
+    assert c.hash() != study_spec.cell_config(cpu, "ideal", cpu.budgets[1], 1, store="s.zarr", init="/x").hash()
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -93,22 +96,22 @@ def test_load_study__bad_config_names_the_key(key, value, needle):
         node = node[p]
     node[last] = value
     with pytest.raises(ConfigError) as exc:
-        S.load_study(d)
+        study_spec.load_study(d)
     assert needle in str(exc.value)
 
 
 def test_load_study__require_all_methods_lists_the_missing(tmp_path):
     d = micro(require_all_methods=True)
     with pytest.raises(ConfigError, match=r"methods: missing \['glcl', 'ideal', 'mixcl', 'plcl'\]"):
-        S.load_study(d)
+        study_spec.load_study(d)
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(micro()))
-    assert S.load_study(path, ["seeds=[0, 3]"]).seeds == [0, 3]
+    assert study_spec.load_study(path, ["seeds=[0, 3]"]).seeds == [0, 3]
     with pytest.raises(ConfigError, match="no file or shipped study named 'nope'"):
-        S.load_study("nope")
+        study_spec.load_study("nope")
 
 
-def test_pretrain_sees_labels__matches_the_methods_steps():
+def test_pretrain_reads_labels__matches_the_methods_steps():
     """Label-free claims are checked on the real steps: with the view generator reseeded, the
     loss is identical whether the labels are hidden (-1) or given; MixCL's is not."""
     import torch
@@ -131,10 +134,10 @@ def test_pretrain_sees_labels__matches_the_methods_steps():
             m.reseed(5)
             batch = {"image": img, "label": y, "superpixels": sp}
             losses.append(float(m.pretrain_step(batch, step=0)["loss"].detach()))
-        sees = S.pretrain_sees_labels(name, cfg)
+        sees = cls.pretrain_reads_labels(cfg)
         assert sees == (name == "mixcl")
         assert (losses[0] != losses[1]) == sees, (name, losses)
-    assert S.pretrain_sees_labels("lrc", METHODS["lrc"].Config(global_loss="supervised"))
+    assert METHODS["lrc"].pretrain_reads_labels(METHODS["lrc"].Config(global_loss="supervised"))
 
 
 # --------------------------------------------------------------------------- report maths
@@ -151,7 +154,7 @@ def test_aggregate__sd_over_seeds_and_paired_delta():
     recs = [_rec("supervised", "a", 0, 0.50), _rec("supervised", "a", 1, 0.60),
             _rec("lrc", "a", 0, 0.55), _rec("lrc", "a", 1, 0.58),
             _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.65)]
-    agg = {(r["method"], r["budget"]): r for r in S.aggregate(recs, "supervised")}
+    agg = {(r["method"], r["budget"]): r for r in study_report.aggregate(recs, "supervised")}
     base, lrc = agg[("supervised", "a")], agg[("lrc", "a")]
     assert base["dice"] == pytest.approx(0.55) and base["dice_sd"] == pytest.approx(0.1 / 2 ** 0.5)
     assert base["delta"] is None
@@ -163,20 +166,20 @@ def test_aggregate__sd_over_seeds_and_paired_delta():
 
 
 def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
-    st = S.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]},
+    st = study_spec.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]},
                                      {"name": "b", "patients": 3}]))
     recs = [_rec("supervised", "a", 0, 0.50), _rec("lrc", "a", 0, 0.45),
             _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.75)]
-    md = S.results_markdown(st, recs, total=6)
+    md = study_report.results_markdown(st, recs, total=6)
     assert "4 of 6 cells (**partial**" in md
     assert "| **supervised** (baseline) | — | supervised | 0.500 | 0.700 |" in md
     assert "| lrc | lrc | supervised | 0.450 (Δ -0.050) | 0.750 (Δ +0.050) |" in md
     assert "| glcl | 0.725 | 0.789 | 0.872 |" in md and "| ideal | 0.738 | 0.846 | 0.879 |" in md
     assert "- supervised: 0.500 here vs 0.614 published" in md
     assert "- lrc: above the baseline at 3 patients (+0.050); not above at 1 volume (-0.050)" in md
-    md2 = S.results_markdown(st, [_rec("supervised", "a", 0, 0.5), _rec("lrc", "a", 0, 0.4)], 2)
+    md2 = study_report.results_markdown(st, [_rec("supervised", "a", 0, 0.5), _rec("lrc", "a", 0, 0.4)], 2)
     assert "does **not** beat the baseline at any budget run" in md2 and "partial" not in md2
-    png = S.curve_png(st, recs)
+    png = study_report.curve_png(st, recs)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
@@ -192,37 +195,37 @@ def tiny_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_plans__budgets_fixed_and_pretraining_label_free(tiny_store, tmp_path):
-    st = S.load_study(micro(tiny_store, budgets=[
+    st = study_spec.load_study(micro(tiny_store, budgets=[
         {"name": "1vol", "cases": ["patient099_frame01"]}, {"name": "3pat", "patients": 3}]))
-    data = S.open_data(st, str(tmp_path), log=lambda m: None)
+    data = study_cells.open_data(st, str(tmp_path), log=lambda m: None)
     assert data.test == ["patient002_frame01", "patient002_frame02"] and data.num_classes == 4
-    three = S.budget_cases(data, st.budgets[1], 0, "train")
+    three = study_cells.budget_cases(data, st.budgets[1], 0, "train")
     assert sorted({c.split("_")[0] for c in three}) == sorted(LABELLED) and len(three) == 6
-    assert S.patient_equivalents(data, ["patient099_frame01"]) == 0.5
-    assert S.patient_equivalents(data, three) == 3.0
-    cfg = S.cell_config(st, "lrc", st.budgets[0], 0, store=tiny_store, init=None)
-    pre = S.pretrain_plan(data, cfg, [])
+    assert study_cells.patient_equivalents(data, ["patient099_frame01"]) == 0.5
+    assert study_cells.patient_equivalents(data, three) == 3.0
+    cfg = study_spec.cell_config(st, "lrc", st.budgets[0], 0, store=tiny_store, init=None)
+    pre = study_cells.pretrain_plan(data, cfg, [])
     assert pre.labelled == [] and sorted(pre.unlabelled) == sorted(data.pool) == sorted(pre.pretrain_cases)
     assert not set(pre.pretrain_cases) & set(data.test)
-    aware = S.pretrain_plan(data, cfg, ["patient099_frame01"])
+    aware = study_cells.pretrain_plan(data, cfg, ["patient099_frame01"])
     assert aware.labelled == ["patient099_frame01"]
     assert not any(c.startswith("patient099") for c in aware.unlabelled)  # ES frame: neither
-    cell = S.cell_plan(data, cfg, ["patient099_frame01"], use_unlabelled=False)
+    cell = study_cells.cell_plan(data, cfg, ["patient099_frame01"], use_unlabelled=False)
     assert cell.unlabelled == [] and cell.val == [] and cell.test == data.test
-    bad = S.Budget(name="x", cases=["patient002_frame01"])  # a val case is not in the pool
+    bad = study_spec.Budget(name="x", cases=["patient002_frame01"])  # a val case is not in the pool
     with pytest.raises(UserError, match=r"budgets.x.cases: \['patient002_frame01'\] not labelled"):
-        S.budget_cases(data, bad, 0, "train")
+        study_cells.budget_cases(data, bad, 0, "train")
     with pytest.raises(UserError, match="budgets.y.patients: n_patients=9 exceeds"):
-        S.budget_cases(data, S.Budget(name="y", patients=9), 0, "train")
+        study_cells.budget_cases(data, study_spec.Budget(name="y", patients=9), 0, "train")
 
 
 def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_store, tmp_path):
     """supervised + LRC (pretraining shared, label-free) on 1 volume, 1 seed: the cells, the
     tables, the curve; a second run skips both cells; a different config is refused."""
-    st = S.load_study(micro(tiny_store))
+    st = study_spec.load_study(micro(tiny_store))
     sdir = str(tmp_path / "study")
     logs: list[str] = []
-    out = S.run_study(st, sdir, log=logs.append)
+    out = study_run.run_study(st, sdir, log=logs.append)
     assert out["done"] == out["total"] == 2
     with open(os.path.join(sdir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -250,15 +253,15 @@ def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_stor
 
     mtime = (cell / "cell.json").stat().st_mtime_ns
     with pytest.raises(UserError, match="pass --resume"):
-        S.run_study(st, sdir, log=logs.append)
+        study_run.run_study(st, sdir, log=logs.append)
     logs.clear()
-    again = S.run_study(st, sdir, resume=True, log=logs.append)
+    again = study_run.run_study(st, sdir, resume=True, log=logs.append)
     assert again["done"] == 2 and not any("fine-tuning" in m or "pretrain" in m for m in logs)
     assert (cell / "cell.json").stat().st_mtime_ns == mtime
-    other = S.load_study(micro(tiny_store, seeds=[1]))
+    other = study_spec.load_study(micro(tiny_store, seeds=[1]))
     with pytest.raises(UserError, match="different config"):
-        S.run_study(other, sdir, resume=True, log=logs.append)
-    assert len(S.report_only(st, sdir)["records"]) == 2
+        study_run.run_study(other, sdir, resume=True, log=logs.append)
+    assert len(study_report.report_only(st, sdir)["records"]) == 2
 
 
 def test_cli_study__dry_run_and_one_line_errors(tmp_path, capsys):
@@ -278,9 +281,9 @@ def test_cli_study__dry_run_and_one_line_errors(tmp_path, capsys):
 
 
 def test_run_study__only_seed_must_be_a_study_seed(tmp_path):
-    st = S.load_study(micro())
+    st = study_spec.load_study(micro())
     with pytest.raises(UserError, match=r"--only-seed: \[7\] not in the study's seeds \[0\]"):
-        S.run_study(st, str(tmp_path / "d"), only_seeds=[7])
+        study_run.run_study(st, str(tmp_path / "d"), only_seeds=[7])
     assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
@@ -294,7 +297,7 @@ def test_file_lock__second_holder_waits_for_the_first(tmp_path):
     msgs: list[str] = []
     code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); t = time.time(); "
             "fcntl.flock(f, fcntl.LOCK_EX); print(time.time() - t)")
-    with S._FileLock(path, msgs.append, "pretrain x"):
+    with study_cells._FileLock(path, msgs.append, "pretrain x"):
         child = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)
         assert child.poll() is None  # still waiting for the lock

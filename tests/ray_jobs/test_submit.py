@@ -1,6 +1,6 @@
 """``localcl submit`` / ``localcl jobs`` against a real Ray head started on 127.0.0.1.
 
-The head is this module's own :class:`ray_jobs.local_head.LocalHead` (``ray start --head``
+The head is this module's own :class:`ray_jobs.cluster.local_head.LocalHead` (``ray start --head``
 with a private ``--temp-dir`` and free ports), so it never collides with the session's
 ``ray_cluster`` fixture or another test process; teardown ends exactly the processes it started
 (the ``ray start`` process and its descendants, plus any orphan whose command line names the
@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs import cli, job_entry
-from ray_jobs import submit as sub
-from ray_jobs.local_head import LocalHead, free_port
+from ray_jobs import cli
+from ray_jobs.cluster import job_entry
+from ray_jobs.config import overrides_to_tree
+from ray_jobs.cluster import jobs as cluster_jobs
+from ray_jobs.cluster import submit as cluster_submit
+from ray_jobs.cluster.local_head import LocalHead, free_port
 from ray_jobs.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +82,7 @@ def test_submit__preflight_job_runs_and_jobs_reads_status_and_logs(ray_head, tmp
     assert status["metadata"]["team"] == "cardiac"
     assert status["metadata"]["localcl.job"] == "finetune"
     assert status["metadata"]["localcl.overrides"] == "finetune.optim.lr=0.005"
-    assert status["entrypoint"] == "python -m ray_jobs.job_entry finetune --preflight"
+    assert status["entrypoint"] == "python -m ray_jobs.cluster.job_entry finetune --preflight"
 
     code, logs, err = _run_cli(capsys, "jobs", "logs", job_id, "--address", ray_head)
     assert code == 0, err
@@ -101,9 +104,9 @@ def test_jobs__stop_running_job(ray_head, capsys):
     from ray.job_submission import JobSubmissionClient
 
     # A plain long job submitted with Ray's own client: `localcl jobs` manages any job.
-    job_id = sub.submit_job_retrying(
+    job_id = cluster_jobs.submit_job_retrying(
         JobSubmissionClient(ray_head), entrypoint="python -c 'import time; print(\"sleeping\", flush=True); time.sleep(120)'")
-    sub.wait_for(JobSubmissionClient(ray_head), job_id, {"RUNNING"}, timeout=60)
+    cluster_jobs.wait_for(JobSubmissionClient(ray_head), job_id, {"RUNNING"}, timeout=60)
     code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head,
                               "--wait", "--timeout", "60")
     assert code == 0, err
@@ -140,7 +143,7 @@ def test_submit__invalid_config_rejected_before_contacting_the_cluster(tmp_path,
     def no_network(*a, **k):
         raise AssertionError("connect() must not be called for an invalid config")
 
-    monkeypatch.setattr(sub, "connect", no_network)
+    monkeypatch.setattr(cluster_jobs, "connect", no_network)
     cfg = _write_run_config(tmp_path, finetune={"method": {"name": "supervised"},
                                                 "schedule": {"epochs": 0}})
     code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
@@ -159,7 +162,7 @@ def test_submit__invalid_config_rejected_before_contacting_the_cluster(tmp_path,
 
 
 def test_submit__bad_options_name_the_option(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sub, "connect", lambda *a, **k: pytest.fail("must fail before connecting"))
+    monkeypatch.setattr(cluster_jobs, "connect", lambda *a, **k: pytest.fail("must fail before connecting"))
     cfg = str(_write_run_config(tmp_path))
     cases = [
         (["--metadata", "novalue"], "--metadata: expected KEY=VALUE"),
@@ -177,22 +180,22 @@ def test_resolve_address__validates_scheme_and_falls_back_to_env(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UserError, match="--address is required"):
-        sub.resolve_address(None)
+        cluster_jobs.resolve_address(None)
     with pytest.raises(UserError, match="expected http://HOST:PORT"):
-        sub.resolve_address("127.0.0.1:8265")
+        cluster_jobs.resolve_address("127.0.0.1:8265")
     with pytest.raises(UserError, match="bad port"):
-        sub.resolve_address("http://127.0.0.1:99999")
+        cluster_jobs.resolve_address("http://127.0.0.1:99999")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not a Jobs URL
     with pytest.raises(UserError, match="--address is required"):
-        sub.resolve_address(None)
+        cluster_jobs.resolve_address(None)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.1.2.3:8265/")
-    assert sub.resolve_address(None) == "http://10.1.2.3:8265"
+    assert cluster_jobs.resolve_address(None) == "http://10.1.2.3:8265"
 
 
 def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     cfg = _write_run_config(tmp_path)
-    s = sub.build_submission("finetune", cfg, ["finetune.optim.lr=0.01"],
+    s = cluster_submit.build_submission("finetune", cfg, ["finetune.optim.lr=0.01"],
                              entrypoint_num_cpus=1, entrypoint_num_gpus=0.5,
                              metadata={"owner": "me"}, env={"AWS_REGION": "eu-west-1"})
     assert s.runtime_env["working_dir"] == str(REPO)
@@ -200,23 +203,23 @@ def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monke
         assert excluded in s.runtime_env["excludes"]
     env = s.runtime_env["env_vars"]
     assert env["RAY_AUTH_MODE"] == "disabled" and env["AWS_REGION"] == "eu-west-1"
-    assert env[sub.CONFIG_NAME_ENV] == "tiny.yaml"
-    shipped = yaml.safe_load(env[sub.CONFIG_ENV])
+    assert env[cluster_submit.CONFIG_NAME_ENV] == "tiny.yaml"
+    shipped = yaml.safe_load(env[cluster_submit.CONFIG_ENV])
     assert shipped["finetune"]["optim"]["lr"] == 0.01  # the override is baked in
     assert s.metadata["owner"] == "me" and s.metadata["localcl.job"] == "finetune"
     kw = s.submit_kwargs()
     assert kw["entrypoint_num_cpus"] == 1 and kw["entrypoint_num_gpus"] == 0.5
-    assert kw["entrypoint"] == "python -m ray_jobs.job_entry finetune"
+    assert kw["entrypoint"] == "python -m ray_jobs.cluster.job_entry finetune"
     assert all(isinstance(v, str) for v in kw["metadata"].values())
 
     assert s.metadata["localcl.git_sha"]  # `git describe --dirty` of the uploaded checkout
-    img = sub.build_submission("finetune", cfg, image_runtime=True)
+    img = cluster_submit.build_submission("finetune", cfg, image_runtime=True)
     assert "working_dir" not in img.runtime_env and "excludes" not in img.runtime_env
     assert "localcl.git_sha" not in img.metadata  # the image's code is not this checkout
     with pytest.raises(UserError, match="mutually exclusive"):
-        sub.build_submission("finetune", cfg, image_runtime=True, working_dir=tmp_path)
+        cluster_submit.build_submission("finetune", cfg, image_runtime=True, working_dir=tmp_path)
     with pytest.raises(UserError, match="unknown job 'train'"):
-        sub.build_submission("train", cfg)
+        cluster_submit.build_submission("train", cfg)
 
 
 def test_portable_config_text__extends_chain_ships_self_contained(tmp_path):
@@ -225,42 +228,42 @@ def test_portable_config_text__extends_chain_ships_self_contained(tmp_path):
     child_dir.mkdir()
     child = child_dir / "child.yaml"
     child.write_text(yaml.safe_dump({"extends": "../tiny.yaml", "name": "child-run"}))
-    validated, path = sub.validate_config("finetune", child, ["data.seed=3"])
-    text = sub.portable_config_text(validated, path)
+    validated, path = cluster_submit.validate_config("finetune", child, ["data.seed=3"])
+    text = cluster_submit.portable_config_text(validated, path)
     assert "extends" not in yaml.safe_load(text)
     # Written alone somewhere else (as on the cluster), it validates to the same config.
     alone = tmp_path / "elsewhere" / "child.yaml"
     alone.parent.mkdir()
     alone.write_text(text)
-    again = sub.load_run_config(alone)
+    again = cluster_submit.load_run_config(alone)
     assert again.to_dict() == validated.to_dict()
     assert again.name == "child-run" and again.data.seed == 3
     assert base.is_file()
 
 
 def test_overrides_to_tree__nested_and_errors():
-    assert sub.overrides_to_tree(["a.b=1", "a.c=[2, 3]", "d=x"]) == {"a": {"b": 1, "c": [2, 3]}, "d": "x"}
+    assert overrides_to_tree(["a.b=1", "a.c=[2, 3]", "d=x"]) == {"a": {"b": 1, "c": [2, 3]}, "d": "x"}
     with pytest.raises(UserError, match="expected KEY=VALUE"):
-        sub.overrides_to_tree(["a.b"])
-    with pytest.raises(UserError, match="set twice"):
-        sub.overrides_to_tree(["a=1", "a.b=2"])
+        overrides_to_tree(["a.b"])
+    with pytest.raises(UserError, match="not a section"):
+        overrides_to_tree(["a=1", "a.b=2"])
 
 
 def test_job_entry__materialises_shipped_config_and_refuses_without_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(sub.CONFIG_ENV, "name: x\n")
-    monkeypatch.setenv(sub.CONFIG_NAME_ENV, "../../evil.yaml")  # only the base name is used
+    monkeypatch.setenv(cluster_submit.CONFIG_ENV, "name: x\n")
+    monkeypatch.setenv(cluster_submit.CONFIG_NAME_ENV, "../../evil.yaml")  # only the base name is used
     path = job_entry.materialise_config(tmp_path)
     assert path == tmp_path / "evil.yaml" and path.read_text() == "name: x\n"
-    monkeypatch.delenv(sub.CONFIG_ENV)
+    monkeypatch.delenv(cluster_submit.CONFIG_ENV)
     with pytest.raises(UserError, match="LOCALCL_SUBMITTED_CONFIG is not set"):
         job_entry.materialise_config(tmp_path)
     assert job_entry.main(["finetune"]) == 2
 
 
 def test_format_table__aligns_columns():
-    rows = [sub.JobRow("localcl-run-1", "RUNNING", "run", "2026-01-01 00:00:00", "0:00:05", "python -m x"),
-            sub.JobRow("raysubmit_abc", "SUCCEEDED", "-", "-", "-", "echo hi")]
-    lines = sub.format_table(rows).splitlines()
+    rows = [cluster_jobs.JobRow("localcl-run-1", "RUNNING", "run", "2026-01-01 00:00:00", "0:00:05", "python -m x"),
+            cluster_jobs.JobRow("raysubmit_abc", "SUCCEEDED", "-", "-", "-", "echo hi")]
+    lines = cluster_jobs.format_table(rows).splitlines()
     assert lines[0].split()[:2] == ["SUBMISSION_ID", "STATUS"]
     starts = {line.index(tok) for line, tok in zip(lines[1:], ["RUNNING", "SUCCEEDED"])}
     assert len(starts) == 1  # STATUS column aligned
@@ -284,7 +287,7 @@ def test_job_entry__config_file_expanded_copy_is_private(tmp_path, monkeypatch):
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(UserError, match="--config: no such file"):
         job_entry.config_from_file(tmp_path / "nope.yaml", expand=True)
-    monkeypatch.delenv(sub.CONFIG_ENV, raising=False)
+    monkeypatch.delenv(cluster_submit.CONFIG_ENV, raising=False)
     assert job_entry.main(["finetune", "--expand-env"]) == 2  # nothing shipped, no --config
     assert job_entry.main(["finetune", "--config", str(src), "--auto-resume"]) == 2
 
@@ -304,21 +307,21 @@ def test_job_entry__auto_resume_detects_an_existing_campaign_study(tmp_path):
 
 
 def test_portable_config_text__campaign_inlines_base_config(tmp_path):
-    campaign, path = sub.validate_config("tune", REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml",
+    campaign, path = cluster_submit.validate_config("tune", REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml",
                                          ["trials=3"])
-    shipped = yaml.safe_load(sub.portable_config_text(campaign, path))
+    shipped = yaml.safe_load(cluster_submit.portable_config_text(campaign, path))
     assert shipped["base_config"] is None and shipped["trials"] == 3
     assert shipped["base"] == campaign.resolved_base()
     alone = tmp_path / "ideal.yaml"  # no ../run/ideal.yaml beside it, as on the cluster
     alone.write_text(yaml.safe_dump(shipped))
-    again, _ = sub.validate_config("tune", alone)
+    again, _ = cluster_submit.validate_config("tune", alone)
     assert again.signature() == campaign.signature()
     with pytest.raises(UserError, match="no such campaign file"):
-        sub.validate_config("tune", tmp_path / "nope.yaml")
+        cluster_submit.validate_config("tune", tmp_path / "nope.yaml")
 
 
 def test_submit_job_retrying__retries_only_while_no_agent_is_available(monkeypatch):
-    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cluster_jobs.time, "sleep", lambda s: None)
 
     class Client:
         def __init__(self, errors):
@@ -332,24 +335,24 @@ def test_submit_job_retrying__retries_only_while_no_agent_is_available(monkeypat
 
     busy = "Request failed with status code 500: No available agent to submit job, please try again later.."
     c = Client([busy, busy])
-    assert sub.submit_job_retrying(c, entrypoint="echo") == "echo" and c.calls == 3
+    assert cluster_jobs.submit_job_retrying(c, entrypoint="echo") == "echo" and c.calls == 3
     c = Client(["Request failed with status code 400: bad runtime_env"])
     with pytest.raises(RuntimeError, match="bad runtime_env"):
-        sub.submit_job_retrying(c, entrypoint="echo")
+        cluster_jobs.submit_job_retrying(c, entrypoint="echo")
     assert c.calls == 1
     c = Client([busy] * 5)
     with pytest.raises(RuntimeError, match="No available agent"):
-        sub.submit_job_retrying(c, retry_for=0.0, entrypoint="echo")
+        cluster_jobs.submit_job_retrying(c, retry_for=0.0, entrypoint="echo")
 
 
 def test_job_entry__expands_a_shipped_config_on_the_cluster(tmp_path, monkeypatch, capsys):
     cfg = _write_run_config(tmp_path, run_dir="${RUNS_ROOT}/submit-test")
-    s = sub.build_submission("finetune", cfg, expand_env=True, preflight=True)
-    assert s.entrypoint == "python -m ray_jobs.job_entry finetune --expand-env --preflight"
-    shipped = s.runtime_env["env_vars"][sub.CONFIG_ENV]
+    s = cluster_submit.build_submission("finetune", cfg, expand_env=True, preflight=True)
+    assert s.entrypoint == "python -m ray_jobs.cluster.job_entry finetune --expand-env --preflight"
+    shipped = s.runtime_env["env_vars"][cluster_submit.CONFIG_ENV]
     assert "${RUNS_ROOT}" in shipped  # the value never leaves the cluster
-    monkeypatch.setenv(sub.CONFIG_ENV, shipped)
-    monkeypatch.setenv(sub.CONFIG_NAME_ENV, "tiny.yaml")
+    monkeypatch.setenv(cluster_submit.CONFIG_ENV, shipped)
+    monkeypatch.setenv(cluster_submit.CONFIG_NAME_ENV, "tiny.yaml")
     monkeypatch.delenv("RUNS_ROOT", raising=False)
     assert job_entry.main(["finetune", "--expand-env", "--preflight"]) == 2
     assert "not set: RUNS_ROOT" in capsys.readouterr().err

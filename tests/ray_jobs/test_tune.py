@@ -1,4 +1,4 @@
-"""Hyperparameter campaigns (ray_jobs.tune, `localcl tune`).
+"""Hyperparameter campaigns (ray_jobs.campaign.run, `localcl tune`).
 
 Fast tests (no Ray): schema and space validation, study storage errors, resume bookkeeping on
 a real SQLite Optuna study, resource planning, the report of a study. Ray tests (session
@@ -17,7 +17,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ray_jobs import tune
+from ray_jobs.campaign import report as campaign_report
+from ray_jobs.campaign import run as campaign_run
+from ray_jobs.campaign import search as campaign_search
+from ray_jobs.campaign import spec as campaign_spec
+from ray_jobs.config import get_path
 from ray_jobs.errors import UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -26,7 +30,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # ----------------------------------------------------------------------------- helpers
 
 
-def _campaign(tmp_path: Path, **kw: Any) -> tune.Campaign:
+def _campaign(tmp_path: Path, **kw: Any) -> campaign_spec.Campaign:
     """A campaign object built directly (no method validation): for study bookkeeping tests."""
     d: dict[str, Any] = dict(
         name="c1",
@@ -40,12 +44,12 @@ def _campaign(tmp_path: Path, **kw: Any) -> tune.Campaign:
         root=str(tmp_path / "campaigns"),
     )
     d.update(kw)
-    c = tune.Campaign(**d)
+    c = campaign_spec.Campaign(**d)
     c.campaign_dir.mkdir(parents=True, exist_ok=True)
     return c
 
 
-def _ask_tell(study: optuna.Study, c: tune.Campaign, value: float | None) -> optuna.trial.Trial:
+def _ask_tell(study: optuna.Study, c: campaign_spec.Campaign, value: float | None) -> optuna.trial.Trial:
     t = study.ask(c.distributions())
     if value is not None:
         study.tell(t, value)
@@ -72,22 +76,22 @@ def _ask_tell(study: optuna.Study, c: tune.Campaign, value: float | None) -> opt
 )
 def test_param_spec__bad_entry_rejected(spec: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=".*") as err:
-        tune.ParamSpec(**spec)
+        campaign_spec.ParamSpec(**spec)
     assert needle in str(err.value)
 
 
 def test_param_spec__distribution_and_grid_match_bounds() -> None:
     import optuna.distributions as od
 
-    f = tune.ParamSpec(type="float", low=0.1, high=0.5, step=0.1)
+    f = campaign_spec.ParamSpec(type="float", low=0.1, high=0.5, step=0.1)
     assert f.grid() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert f.distribution() == od.FloatDistribution(0.1, 0.5, step=0.1)
-    lf = tune.ParamSpec(type="log_float", low=1e-4, high=1e-2)
+    lf = campaign_spec.ParamSpec(type="log_float", low=1e-4, high=1e-2)
     assert lf.grid() is None and lf.distribution() == od.FloatDistribution(1e-4, 1e-2, log=True)
-    i = tune.ParamSpec(type="int", low=8, high=32, step=8)
+    i = campaign_spec.ParamSpec(type="int", low=8, high=32, step=8)
     assert i.grid() == [8, 16, 24, 32] and i.endpoints() == [8, 32]
     assert i.distribution() == od.IntDistribution(8, 32, step=8)
-    c = tune.ParamSpec(type="categorical", choices=["intra", "inter", None])
+    c = campaign_spec.ParamSpec(type="categorical", choices=["intra", "inter", None])
     assert c.endpoints() == ["intra", "inter", None]
     assert c.distribution() == od.CategoricalDistribution(("intra", "inter", None))
 
@@ -117,7 +121,7 @@ def test_campaign__grid_sampler_needs_finite_space(tmp_path: Path) -> None:
         space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 3e-3]},
                "data.label_budget": {"type": "int", "low": 1, "high": 3}},
     )
-    assert tune.grid_size(c) == 6
+    assert campaign_search.grid_size(c) == 6
 
 
 # ----------------------------------------------------------------------------- storage
@@ -125,13 +129,13 @@ def test_campaign__grid_sampler_needs_finite_space(tmp_path: Path) -> None:
 
 def test_open_storage__missing_directory_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        tune.open_storage(f"sqlite:///{tmp_path}/nope/study.db")
+        campaign_search.open_storage(f"sqlite:///{tmp_path}/nope/study.db")
 
 
 def test_open_storage__unreachable_server_is_user_error() -> None:
     # Port 1 on loopback: connection refused at once (or the driver is missing): one clear line.
     with pytest.raises(UserError, match=r"postgresql://u:\*\*\*@127\.0\.0\.1:1/db") as err:
-        tune.open_storage("postgresql://u:secret@127.0.0.1:1/db")
+        campaign_search.open_storage("postgresql://u:secret@127.0.0.1:1/db")
     assert "secret" not in str(err.value)
     assert "unreachable" in str(err.value) or "driver missing" in str(err.value)
 
@@ -141,31 +145,31 @@ def test_open_storage__unreachable_server_is_user_error() -> None:
 
 def test_prepare_study__new_then_exists_without_resume_rejected(tmp_path: Path) -> None:
     c = _campaign(tmp_path)
-    storage = tune.open_storage(c.storage_url)
-    plan = tune.prepare_study(c, storage, resume=False)
+    storage = campaign_search.open_storage(c.storage_url)
+    plan = campaign_search.prepare_study(c, storage, resume=False)
     assert (plan.done, plan.remaining, plan.run_index, plan.seed, plan.existing) == (0, 5, 0, 3, False)
     with pytest.raises(UserError, match="already exists .* pass --resume"):
-        tune.prepare_study(c, storage, resume=False)
+        campaign_search.prepare_study(c, storage, resume=False)
     with pytest.raises(UserError, match="not found .* nothing to resume"):
-        tune.prepare_study(_campaign(tmp_path, name="other"), storage, resume=True)
+        campaign_search.prepare_study(_campaign(tmp_path, name="other"), storage, resume=True)
 
 
 def test_prepare_study__different_space_rejected(tmp_path: Path) -> None:
     c = _campaign(tmp_path)
-    storage = tune.open_storage(c.storage_url)
-    tune.prepare_study(c, storage, resume=False)
+    storage = campaign_search.open_storage(c.storage_url)
+    campaign_search.prepare_study(c, storage, resume=False)
     changed = _campaign(tmp_path, space={"finetune.optim.lr": {"type": "log_float", "low": 1e-5, "high": 1e-2}})
     for resume in (False, True):
         with pytest.raises(UserError, match="different\\s+search space"):
-            tune.prepare_study(changed, storage, resume=resume)
+            campaign_search.prepare_study(changed, storage, resume=resume)
     # the trial budget is not part of the space: a resumed campaign may be extended
-    assert tune.prepare_study(_campaign(tmp_path, trials=9), storage, resume=True).remaining == 9
+    assert campaign_search.prepare_study(_campaign(tmp_path, trials=9), storage, resume=True).remaining == 9
 
 
 def test_prepare_study__resume_requeues_each_unfinished_trial_once(tmp_path: Path) -> None:
     c = _campaign(tmp_path)
-    storage = tune.open_storage(c.storage_url)
-    tune.prepare_study(c, storage, resume=False)
+    storage = campaign_search.open_storage(c.storage_url)
+    campaign_search.prepare_study(c, storage, resume=False)
     study = optuna.load_study(study_name=c.name, storage=storage)
     _ask_tell(study, c, 0.5)
     _ask_tell(study, c, 0.6)
@@ -174,18 +178,18 @@ def test_prepare_study__resume_requeues_each_unfinished_trial_once(tmp_path: Pat
     failed = study.ask(c.distributions())
     study.tell(failed, state=TrialState.FAIL)  # a real failure: counts as done, not re-run
 
-    plan = tune.prepare_study(c, storage, resume=True)
+    plan = campaign_search.prepare_study(c, storage, resume=True)
     assert plan.stale == [orphan_a.number, orphan_b.number]
     assert plan.requeued == [orphan_a.params, orphan_b.params]
     assert (plan.done, plan.remaining, plan.run_index) == (3, 2, 1)
-    assert plan.seed == c.seed + tune.SEED_STRIDE
+    assert plan.seed == c.seed + campaign_spec.SEED_STRIDE
     trials = study.get_trials()
     assert [t.state for t in trials[:5]] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 3
-    assert [t.user_attrs.get(tune.STALE_ATTR, False) for t in trials[:5]] == [False, False, True, True, False]
+    assert [t.user_attrs.get(campaign_spec.STALE_ATTR, False) for t in trials[:5]] == [False, False, True, True, False]
     assert [t.state for t in trials[5:]] == [TrialState.WAITING] * 2
 
     # A second resume before anything ran: nothing new is stale, the queue is not doubled.
-    plan2 = tune.prepare_study(c, storage, resume=True)
+    plan2 = campaign_search.prepare_study(c, storage, resume=True)
     assert (plan2.stale, plan2.waiting, plan2.remaining, plan2.run_index) == ([], 2, 2, 2)
     # The next two asks pop exactly the orphans' parameters.
     popped = [study.ask(c.distributions()) for _ in range(2)]
@@ -208,19 +212,19 @@ def test_prepare_study__resume_requeues_each_unfinished_trial_once(tmp_path: Pat
     ],
 )
 def test_plan_resources__trials_times_workers_fit(res: dict[str, Any], cluster: dict[str, float], expect: int) -> None:
-    plan = tune.plan_resources(tune.Resources(**res), cluster)
+    plan = campaign_run.plan_resources(campaign_spec.Resources(**res), cluster)
     assert plan.max_concurrent == expect
     need = {k: v * plan.num_workers * plan.max_concurrent for k, v in plan.worker_resources.items()}
     assert all(need[k] <= cluster.get(k, 0.0) + 1e-9 for k in need)
     # the trial driver takes no CPU, only a token of memory (so the request is not empty)
-    assert plan.trial_resources == {"CPU": 0.0, "memory": float(tune.TRIAL_DRIVER_MEMORY)}
+    assert plan.trial_resources == {"CPU": 0.0, "memory": float(campaign_spec.TRIAL_DRIVER_MEMORY)}
 
 
 def test_plan_resources__trial_larger_than_cluster_is_user_error() -> None:
     with pytest.raises(UserError, match="needs 4 CPUs .* cluster has 2"):
-        tune.plan_resources(tune.Resources(workers_per_trial=4), {"CPU": 2.0})
+        campaign_run.plan_resources(campaign_spec.Resources(workers_per_trial=4), {"CPU": 2.0})
     with pytest.raises(UserError, match="needs 1 GPUs"):
-        tune.plan_resources(tune.Resources(gpus_per_worker=1), {"CPU": 8.0})
+        campaign_run.plan_resources(campaign_spec.Resources(gpus_per_worker=1), {"CPU": 8.0})
 
 
 # ----------------------------------------------------------------------------- campaign files
@@ -230,11 +234,11 @@ TUNE_CONFIGS = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs" / "t
 
 @pytest.mark.parametrize("path", sorted(TUNE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_load_campaign__shipped_campaigns_validate(path: Path) -> None:
-    c = tune.load_campaign(path)
+    c = campaign_spec.load_campaign(path)
     assert c.method in path.stem or path.stem == "tiny_cpu"
     assert c.space and c.trials >= 6
     base = c.resolved_base()
-    assert tune.get_path(base, "pretrain.method.name") in (None, c.method)
+    assert get_path(base, "pretrain.method.name") in (None, c.method)
 
 
 def _write_campaign(tmp_path: Path, **changes: Any) -> Path:
@@ -266,8 +270,8 @@ def _write_campaign(tmp_path: Path, **changes: Any) -> Path:
 )
 def test_load_campaign__bad_space_rejected_naming_entry(tmp_path: Path, space: dict[str, Any], needle: str) -> None:
     path = _write_campaign(tmp_path, space=space)
-    with pytest.raises(tune.CampaignError) as err:
-        tune.load_campaign(path)
+    with pytest.raises(campaign_spec.CampaignError) as err:
+        campaign_spec.load_campaign(path)
     assert needle in str(err.value)
 
 
@@ -281,11 +285,11 @@ def test_load_campaign__other_errors_name_the_field(tmp_path: Path) -> None:
         ({"base_config": "no_such_config"}, "base_config:"),
     ]
     for change, needle in cases:
-        with pytest.raises(tune.CampaignError) as err:
-            tune.load_campaign(_write_campaign(tmp_path, **change))
+        with pytest.raises(campaign_spec.CampaignError) as err:
+            campaign_spec.load_campaign(_write_campaign(tmp_path, **change))
         assert needle in str(err.value), (change, str(err.value))
-    with pytest.raises(tune.CampaignError, match="campaign file not found"):
-        tune.load_campaign(tmp_path / "missing.yaml")
+    with pytest.raises(campaign_spec.CampaignError, match="campaign file not found"):
+        campaign_spec.load_campaign(tmp_path / "missing.yaml")
 
 
 def test_cli_tune__bad_space_is_one_line_error_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -310,13 +314,13 @@ def test_cli_tune__unreachable_storage_is_error_before_any_trial(tmp_path: Path,
 # ----------------------------------------------------------------------------- report (no Ray)
 
 
-def _study_with_trials(tmp_path: Path, n: int) -> tune.Campaign:
+def _study_with_trials(tmp_path: Path, n: int) -> campaign_spec.Campaign:
     """The tiny campaign's study with ``n`` told trials: value = a smooth function of lr."""
-    c = tune.load_campaign(_write_campaign(tmp_path))
+    c = campaign_spec.load_campaign(_write_campaign(tmp_path))
     c.campaign_dir.mkdir(parents=True)
-    storage = tune.open_storage(c.storage_url)
-    tune.prepare_study(c, storage, resume=False)
-    tune.save_campaign(c)
+    storage = campaign_search.open_storage(c.storage_url)
+    campaign_search.prepare_study(c, storage, resume=False)
+    campaign_spec.save_campaign(c)
     study = optuna.load_study(study_name=c.name, storage=storage)
     for i in range(n):
         t = study.ask(c.distributions())
@@ -329,7 +333,7 @@ def test_write_report__best_config_table_and_plots(tmp_path: Path) -> None:
     from ray_jobs.config import load_config
 
     c = _study_with_trials(tmp_path, 5)
-    out = tune.write_report(c.campaign_dir)
+    out = campaign_report.write_report(c.campaign_dir)
     study = optuna.load_study(study_name=c.name, storage=c.storage_url)
     best = study.best_trial
     cfg = load_config(out / "best_config.yaml")  # a valid `localcl run` config
@@ -343,7 +347,7 @@ def test_write_report__best_config_table_and_plots(tmp_path: Path) -> None:
     assert table["val_dice"].max() == pytest.approx(best.value)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"][0]["number"] == best.number and summary["trial_epochs"] == 1 + 2 + 1 + 2 + 1
-    for name in tune.PLOTS:
+    for name in campaign_report.PLOTS:
         for ext in ("png", "html"):
             assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
     assert summary["skipped_plots"] == {}
@@ -351,7 +355,7 @@ def test_write_report__best_config_table_and_plots(tmp_path: Path) -> None:
 
 def test_write_report__single_trial_skips_importances_with_reason(tmp_path: Path) -> None:
     c = _study_with_trials(tmp_path, 1)
-    summary = json.loads((tune.write_report(c.campaign_dir) / "summary.json").read_text())
+    summary = json.loads((campaign_report.write_report(c.campaign_dir) / "summary.json").read_text())
     assert "needs >= 2 complete trials" in summary["skipped_plots"]["param_importances"]
     assert "optimization_history.png" in summary["plots"]
 
@@ -449,7 +453,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     d["root"] = str(tmp / "campaigns")
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
-    campaign = tune.load_campaign(path)
+    campaign = campaign_spec.load_campaign(path)
     raytmp = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
     env = _ray_env(raytmp)
     cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", str(path)]
@@ -495,7 +499,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.mark.ray
 @pytest.mark.timeout(2400)
 def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resumed: dict[str, Any]) -> None:
-    c: tune.Campaign = killed_and_resumed["campaign"]
+    c: campaign_spec.Campaign = killed_and_resumed["campaign"]
     before: dict[int, tuple[TrialState, dict[str, Any]]] = killed_and_resumed["before"]
     study = optuna.load_study(study_name=c.name, storage=c.storage_url)
     trials = study.get_trials()
@@ -507,17 +511,17 @@ def test_campaign__killed_driver_resumes_with_every_trial_once(killed_and_resume
             assert trials[n].state == state and trials[n].params == params
     # each orphan: marked stale and re-run exactly once with the same parameters
     for n in stale_numbers:
-        assert trials[n].state == TrialState.FAIL and trials[n].user_attrs[tune.STALE_ATTR] is True
+        assert trials[n].state == TrialState.FAIL and trials[n].user_attrs[campaign_spec.STALE_ATTR] is True
         reruns = [t for t in trials if t.user_attrs.get("localcl_requeued_from") == n]
         assert len(reruns) == 1 and reruns[0].params == before[n][1]
         assert reruns[0].state in (TrialState.COMPLETE, TrialState.FAIL)
-    counted = [t for t in trials if not t.user_attrs.get(tune.STALE_ATTR)]
+    counted = [t for t in trials if not t.user_attrs.get(campaign_spec.STALE_ATTR)]
     assert len(counted) == c.trials, [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in counted)
     assert sum(t.state == TrialState.COMPLETE for t in counted) >= c.trials - 1
     ids = [t.user_attrs["tune_trial_id"] for t in counted if t.state == TrialState.COMPLETE]
     assert len(ids) == len(set(ids))  # no Tune trial recorded twice
-    assert study.user_attrs[tune.RUNS_ATTR] == 2
+    assert study.user_attrs[campaign_spec.RUNS_ATTR] == 2
     assert f"{len(stale_numbers)} unfinished re-queued" in killed_and_resumed["resume_out"]
     for t in counted:
         if t.state == TrialState.COMPLETE:
@@ -532,7 +536,7 @@ def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -
 
     from ray_jobs.config import load_config
 
-    c: tune.Campaign = killed_and_resumed["campaign"]
+    c: campaign_spec.Campaign = killed_and_resumed["campaign"]
     out = c.campaign_dir / "report"
     study = optuna.load_study(study_name=c.name, storage=c.storage_url)
     table = pd.read_csv(out / "trials.csv")
@@ -541,7 +545,7 @@ def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -
     assert summary["best"][0]["number"] == study.best_trial.number
     cfg = load_config(out / "best_config.yaml")
     assert cfg.finetune.optim.lr == pytest.approx(study.best_trial.params["finetune.optim.lr"])
-    for name in tune.PLOTS:
+    for name in campaign_report.PLOTS:
         assert (out / "plots" / f"{name}.png").is_file() and (out / "plots" / f"{name}.html").is_file()
 
 
@@ -554,7 +558,7 @@ def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, A
 
     import pandas as pd
 
-    c: tune.Campaign = killed_and_resumed["campaign"]
+    c: campaign_spec.Campaign = killed_and_resumed["campaign"]
     study = optuna.load_study(study_name=c.name, storage=c.storage_url)
     best = study.best_trial
     run_dir = killed_and_resumed["tmp"] / "rerun"
@@ -585,14 +589,14 @@ def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, A
 
 
 def test_build_search__tpe_seeded_and_asha_on_finetune_epochs(tmp_path: Path) -> None:
-    c = tune.load_campaign(_write_campaign(tmp_path))
+    c = campaign_spec.load_campaign(_write_campaign(tmp_path))
     storage = optuna.storages.InMemoryStorage()
-    searcher, scheduler = tune.build_search(c, storage, seed=1007)
+    searcher, scheduler = campaign_search.build_search(c, storage, seed=1007)
     sampler = searcher._sampler
     assert isinstance(sampler, optuna.samplers.TPESampler)
     # seeded: two samplers with the same seed draw the same start-up parameters
-    again, _ = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=1007)
-    other, _ = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=7)
+    again, _ = campaign_search.build_search(c, optuna.storages.InMemoryStorage(), seed=1007)
+    other, _ = campaign_search.build_search(c, optuna.storages.InMemoryStorage(), seed=7)
     draws = [s.suggest(f"t{i}") for s in (searcher, again, other) for i in range(3)]
     assert draws[0:3] == draws[3:6] and draws[0:3] != draws[6:9]
     assert type(scheduler).__name__ == "AsyncHyperBandScheduler"
@@ -601,29 +605,29 @@ def test_build_search__tpe_seeded_and_asha_on_finetune_epochs(tmp_path: Path) ->
 
 
 def test_build_search__multi_objective_nsga2_without_pruning(tmp_path: Path) -> None:
-    c = tune.load_campaign(_write_campaign(
+    c = campaign_spec.load_campaign(_write_campaign(
         tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
-    searcher, scheduler = tune.build_search(c, optuna.storages.InMemoryStorage(), seed=0)
+    searcher, scheduler = campaign_search.build_search(c, optuna.storages.InMemoryStorage(), seed=0)
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler) and scheduler is None
     assert searcher._ot_study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
-    cfg = tune.trial_config(c, {"finetune.optim.lr": 1e-3, "pretrain.method.tau": 0.2}, "abc")
+    cfg = campaign_run.trial_config(c, {"finetune.optim.lr": 1e-3, "pretrain.method.tau": 0.2}, "abc")
     assert cfg["evaluate"]["val_hd95"] is True and cfg["name"] == "tiny-cpu-abc"
     assert cfg["finetune"]["optim"]["lr"] == 1e-3 and cfg["pretrain"]["method"]["tau"] == 0.2
     assert cfg["scaling"]["num_workers"] == 1 and cfg["baseline"] is None
 
 
 def test_write_report__multi_objective_pareto_and_best_dice(tmp_path: Path) -> None:
-    c = tune.load_campaign(_write_campaign(
+    c = campaign_spec.load_campaign(_write_campaign(
         tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
     c.campaign_dir.mkdir(parents=True)
-    storage = tune.open_storage(c.storage_url)
-    tune.prepare_study(c, storage, resume=False)
-    tune.save_campaign(c)
+    storage = campaign_search.open_storage(c.storage_url)
+    campaign_search.prepare_study(c, storage, resume=False)
+    campaign_spec.save_campaign(c)
     study = optuna.load_study(study_name=c.name, storage=storage)
     values = [(0.5, 10.0), (0.7, 12.0), (0.6, 20.0), (0.4, 5.0)]  # (0.6, 20) is dominated by (0.7, 12)
     for v in values:
         study.tell(study.ask(c.distributions()), list(v))
-    out = tune.write_report(c.campaign_dir)
+    out = campaign_report.write_report(c.campaign_dir)
     summary = json.loads((out / "summary.json").read_text())
     front = [tuple(b["values"]) for b in summary["best"]]
     assert front == [(0.7, 12.0), (0.5, 10.0), (0.4, 5.0)]  # Pareto front, best Dice first

@@ -1,0 +1,226 @@
+"""Evaluation: per-case, per-class Dice / HD95 / ASD (mm), summary tables and pictures.
+
+Two entry points, one report format:
+
+- :func:`evaluate_store` scores a fine-tuned model on a split of a store as a Ray Train
+  ``TorchTrainer`` job: worker ``r`` of ``W`` predicts the cases ``cases[r::W]`` with
+  :func:`ray_jobs.evaluation.inference.predict_case`, scores them with :func:`localcl.metrics.evaluate_case`,
+  the per-case results are gathered (``all_gather_object`` on a gloo group, so it also works
+  when the training backend is nccl) and rank 0 writes the report.
+- :func:`score_folders` scores a folder of predicted NIfTI label maps against a folder of
+  reference label maps (no model, no Ray).
+
+Report written under ``out`` (local path or fsspec URI)::
+
+    per_case.json   [{"case", "shape", "spacing", "metrics": {class: {label, dice, hd95, asd}},
+                      "mean_fg": {dice, hd95, asd}}]   (non-finite -> null)
+    per_case.csv    case, class, label, dice, hd95_mm, asd_mm   (one row per case and class)
+    summary.json    n_cases, classes {name: {label, dice|hd95|asd: {mean, std, median, n}}},
+                    mean_foreground {dice|hd95|asd: {...}}, source {...}
+    summary.md      the table "class | Dice | HD95 (mm) | ASD (mm)" as mean ± std
+    plots/          dice_boxplot.png, loss_<stage>.png (from <stage>/history.csv),
+                    overlay_<case>.png (worst, median and best case by mean foreground Dice)
+    predictions/    <case>.nii.gz (uint8, source affine) with ``save_predictions=True``
+
+Statistics: for class ``k`` and metric ``m``, ``mean = (1/n) sum_i m_ik`` and the population
+``std`` over the ``n`` cases where ``m_ik`` is finite (HD95/ASD are undefined when the class is
+absent from the prediction or the reference; such cases are counted in ``n_missing``). The
+per-case foreground mean is ``mean_fg_i = mean_{k>0} m_ik`` over the finite values of that case;
+``mean_foreground`` summarises ``mean_fg_i`` over cases the same way.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from typing import Any, Mapping, Sequence
+
+import fsspec
+import numpy as np
+import ray.train
+import ray.train.torch as rtt
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import storage
+from ray_jobs.errors import UserError
+from ray_jobs.evaluation.inference import predict_volume, stored_intensity_range
+from ray_jobs.evaluation.scoring import (
+    absolute,
+    case_record,
+    choose_overlay_cases,
+    find_histories,
+    overlay_payload,
+    resolve_model_dir,
+    score_case,
+    write_report,
+)
+from ray_jobs.train.checkpoint import load_model, read_spec
+from ray_jobs.train.trainer import worker_runtime_env
+from storage.nifti import label_nifti_bytes
+from storage.remote import join_uri, write_bytes
+
+# --------------------------------------------------------------------------- store + Ray Train
+def _gather_all(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (one gloo group, so it works under nccl too)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    group = _gather_all.group if getattr(_gather_all, "group", None) is not None else dist.new_group(backend="gloo")
+    _gather_all.group = group  # type: ignore[attr-defined]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _eval_worker(cfg: Mapping[str, Any]) -> None:
+    """Ray Train worker: predict and score ``cases[rank::world]``; rank 0 writes the report."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _gather_all.group = None  # type: ignore[attr-defined]
+    try:
+        device = rtt.get_device()
+    except Exception:  # local mode without a torch backend
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg["use_gpu"] else "cpu")
+    model, spec = load_model(cfg["model_dir"], device=device)
+    st = storage.open_store(cfg["store"], storage_options=cfg["storage_options"])
+    names = {int(k): v for k, v in cfg["label_names"].items()}
+    fg = [k for k in sorted(names) if k != 0]
+    mine = cfg["cases"][rank::world]
+    records, candidates = [], {}
+    for case in mine:
+        meta = st.meta(case)
+        image, ref = st.image(case), st.label(case)
+        pred = predict_volume(model, spec, image, meta["spacing"],
+                              intensity_range=stored_intensity_range(spec, meta), batch_size=cfg["batch_size"])
+        scores = score_case(pred, ref, meta["spacing"], fg, where=case)
+        records.append(case_record(case, scores, names, ref.shape, meta["spacing"]))
+        if cfg["save_predictions"]:
+            write_bytes(join_uri(cfg["out"], "predictions", f"{case}.nii.gz"),
+                         label_nifti_bytes(pred, np.asarray(meta["affine"], float)))
+        if cfg["plots"] and cfg["overlay_cases"] > 0:
+            # keep only the few slices an overlay needs, not the whole volumes
+            candidates[case] = overlay_payload(image, ref, pred)
+    all_records = [r for part in _gather_all(records) for r in part]
+    chosen = choose_overlay_cases(all_records, cfg["overlay_cases"]) if cfg["plots"] else []
+    payload = {c: candidates[c] for c in chosen if c in candidates}
+    overlays = {c: p for part in _gather_all(payload) for c, p in part.items()}
+    if rank == 0:
+        write_report(cfg["out"], all_records, source=cfg["source"], label_names=names,
+                     histories=cfg["histories"], overlays=overlays, plots=cfg["plots"], title=cfg["title"],
+                     run_name=cfg["run_name"])
+
+
+def split_cases(st: Any, split: str) -> list[str]:
+    """The labelled cases of ``split`` (a catalog split name, ``all`` or ``labelled``)."""
+    if split in ("all", "labelled"):
+        cases = list(st.cases)
+    else:
+        splits = st.catalog.splits
+        if split not in splits:
+            raise UserError(f"--split {split!r}: not a split of this store; known: {sorted(splits) + ['all']}")
+        cases = list(splits[split])
+    labelled = set(st.labelled_cases)
+    out = [c for c in cases if c in labelled]
+    if not out:
+        raise UserError(f"--split {split!r}: no labelled cases to evaluate")
+    return out
+
+
+def evaluate_store(
+    checkpoint: str,
+    store: str,
+    out: str,
+    *,
+    split: str = "val",
+    cases: Sequence[str] | None = None,
+    max_cases: int | None = None,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resources_per_worker: Mapping[str, float] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    storage_path: str | None = None,
+    plots: bool = True,
+    overlay_cases: int = 3,
+    save_predictions: bool = False,
+    histories: Mapping[str, str] | None = None,
+    batch_size: int = 16,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate an exported model on a store split as a Ray Train job; returns ``summary.json``.
+
+    Checks the inputs in the driver (model directory, store, split) before any worker starts.
+    Ray must be initialised (``ray.init``) by the caller. ``num_workers=0`` runs Ray Train's
+    local mode (in this process, no DDP). With several nodes, ``out`` must be a URI or a path
+    every node sees (rank 0 writes the report).
+
+    Args:
+        checkpoint: exported model directory (``RUN_DIR/finetune/model``) or a run directory.
+        store: store path or URI. ``split``: catalog split, ``all`` or ``labelled``; or ``cases``.
+        max_cases: evaluate only the first ``max_cases`` cases of the split.
+        histories: ``{stage: history.csv}`` to plot; default: found beside the model directory.
+    """
+    # Ray workers do not share the driver's working directory: make local paths absolute
+    checkpoint, store, out = (absolute(str(p)) for p in (checkpoint, store, out))
+    model_dir = resolve_model_dir(checkpoint)
+    spec = read_spec(model_dir)
+    if spec["stage"] != "finetune":
+        raise UserError(f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
+                        "evaluate a fine-tuned model (RUN_DIR/finetune/model)")
+    try:
+        st = storage.open_store(store, storage_options=storage_options)
+    except ValueError as exc:
+        raise UserError(f"--store {store}: {exc}") from None
+    explicit = cases is not None
+    if cases is None:
+        cases = split_cases(st, split)
+    else:
+        unknown = [c for c in cases if c not in set(st.labelled_cases)]
+        if unknown:
+            raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
+    cases = list(cases)[: max_cases] if max_cases else list(cases)
+    names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
+    if not names:
+        store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
+        names = {int(k): str(v) for k, v in (store_names or {}).items()}
+    if not names:
+        names = {k: str(k) for k in range(int(spec["num_classes"]))}
+    names = {k: names.get(k, str(k)) for k in range(int(spec["num_classes"]))}
+    if histories is None:
+        histories = find_histories(model_dir)
+    source = {"checkpoint": model_dir, "store": str(store), "split": "(explicit cases)" if explicit else split,
+              "method": spec.get("name"), "weights_sha256": spec.get("weights_sha256"),
+              "n_workers": num_workers}
+    cfg = {
+        "model_dir": model_dir, "store": str(store), "storage_options": dict(storage_options or {}),
+        "cases": cases, "label_names": {str(k): v for k, v in names.items()}, "out": str(out),
+        "use_gpu": use_gpu, "plots": plots, "overlay_cases": overlay_cases,
+        "save_predictions": save_predictions, "histories": dict(histories), "batch_size": batch_size,
+        "source": source, "title": title or f"{spec.get('name', 'model')} on {split}",
+        "run_name": spec.get("run"),
+    }
+    res = dict(resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}))
+    tmp = None
+    if storage_path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="localcl-eval-")
+        storage_path = tmp.name
+    try:
+        trainer = TorchTrainer(
+            _eval_worker,
+            train_loop_config=cfg,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker=res if num_workers else None),
+            # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
+            # hand back a previous run instead of evaluating again
+            run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",
+                                           storage_path=storage_path,
+                                           worker_runtime_env=worker_runtime_env()),
+        )
+        trainer.fit()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    fs, path = fsspec.core.url_to_fs(join_uri(str(out), "summary.json"))
+    with fs.open(path, "r") as f:
+        return json.load(f)

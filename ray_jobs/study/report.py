@@ -1,0 +1,267 @@
+"""The study report: aggregation over seeds, ``results.md`` tables, ``results.csv``/``.json``,
+the Dice-vs-labelled-patients curve, and ``--report-only`` from the finished cells.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from ray_jobs.errors import UserError
+from ray_jobs.study.cells import cell_dir_of, cells, read_json, resolve_cell, write_json
+from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, store_uri
+
+# --------------------------------------------------------------------------- report
+def aggregate(records: Sequence[Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Per (method, budget): mean and sample sd (ddof=1; 0 for one seed) over seeds of every
+    numeric metric, plus ``delta`` = mean over seeds of (method - baseline) Dice, paired by seed
+    (same labelled set, same seed), with its sd."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    base = {(r["budget"], r["seed"]): r for r in records if r["method"] == baseline}
+    out = []
+    for (method, budget), rows in groups.items():
+        row: dict[str, Any] = {"method": method, "budget": budget, "n_seeds": len(rows),
+                               "budget_label": rows[0]["budget_label"],
+                               "labelled_patients": rows[0]["labelled_patients"],
+                               "labelled_volumes": rows[0]["labelled_volumes"],
+                               "pretrain": rows[0]["pretrain"], "strategy": rows[0]["strategy"]}
+        keys = [k for k, v in rows[0].items() if k.startswith(("dice", "hd95", "asd"))]
+        for k in keys:
+            vals = np.array([r.get(k) for r in rows if r.get(k) is not None], float)
+            row[k] = float(vals.mean()) if vals.size else None
+            row[k + "_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None
+        diffs = np.array([r["dice"] - base[(budget, r["seed"])]["dice"] for r in rows
+                          if (budget, r["seed"]) in base and r.get("dice") is not None
+                          and base[(budget, r["seed"])].get("dice") is not None], float)
+        row["delta"] = float(diffs.mean()) if diffs.size and method != baseline else None
+        row["delta_sd"] = float(diffs.std(ddof=1)) if diffs.size > 1 and method != baseline else None
+        row["n_paired"] = int(diffs.size)
+        out.append(row)
+    return out
+
+
+def _f(v: Optional[float], d: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{d}f}"
+
+
+def _pm(row: Mapping[str, Any], k: str, d: int = 3) -> str:
+    if row.get(k) is None:
+        return "n/a"
+    sd = row.get(k + "_sd")
+    return f"{row[k]:.{d}f} ± {sd:.{d}f}" if row.get("n_seeds", 1) > 1 and sd is not None \
+        else f"{row[k]:.{d}f}"
+
+
+def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], total: int,
+                     command: str = "") -> str:
+    """The study's tables as markdown (see the module docstring)."""
+    agg = aggregate(records, study.baseline)
+    by = {(r["method"], r["budget"]): r for r in agg}
+    methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
+    budgets = study.budgets
+    lines = [f"### Study `{study.name}`: {len(records)} of {total} cells"
+             + ("" if len(records) >= total else
+                f" (**partial**: {total - len(records)} cells not finished)"),
+             ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    n_cases = records[0].get("n_cases") if records else None
+    lines += [f"Mean foreground Dice (RV, MYO, LV) over the {n_cases or '?'} evaluation volumes, "
+              f"mean ± sd over seeds (sd with ddof=1; seeds {study.seeds}). Δ: Dice minus the "
+              f"`{study.baseline}` baseline on the same budget and seed, averaged over seeds.", ""]
+    head = "| method | pretraining | fine-tuning | " + " | ".join(b.display() for b in budgets) + " |"
+    lines += [head, "|" + "---|" * (3 + len(budgets))]
+    for m in methods:
+        first = next((by[(m, b.name)] for b in budgets if (m, b.name) in by), None)
+        if first is None:
+            continue
+        cells_txt = []
+        for b in budgets:
+            r = by.get((m, b.name))
+            if r is None:
+                cells_txt.append("—")
+                continue
+            txt = _pm(r, "dice")
+            if r.get("delta") is not None:
+                txt += f" (Δ {r['delta']:+.3f})"
+            cells_txt.append(txt)
+        name = f"**{m}** (baseline)" if m == study.baseline else m
+        lines.append(f"| {name} | {first['pretrain'] or '—'} | {first['strategy']} | "
+                     + " | ".join(cells_txt) + " |")
+    classes = sorted({k[len("dice_"):] for r in records for k in r
+                      if k.startswith("dice_") and not k.endswith("_sd")})
+    order = {"RV": 0, "MYO": 1, "LV": 2}
+    classes.sort(key=lambda c: order.get(c, 9))
+    lines += ["", "Per class (Dice) and distances (mm, on the nominal header spacing):", "",
+              "| method | budget | seeds | " + " | ".join(f"Dice {c}" for c in classes)
+              + " | mean Dice | HD95 | ASD | Δ Dice vs baseline |",
+              "|" + "---|" * (7 + len(classes))]
+    for b in budgets:
+        for m in methods:
+            r = by.get((m, b.name))
+            if r is None:
+                continue
+            delta = "—" if r.get("delta") is None else (
+                f"{r['delta']:+.3f}" + (f" ± {r['delta_sd']:.3f}" if r.get("delta_sd") is not None else ""))
+            lines.append(f"| {m} | {b.display()} | {r['n_seeds']} | "
+                         + " | ".join(_pm(r, f"dice_{c}") for c in classes)
+                         + f" | {_pm(r, 'dice')} | {_pm(r, 'hd95', 2)} | {_pm(r, 'asd', 2)} | {delta} |")
+    lines += ["", "Published ACDC numbers (mean foreground Dice; the papers' protocol, differences "
+              "below):",
+              "", "| method | 1 volume | 2 volumes | 8 volumes | source |", "|---|---|---|---|---|"]
+    for p in PUBLISHED:
+        lines.append(f"| {p['method']} | {p['dice'][1]:.3f} | {p['dice'][2]:.3f} | "
+                     f"{p['dice'][8]:.3f} | {p['source']} |")
+    one = [b for b in budgets if b.cases is not None and len(b.cases) == 1]
+    if one:
+        lines += ["", f"Here, at the only directly comparable budget ({one[0].display()}):"]
+        for p in PUBLISHED:
+            r = by.get((p["method"], one[0].name))
+            if r is not None:
+                lines.append(f"- {p['method']}: {_pm(r, 'dice')} here vs {p['dice'][1]:.3f} published")
+    lines += ["", "Protocol differences to the published numbers:", ""] + [
+        f"- {n}" for n in PROTOCOL_NOTES]
+    verdict = verdict_lines(study, agg)
+    if verdict:
+        lines += ["", "Against the baseline:", ""] + verdict
+    if study.notes:
+        lines += ["", "Settings of this study:", ""] + [f"- {n}" for n in study.notes]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One plain sentence per method: the budgets where its mean Dice is above / not above the
+    baseline's (paired by seed)."""
+    out = []
+    for m in study.methods:
+        if m == study.baseline:
+            continue
+        rows = [r for r in agg if r["method"] == m and r.get("delta") is not None]
+        if not rows:
+            continue
+        above = [f"{r['budget_label']} ({r['delta']:+.3f})" for r in rows if r["delta"] > 0]
+        below = [f"{r['budget_label']} ({r['delta']:+.3f})" for r in rows if r["delta"] <= 0]
+        if not below:
+            s = f"- {m}: above the baseline at every budget run: {', '.join(above)}"
+        elif not above:
+            s = f"- {m}: does **not** beat the baseline at any budget run: {', '.join(below)}"
+        else:
+            s = (f"- {m}: above the baseline at {', '.join(above)}; not above at "
+                 f"{', '.join(below)}")
+        n = min(r["n_paired"] for r in rows)
+        out.append(s + f" (paired over {n} seed{'s' * (n != 1)}).")
+    return out
+
+
+def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes:
+    """Dice vs labelled patients (log x; 1 ACDC volume = 0.5 patient), one line per method
+    (baseline dashed black), error bars = sd over seeds (ddof=1)."""
+    # deferred: matplotlib is slow to import and must get the Agg backend before pyplot
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(records, study.baseline)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
+    colours = plt.get_cmap("tab10").colors
+    xs_all: dict[float, str] = {}
+    for i, m in enumerate(methods):
+        rows = sorted((r for r in agg if r["method"] == m and r.get("dice") is not None),
+                      key=lambda r: r["labelled_patients"])
+        if not rows:
+            continue
+        x = [r["labelled_patients"] for r in rows]
+        y = [r["dice"] for r in rows]
+        e = [r.get("dice_sd") or 0.0 for r in rows]
+        for r in rows:
+            xs_all[r["labelled_patients"]] = r["budget_label"]
+        base = m == study.baseline
+        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, lw=2.2 if base else 1.4,
+                    ls="--" if base else "-", color="black" if base else colours[i % 10],
+                    label=f"{m} (baseline)" if base else m)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xscale("log")
+    ticks = sorted(xs_all)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{xs_all[t]}\n({t:g})" for t in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("labelled patients (1 ACDC volume = 0.5)")
+    ax.set_ylabel("mean foreground Dice (val)")
+    n = max((r["n_seeds"] for r in agg), default=0)
+    ax.set_title(f"{study.name}: label efficiency (mean ± sd over {n} seed{'s' * (n != 1)})",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+CSV_FIRST = ("method", "budget", "seed", "labelled_volumes", "labelled_patients", "pretrain",
+             "strategy", "dice", "hd95", "asd")
+
+
+def write_report(study: StudyConfig, study_dir: str, records: Sequence[Mapping[str, Any]],
+                 total: int, command: str = "") -> dict[str, str]:
+    """results.json, results.csv, results.md, curve.png in STUDY_DIR; returns their paths."""
+    recs = list(records)
+    paths = {k: os.path.join(study_dir, f) for k, f in (
+        ("json", "results.json"), ("csv", "results.csv"), ("md", "results.md"),
+        ("png", "curve.png"))}
+    write_json(paths["json"], {"study": study.name, "config_hash": study.hash(), "done": len(recs),
+                                "total": total, "partial": len(recs) < total,
+                                "aggregate": aggregate(recs, study.baseline), "cells": recs})
+    keys = list(CSV_FIRST) + sorted({k for r in recs for k in r if k not in CSV_FIRST
+                                     and not isinstance(r[k], (list, dict))})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in recs:
+        w.writerow({k: r.get(k) for k in keys})
+    Path(paths["csv"]).write_text(buf.getvalue())
+    cmd = command or _read_command(study_dir)
+    Path(paths["md"]).write_text(results_markdown(study, recs, total, cmd))
+    if recs:
+        Path(paths["png"]).write_bytes(curve_png(study, recs))
+    return paths
+
+
+
+def _read_command(study_dir: str) -> str:
+    try:
+        return Path(study_dir, "command.txt").read_text().strip()
+    except OSError:
+        return ""
+
+
+def finished_records(study: StudyConfig, study_dir: str, store: str) -> list[dict[str, Any]]:
+    """The ``cell.json`` of every finished cell whose config hash matches the study's cell
+    config, in cell order."""
+    recs = []
+    for cell in cells(study):
+        r = read_json(os.path.join(cell_dir_of(study_dir, cell), "cell.json"))
+        if r is not None and r.get("config_hash") == resolve_cell(study, study_dir, cell,
+                                                                  store_uri(store))[0].hash():
+            recs.append(r)
+    return recs
+
+
+def report_only(study: StudyConfig, study_dir: str) -> dict[str, Any]:
+    """Rewrite the report from the finished cells (no training, no Ray)."""
+    cfg_path = os.path.join(study_dir, "study.yaml")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"--study-dir {study_dir}: no study.yaml (not a study directory)")
+    store = (study.base.get("data") or {}).get("store") or os.path.join(study_dir, "store.zarr")
+    recs = finished_records(study, study_dir, store)
+    return {"records": recs, "report": write_report(study, study_dir, recs, len(cells(study)))}

@@ -1,0 +1,66 @@
+"""Worker-side helpers of the training loop that are not training: progress pushes, the
+local-mode checkpoint directory, and the test/diagnostic hooks (``LoopSpec.hooks``: an
+``events`` file and a ``kill`` spec that SIGKILLs one worker once)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["KeptDir", "event", "push_progress", "should_kill"]
+
+
+class KeptDir:
+    """Context manager yielding a directory that is not deleted on exit (local mode)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def push_progress(queue: Any, item: dict[str, Any]) -> None:
+    try:
+        queue.put_nowait(item)
+    except Exception:  # a full or gone queue must never stop training
+        pass
+
+
+def should_kill(spec: dict[str, Any], rank: int, epoch: int, step: int) -> bool:
+    """Test hook: SIGKILL this worker once (a flag file marks that it already happened)."""
+    if rank != spec.get("rank", 1) or epoch != spec.get("epoch", 2) or step != spec.get("step", 0):
+        return False
+    flag = Path(spec["flag"])
+    if flag.exists():
+        return False
+    if spec.get("snapshot"):  # die only once the previous epoch's checkpoint is registered
+        _wait_registered(Path(spec["snapshot"]), epoch - 1, timeout=float(spec.get("timeout", 300)))
+    flag.write_text(f"killed rank {rank} epoch {epoch} step {step}\n")
+    return True
+
+
+def _wait_registered(snapshot: Path, epoch: int, timeout: float) -> None:
+    """Block until Ray Train's ``checkpoint_manager_snapshot.json`` lists a checkpoint of
+    ``epoch`` (the controller registers reported checkpoints asynchronously)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
+            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in results):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+
+
+def event(hooks: dict[str, Any], rank: int, what: str, epoch: int) -> None:
+    """Test/diagnostic hook: append ``rank what epoch`` to ``hooks["events"]`` (local file)."""
+    path = hooks.get("events")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{rank} {what} {epoch}\n")

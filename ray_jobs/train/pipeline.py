@@ -1,0 +1,308 @@
+"""The main job: (ingest) -> pretrain -> fine-tune -> evaluate, plus the supervised baseline.
+
+The run directory layout and the stage API are in :mod:`ray_jobs.train.stage`. Stages whose
+``<stage>/model/model.json`` exists with the same config hash are skipped, and an interrupted
+stage resumes from its last checkpoint (same Ray run name and storage path), so re-running the
+same command continues a run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import fsspec
+import ray
+import yaml
+
+import storage
+from localcl.losses.lrc import felzenszwalb_superpixels
+from localcl.methods import METHODS
+from ray_jobs.config import Config, validate
+from ray_jobs.errors import UserError
+from ray_jobs.evaluation.job import evaluate_store
+from ray_jobs.evaluation.model_card import build_model_card, write_model_card
+from ray_jobs.train.checkpoint import read_spec
+from ray_jobs.train.self_training import run_self_training
+from ray_jobs.train.stage import STAGE_DIRS, Plan, export_stage, loop_spec, stage_done
+from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
+from storage.remote import join_uri, uri_exists
+
+
+def resolve_run_dir(cfg: Config, run_dir: Optional[str]) -> str:
+    rd = run_dir or cfg.run_dir or os.path.join("runs", cfg.name)
+    if "://" not in rd:
+        rd = os.path.abspath(rd)
+    return rd
+
+
+def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) -> Plan:
+    """Open (or ingest) the store and draw the label budget, the unlabelled pool and the
+    validation/test cases from the catalog."""
+    so = cfg.data.storage_options or None
+    uri = cfg.data.store or join_uri(run_dir, "store.zarr")
+    if not uri_exists(uri) or not has_cases(uri, so):
+        if not cfg.data.source:
+            raise UserError(f"data.store: {uri} does not exist and data.source is not set")
+        log(f"ingesting {cfg.data.source} -> {uri}")
+        storage.ingest(cfg.data.source, uri, storage_options=so, workers=2)
+    st = storage.open_store(uri, storage_options=so)
+    cat = st.catalog
+    sp = cfg.data.splits
+    for key, name in (("pool", sp.pool), ("val", sp.val), ("test", cfg.evaluate.split or sp.test)):
+        if name is not None and name not in cat.splits:
+            raise UserError(f"data.splits.{key}: split {name!r} not in the store "
+                            f"(has {sorted(cat.splits)})")
+    labelled = cat.label_budget(cfg.data.label_budget, seed=cfg.data.seed, pool=sp.pool)
+    unlabelled = cat.unlabelled_pool(labelled, pool=sp.pool)
+    if cfg.data.max_unlabelled is not None:
+        unlabelled = unlabelled[: cfg.data.max_unlabelled]
+    pretrain_cases = sorted(set(labelled) | set(unlabelled))
+    val = [c for c in (cat.splits[sp.val] if sp.val else []) if c in st.labelled_cases]
+    if cfg.data.max_val_cases is not None:
+        val = val[: cfg.data.max_val_cases]
+    test = [c for c in cat.splits[cfg.evaluate.split or sp.test] if c in st.labelled_cases]
+    if cfg.data.max_test_cases is not None:
+        test = test[: cfg.data.max_test_cases]
+    names = st.meta(labelled[0]).get("label_names") or {}
+    names = {str(k): str(v) for k, v in names.items()}
+    num_classes = cfg.model.num_classes or (max(int(k) for k in names) + 1 if names else 0)
+    if num_classes < 2:
+        raise UserError("model.num_classes: cannot infer from the store's label names; set it")
+    fp = st.attrs.get("fingerprint") or st.attrs.get("store_fingerprint") or ""
+    return Plan(uri, num_classes, names, labelled, unlabelled, pretrain_cases, val, test, str(fp))
+
+
+def has_cases(uri: str, so: Any) -> bool:
+    """Whether ``uri`` is a store holding at least one case."""
+    try:
+        return len(storage.open_store(uri, storage_options=so).cases) > 0
+    except Exception:
+        return False
+
+
+def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
+                init: Optional[dict[str, Any]] = None, hooks: Optional[dict[str, Any]] = None,
+                callbacks: Sequence[Any] = (), progress: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit ``section`` ("pretrain" | "finetune" | "baseline"), export its model, write
+    ``history.csv``. Returns ``{"model_dir", "history", "results"}``.
+
+    A fine-tune stage with ``self_training`` runs PLCL's rounds
+    (:func:`ray_jobs.train.self_training.run_self_training`); its round-0 teacher is the
+    baseline stage when the run has one and no initialisation."""
+    if section == "finetune" and cfg.finetune is not None and cfg.finetune.self_training is not None:
+        teacher = None
+        if init is None and cfg.baseline is not None and not stage_done(
+                join_uri(run_dir, STAGE_DIRS["finetune"], "model"), cfg):
+            teacher = run_section(cfg, plan, run_dir, "baseline", hooks=hooks,
+                                  progress=progress, log=log)["model_dir"]
+        return run_self_training(cfg, plan, run_dir, init=init, teacher=teacher, hooks=hooks,
+                                 callbacks=callbacks, progress=progress, log=log)
+    sdir = STAGE_DIRS[section]
+    model_dir = join_uri(run_dir, sdir, "model")
+    if stage_done(model_dir, cfg):
+        log(f"{sdir}: already done ({model_dir}), skipping")
+        return {"model_dir": model_dir, "history": None, "results": {}}
+    method_cls = METHODS[cfg.pretrain.method.name] if section == "pretrain" and cfg.pretrain else None
+    if method_cls is not None and method_cls.pretrain_batch == "slices+superpixels":
+        ensure_superpixels(cfg, plan, log)
+    mstages: list[Optional[str]] = [None]
+    if method_cls is not None:
+        mstages = list(method_cls.stages or [None])
+    results, history = {}, []
+    for i, ms in enumerate(mstages):
+        suffix = "" if ms in (None, "main") or len(mstages) == 1 else f"-{ms}"
+        this_init = init
+        if i > 0:  # next method stage starts from the previous one's weights (GLCL local)
+            this_init = {"kind": "state", "dir": join_uri(run_dir, sdir, f"stage-{mstages[i - 1]}")}
+        spec = loop_spec(cfg, plan, section, init=this_init, hooks=hooks, method_stage=ms)  # type: ignore[arg-type]
+        log(f"{sdir}{suffix}: {cfg.scaling.num_workers} worker(s), "
+            f"{cfg.schedule_for(section, ms).epochs} epoch(s)")
+        res = fit_stage(cfg, spec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}{suffix}",
+                        progress=progress, callbacks=list(callbacks) if section != "pretrain" else [])
+        results[ms or "main"] = res
+        history += [dict(r, stage=ms) if ms and len(mstages) > 1 else r for r in res.history]
+        if len(mstages) > 1 and i < len(mstages) - 1:
+            export_stage(cfg, plan, section, res.checkpoint_dir, join_uri(run_dir, sdir, f"stage-{ms}"))
+        last = res
+    write_history(run_dir, sdir, history)
+    if cfg.logging.tensorboard:
+        write_tensorboard(run_dir, sdir, history)
+    export_stage(cfg, plan, section, last.checkpoint_dir, model_dir)
+    return {"model_dir": model_dir, "history": history, "results": results}
+
+
+def superpixel_task(uri: str, case: str, kwargs: dict[str, Any], so: Any) -> list[str]:
+    """One case's super-pixel cache (a Ray task)."""
+    fn = functools.partial(felzenszwalb_superpixels, **kwargs)
+    return list(storage.cache_derived(uri, "superpixels", fn, cases=[case], storage_options=so)["computed"])
+
+
+def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = print) -> list[str]:
+    """Cache Felzenszwalb super-pixels (``localcl.losses.lrc.felzenszwalb_superpixels`` on the
+    normalised native slice, via ``storage.cache_derived``, with the parameters the method
+    declares in ``superpixel_params``) as the derived array ``superpixels`` of every
+    pretraining case that lacks it: one Ray task per case (1 CPU). Cached maps are reused
+    whatever their parameters (the store records ``fn`` in the array's attributes); delete the
+    array to recompute. Returns the cases computed."""
+    so = cfg.data.storage_options or None
+    st = storage.open_store(plan.store, storage_options=so)
+    todo = [c for c in plan.pretrain_cases if not st.has_array(c, "superpixels")]
+    if not todo:
+        return []
+    assert cfg.pretrain is not None
+    kwargs = METHODS[cfg.pretrain.method.name].superpixel_params(cfg.method_config("pretrain"))
+    log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
+    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)
+    done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
+    return [c for part in done for c in part]
+
+
+def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:
+    """Write RUN_DIR/config.yaml; refuse to reuse a run dir holding a different config."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    path = join_uri(root, "config.yaml")
+    if fs.exists(path) and not force:
+        with fs.open(path, "r") as f:
+            old = yaml.safe_load(f) or {}
+        try:
+            same = validate(old).hash() == cfg.hash()
+        except UserError:
+            same = False
+        if not same:
+            raise UserError(f"{run_dir} holds a run with a different config; pass another "
+                            f"--run-dir (or --set name=...) to start a new run")
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(cfg.to_yaml())
+
+
+def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "finetune"),
+               finetune_callbacks: Sequence[Any] = (), progress: bool = True,
+               hooks: Optional[dict[str, Any]] = None,
+               log: Callable[[str], None] = print, card: bool = True) -> dict[str, Any]:
+    """Run the training stages in order (pretrain -> finetune, baseline). Fine-tuning starts
+    from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
+    configured, else from scratch. Writes the model card (without metrics) when ``card``.
+    Returns ``{"plan": Plan, "timings": {section: s}, section: run_section(...) result}``."""
+    plan = prepare_data(cfg, run_dir, log)
+    write_config(cfg, run_dir)
+    out: dict[str, Any] = {"plan": plan, "timings": {}}
+    for section in stages:
+        if getattr(cfg, section) is None:
+            raise UserError(f"{section}: this config has no '{section}' section")
+        init = None
+        if section == "finetune":
+            src = cfg.finetune.init or (out.get("pretrain", {}).get("model_dir")
+                                        or (join_uri(run_dir, "pretrain", "model")
+                                            if cfg.pretrain is not None else None))
+            if src:
+                if not uri_exists(join_uri(src, "model.json")):
+                    raise UserError(f"finetune.init: no exported model at {src} "
+                                    f"(run 'localcl pretrain' first)")
+                init = {"kind": "backbone", "dir": src}
+        t0 = time.perf_counter()
+        out[section] = run_section(cfg, plan, run_dir, section, init=init, hooks=hooks,
+                                   callbacks=finetune_callbacks if section == "finetune" else (),
+                                   progress=progress, log=log)
+        out["timings"][section] = round(time.perf_counter() - t0, 1)
+    if card:
+        write_run_card(cfg, plan, run_dir, metrics=None, extra={"timings_s": out["timings"]})
+    return out
+
+
+def run_pipeline(cfg: Config, run_dir: str, evaluate: bool = True, progress: bool = True,
+                 hooks: Optional[dict[str, Any]] = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
+    then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
+    stages = [s for s in ("pretrain", "finetune", "baseline") if getattr(cfg, s) is not None]
+    out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log,
+                     card=not evaluate)
+    if evaluate:
+        t0 = time.perf_counter()
+        out["eval"] = evaluate_models(cfg, out["plan"], run_dir, log=log)
+        out["timings"]["evaluate"] = round(time.perf_counter() - t0, 1)
+        out["card"] = write_run_card(cfg, out["plan"], run_dir, metrics=out["eval"],
+                                     extra={"timings_s": out["timings"]})
+    return out
+
+
+EVAL_NAMES = (("finetune", "method"), ("baseline", "baseline"))
+
+
+def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
+    on the test cases into RUN_DIR/eval/<name>/ with :func:`ray_jobs.evaluation.job.evaluate_store`
+    (a Ray Train job with ``scaling.num_workers`` workers). Returns ``{name: summary.json}``."""
+    if not plan.test:
+        raise UserError(f"evaluate.split: no labelled test cases in split "
+                        f"{cfg.evaluate.split or cfg.data.splits.test!r}")
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    res = {}
+    for section, name in EVAL_NAMES:
+        if getattr(cfg, section) is None:
+            continue
+        model_dir = join_uri(run_dir, STAGE_DIRS[section], "model")
+        out_dir = join_uri(run_dir, "eval", name)
+        log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
+        sc = cfg.scaling
+        res[name] = evaluate_store(
+            model_dir, plan.store, out_dir, cases=plan.test,
+            num_workers=min(sc.num_workers, len(plan.test)), use_gpu=sc.use_gpu,
+            resources_per_worker=dict(sc.resources_per_worker),
+            storage_options=cfg.data.storage_options or None,
+            storage_path=os.path.join(root, "eval", "_ray") if local else None,
+            plots=cfg.evaluate.plots, overlay_cases=cfg.evaluate.overlay_cases,
+            title=f"{name}: {getattr(cfg, section).method.name} on "
+                  f"{cfg.evaluate.split or cfg.data.splits.test}")
+    return res
+
+
+def write_run_card(cfg: Config, plan: Plan, run_dir: str,
+                   metrics: Optional[dict[str, Any]] = None,
+                   extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """RUN_DIR/model_card.json + MODEL_CARD.md (:mod:`ray_jobs.evaluation.model_card`): pretraining
+    method, fine-tuning strategy, store + fingerprint, label budget and labelled cases, the
+    resolved config and its hash, code version, evaluation metrics and ``extra``."""
+    ex = dict(extra or {})
+    if cfg.finetune is not None and cfg.finetune.self_training is not None:
+        try:
+            ex["self_training"] = read_spec(join_uri(run_dir, "finetune", "model")).get("self_training")
+        except UserError:
+            pass
+    card = build_model_card(
+        run_name=cfg.name,
+        method=cfg.pretrain.method.name if cfg.pretrain is not None else None,
+        strategy=cfg.finetune.method.name if cfg.finetune is not None else None,
+        store=plan.store, label_budget=cfg.data.label_budget, labelled_cases=plan.labelled,
+        config=cfg.to_dict(), metrics=metrics or {},
+        storage_options=cfg.data.storage_options or None, extra=ex)
+    write_model_card(run_dir, card)
+    return card
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Markdown table of mean foreground Dice / HD95 / ASD per evaluated model."""
+    rows = ["| model | Dice | HD95 (mm) | ASD (mm) |", "|---|---|---|---|"]
+    for name, s in results.items():
+        mean = s.get("mean", s) if isinstance(s, dict) else {}
+        rows.append(f"| {name} | {_fmt(mean.get('dice'))} | {_fmt(mean.get('hd95'))} | "
+                    f"{_fmt(mean.get('asd'))} |")
+    return "\n".join(rows)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def dump_json(uri: str, obj: Any) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)

@@ -1,0 +1,301 @@
+"""Ray wiring: connect to / start Ray, build and fit one ``TorchTrainer`` per training stage.
+
+- :func:`init_ray`: ``--address`` or ``RAY_ADDRESS`` -> ``ray.init(address)`` with no resource
+  arguments (they are refused when connecting); otherwise a local instance on 127.0.0.1 sized
+  to the job (``num_workers`` CPUs at least; :func:`start_local_ray`, whose workers know
+  their cluster's address). Already-initialised Ray (tests) is reused.
+- :func:`fit_stage`: ``TorchTrainer(train_func, ScalingConfig(...), TorchConfig(backend=
+  "nccl" on GPU else "gloo"), RunConfig(storage_path=RUN_DIR/<stage>, name=<run>-<stage>,
+  FailureConfig(max_failures), CheckpointConfig(num_to_keep)))``. No ``trainer_resources``
+  (Train V2's controller uses 0 CPU). A second fit with the same name and storage path resumes
+  from the last checkpoint (driver-level resume). Live progress is rendered on the driver from a
+  ``ray.util.queue.Queue`` that rank 0 feeds; per-epoch metrics go to TensorBoard
+  (``RUN_DIR/<stage>/tensorboard``) and ``history.csv``.
+- A failed fit raises :class:`UserError` naming the root cause (lowest failing rank) and
+  writes every worker's traceback to ``RUN_DIR/<stage>/failure.log``.
+- ``scaling.num_workers = 0`` is Ray Train local mode (the loop runs in the driver); its
+  checkpoints are kept under ``RUN_DIR/<stage>/<run>/local_checkpoints`` since local mode does
+  not copy them to storage.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import io
+import os
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import fsspec
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ray_jobs.cluster.local_head import free_port
+from ray_jobs.config import Config
+from ray_jobs.errors import UserError
+from ray_jobs.train.stage import STATE_FILE, LoopSpec
+from ray_jobs.train.worker import train_func
+from storage.remote import env_storage_options, forwarded_env
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address or None, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address {address or os.environ.get('RAY_ADDRESS')}: "
+                            f"cannot connect to Ray ({str(exc).splitlines()[0]})") from None
+        return
+    start_local_ray(num_cpus=num_cpus, **kwargs)
+
+
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a new local Ray instance on 127.0.0.1 (512 MiB object store, dashboard on
+    loopback) and return its GCS address ``127.0.0.1:PORT``.
+
+    The GCS port is chosen up front (``RAY_GCS_SERVER_PORT``) and ``RAY_ADDRESS`` names it in
+    the environment the raylet and therefore every worker inherit. Without that, Ray code in a
+    worker that looks the cluster up by itself (Ray Train V2's ``PlacementGroupCleaner`` calls
+    the State API with no address) fails with "Found multiple active Ray instances" whenever
+    another Ray instance runs on the host, and the placement groups of a Train run whose
+    controller died (a trial stopped by ASHA, a killed driver) are never released: later
+    trials then wait for CPUs that are reserved by no one. ``address="local"`` makes
+    ``ray.init`` itself ignore ``RAY_ADDRESS``; the driver's own environment is restored after.
+    """
+    address = f"127.0.0.1:{free_port()}"
+    kwargs: dict[str, Any] = dict(object_store_memory=512 * 2**20, include_dashboard=True,
+                                  dashboard_host="127.0.0.1")
+    kwargs.update(init_kwargs)
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1])
+    try:
+        ctx = ray.init(address="local", **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    got = ctx.address_info.get("gcs_address", address)
+    if got != address:  # the port was taken between choosing and binding
+        raise RuntimeError(f"local Ray started on {got}, not on the chosen {address}")
+    return address
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """Runtime env of Train workers: the driver's object-storage variables (credentials,
+    endpoint; :data:`storage.remote.FORWARDED_ENV`), so an ``s3://`` store or run directory
+    works in workers of a Ray instance started before they were set. Empty when none is set."""
+    env = forwarded_env()
+    return {"env_vars": env} if env else {}
+
+
+@dataclass
+class StageResult:
+    name: str
+    storage: str
+    history: list[dict[str, Any]]
+    checkpoint_dir: str  # final checkpoint on this machine (state.pt, best.pt); read only
+
+
+def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
+    """Ray storage_path + pyarrow filesystem for RUN_DIR/<stage> (local dirs made absolute).
+
+    For ``s3://`` the file system carries the driver's ``AWS_*`` settings explicitly: it is
+    pickled to Ray Train's controller actor, whose environment has only Ray's variables."""
+    fs, path = fsspec.core.url_to_fs(run_dir, **env_storage_options(run_dir))
+    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol or ()):
+        full = os.path.abspath(os.path.join(path, stage))
+        os.makedirs(full, exist_ok=True)
+        return full, None
+    pafs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return f"{path.rstrip('/')}/{stage}", pafs
+
+
+def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
+              run_name: Optional[str] = None, progress: bool = True,
+              callbacks: Sequence[Any] = ()) -> StageResult:
+    """Fit one stage (``spec``, built by :func:`ray_jobs.train.stage.loop_spec`) into
+    ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
+    history (one row per epoch) and final checkpoint. ``callbacks`` are extra Ray Train
+    callbacks (e.g. Tune's ``TuneReportCallback``)."""
+    storage_path, storage_fs = _storage(run_dir, stage)
+    sc = cfg.scaling
+    resources = dict(sc.resources_per_worker)
+    if sc.use_gpu:
+        resources.setdefault("GPU", 1)
+    queue = None
+    if progress and cfg.logging.progress:
+        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage}
+    if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
+        if storage_fs is not None:
+            raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
+        update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}",
+                                                 "local_checkpoints")
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"spec": spec.model_copy(update=update)},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+            resources_per_worker=resources if sc.num_workers else None,
+            placement_strategy=sc.placement),
+        run_config=ray.train.RunConfig(
+            name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
+            storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
+            worker_runtime_env=worker_runtime_env(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+    )
+    renderer = _Progress(queue, stage) if queue is not None else None
+    if renderer:
+        renderer.start()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
+        log_path = _write_failure(storage_path, storage_fs, exc)
+        raise UserError(f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
+                        f"{log_path}; re-run the same command to resume from the last "
+                        f"checkpoint in {storage_path}") from exc
+    finally:
+        if renderer:
+            renderer.stop()
+        if queue is not None:
+            try:
+                queue.shutdown()
+            except Exception:
+                pass
+    if result.checkpoint is None:
+        raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
+    if storage_fs is None and os.path.isdir(result.checkpoint.path):
+        local = result.checkpoint.path  # already on this machine: no copy
+    else:  # object storage: download once, deleted when the driver exits
+        local = result.checkpoint.to_directory()
+        atexit.register(shutil.rmtree, local, True)
+    state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
+    history = list(state["history"])
+    return StageResult(stage, storage_path, history, local)
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """``Type: first line`` of the root cause: the lowest-rank worker's exception for a
+    ``WorkerGroupError``, the controller's for a ``ControllerError``, else ``exc`` itself."""
+    cause: BaseException = exc
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        cause = failures[min(failures)]
+    elif getattr(exc, "controller_failure", None) is not None:
+        cause = exc.controller_failure  # type: ignore[attr-defined]
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
+def _write_failure(storage_path: str, storage_fs: Any, exc: BaseException) -> str:
+    """Write the full failure text (every worker's traceback) to ``<stage>/failure.log``."""
+    parts = ["".join(traceback.format_exception(exc))]
+    for rank, err in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        parts.append(f"--- rank {rank} ---\n" + "".join(traceback.format_exception(err)))
+    text = "\n".join(parts)
+    path = f"{storage_path.rstrip('/')}/failure.log"
+    try:
+        if storage_fs is None:
+            with open(path, "w") as f:
+                f.write(text)
+        else:
+            with storage_fs.open_output_stream(path) as f:
+                f.write(text.encode())
+    except Exception:  # reporting must not mask the training failure
+        return "(could not write failure.log)"
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def write_history(run_dir: str, stage: str, history: list[dict[str, Any]]) -> str:
+    """RUN_DIR/<stage>/history.csv: one row per epoch (columns = union of metric keys)."""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    order = ["epoch"] + [k for k in keys if k != "epoch"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=order)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row.get(k, "") for k in order})
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    path = f"{root.rstrip('/')}/{stage}/history.csv"
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def write_tensorboard(run_dir: str, stage: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch scalars to RUN_DIR/<stage>/tensorboard (local run dirs only)."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return
+    try:
+        # deferred: TensorBoard is heavy to import and only used with logging.tensorboard
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: skip silently (documented)
+        return
+    w = SummaryWriter(os.path.join(root, stage, "tensorboard"))
+    for row in history:
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                w.add_scalar(f"{stage}/{k}", v, int(row["epoch"]))
+    w.close()
+
+
+class _Progress:
+    """Driver-side live progress (rich) fed by rank 0 through a Ray queue."""
+
+    def __init__(self, queue: Any, stage: str) -> None:
+        self.queue, self.stage = queue, stage
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        cols = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(),
+                TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[rate]:.1f} samples/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*cols, transient=False) as bar:
+            task = bar.add_task("train", total=None, stage=self.stage, epoch=0, epochs="?",
+                                loss=float("nan"), rate=0.0)
+            while not self._stop.is_set():
+                try:
+                    items = self.queue.get_nowait_batch(self.queue.qsize())
+                except Exception:
+                    items = []
+                for it in items:
+                    total = it["epochs"] * it["steps"]
+                    done = (it["epoch"] - 1) * it["steps"] + it["step"]
+                    bar.update(task, total=total, completed=done, epoch=it["epoch"],
+                               epochs=it["epochs"], loss=it["loss"], rate=it["samples_per_s"])
+                self._stop.wait(0.5)

@@ -1,0 +1,427 @@
+"""The per-worker training function of every Ray Train job (pretraining and fine-tuning).
+
+``train_func({"spec": spec})`` runs on each of the ``W`` workers of a ``TorchTrainer``, with
+``spec`` the frozen :class:`ray_jobs.train.stage.LoopSpec` the driver built and validated (the
+worker trusts it: the run config and the method config arrive validated). It
+
+1. builds the storage samplers for this worker, sharded by ``(rank, W)``: the global batch of
+   ``B`` slices is split into ``B / W`` per worker; one epoch is ``steps_per_epoch`` steps;
+2. builds the method (``METHODS[name]`` to pretrain, ``FINETUNE[name]`` to fine-tune), wraps it in
+   :class:`StepModule` so that the method's ``pretrain_step`` / ``finetune_step`` run inside the
+   DDP ``forward`` (gradient synchronisation is armed there; calling the raw method would bypass
+   it), and calls ``ray.train.torch.prepare_model(find_unused_parameters=True)`` (heads unused in
+   a phase would otherwise stall DDP's reducer);
+3. builds the optimiser and a per-step LR schedule
+   ``lr(s) = lr0 * w(s) * f(s)`` with linear warm-up ``w(s) = min(1, (s+1)/S_w)`` and
+   ``f`` = 1 (constant), ``r + (1-r)(1+cos(pi s/S))/2`` (cosine) or ``r + (1-r)(1-s/S)^0.9`` (poly),
+   ``S`` the total number of steps of the stage and ``r = min_lr_ratio``;
+4. resumes from ``ray.train.get_checkpoint()`` when there is one (worker restart after a failure,
+   or a driver re-fit with the same run name): model (EMA/momentum branches and queues are
+   registered buffers/sub-modules of the method, so they are in its state_dict), optimiser,
+   scheduler, AMP scaler, best model so far, history and the global step; training continues at
+   the epoch after the checkpoint's;
+5. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
+   the method) from ``(seed, rank, epoch)`` and calls ``sampler.set_epoch(epoch)``, so a resumed
+   epoch draws exactly what an uninterrupted run would; runs the steps (autocast bf16/fp16 on CUDA
+   only); in fine-tuning, computes the validation Dice; then every rank calls
+   ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
+
+Fine-tuning extras: ``spec.pseudo`` (PLCL self-training round ``spec.round``, see
+:mod:`ray_jobs.train.self_training`) makes the unlabelled sampler read that derived array as
+labels, delivered to the strategy under its ``pseudo_label_key``; ``method.start_round(r)`` is
+called before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's metrics to MLflow
+through ``ray.air.integrations.mlflow.setup_mlflow``. Every history row carries
+``start_epoch``, the epoch this worker group started at (1, or the resumed epoch).
+
+Checkpoint directory (rank 0): ``state.pt`` (model/optimiser/scheduler/scaler state, epoch,
+global step, sampler epoch, seed, history, best score) and ``best.pt`` (the model state_dict with
+the best validation Dice, or the last epoch's when there is no validation). Both are read with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from localcl.methods import FINETUNE, METHODS
+from localcl.methods.base import FinetuneStrategy, PretrainMethod
+from ray_jobs.train.checkpoint import load_model, load_state
+from ray_jobs.train.hooks import KeptDir, event, push_progress, should_kill
+from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
+from ray_jobs.train.validation import validation_dice
+from storage import samplers
+
+__all__ = ["BEST_FILE", "STATE_FILE", "VAL_METRICS", "StepModule", "amp_dtype", "build_loaders",
+           "build_method", "epoch_seed", "lr_factor", "reseed", "train_func", "validation_dice"]
+
+
+class StepModule(nn.Module):
+    """Routes ``forward`` to the method's step so DDP's forward hooks wrap the whole step.
+
+    ``forward("pretrain", batch, step)`` -> ``method.pretrain_step(batch, step=step)``;
+    ``forward("finetune", batch_l, batch_u, step, total)`` -> ``method.finetune_step(...)``.
+    Returns the method's dict of tensors (``out["loss"]`` is the scalar to minimise).
+    """
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, kind: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if kind == "pretrain":
+            return self.method.pretrain_step(*args, **kwargs)
+        if kind == "finetune":
+            return self.method.finetune_step(*args, **kwargs)
+        raise ValueError(f"StepModule.forward: unknown kind {kind!r}")
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base LR at optimiser step ``step`` (0-based) of ``total``."""
+    w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    if kind == "cosine":
+        f = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    elif kind == "poly":
+        f = min_ratio + (1 - min_ratio) * (1 - t) ** 0.9
+    else:
+        f = 1.0
+    return w * f
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Deterministic per-(seed, rank, epoch) seed in [0, 2**31) (all arguments >= 0; epoch 0
+    seeds the initial weights, training epochs are 1-based)."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0] % (2**31))
+
+
+def reseed(method: Optional[PretrainMethod | FinetuneStrategy], seed: int) -> None:
+    """Seed torch/CUDA/numpy/python and the method's view/sampling generator
+    (``method.reseed(seed)``, which adds its own rank offset)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+    if method is not None:
+        method.reseed(seed)
+
+
+def build_optimizer(params: list[nn.Parameter], oc: Any, lr: float) -> torch.optim.Optimizer:
+    if oc.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def _cycle(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype: None on CPU (AMP is CUDA-only here) or when ``mode == "off"``."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+# --------------------------------------------------------------------------- data
+def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
+    """Samplers for this worker. Returns ``{"main": Dataset, "unlabelled": Dataset|None}``."""
+    cfg, schedule = spec.config, spec.schedule
+    size = tuple(cfg.data.size)
+    uri, so = spec.store, cfg.data.storage_options or None
+    per_worker = schedule.batch_size // max(world, 1)
+    n_samples = per_worker * schedule.steps_per_epoch * max(world, 1)
+    seed = cfg.data.seed
+    common = dict(size=size, seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
+    if cfg.data.spacing_mm is not None:
+        sy, sx = cfg.data.spacing_mm
+        if sy != sx:
+            raise ValueError("data.spacing_mm: the samplers resample to isotropic in-plane pixels")
+        common["spacing_mm"] = float(sy)
+    hidden = list(spec.unlabelled)  # outside the label budget: labels never reach training
+    if spec.section == "pretrain":
+        kind = METHODS[spec.method_name].pretrain_batch
+        cases = list(spec.pretrain_cases)
+        if kind == "partition":
+            parts = int(getattr(spec.method_cfg, "partitions", 4))
+            if per_worker % parts:
+                raise ValueError(f"pretrain.schedule.batch_size per worker ({per_worker}) must be a "
+                                 f"multiple of the method's partitions ({parts})")
+            m = max(1, per_worker // parts)
+            ds = samplers.PartitionBatchDataset(
+                uri, cases, size, volumes_per_batch=m, partitions=parts,
+                batches_per_epoch=schedule.steps_per_epoch * max(world, 1),
+                seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
+            return {"main": ds, "batched": True, "unlabelled": None, "per_worker": m * parts}
+        derived = ("superpixels",) if kind == "slices+superpixels" else ()
+        ds = samplers.SliceDataset(uri, cases, samples_per_epoch=n_samples, derived=derived,
+                                   hide_labels=hidden, **common)
+        return {"main": ds, "batched": False, "unlabelled": None, "per_worker": per_worker}
+    ds_l = samplers.SliceDataset(uri, list(spec.labelled), samples_per_epoch=n_samples,
+                                 fg_oversample=cfg.data.fg_oversample, **common)
+    ds_u = None
+    ub = schedule.unlabelled_batch_size or schedule.batch_size
+    if spec.use_unlabelled and spec.unlabelled:
+        pseudo = spec.pseudo  # PLCL round r: labels come from the derived "pseudo_r{r}"
+        ds_u = samplers.SliceDataset(
+            uri, list(spec.unlabelled), samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch
+            * max(world, 1), hide_labels=[] if pseudo else hidden,
+            label_array=pseudo or "label", **{**common, "seed": seed + 1})
+    return {"main": ds_l, "batched": False, "unlabelled": ds_u, "per_worker": per_worker,
+            "per_worker_u": ub // max(world, 1)}
+
+
+def _loader(ds: Any, batch: Optional[int], workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=False, drop_last=batch is not None,
+        num_workers=workers, persistent_workers=False)
+
+
+# --------------------------------------------------------------------------- model
+def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
+    """The network of ``spec`` (``METHODS`` to pretrain, ``FINETUNE`` to fine-tune), with the
+    initial weights ``spec.init``."""
+    registry: Mapping[str, type[PretrainMethod] | type[FinetuneStrategy]] = (
+        METHODS if spec.section == "pretrain" else FINETUNE)
+    method = registry[spec.method_name](spec.method_cfg, spec.config.model.in_channels, spec.num_classes)
+    init = spec.init
+    if init is not None:
+        if init.kind == "backbone":  # pretrained method export -> fine-tuning backbone
+            if not isinstance(method, FinetuneStrategy):
+                raise ValueError("init kind 'backbone' loads into a fine-tuning strategy")
+            pre, _ = load_model(init.dir)
+            method.load_backbone(pre.backbone_state(), strict=False)
+        else:  # "state": same network (GLCL phase 2, PLCL round r)
+            method.load_state_dict(load_state(init.dir), strict=False)
+    return method
+
+
+# --------------------------------------------------------------------------- main loop
+def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one linear story
+    """Entry point run by every Ray Train worker: ``config["spec"]`` is the stage's
+    :class:`~ray_jobs.train.stage.LoopSpec`. See the module docstring."""
+    spec = config["spec"]
+    cfg = spec.config
+    section, mstage = spec.section, spec.method_stage
+    schedule = spec.schedule
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    reseed(None, epoch_seed(cfg.data.seed, 0, 0))  # same initial weights on every rank (epochs start at 1)
+
+    method = build_method(spec)
+    pseudo_key: Optional[str] = None
+    if isinstance(method, FinetuneStrategy):
+        if spec.round:  # PLCL self-training round r
+            method.start_round(spec.round)
+        if spec.pseudo:
+            pseudo_key = method.pseudo_label_key
+    method.to(device)
+    step_module = StepModule(method)
+    if world > 1:
+        model = ray.train.torch.prepare_model(
+            step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        model = step_module
+    if isinstance(method, PretrainMethod):
+        params = list(method.stage_parameters(mstage))
+    else:
+        params = [p for p in method.parameters() if p.requires_grad]
+    optim = build_optimizer(params, getattr(cfg, section).optim, cfg.lr(section))
+    total_steps = schedule.epochs * schedule.steps_per_epoch
+    warm = int(round(schedule.warmup_epochs * schedule.steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: lr_factor(s, total_steps, warm, schedule.scheduler, schedule.min_lr_ratio))
+    dtype = amp_dtype(schedule.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    start_epoch, global_step, history, best = 1, 0, [], {"score": -math.inf, "epoch": 0}
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+        method.load_state_dict(st["model"])
+        optim.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        start_epoch, global_step = int(st["epoch"]) + 1, int(st["global_step"])
+        history = list(st["history"])
+        best = dict(st["best"])
+
+    first_epoch = start_epoch
+    data = build_loaders(spec, rank, world)
+    nw = cfg.data.loader_workers
+    main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
+    u_loader = (_loader(data["unlabelled"], data["per_worker_u"], nw)
+                if data["unlabelled"] is not None else None)
+    hooks = spec.hooks
+    queue = spec.progress_queue if rank == 0 else None
+    mlflow = _setup_mlflow(spec) if cfg.logging.mlflow_uri else None
+    event(hooks, rank, "start", start_epoch)
+
+    for epoch in range(start_epoch, schedule.epochs + 1):
+        event(hooks, rank, "epoch", epoch)
+        reseed(method, epoch_seed(cfg.data.seed, rank, epoch))
+        for ds in (data["main"], data["unlabelled"]):
+            if ds is not None and hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+        method.train()
+        it_l = iter(main_loader)
+        it_u = _cycle(u_loader) if u_loader is not None else None
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        last_push = 0.0
+        n_seen = 0
+        for i in range(schedule.steps_per_epoch):
+            try:
+                batch = next(it_l)
+            except StopIteration:  # a sampler shorter than asked: restart it
+                it_l = iter(main_loader)
+                batch = next(it_l)
+            batch = _to_device(batch, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if section == "pretrain":
+                    out = model("pretrain", batch, step=global_step, stage=mstage)
+                else:
+                    bu = _to_device(next(it_u), device) if it_u is not None else None
+                    if bu is not None and pseudo_key:  # PLCL: pseudo-labels under their key
+                        bu[pseudo_key] = bu.pop("label")
+                    out = model("finetune", batch, bu, global_step, total_steps)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {i}: {loss.item()}")
+            optim.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optim)
+            else:
+                loss.backward()
+            oc = getattr(cfg, section).optim
+            if oc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, oc.grad_clip)
+            if scaler is not None:
+                scaler.step(optim)
+                scaler.update()
+            else:
+                optim.step()
+            sched.step()
+            method.on_after_step()
+            global_step += 1
+            n_seen += int(batch["image"].shape[0])
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
+                os.kill(os.getpid(), signal.SIGKILL)
+            now = time.perf_counter()
+            if queue is not None and (now - last_push > 1.0 or i == schedule.steps_per_epoch - 1):
+                last_push = now
+                push_progress(queue, {"stage": spec.stage_name, "epoch": epoch, "epochs": schedule.epochs,
+                              "step": i + 1, "steps": schedule.steps_per_epoch,
+                              "loss": sums.get("loss", 0.0) / (i + 1),
+                              "samples_per_s": n_seen * max(world, 1) / max(now - t0, 1e-9)})
+        elapsed = time.perf_counter() - t0
+        metrics: dict[str, Any] = {f"{k}": v / schedule.steps_per_epoch for k, v in sums.items()}
+        # start_epoch: the epoch this worker group (re)started at; > 1 on rows trained after a
+        # resume, so a history proves which epochs ran once and which were restored
+        metrics.update(epoch=epoch, start_epoch=first_epoch, global_step=global_step,
+                       lr=sched.get_last_lr()[0],
+                       time_s=elapsed, samples_per_s=n_seen * max(world, 1) / max(elapsed, 1e-9))
+        score = None
+        if section != "pretrain":
+            t_val = time.perf_counter()
+            val = validation_dice(method, spec, rank, world, device)
+            if val is not None:
+                metrics.update(val)
+                score = val["val_dice"]
+                metrics["val_time_s"] = time.perf_counter() - t_val
+        improved = score is None or score > best["score"]
+        if improved:
+            best = {"score": score if score is not None else -math.inf, "epoch": epoch}
+            if rank == 0:
+                best_state = {k: v.detach().cpu().clone() for k, v in method.state_dict().items()}
+        metrics["best_epoch"] = best["epoch"]
+        if score is not None:  # the val Dice of best.pt, the checkpoint the stage exports
+            metrics["best_val_dice"] = best["score"]
+        history.append(dict(metrics))
+        if mlflow is not None:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if isinstance(v, (int, float)) and k != "epoch"}, step=epoch)
+        checkpoint = None
+        # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
+        # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
+        keep_dir = spec.local_ckpt_root
+        if keep_dir:
+            os.makedirs(keep_dir, exist_ok=True)
+        with (KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir)) if keep_dir
+              else tempfile.TemporaryDirectory()) as tmp:
+            if rank == 0:
+                state = {
+                    "model": method.state_dict(), "optimizer": optim.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "epoch": epoch, "global_step": global_step, "sampler_epoch": epoch,
+                    "seed": cfg.data.seed, "history": history, "best": best,
+                }
+                torch.save(state, Path(tmp) / STATE_FILE)
+                torch.save(best_state, Path(tmp) / BEST_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        event(hooks, rank, "reported", epoch)
+    if mlflow is not None:
+        mlflow.end_run()
+
+
+def _setup_mlflow(spec: LoopSpec) -> Any:
+    """MLflow run of this stage through Ray's integration
+    (``ray.air.integrations.mlflow.setup_mlflow``): rank 0 gets the ``mlflow`` module (other
+    ranks a no-op), experiment ``cfg.name`` (created if missing), run name ``<stage>[-<method
+    stage>][-r<round>]``, the flattened config logged as parameters. A worker-group restart
+    opens a new MLflow run (tagged with the same ``ray_run``) whose steps continue the epochs."""
+    # deferred: the MLflow integration imports mlflow (the optional ``mlflow`` extra)
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    cfg, section, mstage = spec.config, spec.section, spec.method_stage
+    run = (spec.stage_name or section) + (f"-{mstage}" if mstage and mstage != "main" else "")
+    if spec.round:
+        run += f"-r{spec.round}"
+    flat = _flatten({k: v for k, v in cfg.to_dict().items() if k not in ("logging", "run_dir")})
+    return setup_mlflow(config=flat, tracking_uri=cfg.logging.mlflow_uri,
+                        experiment_name=cfg.name, run_name=run,
+                        create_experiment_if_not_exists=True,
+                        tags={"ray_run": run, "config_hash": cfg.hash(), "section": section})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

@@ -1,0 +1,115 @@
+"""ray_jobs.train.stage: the LoopSpec contract between the driver and the Ray Train workers."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pydantic
+import pytest
+
+from localcl.methods import FINETUNE, METHODS
+from ray_jobs import config as C
+from ray_jobs.train import stage, worker
+from ray_jobs.train.stage import Init, LoopSpec, Plan, loop_spec
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"widths": [8, 16, 16]}
+
+
+def _cfg() -> C.Config:
+    return C.validate({
+        "name": "t", "data": {"store": "/nonexistent.zarr", "size": [32, 32]},
+        "pretrain": {"method": {"name": "lrc", **SMALL, "tau_local": 0.2}, "schedule": {"batch_size": 4}},
+        "finetune": {"method": {"name": "supervised", **SMALL}, "schedule": {"batch_size": 4}},
+    })
+
+
+def _plan() -> Plan:
+    return Plan(store="memory://store.zarr", num_classes=4, label_names={"0": "bg", "1": "a", "2": "b", "3": "c"},
+                labelled=["p1"], unlabelled=["p2", "p3"], pretrain_cases=["p1", "p2", "p3"], val=["v1"],
+                test=["t1"])
+
+
+def test_loop_spec__built_once_with_the_validated_objects() -> None:
+    cfg, plan = _cfg(), _plan()
+    spec = loop_spec(cfg, plan, "finetune", init={"kind": "backbone", "dir": "/runs/x/pretrain/model"})
+    assert spec.config is cfg
+    assert isinstance(spec.method_cfg, FINETUNE["supervised"].Config)
+    assert (spec.method_name, spec.store, spec.num_classes) == ("supervised", plan.store, 4)
+    assert spec.labelled == ("p1",) and spec.unlabelled == ("p2", "p3") and spec.val == ("v1",)
+    assert spec.use_unlabelled and spec.init == Init(kind="backbone", dir="/runs/x/pretrain/model")
+    assert spec.model["config_hash"] == cfg.hash() and spec.model["num_classes"] == 4
+    pre = loop_spec(cfg, plan, "pretrain", method_stage=None)
+    assert isinstance(pre.method_cfg, METHODS["lrc"].Config) and pre.method_cfg.tau_local == 0.2
+    assert pre.val == () and not pre.use_unlabelled
+    assert pre.schedule == cfg.schedule_for("pretrain", None)
+
+
+def test_loop_spec__is_frozen() -> None:
+    spec = loop_spec(_cfg(), _plan(), "finetune")
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        spec.store = "s3://elsewhere"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        spec.init = Init(kind="state", dir="/x")  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        Init(kind="state", dir="/x").dir = "/y"  # type: ignore[misc]
+
+
+def test_loop_spec__rejects_bad_fields_on_the_driver() -> None:
+    cfg, plan = _cfg(), _plan()
+    with pytest.raises(pydantic.ValidationError, match="kind"):
+        loop_spec(cfg, plan, "finetune", init={"kind": "weights", "dir": "/x"})
+    fields = dict(loop_spec(cfg, plan, "finetune"))
+    with pytest.raises(pydantic.ValidationError, match="section"):
+        LoopSpec(**{**fields, "section": "evaluate"})
+    with pytest.raises(pydantic.ValidationError, match="num_classes"):
+        LoopSpec(**{**fields, "num_classes": "four"})
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs"):
+        LoopSpec(**fields, _method_cfg=None)
+
+
+@pytest.mark.parametrize("dumps, loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, pickle.loads)])
+def test_loop_spec__round_trips_through_pickle(dumps, loads) -> None:
+    """Ray ships the spec to the workers pickled: what arrives equals what the driver built."""
+    spec = loop_spec(_cfg(), _plan(), "finetune", init={"kind": "state", "dir": "/m"}, pseudo="pseudo_r1_ab",
+                     round=1, hooks={"events": "/tmp/e"}).model_copy(update={"stage_name": "finetune"})
+    back = loads(dumps(spec))
+    assert back == spec
+    assert type(back.method_cfg) is type(spec.method_cfg) and back.config.hash() == spec.config.hash()
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        back.round = 2  # type: ignore[misc]
+
+
+def test_worker__trusts_the_spec_without_revalidating(monkeypatch) -> None:
+    """The worker builds the method from ``spec.method_cfg``: no config validation runs there."""
+    spec = pickle.loads(pickle.dumps(loop_spec(_cfg(), _plan(), "pretrain")))
+
+    def boom(*a, **k):
+        raise AssertionError("validated again on the worker")
+
+    monkeypatch.setattr(C.Config, "method_config", boom)
+    monkeypatch.setattr(C.run, "validate", boom)
+    monkeypatch.setattr(METHODS["lrc"].Config, "model_validate", boom)
+    method = worker.build_method(spec)
+    assert type(method) is METHODS["lrc"] and method.cfg is spec.method_cfg
+
+
+def test_stage__no_untyped_loop_dict_left() -> None:
+    """The driver->worker contract is the LoopSpec: no ``lc`` dict, no ``_method_cfg`` write-back."""
+    for path in (REPO / "ray_jobs").rglob("*.py"):
+        text = path.read_text()
+        assert '"_method_cfg"' not in text and "lc[" not in text, path
+    assert stage.LoopSpec.model_config["frozen"] is True
+
+
+HOUSE_CHECK = next((p for p in (REPO.parent / "shared" / "tools" / "house_check.py",
+                                REPO.parents[1] / "shared" / "tools" / "house_check.py") if p.is_file()), None)
+
+
+@pytest.mark.skipif(HOUSE_CHECK is None, reason="../shared/tools/house_check.py not available")
+def test_house_check__no_cycles_private_imports_or_long_files() -> None:
+    out = subprocess.run([sys.executable, str(HOUSE_CHECK)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
