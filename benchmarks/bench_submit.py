@@ -107,6 +107,9 @@ def main() -> int:
         print(f"submit_job call: working_dir first {t_first_call:.3f} s, cached {t_cached_call:.3f} s, "
               f"image runtime {t_img_call:.3f} s")
 
+        # end to end: a fresh submission id per job (None: Ray picks one)
+        kw_img = {**img_sub.submit_kwargs(), "submission_id": None}
+        kw = {**wd_sub.submit_kwargs(), "submission_id": None}
         for _ in range(args.repeats):
             times["bare"].append(run_to_end(client, entrypoint="python -c pass"))
             times["bare+import"].append(run_to_end(

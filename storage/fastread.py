@@ -77,7 +77,7 @@ class ShardReader:
         self.index = index  # uint64 (gx, gy, gz, 2): offset, nbytes
 
     @classmethod
-    def open(cls, array_dir: str) -> "ShardReader | None":
+    def open(cls, array_dir: str) -> ShardReader | None:
         """Reader for the array stored at ``array_dir``, or ``None`` if the layout is not ours."""
         try:
             with open(os.path.join(array_dir, "zarr.json"), "rb") as f:

@@ -211,7 +211,7 @@ class RemoteShardReader(ShardReader):
         self.fs = fs
 
     @classmethod
-    def open_remote(cls, fs: Any, array_path: str) -> "RemoteShardReader | None":
+    def open_remote(cls, fs: Any, array_path: str) -> RemoteShardReader | None:
         """Reader for the array at ``array_path`` (no protocol) of ``fs``; ``None`` when the
         layout is not the one :mod:`storage.store` writes (the caller falls back to zarr)."""
         try:

@@ -37,7 +37,7 @@ arXiv 2002.05709); Khosla et al. 2020 (SupCon, arXiv 2004.11362, the "L_out" per
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,8 @@ with softmax ``p`` and the soft Dice over all classes including background by de
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -92,7 +93,7 @@ def augment_labelled(
     return img, lbl - 1
 
 
-def supervised_step(model: "SupervisedFinetune", batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def supervised_step(model: SupervisedFinetune, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """One supervised step: augment, forward, Dice (+ CE). Returns ``{"loss", "dice", ["ce"]}``."""
     check_batch(batch, ("image", "label"), "supervised")
     cfg = model.cfg

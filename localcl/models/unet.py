@@ -19,7 +19,7 @@ Tensor shapes: 2D input (B, C_in, H, W) with H, W divisible by 2^(L-1); 3D input
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml

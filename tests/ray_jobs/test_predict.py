@@ -149,8 +149,9 @@ def test_predict_volume__bad_inputs_raise_user_errors() -> None:
 
 
 # --------------------------------------------------------------------------- localcl predict
-from evalpredict_helpers import make_phantom_store, make_tiny_run  # noqa: E402
 from ray_jobs.cli import main  # noqa: E402
+
+from evalpredict_helpers import make_phantom_store, make_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

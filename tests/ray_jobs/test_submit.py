@@ -16,8 +16,8 @@ import yaml
 
 from ray_jobs import cli, job_entry
 from ray_jobs import submit as sub
-from ray_jobs.local_head import LocalHead, free_port
 from ray_jobs.errors import UserError
+from ray_jobs.local_head import LocalHead, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
