@@ -7,6 +7,7 @@ touched, so a bad file never damages what is already there.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -277,7 +278,7 @@ def ingest(
     try:
         if workers <= 1:
             for c in todo:
-                record(c, lambda c=c: run(c))
+                record(c, functools.partial(run, c))
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futs = {pool.submit(run, c): c for c in todo}

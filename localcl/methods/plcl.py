@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -154,8 +154,9 @@ class PLCL(PretrainMethod):
 
     name = "plcl"
     Config = PLCLConfig
+    cfg: PLCLConfig
     pretrain_batch = None
-    stages: tuple[str, ...] = ()
+    stages: ClassVar[tuple[str, ...]] = ()
     default_finetune = "plcl"
 
     def __init__(self, cfg: PLCLConfig, in_channels: int, num_classes: int) -> None:
@@ -325,6 +326,8 @@ class PLCLFinetune(FinetuneStrategy):
 
     name = "plcl"
     Config = PLCLFinetuneConfig
+    cfg: PLCLFinetuneConfig
+    st_round: Tensor
 
     def __init__(self, cfg: PLCLFinetuneConfig, in_channels: int, num_classes: int) -> None:
         super().__init__(cfg, in_channels, num_classes)
