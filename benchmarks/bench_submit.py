@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,13 @@ from ray_jobs import submit as sub  # noqa: E402
 from ray_jobs.local_head import LocalHead  # noqa: E402
 
 
-def timed(fn, *args, **kwargs):
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
 
 
-def run_to_end(client, **submit_kwargs) -> float:
+def run_to_end(client: Any, **submit_kwargs: Any) -> float:
     t0 = time.perf_counter()
     job_id = sub.submit_job_retrying(client, **submit_kwargs)
     status = sub.wait(client, job_id, timeout=300, poll=0.2)
