@@ -37,7 +37,19 @@ def test_docs__sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     """``python -m sphinx -W`` from this interpreter (the project's .venv): a broken link,
     reference, docstring or generated table fails the build."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html", str(DOCS), str(tmp_path / "html")],
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-E",
+            "-q",
+            "-b",
+            "html",
+            str(DOCS),
+            str(tmp_path / "html"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -90,7 +102,7 @@ def test_docs__examples_found() -> None:
 
 
 def _section_model(tp: Any) -> type[BaseModel] | None:
-    for c in (typing.get_args(tp) if typing.get_origin(tp) is not None else (tp,)):
+    for c in typing.get_args(tp) if typing.get_origin(tp) is not None else (tp,):
         if isinstance(c, type) and issubclass(c, BaseModel):
             return c
     return None

@@ -47,7 +47,9 @@ def _subparsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse
             yield from action.choices.items()
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     yield path, parser
     for name, sub in _subparsers(parser):
         yield from _walk(sub, (*path, name))
@@ -277,7 +279,8 @@ class ConfigDirective(Directive):
         t = _targets()
 
         def inline(text: str) -> tuple[list[nodes.Node], list[nodes.system_message]]:
-            return self.state.inline_text(text, self.lineno)
+            parsed: tuple[list[nodes.Node], list[nodes.system_message]] = self.state.inline_text(text, self.lineno)
+            return parsed
 
         if what == "run":
             return list(_model_sections(t["run_config"], "", "top level", inline))

@@ -80,7 +80,7 @@ def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Pa
     (ref / "LICENSE").write_text("a reference folder may hold other files")
     shutil.copytree(src / "imagesTr", tmp_path / "imagesTr")  # MSD sibling: overlays over the scans
     shutil.copy(src / "dataset.json", tmp_path / "dataset.json")  # class names
-    s = E.score_folders(pred, ref, tmp_path / "out")
+    s = E.score_folders(pred, ref, str(tmp_path / "out"))
     assert s["source"]["overlay_images"] == str(tmp_path / "imagesTr")
     assert s["n_cases"] == 6
     assert list(s["classes"]) == ["RV", "MYO", "LV"]  # names from the MSD dataset.json
@@ -94,7 +94,7 @@ def test_score_folders__perfect_prediction_gives_dice_1_hd95_0(phantom: tuple[Pa
 def test_score_folders__numbers_match_localcl_metrics(phantom: tuple[Path, str], tmp_path: Path) -> None:
     src = phantom[0]
     _perturbed_predictions(src, tmp_path / "pred")
-    s = E.score_folders(tmp_path / "pred", src / "labelsTr", tmp_path / "out", plots=False)
+    s = E.score_folders(tmp_path / "pred", src / "labelsTr", str(tmp_path / "out"), plots=False)
     per_case = json.loads((tmp_path / "out" / "per_case.json").read_text())
     rows = list(csv.DictReader((tmp_path / "out" / "per_case.csv").open()))
     assert len(per_case) == 6 and len(rows) == 18
