@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -52,7 +53,7 @@ def _candidates(loss: str, n: int) -> int:
     return {"ideal": n + QUEUE, "mixcl": n, "lrc": n, "plcl": 48}[loss]
 
 
-def _make_step(loss: str, n: int, chunk: int | None, dev):  # noqa: ANN001, ANN202
+def _make_step(loss: str, n: int, chunk: int | None, dev: Any) -> tuple[Any, Any]:
     """Inputs for one workload and a closure running forward + backward; returns (step, leaf)."""
     import torch
 
@@ -147,7 +148,8 @@ def _run(loss: str, n: int, impl: str, a: argparse.Namespace) -> dict | None:
         tail = p.stderr.strip().splitlines()[-1:] or [f"killed (signal {-p.returncode})"]
         print(f"  {loss} {impl} N={n} failed (rc={p.returncode}): {tail}", flush=True)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    result: dict[Any, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:

@@ -147,7 +147,7 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
         ds = SliceDataset(uri, cases, size=(192, 192), samples_per_epoch=samples, seed=0, **kw)
         ds.metas  # noqa: B018  (metadata listing is paid once per process, not per sample)
         r = 0.0
-        for e in range(epochs):
+        for _ in range(epochs):
             ds.set_epoch(0)  # same plan: the 2nd pass measures the warm cache
             t = time.perf_counter()
             n = sum(1 for _ in ds)

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -96,6 +97,7 @@ def _worker(args: argparse.Namespace) -> None:
         sync()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    assert x.grad is not None  # backward ran
     print(json.dumps({
         "peak_bytes": peak, "wall_s": statistics.median(times) if times else first,
         "cpu_s": statistics.median(cpu) if cpu else first_cpu, "first_s": first,
@@ -110,7 +112,8 @@ def _run(n: int, impl: str, mode: str, a: argparse.Namespace) -> dict | None:
     if p.returncode != 0:
         print(f"  {impl} N={n} failed (rc={p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    result: dict[Any, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +38,13 @@ import storage  # noqa: E402
 from storage.preprocess import preprocess_slice  # noqa: E402
 
 PATCH = (64, 64, 8)
+
+
+def _fdata(path: str | os.PathLike[str]) -> np.ndarray:
+    """nibabel's ``get_fdata`` as float32 (the loader the store is compared against)."""
+    img: Any = nib.load(path)
+    data: np.ndarray = img.get_fdata(dtype=np.float32)
+    return data
 SIZE = (192, 192)
 
 
@@ -101,7 +109,10 @@ def main() -> None:
         return pick, [int(rng.integers(0, nz[c])) for c in pick]
 
     pick, zs = draw()
-    starts = [tuple(int(rng.integers(0, max(meta[c]["shape"][a] - PATCH[a], 0) + 1)) for a in range(3)) for c in pick]
+    starts: list[tuple[int, int, int]] = [
+        tuple(int(rng.integers(0, max(meta[c]["shape"][a] - PATCH[a], 0) + 1)) for a in range(3))  # type: ignore[misc]
+        for c in pick
+    ]
 
     def prep(c: str, s: np.ndarray) -> object:
         it = meta[c]["intensity"]
@@ -132,13 +143,13 @@ def main() -> None:
                 stc.read_slice(c, int(z))
         caches[frac] = stc
 
-    ram = {c: nib.load(paths[c]).get_fdata(dtype=np.float32) for c in ids}
+    ram = {c: _fdata(paths[c]) for c in ids}
     ram_bytes = sum(a.nbytes for a in ram.values())
 
     nn, nf = args.nib_samples, args.samples * args.fast_repeat
     loaders: dict[str, tuple[Callable[[int], object], int]] = {
-        "nib slice": (lambda i: np.asarray(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32)[:, :, zs[i]]), nn),
-        "nib patch": (lambda i: patch_of(nib.load(paths[pick[i]]).get_fdata(dtype=np.float32), starts[i]), nn),
+        "nib slice": (lambda i: np.asarray(_fdata(paths[pick[i]])[:, :, zs[i]]), nn),
+        "nib patch": (lambda i: patch_of(_fdata(paths[pick[i]]), starts[i]), nn),
         "ram slice": (lambda i: np.array(ram[pick[i]][:, :, zs[i]]), nf),
         "ram pipe": (lambda i: prep(pick[i], np.array(ram[pick[i]][:, :, zs[i]])), nf),
         "ram patch": (lambda i: patch_of(ram[pick[i]], starts[i]), nf),
@@ -150,9 +161,15 @@ def main() -> None:
         "tiled slice": (lambda i: stt.read_slice(pick[i], zs[i]), n),
         "tiled patch": (lambda i: stt.read_patch(pick[i], starts[i], PATCH), n),
     }
+    def cached_slice(s: storage.VolumeStore) -> Callable[[int], object]:
+        return lambda i: s.read_slice(pick2[i], zs2[i])
+
+    def cached_pipe(s: storage.VolumeStore) -> Callable[[int], object]:
+        return lambda i: prep(pick3[i], s.read_slice(pick3[i], zs3[i]))
+
     for frac, stc in caches.items():
-        loaders[f"cache{frac} slice"] = (lambda i, s=stc: s.read_slice(pick2[i], zs2[i]), nf if frac == 1.0 else n)
-        loaders[f"cache{frac} pipe"] = (lambda i, s=stc: prep(pick3[i], s.read_slice(pick3[i], zs3[i])), nf if frac == 1.0 else n)
+        loaders[f"cache{frac} slice"] = (cached_slice(stc), nf if frac == 1.0 else n)
+        loaders[f"cache{frac} pipe"] = (cached_pipe(stc), nf if frac == 1.0 else n)
     r = interleaved_rates(loaders, args.rounds, n)
 
     rows = [

@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,13 @@ from ray_jobs.cluster import submit as cluster_submit
 from ray_jobs.cluster.local_head import LocalHead  # noqa: E402
 
 
-def timed(fn, *args, **kwargs):
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
 
 
-def run_to_end(client, **submit_kwargs) -> float:
+def run_to_end(client: Any, **submit_kwargs: Any) -> float:
     t0 = time.perf_counter()
     job_id = cluster_jobs.submit_job_retrying(client, **submit_kwargs)
     status = cluster_jobs.wait(client, job_id, timeout=300, poll=0.2)
@@ -108,6 +109,9 @@ def main() -> int:
         print(f"submit_job call: working_dir first {t_first_call:.3f} s, cached {t_cached_call:.3f} s, "
               f"image runtime {t_img_call:.3f} s")
 
+        # end to end: a fresh submission id per job (None: Ray picks one)
+        kw_img = {**img_sub.submit_kwargs(), "submission_id": None}
+        kw = {**wd_sub.submit_kwargs(), "submission_id": None}
         for _ in range(args.repeats):
             times["bare"].append(run_to_end(client, entrypoint="python -c pass"))
             times["bare+import"].append(run_to_end(

@@ -67,7 +67,8 @@ def plain(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(1)
     model, opt, batch = build(args.size, args.batch)
     total = args.epochs * args.steps
-    times, cpu = [], []
+    times: list[float] = []
+    cpu: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         for e in range(args.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -92,7 +93,8 @@ def ray_worker(cfg: dict[str, Any]) -> None:
             "find_unused_parameters": True})
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     total = cfg["epochs"] * cfg["steps"]
-    times, cpu = [], []
+    times: list[float] = []
+    cpu: list[float] = []
     for e in range(cfg["epochs"]):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = epoch_loop(model, opt, batch, cfg["steps"], e * cfg["steps"], total)

@@ -73,7 +73,7 @@ def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str,
                   pretrain_steps: int = 2) -> dict[str, Any]:
     import yaml
 
-    d = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
+    d: dict[str, Any] = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
     d["name"] = name
     d["base_config"] = str(REPO / "ray_jobs" / "configs" / "run" / "ideal_cpu.yaml")
     d["base"]["data"].update(store=store, source=None)

@@ -16,6 +16,8 @@ when each ``L_r`` is a mean over equally many local anchors.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as tdist
 
@@ -69,7 +71,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """Forward: all_gather along dim 0. Backward: all_reduce(SUM) of the gradient, own slice."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         sizes = _all_sizes(x.shape[0], x.device)
         r = tdist.get_rank()
         ctx.start = sum(sizes[:r])
@@ -77,7 +79,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return _padded_all_gather(x, sizes)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()
         tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
         return grad[ctx.start : ctx.stop]
@@ -95,7 +97,8 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    gathered: torch.Tensor = _GatherWithGrad.apply(x)
+    return gathered
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: set up .venv, then run the whole pipeline on the embedded
-# phantom (or pass --data PATH for an MSD dataset, e.g. ../shared/data/acdc).
+# phantom (or pass --data PATH for an MSD dataset such as ACDC).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

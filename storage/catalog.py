@@ -49,7 +49,7 @@ class Catalog:
         self.splits = self._build_splits()
 
     @classmethod
-    def from_store(cls, store: Any) -> "Catalog":
+    def from_store(cls, store: Any) -> Catalog:
         metas = {c: store.meta(c) for c in store.cases}
         attrs = store.attrs
         return cls(

@@ -67,7 +67,7 @@ def parse_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]
 class ShardReader:
     """Reads regions of one local single-shard array by ``pread`` + blosc decode per chunk."""
 
-    def __init__(self, shard_path: str, shape: tuple[int, int, int], chunk: tuple[int, int, int],
+    def __init__(self, shard_path: str, shape: tuple[int, ...], chunk: tuple[int, ...],
                  dtype: np.dtype, fill_value: Any, index: np.ndarray) -> None:
         self.shard_path = shard_path
         self.shape = shape
@@ -77,7 +77,7 @@ class ShardReader:
         self.index = index  # uint64 (gx, gy, gz, 2): offset, nbytes
 
     @classmethod
-    def open(cls, array_dir: str) -> "ShardReader | None":
+    def open(cls, array_dir: str) -> ShardReader | None:
         """Reader for the array stored at ``array_dir``, or ``None`` if the layout is not ours."""
         try:
             with open(os.path.join(array_dir, "zarr.json"), "rb") as f:

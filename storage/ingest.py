@@ -7,13 +7,15 @@ touched, so a bad file never damages what is already there.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -179,7 +181,7 @@ def discover(src: str | os.PathLike[str], unlabelled: bool = False) -> SourceDat
     return discover_unlabelled(src) if unlabelled else discover_msd(src)
 
 
-def finish_case_index(st: VolumeStore, old: Mapping[str, Mapping[str, Any]] | None, report: "IngestReport") -> int:
+def finish_case_index(st: VolumeStore, old: Mapping[str, Mapping[str, Any]] | None, report: IngestReport) -> int:
     """Write the store's case index at the end of an ingest run (see :mod:`storage.store`).
 
     Attrs come from the run's results (ingested and skipped cases carry them) and from the
@@ -276,7 +278,7 @@ def ingest(
     try:
         if workers <= 1:
             for c in todo:
-                record(c, lambda c=c: run(c))
+                record(c, functools.partial(run, c))
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futs = {pool.submit(run, c): c for c in todo}

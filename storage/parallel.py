@@ -224,7 +224,7 @@ def parallel_ingest(
     if max_in_flight is None:
         max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     env = forwarded_env()
-    task = ray.remote(ingest_specs).options(
+    task = ray.remote(ingest_specs).options(  # type: ignore[arg-type]  # ray's stubs: keyword-only args
         num_cpus=1, memory=int(memory_per_task), max_retries=1, retry_exceptions=False,
         runtime_env={"env_vars": env} if env else None, name="localcl-ingest")
     kw = dict(label_names=dataset.label_names or None, storage_options=dict(storage_options or {}),
@@ -237,7 +237,7 @@ def parallel_ingest(
                dynamic_ncols=True)
     say = on_error or (lambda msg: tqdm.write(f"localcl: error: {msg}", file=sys.stderr))
     try:
-        for batch, ref in bounded_map(lambda b: task.remote(b, store, **kw), batches, max_in_flight,
+        for batch, ref in bounded_map(lambda b: task.remote(b, store, **kw), batches, max_in_flight,  # type: ignore[call-arg]
                                       lambda refs: ray.wait(refs, num_returns=1)):
             try:
                 results = [CaseResult(**r) for r in ray.get(ref)]

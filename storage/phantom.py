@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -292,7 +292,7 @@ def _smooth_noise(
     rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, float, float], amp: float
 ) -> np.ndarray:
     """Gaussian-filtered white noise rescaled to standard deviation ``amp``."""
-    n = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sigma)
+    n: np.ndarray = ndimage.gaussian_filter(rng.normal(size=shape), sigma=sigma)
     return n * (amp / max(float(n.std()), 1e-12))
 
 

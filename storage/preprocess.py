@@ -61,11 +61,13 @@ def resize2d(x: np.ndarray, out: tuple[int, int], nearest: bool) -> np.ndarray:
         return x
     if nearest:
         idx = [np.minimum(np.floor((np.arange(o) + 0.5) * (n / o)).astype(np.int64), n - 1) for n, o in zip(x.shape, out)]
-        return x[idx[0][:, None], idx[1][None, :]]
+        nearest_x: np.ndarray = x[idx[0][:, None], idx[1][None, :]]
+        return nearest_x
     (r0, r1, wr), (c0, c1, wc) = _axis_weights(x.shape[0], out[0]), _axis_weights(x.shape[1], out[1])
     x = np.asarray(x, dtype=np.float32)
     rows = x[r0] * (1 - wr)[:, None] + x[r1] * wr[:, None]
-    return rows[:, c0] * (1 - wc)[None, :] + rows[:, c1] * wc[None, :]
+    resized: np.ndarray = rows[:, c0] * (1 - wc)[None, :] + rows[:, c1] * wc[None, :]
+    return resized
 
 
 def _resize(x: torch.Tensor, out: tuple[int, int], nearest: bool) -> torch.Tensor:
@@ -87,6 +89,7 @@ def crop_or_pad(x: Any, size: Sequence[int], pad_value: float) -> Any:
     h0, w0 = x.shape[-2:]
     sy, dy, ny = _span(h0, h)
     sx, dx, nx = _span(w0, w)
+    out: Any  # the type of x: a tensor or an array
     if isinstance(x, torch.Tensor):
         out = torch.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
     else:

@@ -98,13 +98,14 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     """``(fsspec file system, path without protocol)`` for ``uri``."""
     import fsspec
 
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    fs_path: tuple[Any, str] = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    return fs_path
 
 
 # --------------------------------------------------------------------------- remote sources
 def _unstrip(fs: Any, path: str) -> str:
     """A path of ``fs`` back as a full URL (``bucket/x`` -> ``s3://bucket/x``)."""
-    return fs.unstrip_protocol(path)
+    return str(fs.unstrip_protocol(path))
 
 
 def discover_remote(src: str, unlabelled: bool = False,
@@ -178,6 +179,7 @@ def discover_remote(src: str, unlabelled: bool = False,
 
     pairs: dict[str, tuple[str, str | None, str]] = {}  # cid -> (image, label, split)
     problems: list[CaseSource] = []
+    lab: str | None
     for idx, entry in enumerate(training or []):
         try:
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
@@ -233,7 +235,7 @@ class RemoteShardReader(ShardReader):
         self.fs = fs
 
     @classmethod
-    def open_remote(cls, fs: Any, array_path: str) -> "RemoteShardReader | None":
+    def open_remote(cls, fs: Any, array_path: str) -> RemoteShardReader | None:
         """Reader for the array at ``array_path`` (no protocol) of ``fs``; ``None`` when the
         layout is not the one :mod:`storage.store` writes (the caller falls back to zarr)."""
         try:

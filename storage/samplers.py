@@ -168,7 +168,7 @@ class _StoreDataset(IterableDataset):
                 for f in pending:
                     f.cancel()
 
-    def plan(self, epoch: int) -> list[Any]:
+    def plan(self, epoch: int) -> list[Any] | np.ndarray:
         raise NotImplementedError
 
     def build_item(self, index: int, spec: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -257,7 +257,8 @@ class SliceDataset(_StoreDataset):
         if not self._has_labels(ci):
             return None
         if self.label_array == "label":
-            return self.metas[ci]["slice_labels"]
+            labels: list[list[int]] = self.metas[ci]["slice_labels"]
+            return labels
         arr = self.store.derived(self.cases[ci], self.label_array)
         assert arr is not None
         return [np.unique(arr[:, :, z]).tolist() for z in range(arr.shape[2])]
@@ -276,7 +277,7 @@ class SliceDataset(_StoreDataset):
                 labels = self._slice_labels(ci) if (self.require_all_classes or self.fg_oversample > 0) else None
                 for z in range(int(m["shape"][2])):
                     present = None if labels is None else set(labels[z])
-                    if self.require_all_classes and (present is None or not set(range(k)) <= present):
+                    if self.require_all_classes and (present is None or not set(range(k or 0)) <= present):
                         continue
                     pairs.append((ci, z))
                     if present is not None and any(v > 0 for v in present):
@@ -296,7 +297,7 @@ class SliceDataset(_StoreDataset):
         rng = np.random.default_rng([self.seed, epoch])
         passes = math.ceil(n / len(pairs))
         order = np.concatenate([rng.permutation(len(pairs)) for _ in range(passes)])[:n]
-        plan = pairs[order].copy()
+        plan: np.ndarray = pairs[order].copy()
         if self.fg_oversample > 0 and len(fg):
             swap = rng.random(n) < self.fg_oversample
             plan[swap] = fg[rng.integers(0, len(fg), int(swap.sum()))]
@@ -440,7 +441,7 @@ class PatchDataset(_StoreDataset):
             raise ValueError(f"fg_oversample must be in [0, 1], got {fg_oversample}")
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
-        self.size = tuple(int(s) for s in size)
+        self.size = (int(size[0]), int(size[1]), int(size[2]))
         self.samples_per_epoch = int(samples_per_epoch)
         self.fg_oversample = float(fg_oversample)
         self.derived = tuple(derived)
@@ -473,7 +474,8 @@ class PatchDataset(_StoreDataset):
         return out
 
     def build_item(self, index: int, spec: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        ci, start = int(spec[0]), tuple(int(v) for v in spec[1:])
+        ci = int(spec[0])
+        start = (int(spec[1]), int(spec[2]), int(spec[3]))
         case, m = self.cases[ci], self.metas[ci]
         st = self.store
         it = m["intensity"]

@@ -19,6 +19,7 @@ key, path outside the dataset root, missing file) only fails that case.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def _scan_dir(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and strip_nifti_suffix(p.name) is not None)
 
 
-def discover_msd(root: str | Path) -> SourceDataset:
+def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
     """List the cases of an MSD / nnU-Net dataset folder (see module docstring)."""
     root = Path(root)
     ds_json = root / "dataset.json"
@@ -172,7 +173,7 @@ def discover_msd(root: str | Path) -> SourceDataset:
         if c.problem is None and (c.image is None or not c.image.is_file()):
             c.problem = InputError(c.image or root, f"image of case {c.case_id} not found" + (f" (label {c.label} exists)" if c.label and c.label.is_file() else ""))
         elif c.problem is None and (c.label is None or not c.label.is_file()):
-            c.problem = InputError(c.image, f"image without its label (expected {c.label or root / 'labelsTr' / (c.case_id + '.nii.gz')})")
+            c.problem = InputError(c.image or root, f"image without its label (expected {c.label or root / 'labelsTr' / (c.case_id + '.nii.gz')})")
     for p in _scan_dir(root / "imagesTs"):
         cid, ch = _case_id_from_file(p)
         if ch in (None, 0) and cid not in cases:
@@ -194,7 +195,7 @@ def discover_msd(root: str | Path) -> SourceDataset:
     )
 
 
-def discover_unlabelled(root: str | Path) -> SourceDataset:
+def discover_unlabelled(root: str | os.PathLike[str]) -> SourceDataset:
     """Every ``.nii``/``.nii.gz`` under ``root`` (recursive) as an unlabelled case.
 
     Case id: the path relative to ``root`` without suffix, ``/`` replaced by ``__``.

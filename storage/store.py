@@ -124,7 +124,8 @@ def _as_stored(attrs: Mapping[str, Any]) -> dict[str, Any]:
             return o.tolist()
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-    return json.loads(json.dumps(dict(attrs), default=default))
+    stored: dict[str, Any] = json.loads(json.dumps(dict(attrs), default=default))
+    return stored
 
 
 def _retry_if_created_meanwhile(make: Any, attempts: int = 5) -> Any:
@@ -290,7 +291,8 @@ class VolumeStore:
             return None
         if not isinstance(doc, dict) or doc.get("version") != CASE_INDEX_VERSION or not isinstance(doc.get("cases"), dict):
             return None
-        return doc["cases"]
+        cases: dict[str, dict[str, Any]] = doc["cases"]
+        return cases
 
     def drop_case_index(self) -> None:
         """Delete ``case_index.json.gz`` (ingest does it before writing any case)."""
@@ -471,7 +473,7 @@ class VolumeStore:
     def _decode_slice(self, case: str, array: str, arr: Any, z: int) -> np.ndarray:
         reader = self._reader(case, array)
         if reader is not None and tuple(reader.shape) == tuple(arr.shape):
-            return reader.read_slice(z)
+            return np.asarray(reader.read_slice(z))
         return np.asarray(arr[:, :, z])
 
     def read_patch(
@@ -501,7 +503,7 @@ class VolumeStore:
             dst.append(slice(lo - int(s0), hi - int(s0)))
         reader = self._reader(case, array)
         if reader is not None and tuple(reader.shape) == tuple(arr.shape):
-            data = reader.read(*((s.start, s.stop) for s in src))
+            data = np.asarray(reader.read(*((s.start, s.stop) for s in src)))
         else:
             data = np.asarray(arr[tuple(src)])
         if data.shape == tuple(int(s) for s in size):

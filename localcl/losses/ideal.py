@@ -303,7 +303,7 @@ class IDEALDenseLoss(nn.Module):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         self.tau, self.lam, self.match, self.negatives, self.chunk_size = float(tau), float(lam), match, negatives, chunk_size
-        init = "random" if queue_init == "random" else "empty"
+        init: Literal["empty", "random"] = "random" if queue_init == "random" else "empty"
         self.queue = DenseQueue(queue_size, dim, init=init) if negatives == "queue" else None
 
     def forward(

@@ -38,7 +38,7 @@ arXiv 2002.05709); Khosla et al. 2020 (SupCon, arXiv 2004.11362, the "L_out" per
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
+        ctx: Any,
         a: torch.Tensor,
         c: torch.Tensor,
         tau: float,
@@ -177,7 +177,9 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         return loss, npos
 
     @staticmethod
-    def backward(ctx, g_loss: torch.Tensor, _g_npos: torch.Tensor):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, g_loss: torch.Tensor, _g_npos: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         a, c, npos, lse_all, pos_term = ctx.saved_tensors
         tau, mode, chunk, build = ctx.tau, ctx.mode, ctx.chunk, ctx.build
         need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -318,7 +320,8 @@ def info_nce(
     if cand_is_anchors:
         c = a
     else:
-        c = F.normalize(candidates, dim=1) if normalize else candidates  # type: ignore[arg-type]
+        assert candidates is not None  # not cand_is_anchors
+        c = F.normalize(candidates, dim=1) if normalize else candidates
         if c.dtype != a.dtype:
             raise ValueError(f"candidates dtype {c.dtype} differs from anchors dtype {a.dtype}")
 

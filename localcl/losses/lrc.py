@@ -82,7 +82,8 @@ def felzenszwalb_superpixels(
     if int(min_size) < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
     seg = felzenszwalb(arr, scale=float(scale), sigma=float(sigma), min_size=int(min_size), channel_axis=None)
-    return seg.astype(np.int32, copy=False)
+    labels: np.ndarray = seg.astype(np.int32, copy=False)
+    return labels
 
 
 @dataclass

@@ -177,8 +177,7 @@ def plcl_loss(
     anchors_img = flat_e.gather(2, pix.reshape(B, 1, Kf * P).expand(B, C, Kf * P))  # (B, C, Kf*P)
     anchors_img = anchors_img.transpose(1, 2).reshape(B, Kf, P, C)
 
-    # directions: (anchor image, other image) for each pair, both ways -> (2*Np, 2)
-    Np = pairs.shape[0]
+    # directions: (anchor image, other image) for each pair, both ways -> (2*Np, 2), Np pairs
     dirs = torch.cat([pairs, pairs.flip(1)], 0)
     ia, ib = dirs[:, 0], dirs[:, 1]
     nd = dirs.shape[0]

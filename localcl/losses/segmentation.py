@@ -175,6 +175,8 @@ class DiceLoss(nn.Module):
 class CELoss(nn.Module):
     """Module form of :func:`cross_entropy_loss` (optional class weights (K,))."""
 
+    weight: torch.Tensor | None
+
     def __init__(self, ignore_index: int = -1, weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.ignore_index = ignore_index
@@ -196,4 +198,5 @@ class DiceCELoss(nn.Module):
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+        loss: torch.Tensor = self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+        return loss

@@ -5,7 +5,8 @@ entries (never the segmentation head or projection heads, which fine-tuning re-i
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 

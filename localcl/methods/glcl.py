@@ -30,7 +30,8 @@ uses ``FINETUNE["supervised"]`` with soft Dice including background.
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import model_validator
@@ -87,7 +88,7 @@ class GLCLConfig(BaseMethodConfig):
     gather_distributed: bool = False
 
     @model_validator(mode="after")
-    def _geometry(self) -> "GLCLConfig":
+    def _geometry(self) -> GLCLConfig:
         levels = len(self.widths)
         if not 1 <= self.local_depth <= levels - 1:
             raise ValueError(f"local_depth must be in [1, {levels - 1}] (decoder blocks), got {self.local_depth}")
@@ -109,6 +110,7 @@ class GLCL(PretrainMethod):
 
     name = "glcl"
     Config = GLCLConfig
+    cfg: GLCLConfig
     pretrain_batch = "partition"
     stages = ("global", "local")
     default_finetune = "supervised"

@@ -23,7 +23,8 @@ lies inside the image. Defaults: τ = 0.1, α = β = 1, N_pix = 4,096 class-bala
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -79,6 +80,7 @@ class MixCL(PretrainMethod):
 
     name = "mixcl"
     Config = MixCLConfig
+    cfg: MixCLConfig
     pretrain_batch = "slices"
     default_finetune = "supervised"
 
@@ -119,8 +121,8 @@ def make_views(
     views, vmaps, targets, valids = [], [], [], []
     for _ in range(2):
         if dims == 2:
-            w = random_geometric(x.shape[0], (x.shape[-2], x.shape[-1]), gen, getattr(cfg, "crop_area"),
-                                 getattr(cfg, "flip_p"), getattr(cfg, "rotation_deg"), getattr(cfg, "scale"))
+            w = random_geometric(x.shape[0], (x.shape[-2], x.shape[-1]), gen, getattr(cfg, "crop_area"),  # noqa: B009
+                                 getattr(cfg, "flip_p"), getattr(cfg, "rotation_deg"), getattr(cfg, "scale"))  # noqa: B009
             clean = warp_image(x, w)
             ms = [warp_labels(m, w, fill=-1) for m in maps]
             ones = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)

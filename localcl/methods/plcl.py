@@ -41,7 +41,8 @@ When it is not importable, :func:`pseudo_label` falls back to the plain argmax o
 from __future__ import annotations
 
 import warnings
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -161,8 +162,9 @@ class PLCL(PretrainMethod):
 
     name = "plcl"
     Config = PLCLConfig
+    cfg: PLCLConfig
     pretrain_batch = None
-    stages: tuple[str, ...] = ()
+    stages: ClassVar[tuple[str, ...]] = ()
     default_finetune = "plcl"
 
     def __init__(self, cfg: PLCLConfig, in_channels: int, num_classes: int) -> None:
@@ -256,7 +258,7 @@ def contrastive_pairs(n_l: int, n_u: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long).view(-1, 2)
 
 
-def plcl_step(model: "PLCLFinetune", batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+def plcl_step(model: PLCLFinetune, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
     """One PLCL joint step (module docstring). Returns ``{"loss", "dice", "lc", "lc_skipped", ["ce"]}``."""
     cfg = model.cfg
     check_batch(batch_l, ("image", "label"), "plcl")
@@ -311,6 +313,8 @@ class PLCLFinetune(FinetuneStrategy):
 
     name = "plcl"
     Config = PLCLFinetuneConfig
+    cfg: PLCLFinetuneConfig
+    st_round: Tensor
 
     def __init__(self, cfg: PLCLFinetuneConfig, in_channels: int, num_classes: int) -> None:
         super().__init__(cfg, in_channels, num_classes)

@@ -19,7 +19,8 @@ with softmax ``p`` and the soft Dice over all classes including background by de
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -40,8 +41,9 @@ class Supervised(PretrainMethod):
 
     name = "supervised"
     Config = SupervisedConfig
+    cfg: SupervisedConfig
     pretrain_batch = None
-    stages: tuple[str, ...] = ()
+    stages: ClassVar[tuple[str, ...]] = ()
     default_finetune = "supervised"
 
     def __init__(self, cfg: SupervisedConfig, in_channels: int, num_classes: int) -> None:
@@ -89,10 +91,11 @@ def augment_labelled(
         return image, label
     # unknown pixels (-1) must stay unknown: warp (label + 1) with fill 1 -> background
     img, lbl, _ = glcl_finetune_augment(image, label + 1, gen, elastic=elastic, sigma_px=sigma, label_fill=1)
+    assert lbl is not None  # a label map went in
     return img, lbl - 1
 
 
-def supervised_step(model: "SupervisedFinetune", batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def supervised_step(model: SupervisedFinetune, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """One supervised step: augment, forward, Dice (+ CE). Returns ``{"loss", "dice", ["ce"]}``."""
     check_batch(batch, ("image", "label"), "supervised")
     cfg = model.cfg
@@ -111,6 +114,7 @@ class SupervisedFinetune(FinetuneStrategy):
 
     name = "supervised"
     Config = SupervisedFinetuneConfig
+    cfg: SupervisedFinetuneConfig
 
     def __init__(self, cfg: SupervisedFinetuneConfig, in_channels: int, num_classes: int) -> None:
         super().__init__(cfg, in_channels, num_classes)
@@ -123,7 +127,8 @@ class SupervisedFinetune(FinetuneStrategy):
         return _nets.unet_backbone_state(self.unet)
 
     def logits(self, image: Tensor) -> Tensor:
-        return self.unet(image)["logits"]
+        logits: Tensor = self.unet(image)["logits"]
+        return logits
 
     def finetune_step(
         self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None = None, step: int = 0,

@@ -49,7 +49,8 @@ def conv_norm_relu(dim: int, cin: int, cout: int, kernel: int, norm: str) -> nn.
     if kernel % 2:
         layer: list[nn.Module] = [conv(dim, cin, cout, kernel, padding=kernel // 2, bias=(norm == "none"))]
     else:
-        pad = (nn.ConstantPad2d if dim == 2 else nn.ConstantPad3d)((0, kernel - 1) * dim, 0.0)
+        padding: Any = (0, kernel - 1) * dim  # (left, right) per spatial dim, 4 or 6 entries
+        pad = (nn.ConstantPad2d if dim == 2 else nn.ConstantPad3d)(padding, 0.0)
         layer = [pad, conv(dim, cin, cout, kernel, padding=0, bias=(norm == "none"))]
     return nn.Sequential(
         *layer,

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ class GlobalHead(nn.Module):
                     f"x spatial size {tuple(x.shape[2:])} differs from spatial_size={self.spatial_size}"
                 )
             v = x.flatten(1)
-        return self.mlp(v)
+        z: torch.Tensor = self.mlp(v)
+        return z
 
 
 class DenseHead(nn.Module):
@@ -95,7 +96,8 @@ class DenseHead(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        z: torch.Tensor = self.net(x)
+        return z
 
 
 class PatchHead(nn.Module):
@@ -134,7 +136,8 @@ class PatchHead(nn.Module):
         cols = (positions[:, 1, None] + off)[:, None, :].expand(-1, k, k)
         win = f[:, :, rows, cols]  # (B, C, A, k, k)
         win = win.permute(0, 2, 1, 3, 4).flatten(2)  # (B, A, C*k*k) in (C, ky, kx) order
-        return self.linear(win)
+        z: torch.Tensor = self.linear(win)
+        return z
 
 
 class ReconHead(nn.Module):
@@ -149,4 +152,5 @@ class ReconHead(nn.Module):
         self.conv = conv(dim, in_channels, out_channels, kernel, padding="same")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        z: torch.Tensor = self.conv(x)
+        return z

@@ -19,7 +19,7 @@ Tensor shapes: 2D input (B, C_in, H, W) with H, W divisible by 2^(L-1); 3D input
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class UNetEncoder(nn.Module):
     @property
     def stride(self) -> int:
         """Total down-sampling factor of the bottleneck, 2^(L-1)."""
-        return 2 ** (len(self.widths) - 1)
+        return int(2 ** (len(self.widths) - 1))
 
     def forward(self, x: torch.Tensor, num_levels: int | None = None) -> list[torch.Tensor]:
         feats: list[torch.Tensor] = []
@@ -100,7 +100,8 @@ class _UpBlock(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.convs(torch.cat([self.up(x), skip], dim=1))
+        out: torch.Tensor = self.convs(torch.cat([self.up(x), skip], dim=1))
+        return out
 
 
 class UNetDecoder(nn.Module):
@@ -160,7 +161,8 @@ class SegHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 class UNet(nn.Module):

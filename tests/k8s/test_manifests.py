@@ -10,14 +10,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("check_k8s", REPO / "scripts" / "check_k8s.py")
+assert _spec is not None and _spec.loader is not None
 ck = importlib.util.module_from_spec(_spec)
 sys.modules["check_k8s"] = ck
 _spec.loader.exec_module(ck)
@@ -192,7 +194,7 @@ def _set(path: list, value):
     return mutate
 
 
-BROKEN_CLUSTER: list[tuple[str, Callable[[dict], None], str]] = [
+BROKEN_CLUSTER: list[tuple[str, Callable[[dict], object], str]] = [
     ("gpu-limit-missing", lambda d: _gpu_container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
      "without nvidia.com/gpu in resources.limits"),
     ("gpu-requests-ne-limits", lambda d: _gpu_container(d)["resources"]["requests"].update({"nvidia.com/gpu": "2"}),
@@ -237,7 +239,7 @@ def test_operator_rules__broken_raycluster_fails(rendered, label, mutate, expect
     assert any(expected in p for p in problems), problems
 
 
-BROKEN_JOB: list[tuple[str, Callable[[dict], None], str]] = [
+BROKEN_JOB: list[tuple[str, Callable[[dict], object], str]] = [
     ("submission-mode", _set(["spec", "submissionMode"], "K8sMode"), "submissionMode 'K8sMode' not in"),
     ("ttl-without-shutdown", _set(["spec", "shutdownAfterJobFinishes"], False),
      "ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes"),

@@ -211,6 +211,7 @@ def test_glcl_finetune_augment__deterministic_and_labels_follow_image() -> None:
     img = lbl[:, None].double()  # image == label: warped image and warped label must agree
     a = A.glcl_finetune_augment(img, lbl, A.make_generator(9))
     b = A.glcl_finetune_augment(img, lbl, A.make_generator(9))
+    assert a[1] is not None and b[1] is not None
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     out_img, out_lbl, warp = a
     agree = ((out_img[:, 0] > 1.0) == (out_lbl == 2)).double().mean()

@@ -11,7 +11,7 @@ from localcl.models import DenseHead, GlobalHead, PatchHead, ReconHead, SegHead
 def test_global_head__glcl_flatten_4608_1024_128_no_bias():
     h = GlobalHead(128, spatial_size=(6, 6))
     lin = [m for m in h.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features, l.bias) for l in lin] == [(4608, 1024, None), (1024, 128, None)]
+    assert [(m.in_features, m.out_features, m.bias) for m in lin] == [(4608, 1024, None), (1024, 128, None)]
     x = torch.randn(3, 128, 6, 6)
     z = h(x)
     assert z.shape == (3, 128)

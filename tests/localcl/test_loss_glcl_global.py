@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
@@ -21,6 +22,9 @@ def _batch(m: int, S: int, roles: int) -> tuple[torch.Tensor, torch.Tensor, torc
                 part.append(s)
                 role.append(r)
     return torch.tensor(vol), torch.tensor(part), torch.tensor(role)
+
+
+Variant = Literal["R", "D-", "D"]
 
 
 def _is_pair(variant: str, vi: int, si: int, ri: int, vj: int, sj: int, rj: int) -> bool:
@@ -54,7 +58,7 @@ def _reference(z: torch.Tensor, vol, part, role, variant: str, tau: float) -> fl
 
 @pytest.mark.parametrize("variant,roles", [("R", 2), ("D-", 3), ("D", 2)])
 @pytest.mark.parametrize("tau", [0.1, 0.5])
-def test_glcl_global__matches_loop_reference(variant: str, roles: int, tau: float) -> None:
+def test_glcl_global__matches_loop_reference(variant: Variant, roles: int, tau: float) -> None:
     vol, part, role = _batch(4, 3, roles)
     z = torch.randn(vol.numel(), 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = glcl_global_loss(z, vol, part, role, variant, tau)
@@ -92,7 +96,7 @@ def test_glcl_global__symmetric_under_batch_permutation() -> None:
 
 
 @pytest.mark.parametrize("variant", ["R", "D"])
-def test_glcl_global__chunked_equals_naive_values_and_grads(variant: str) -> None:
+def test_glcl_global__chunked_equals_naive_values_and_grads(variant: Variant) -> None:
     vol, part, role = _batch(4, 4, 2)
     z0 = torch.randn(vol.numel(), 7, dtype=torch.float64)
     outs = []
@@ -112,7 +116,7 @@ def test_glcl_global__gradcheck_float64() -> None:
 
 
 @pytest.mark.parametrize("variant", ["R", "D"])
-def test_glcl_global__ddp_mocked_ranks_match_global_batch(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_glcl_global__ddp_mocked_ranks_match_global_batch(variant: Variant, monkeypatch: pytest.MonkeyPatch) -> None:
     W, m, S = 2, 2, 3
     vol1, part1, role1 = _batch(m, S, 2)
     n = vol1.numel()

@@ -110,7 +110,6 @@ def test_plcl__absent_zero_pair_zeroes_the_whole_pair() -> None:
     y = _labels(4, 6, 6, 3, seed=9)
     y[0][y[0] == 2] = 0  # pair (0, 1) misses class 2 in image 0
     E = torch.randn(4, 4, 6, 6, dtype=torch.float64)
-    g = torch.Generator()
     full = plcl_loss(E, y, 3, absent="zero_pair", generator=torch.Generator().manual_seed(1))
     pix, _ = sample_class_pixels(y, 3, 3, torch.Generator().manual_seed(1))
     # only pair (2, 3) has terms; the mean still runs over the slots of both pairs

@@ -116,8 +116,8 @@ def test_registry__has_exactly_the_issue_keys() -> None:
     assert set(FINETUNE) == {"supervised", "ideal", "plcl"}
     for cls in METHODS.values():
         assert issubclass(cls, PretrainMethod) and cls.default_finetune in FINETUNE
-    for cls in FINETUNE.values():
-        assert issubclass(cls, FinetuneStrategy)
+    for ft_cls in FINETUNE.values():
+        assert issubclass(ft_cls, FinetuneStrategy)
 
 
 def test_get_method__unknown_name_lists_valid_names() -> None:
@@ -340,7 +340,7 @@ def test_load_backbone__shape_mismatch_and_strict_errors_name_the_entry() -> Non
 
 
 def test_ideal_on_after_step__ema_update_and_queue_push(acdc_batch: dict[str, torch.Tensor]) -> None:
-    m = METHODS["ideal"](METHODS["ideal"].Config(**_small("ideal", momentum=0.9)), 1, 4)
+    m: Any = METHODS["ideal"](METHODS["ideal"].Config(**_small("ideal", momentum=0.9)), 1, 4)
     with torch.no_grad():
         for p in m.unet.encoder.parameters():
             p.add_(1.0)  # query != key

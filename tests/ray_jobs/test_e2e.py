@@ -59,7 +59,7 @@ def base_config(store: str, **over: Any) -> dict[str, Any]:
         "logging": {"tensorboard": True, "progress": False},
     }
     for key, value in over.items():
-        node = cfg
+        node: Any = cfg
         *path, last = key.split(".")
         for p in path:
             node = node.setdefault(p, {})

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 from localcl.metrics import evaluate_case
 from ray_jobs.evaluation import job as evaluation_job
 from ray_jobs.evaluation import scoring as evaluation_scoring
 from ray_jobs.cli import main
 from ray_jobs.errors import UserError
+
+from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +234,10 @@ def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], 
 
 # --------------------------------------------------------------------------- model card
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
+    import storage
     from ray_jobs.config import Config
     from ray_jobs.evaluation.model_card import build_model_card, store_fingerprint, write_model_card
     from storage.phantom import make_phantom_dataset
-    import storage
 
     cfg = Config(name="card-test")
     summary = evaluation_scoring.summarise([evaluation_scoring.case_record("c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1))])

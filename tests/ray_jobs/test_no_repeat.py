@@ -220,7 +220,7 @@ def test_bench_replay__matches_a_real_tune_run(ray_cluster: Any, tmp_path: Path)
     ).fit()
     # trial order = Tune's creation order: the counter in each trial's directory name
     # ("trainable_<id>_<n>_<params>")
-    rows = sorted(grid, key=lambda r: int(Path(r.path).name.split("_")[2]))
+    rows = sorted((grid[i] for i in range(len(grid))), key=lambda r: int(Path(r.path).name.split("_")[2]))
     seq = [(int(r.metrics["training_iteration"]), float(r.metrics["val_dice"]),
             (float(r.config["finetune.optim.lr"]), float(r.config["pretrain.method.tau"]))) for r in rows]
     assert seq == expected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -149,8 +150,9 @@ def test_predict_volume__bad_inputs_raise_user_errors() -> None:
 
 
 # --------------------------------------------------------------------------- localcl predict
-from evalpredict_helpers import make_phantom_store, make_tiny_run  # noqa: E402
 from ray_jobs.cli import main  # noqa: E402
+
+from evalpredict_helpers import make_phantom_store, make_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +181,7 @@ def _scaled_rotated_copy(src: Path, dst: Path) -> nib.Nifti1Image:
     out.set_sform(aff, code=2)
     out.header["descrip"] = b"oblique test scan"
     nib.save(out, str(dst))
-    return nib.load(dst)
+    return cast(nib.Nifti1Image, nib.load(dst))
 
 
 def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(phantom: tuple[Path, str], tiny_run: Path,

@@ -276,7 +276,7 @@ def test_load_campaign__bad_space_rejected_naming_entry(tmp_path: Path, space: d
 
 
 def test_load_campaign__other_errors_name_the_field(tmp_path: Path) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"method": "nope"}, "method: unknown method 'nope'"),
         ({"method": "glcl"}, "differs from the base config's pretrain.method.name 'ideal'"),
         ({"objective": {"metrics": ["val_loss"], "modes": ["min"]}}, "objective.metrics: 'val_loss' is not reported"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -72,7 +73,7 @@ def synth() -> type[Synth]:
 
 # --------------------------------------------------------------------------- object storage
 @pytest.fixture(scope="session")
-def moto_endpoint() -> str:
+def moto_endpoint() -> Iterator[str]:
     """One moto S3 server on 127.0.0.1 (free port) for the session; its ``http://`` endpoint."""
     import logging
 

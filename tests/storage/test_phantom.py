@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +20,9 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _load(ds: Path, case: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    return nib.load(ds / "imagesTr" / f"{case}.nii.gz"), nib.load(ds / "labelsTr" / f"{case}.nii.gz")
+    image = cast(nib.Nifti1Image, nib.load(ds / "imagesTr" / f"{case}.nii.gz"))
+    label = cast(nib.Nifti1Image, nib.load(ds / "labelsTr" / f"{case}.nii.gz"))
+    return image, label
 
 
 def _digest(ds: Path) -> dict[str, str]:

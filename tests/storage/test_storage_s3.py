@@ -59,8 +59,12 @@ def test_s3_store__case_index_opens_without_reading_each_case(tmp_path: Path, sy
     storage.ingest(src, uri, progress=False, storage_options=s3_options)
     reads: list[list[str]] = []
     original = VolumeStore._read_case_attrs
-    monkeypatch.setattr(VolumeStore, "_read_case_attrs",
-                        lambda self, names: reads.append(list(names)) or original(self, names))
+
+    def recording(self: VolumeStore, names: list[str]) -> object:
+        reads.append(list(names))
+        return original(self, names)
+
+    monkeypatch.setattr(VolumeStore, "_read_case_attrs", recording)
     st = storage.open_store(uri, storage_options=s3_options)
     assert st.cases == ["c0", "c1", "c2"] and reads == [[]]
     assert st.meta("c1")["shape"] == list(nib.load(str(src / "imagesTr" / "c1.nii.gz")).shape)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import storage
-from storage.preprocess import crop_or_pad, preprocess_slice, restore_slice, resampled_shape
+from storage.preprocess import crop_or_pad, preprocess_slice, resampled_shape, restore_slice
 from storage.samplers import PartitionBatchDataset, PatchDataset, SliceDataset, partition_of
 
 
