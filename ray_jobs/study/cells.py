@@ -256,6 +256,30 @@ def _run_pretrain(cfg: Config, data: Data, budget: Optional[Budget],
     return dt
 
 
+def compute_of(cfg: Config) -> dict[str, int]:
+    """The compute a cell's numbers cost, in optimiser steps and slices seen.
+
+    ``finetune_steps``: epochs x steps per epoch, times ``1 + rounds`` for self-training (PLCL:
+    round 0 plus its rounds); ``labelled_views`` / ``unlabelled_views``: slices drawn by those
+    steps (``batch_size`` and ``unlabelled_batch_size`` each; the supervised strategy draws no
+    unlabelled slices); ``pretrain_steps``: the sum over the pretraining's method stages (0
+    without pretraining). Pretraining is amortised: one pretraining serves every budget and
+    seed that shares it.
+    """
+    ft = cfg.finetune
+    sch = ft.schedule
+    rounds = 1 + (ft.self_training.rounds if ft.self_training is not None and ft.method.name == "plcl" else 0)
+    steps = sch.epochs * sch.steps_per_epoch * rounds
+    ub = 0 if ft.method.name == "supervised" else (sch.unlabelled_batch_size or sch.batch_size)
+    pre = 0
+    if cfg.pretrain is not None:
+        for stage in tuple(METHODS[cfg.pretrain.method.name].stages) or (None,):
+            ps = cfg.schedule_for("pretrain", stage)
+            pre += ps.epochs * ps.steps_per_epoch
+    return {"finetune_steps": steps, "labelled_views": steps * sch.batch_size,
+            "unlabelled_views": steps * ub, "pretrain_steps": pre}
+
+
 def make_record(cell: Cell, cfg: Config, plan: Any, summary: Mapping[str, Any], data: Data,
                 labelled: Sequence[str], *, pretrain: Optional[str], times: Mapping[str, float],
                 history: Optional[Sequence[Mapping[str, Any]]] = None) -> dict[str, Any]:
@@ -269,7 +293,7 @@ def make_record(cell: Cell, cfg: Config, plan: Any, summary: Mapping[str, Any], 
         "pretrain": cfg.pretrain.method.name if cfg.pretrain is not None else None,
         "strategy": cfg.finetune.method.name, "unlabelled_volumes": len(plan.unlabelled),
         "dice": _num(mean.get("dice")), "hd95": _num(mean.get("hd95")), "asd": _num(mean.get("asd")),
-        "n_cases": summary.get("n_cases"),
+        "n_cases": summary.get("n_cases"), **compute_of(cfg),
     }
     for name, c in (summary.get("classes") or {}).items():
         if int(c.get("label", 0)) == 0:

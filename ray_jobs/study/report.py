@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -15,24 +16,33 @@ import yaml
 
 from ray_jobs.errors import UserError
 from ray_jobs.study.cells import cell_dir_of, cells, read_json, resolve_cell, write_json
-from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, store_uri
+from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, baseline_of, is_extra_baseline, store_uri
 
 # --------------------------------------------------------------------------- report
-def aggregate(records: Sequence[Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:
+def aggregate(records: Sequence[Mapping[str, Any]], baseline: str,
+              compare_to: Optional[Mapping[str, str]] = None) -> list[dict[str, Any]]:
     """Per (method, budget): mean and sample sd (ddof=1; 0 for one seed) over seeds of every
-    numeric metric, plus ``delta`` = mean over seeds of (method - baseline) Dice, paired by seed
-    (same labelled set, same seed), with its sd."""
+    numeric metric, plus ``delta`` = mean over seeds of (method - its baseline) Dice, paired by
+    seed (same labelled set, same seed), with its sd. A method's baseline is
+    ``compare_to[method]`` or ``baseline``; ``compared_to`` names it and ``steps_match`` says
+    whether both trained the same number of fine-tuning steps (compute-matched)."""
+    compare_to = dict(compare_to or {})
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
-    base = {(r["budget"], r["seed"]): r for r in records if r["method"] == baseline}
+    by_cell = {(r["method"], r["budget"], r["seed"]): r for r in records}
     out = []
     for (method, budget), rows in groups.items():
+        ref = compare_to.get(method, baseline)
+        base = {(budget, seed): r for (m, b, seed), r in by_cell.items() if m == ref and b == budget}
         row: dict[str, Any] = {"method": method, "budget": budget, "n_seeds": len(rows),
                                "budget_label": rows[0]["budget_label"],
                                "labelled_patients": rows[0]["labelled_patients"],
                                "labelled_volumes": rows[0]["labelled_volumes"],
-                               "pretrain": rows[0]["pretrain"], "strategy": rows[0]["strategy"]}
+                               "pretrain": rows[0]["pretrain"], "strategy": rows[0]["strategy"],
+                               "compared_to": None if method == ref else ref}
+        for k in ("finetune_steps", "labelled_views", "unlabelled_views", "pretrain_steps"):
+            row[k] = rows[0].get(k)
         keys = [k for k, v in rows[0].items() if k.startswith(("dice", "hd95", "asd"))]
         for k in keys:
             vals = np.array([r.get(k) for r in rows if r.get(k) is not None], float)
@@ -41,9 +51,12 @@ def aggregate(records: Sequence[Mapping[str, Any]], baseline: str) -> list[dict[
         diffs = np.array([r["dice"] - base[(budget, r["seed"])]["dice"] for r in rows
                           if (budget, r["seed"]) in base and r.get("dice") is not None
                           and base[(budget, r["seed"])].get("dice") is not None], float)
-        row["delta"] = float(diffs.mean()) if diffs.size and method != baseline else None
-        row["delta_sd"] = float(diffs.std(ddof=1)) if diffs.size > 1 and method != baseline else None
+        row["delta"] = float(diffs.mean()) if diffs.size and method != ref else None
+        row["delta_sd"] = float(diffs.std(ddof=1)) if diffs.size > 1 and method != ref else None
         row["n_paired"] = int(diffs.size)
+        ref_rows = [r for r in base.values()]
+        row["steps_match"] = (None if method == ref or not ref_rows
+                              else ref_rows[0].get("finetune_steps") == rows[0].get("finetune_steps"))
         out.append(row)
     return out
 
@@ -63,7 +76,7 @@ def _pm(row: Mapping[str, Any], k: str, d: int = 3) -> str:
 def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], total: int,
                      command: str = "") -> str:
     """The study's tables as markdown (see the module docstring)."""
-    agg = aggregate(records, study.baseline)
+    agg = aggregate(records, study.baseline, study.compare_to)
     by = {(r["method"], r["budget"]): r for r in agg}
     methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
     budgets = study.budgets
@@ -76,9 +89,14 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
     n_cases = records[0].get("n_cases") if records else None
     lines += [f"Mean foreground Dice (RV, MYO, LV) over the {n_cases or '?'} evaluation volumes, "
               f"mean ± sd over seeds (sd with ddof=1; seeds {study.seeds}). Δ: Dice minus the "
-              f"`{study.baseline}` baseline on the same budget and seed, averaged over seeds.", ""]
-    head = "| method | pretraining | fine-tuning | " + " | ".join(b.display() for b in budgets) + " |"
-    lines += [head, "|" + "---|" * (3 + len(budgets))]
+              f"method's baseline (column 'vs'; `{study.baseline}` unless `compare_to` names a "
+              f"compute-matched one) on the same budget and seed, averaged over seeds; '≠ steps' marks "
+              f"a Δ whose two cells trained different numbers of fine-tuning steps. Compute: "
+              f"fine-tuning steps (labelled / unlabelled slices seen) and pretraining steps, "
+              f"the pretraining amortised over every budget and seed that shares it.", ""]
+    head = ("| method | pretraining | fine-tuning | vs | ft steps (labelled / unlabelled slices) "
+            "| pretrain steps | " + " | ".join(b.display() for b in budgets) + " |")
+    lines += [head, "|" + "---|" * (6 + len(budgets))]
     for m in methods:
         first = next((by[(m, b.name)] for b in budgets if (m, b.name) in by), None)
         if first is None:
@@ -91,10 +109,13 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
                 continue
             txt = _pm(r, "dice")
             if r.get("delta") is not None:
-                txt += f" (Δ {r['delta']:+.3f})"
+                txt += f" (Δ {r['delta']:+.3f}{', ≠ steps' if r.get('steps_match') is False else ''})"
             cells_txt.append(txt)
         name = f"**{m}** (baseline)" if m == study.baseline else m
+        ft = (f"{first.get('finetune_steps')} ({first.get('labelled_views')} / {first.get('unlabelled_views')})"
+              if first.get("finetune_steps") is not None else "n/a")
         lines.append(f"| {name} | {first['pretrain'] or '—'} | {first['strategy']} | "
+                     f"{first.get('compared_to') or '—'} | {ft} | {first.get('pretrain_steps') or 0} | "
                      + " | ".join(cells_txt) + " |")
     classes = sorted({k[len("dice_"):] for r in records for k in r
                       if k.startswith("dice_") and not k.endswith("_sd")})
@@ -138,24 +159,25 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
 
 
 def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One plain sentence per method: the budgets where its mean Dice is above / not above the
-    baseline's (paired by seed)."""
+    """One plain sentence per method: the budgets where its Dice is above, within the seed noise
+    of, or below its baseline's (paired by seed). Noise: twice the standard error of the paired
+    differences, ``2 sd / sqrt(n)``; with one seed there is no noise estimate and the sign is
+    reported as it is."""
     out = []
     for m in study.methods:
-        if m == study.baseline:
+        if m == study.baseline or is_extra_baseline(m):
             continue
         rows = [r for r in agg if r["method"] == m and r.get("delta") is not None]
         if not rows:
             continue
-        above = [f"{r['budget_label']} ({r['delta']:+.3f})" for r in rows if r["delta"] > 0]
-        below = [f"{r['budget_label']} ({r['delta']:+.3f})" for r in rows if r["delta"] <= 0]
-        if not below:
-            s = f"- {m}: above the baseline at every budget run: {', '.join(above)}"
-        elif not above:
-            s = f"- {m}: does **not** beat the baseline at any budget run: {', '.join(below)}"
-        else:
-            s = (f"- {m}: above the baseline at {', '.join(above)}; not above at "
-                 f"{', '.join(below)}")
+        groups: dict[str, list[str]] = {"above": [], "within noise of": [], "below": []}
+        for r in rows:
+            se = 2 * r["delta_sd"] / math.sqrt(r["n_paired"]) if r.get("delta_sd") else 0.0
+            kind = "above" if r["delta"] > se else "below" if r["delta"] < -se else "within noise of"
+            txt = f"{r['budget_label']} ({r['delta']:+.3f}" + (f" ± {se:.3f}" if se else "") + ")"
+            groups[kind].append(txt + (" [not compute-matched]" if r.get("steps_match") is False else ""))
+        ref = baseline_of(study, m)
+        s = f"- {m} vs `{ref}`: " + "; ".join(f"{k} at {', '.join(v)}" for k, v in groups.items() if v)
         n = min(r["n_paired"] for r in rows)
         out.append(s + f" (paired over {n} seed{'s' * (n != 1)}).")
     return out
@@ -170,7 +192,7 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(records, study.baseline)
+    agg = aggregate(records, study.baseline, study.compare_to)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
     colours = plt.get_cmap("tab10").colors
@@ -221,7 +243,7 @@ def write_report(study: StudyConfig, study_dir: str, records: Sequence[Mapping[s
         ("png", "curve.png"))}
     write_json(paths["json"], {"study": study.name, "config_hash": study.hash(), "done": len(recs),
                                 "total": total, "partial": len(recs) < total,
-                                "aggregate": aggregate(recs, study.baseline), "cells": recs})
+                                "aggregate": aggregate(recs, study.baseline, study.compare_to), "cells": recs})
     keys = list(CSV_FIRST) + sorted({k for r in recs for k in r if k not in CSV_FIRST
                                      and not isinstance(r[k], (list, dict))})
     buf = io.StringIO()

@@ -103,6 +103,10 @@ class StudyConfig(Strict):
     stage_defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
     methods: dict[str, dict[str, Any]]
     baseline: str = "supervised"
+    # method key -> the baseline cell it is compared with (default: ``baseline``). Extra baseline
+    # cells are ``methods`` keys starting with "supervised" that fine-tune the supervised
+    # strategy from scratch, e.g. with as many steps as PLCL's round 0 plus its rounds.
+    compare_to: dict[str, str] = Field(default_factory=dict)
     budgets: list[Budget]
     seeds: list[int] = Field(min_length=1)
     label_seed: int = Field(0, ge=0)
@@ -165,10 +169,16 @@ def check_study(study: StudyConfig) -> None:
         if key not in STAGE_SECTIONS:
             raise ConfigError(f"stage_defaults.{key}: not a stage (use {list(STAGE_SECTIONS)})")
     for key, block in study.methods.items():
-        if key not in METHODS:
-            raise ConfigError(f"methods.{key}: not a method of METHODS ({sorted(METHODS)})")
+        if key not in METHODS and not is_extra_baseline(key):
+            raise ConfigError(f"methods.{key}: not a method of METHODS ({sorted(METHODS)}) nor an extra "
+                              f"baseline (a name starting with 'supervised')")
         if not isinstance(block, Mapping) or "finetune" not in block:
             raise ConfigError(f"methods.{key}: needs a 'finetune' section")
+        if is_extra_baseline(key):
+            name = ((block.get("finetune") or {}).get("method") or {}).get("name")
+            if "pretrain" in block or name != "supervised":
+                raise ConfigError(f"methods.{key}: an extra baseline cell fine-tunes "
+                                  f"{{method: {{name: supervised}}}} from scratch (no pretrain section)")
         extra = set(block) - set(STAGE_SECTIONS)
         if extra:
             raise ConfigError(f"methods.{key}.{sorted(extra)[0]}: unknown key (sections: "
@@ -181,6 +191,12 @@ def check_study(study: StudyConfig) -> None:
     if study.baseline not in study.methods:
         raise ConfigError(f"baseline: {study.baseline!r} is not one of methods "
                           f"({sorted(study.methods)})")
+    for key, base in study.compare_to.items():
+        if key not in study.methods:
+            raise ConfigError(f"compare_to.{key}: not one of methods ({sorted(study.methods)})")
+        if base not in study.methods or not (base == study.baseline or is_extra_baseline(base)):
+            raise ConfigError(f"compare_to.{key}: {base!r} must be the baseline or an extra baseline "
+                              f"cell of methods (a name starting with 'supervised')")
     names = [b.name for b in study.budgets]
     if not names:
         raise ConfigError("budgets: at least one label budget")
@@ -193,6 +209,21 @@ def check_study(study: StudyConfig) -> None:
     for key in study.methods:
         for b in study.budgets:
             cell_config(study, key, b, study.seeds[0], store="store.zarr", init=None)
+
+
+def is_extra_baseline(key: str) -> bool:
+    """An extra baseline cell: a ``methods`` key starting with "supervised" that is not a METHODS
+    key (e.g. ``supervised_320``: the supervised strategy with another number of steps)."""
+    return key.startswith("supervised") and key not in METHODS
+
+
+def baseline_of(study: StudyConfig, key: str) -> str:
+    """The baseline cell ``key`` is compared with (``compare_to``, else ``baseline``)."""
+    return study.compare_to.get(key, study.baseline)
+
+
+def is_baseline(study: StudyConfig, key: str) -> bool:
+    return key == study.baseline or is_extra_baseline(key)
 
 
 def method_sections(study: StudyConfig, key: str) -> dict[str, Any]:

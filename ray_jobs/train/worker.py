@@ -250,6 +250,8 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
         params = [p for p in method.parameters() if p.requires_grad]
     optim = build_optimizer(params, getattr(cfg, section).optim, cfg.lr(section))
     total_steps = schedule.epochs * schedule.steps_per_epoch
+    if section == "pretrain":
+        method.set_total_steps(total_steps)  # step schedules (key momentum) need the stage length
     warm = int(round(schedule.warmup_epochs * schedule.steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_factor(s, total_steps, warm, schedule.scheduler, schedule.min_lr_ratio))

@@ -147,7 +147,9 @@ def _rec(method: str, budget: str, seed: int, dice: float, **kw: Any) -> dict[st
             "labelled_volumes": 2, "labelled_patients": {"a": 0.5, "b": 3.0}[budget],
             "pretrain": None if method == "supervised" else method, "strategy": "supervised",
             "dice": dice, "hd95": kw.get("hd95", 10.0), "asd": 2.0, "dice_RV": dice - 0.1,
-            "dice_MYO": dice, "dice_LV": dice + 0.1, "hd95_RV": 12.0, "n_cases": 20}
+            "dice_MYO": dice, "dice_LV": dice + 0.1, "hd95_RV": 12.0, "n_cases": 20,
+            "finetune_steps": kw.get("steps", 160), "labelled_views": kw.get("steps", 160) * 8,
+            "unlabelled_views": 0, "pretrain_steps": 0 if method.startswith("supervised") else 120}
 
 
 def test_aggregate__sd_over_seeds_and_paired_delta():
@@ -172,15 +174,56 @@ def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
             _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.75)]
     md = study_report.results_markdown(st, recs, total=6)
     assert "4 of 6 cells (**partial**" in md
-    assert "| **supervised** (baseline) | — | supervised | 0.500 | 0.700 |" in md
-    assert "| lrc | lrc | supervised | 0.450 (Δ -0.050) | 0.750 (Δ +0.050) |" in md
+    assert "| **supervised** (baseline) | — | supervised | — | 160 (1280 / 0) | 0 | 0.500 | 0.700 |" in md
+    assert "| lrc | lrc | supervised | supervised | 160 (1280 / 0) | 120 | 0.450 (Δ -0.050) | 0.750 (Δ +0.050) |" in md
     assert "| glcl | 0.725 | 0.789 | 0.872 |" in md and "| ideal | 0.738 | 0.846 | 0.879 |" in md
     assert "- supervised: 0.500 here vs 0.614 published" in md
-    assert "- lrc: above the baseline at 3 patients (+0.050); not above at 1 volume (-0.050)" in md
+    assert "- lrc vs `supervised`: above at 3 patients (+0.050); below at 1 volume (-0.050)" in md
     md2 = study_report.results_markdown(st, [_rec("supervised", "a", 0, 0.5), _rec("lrc", "a", 0, 0.4)], 2)
-    assert "does **not** beat the baseline at any budget run" in md2 and "partial" not in md2
+    assert "- lrc vs `supervised`: below at 1 volume (-0.100)" in md2 and "partial" not in md2
     png = study_report.curve_png(st, recs)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_aggregate__compare_to_pairs_each_method_with_its_compute_matched_baseline():
+    recs = [_rec("supervised", "a", 0, 0.50), _rec("supervised_320", "a", 0, 0.58, steps=320),
+            _rec("plcl", "a", 0, 0.60, steps=320), _rec("lrc", "a", 0, 0.52),
+            _rec("ideal", "a", 0, 0.56, steps=320)]
+    agg = {r["method"]: r for r in study_report.aggregate(recs, "supervised", {"plcl": "supervised_320"})}
+    assert agg["plcl"]["compared_to"] == "supervised_320" and agg["plcl"]["delta"] == pytest.approx(0.02)
+    assert agg["plcl"]["steps_match"] is True
+    assert agg["lrc"]["compared_to"] == "supervised" and agg["lrc"]["steps_match"] is True
+    assert agg["ideal"]["steps_match"] is False  # 320 steps against the 160-step baseline
+    assert agg["supervised_320"]["delta"] == pytest.approx(0.08)  # an extra baseline vs the main one
+
+
+def test_verdict__noise_band_and_not_compute_matched_flag():
+    methods = dict(micro()["methods"], ideal={"pretrain": {"method": {"name": "ideal"}},
+                                              "finetune": {"method": {"name": "ideal"}}})
+    st = study_spec.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]}], methods=methods))
+    recs = [_rec("supervised", "a", s, 0.50 + 0.01 * s) for s in range(3)]
+    recs += [_rec("lrc", "a", s, 0.50 + 0.01 * s + d) for s, d in enumerate((0.02, -0.01, 0.00))]
+    recs += [_rec("ideal", "a", s, 0.60 + 0.01 * s, steps=320) for s in range(3)]
+    md = study_report.results_markdown(st, recs, total=9)
+    assert "- lrc vs `supervised`: within noise of at 1 volume (+0.003 ± 0.018)" in md
+    assert "- ideal vs `supervised`: above at 1 volume (+0.100) [not compute-matched]" in md
+    assert "(Δ +0.100, ≠ steps)" in md
+
+
+def test_check_study__extra_baseline_cells_and_compare_to_are_validated():
+    ok = micro(methods={"supervised": {"finetune": {"method": {"name": "supervised"}}},
+                        "supervised_2x": {"finetune": {"method": {"name": "supervised"}}}},
+               compare_to={"supervised_2x": "supervised"})
+    st = study_spec.load_study(ok)
+    study_spec.check_study(st)
+    assert [c.method for c in study_cells.cells(st)][:2] == ["supervised", "supervised_2x"]
+    bad = micro(methods={"supervised": {"finetune": {"method": {"name": "supervised"}}},
+                         "supervised_x": {"finetune": {"method": {"name": "ideal"}}}})
+    with pytest.raises(ConfigError, match="extra baseline"):
+        study_spec.check_study(study_spec.load_study(bad))
+    bad2 = micro(compare_to={"lrc": "glcl"})
+    with pytest.raises(ConfigError, match="compare_to.lrc"):
+        study_spec.check_study(study_spec.load_study(bad2))
 
 
 # --------------------------------------------------------------------------- real data
