@@ -23,7 +23,8 @@ Shapes: images ``(N, C_in, H, W)`` float, labels ``(N, H, W)`` int64 with -1 = i
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -36,7 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.errors import InputError, StorageError
-from storage.sources import NIFTI_SUFFIXES, strip_nifti_suffix
+from storage.sources import strip_nifti_suffix
 
 _GZIP_MAGIC = b"\x1f\x8b"
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import optuna

@@ -25,7 +25,8 @@ The slice axis is axis 2 (``Z``); the first slice axis (``X``) is the network's 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

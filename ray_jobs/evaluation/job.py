@@ -33,7 +33,8 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -60,6 +61,7 @@ from ray_jobs.train.checkpoint import load_model, read_spec
 from ray_jobs.train.trainer import worker_runtime_env
 from storage.nifti import label_nifti_bytes
 from storage.remote import join_uri, write_bytes
+
 
 # --------------------------------------------------------------------------- store + Ray Train
 def _gather_all(obj: Any) -> list[Any]:

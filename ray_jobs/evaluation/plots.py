@@ -14,7 +14,7 @@ fsspec URI alike.
 from __future__ import annotations
 
 import io
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 CLASS_COLOURS = plt.get_cmap("tab10").colors
 
 
-def _png(fig: "plt.Figure") -> bytes:
+def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -63,7 +63,7 @@ def curve_series(history: pd.DataFrame) -> dict[str, list[str]]:
     return {"losses": losses, "dice": dice, "distances": dist}
 
 
-def loss_curves_figure(history: pd.DataFrame, title: str) -> "plt.Figure":
+def loss_curves_figure(history: pd.DataFrame, title: str) -> plt.Figure:
     """The figure of :func:`loss_curves_png` (one or two panels; see there)."""
     if "epoch" not in history.columns:
         raise ValueError(f"{title}: history has no 'epoch' column (columns {list(history.columns)})")

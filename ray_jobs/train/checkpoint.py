@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import torch

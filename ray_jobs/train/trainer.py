@@ -27,8 +27,9 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import fsspec
 import pyarrow.fs
@@ -47,7 +48,7 @@ from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
@@ -125,7 +126,7 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
 
 
 def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
-              run_name: Optional[str] = None, progress: bool = True,
+              run_name: str | None = None, progress: bool = True,
               callbacks: Sequence[Any] = ()) -> StageResult:
     """Fit one stage (``spec``, built by :func:`ray_jobs.train.stage.loop_spec`) into
     ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
