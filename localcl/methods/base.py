@@ -237,7 +237,7 @@ class PretrainMethod(_Seeded):
 
     def backbone_state(self) -> dict[str, Tensor]:
         """State dict of the U-Net (``encoder.*`` and ``decoder.*`` keys) on CPU."""
-        net = self.unet
+        net = self.get_submodule("unet")  # a subclass sets self.unet; typed nn.Module here
         return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
                 if k.startswith(("encoder.", "decoder."))}
 

@@ -115,6 +115,7 @@ class IDEAL(PretrainMethod):
 
     name = "ideal"
     Config = IDEALConfig
+    cfg: IDEALConfig
     pretrain_batch = "slices"
     default_finetune = "ideal"
 
@@ -258,6 +259,7 @@ class IDEALFinetune(FinetuneStrategy):
 
     name = "ideal"
     Config = IDEALFinetuneConfig
+    cfg: IDEALFinetuneConfig
 
     def __init__(self, cfg: IDEALFinetuneConfig, in_channels: int, num_classes: int) -> None:
         super().__init__(cfg, in_channels, num_classes)

@@ -108,6 +108,7 @@ class LRC(PretrainMethod):
 
     name = "lrc"
     Config = LRCConfig
+    cfg: LRCConfig
     pretrain_batch = "slices+superpixels"
     default_finetune = "supervised"
 
