@@ -141,11 +141,18 @@ class ParamSpec(Strict):
         return od.FloatDistribution(float(self.low), float(self.high), step=self.step)  # type: ignore[arg-type]
 
 
+Mode = Literal["max", "min"]
+
+
+def _default_modes() -> list[Mode]:
+    return ["max"]
+
+
 class Objective(Strict):
     """What a trial is scored on. One metric: TPE + ASHA. Two or more: NSGA-II, no pruning."""
 
     metrics: list[str] = Field(default_factory=lambda: ["val_dice"], min_length=1)
-    modes: list[Literal["max", "min"]] = Field(default_factory=lambda: ["max"], min_length=1)
+    modes: list[Mode] = Field(default_factory=_default_modes, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> Objective:

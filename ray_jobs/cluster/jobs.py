@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from urllib.parse import urlparse
 
 from ray_jobs.cluster.submit import DEFAULT_DASHBOARD_PORT, TERMINAL, Submission
@@ -19,6 +19,8 @@ from ray_jobs.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobDetails, JobSubmissionClient
+
+_T = TypeVar("_T")
 
 
 def resolve_address(address: str | None) -> str:
@@ -80,7 +82,7 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _job_call(client: JobSubmissionClient, job_id: str, fn: Callable[[str], Any]) -> Any:
+def _job_call(client: JobSubmissionClient, job_id: str, fn: Callable[[str], _T]) -> _T:
     """Call ``fn(job_id)`` turning Ray's 404 into a one-line 'no such job' error."""
     try:
         return fn(job_id)

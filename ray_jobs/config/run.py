@@ -29,6 +29,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -158,10 +159,14 @@ class EvaluateConfig(Strict):
     val_hd95: bool = False  # also report mean foreground HD95 (mm) each fine-tune epoch
 
 
+def _one_cpu_per_worker() -> dict[str, float]:
+    return {"CPU": 1}  # an int, as it always was: the config hash serialises it
+
+
 class ScalingSection(Strict):
     num_workers: int = Field(2, ge=0)  # 0: Ray Train local mode (runs in the driver, no DDP)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    resources_per_worker: dict[str, float] = Field(default_factory=_one_cpu_per_worker)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -276,10 +281,12 @@ class Config(Strict):
         return float(getattr(self.method_config(section), "lr", 1e-3))
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        tree: dict[str, Any] = self.model_dump(mode="json")
+        return tree
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False)  # no stream: returns the text
+        return text
 
     def hash(self) -> str:
         """SHA-256 (first 16 hex) of the canonical JSON of everything but run bookkeeping."""
@@ -303,7 +310,7 @@ def validate_method(registry: Mapping[str, Any], name: str, params: dict[str, An
 
 
 # --------------------------------------------------------------------------- loading
-def resolve_config_path(ref: str | Path, stage: str | None = None) -> Path:
+def resolve_config_path(ref: str | os.PathLike[str], stage: str | None = None) -> Path:
     """A config reference -> file: an existing path, or a shipped name such as ``ideal_cpu``
     (looked up in ``configs/<stage>/`` first, then the other stage folders)."""
     p = Path(ref)
@@ -343,7 +350,7 @@ def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(load_yaml(base_path, _seen + (path,)), data)
 
 
-def load_config(ref: str | Path | None = None, overrides: Iterable[str] = (),
+def load_config(ref: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                 stage: str | None = None, base: Mapping[str, Any] | None = None) -> Config:
     """Load, merge and validate a config. Raises :class:`ConfigError` naming the bad key."""
     data: dict[str, Any] = dict(base or {})

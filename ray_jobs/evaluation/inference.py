@@ -80,7 +80,8 @@ def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(B, K, H, W)`` for images ``(B, 1, H, W)``."""
     predict = getattr(model, "predict", None)
     if callable(predict):
-        return predict(x).float()
+        probs: torch.Tensor = predict(x)
+        return probs.float()
     return torch.softmax(model(x).float(), dim=1)
 
 

@@ -22,12 +22,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # class k >= 1 gets CLASS_COLOURS[(k - 1) % 10]
-CLASS_COLOURS = plt.get_cmap("tab10").colors
+_TAB10 = plt.get_cmap("tab10")  # 10 listed colours: an int i picks the i-th
+CLASS_COLOURS: tuple[tuple[float, float, float], ...] = tuple(to_rgb(_TAB10(i)) for i in range(_TAB10.N))
 
 
 def _png(fig: plt.Figure) -> bytes:

@@ -157,7 +157,7 @@ def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = pri
     assert cfg.pretrain is not None
     kwargs = METHODS[cfg.pretrain.method.name].superpixel_params(cfg.method_config("pretrain"))
     log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
-    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)
+    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
     done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
     return [c for part in done for c in part]
 
@@ -197,6 +197,7 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
             raise UserError(f"{section}: this config has no '{section}' section")
         init = None
         if section == "finetune":
+            assert cfg.finetune is not None  # checked above
             src = cfg.finetune.init or (out.get("pretrain", {}).get("model_dir")
                                         or (join_uri(run_dir, "pretrain", "model")
                                             if cfg.pretrain is not None else None))

@@ -122,7 +122,7 @@ def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], nam
     if not todo:
         return done
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env=worker_runtime_env() or None)(label_task)
+                      runtime_env=worker_runtime_env() or None)(label_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
     refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu)
             for c in todo]
     ray.get(refs)

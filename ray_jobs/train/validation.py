@@ -37,6 +37,8 @@ def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
     with torch.no_grad():
         for case in cases[rank::max(world, 1)]:
             ref = st.label(case)
+            if ref is None:  # validation cases come from the labelled split
+                raise ValueError(f"validation case {case!r} is unlabelled")
             pred = predict_case(method, spec.model, st, case)
             tot[0] += mean_fg_dice(pred, ref, spec.num_classes)
             tot[1] += 1
