@@ -50,9 +50,9 @@ def main() -> int:
     import storage
     from localcl.methods import FINETUNE
     from localcl.metrics import evaluate_case
-    from ray_jobs.train.checkpoint import export_model, load_model
-    from ray_jobs.evaluation.job import evaluate_store
     from ray_jobs.evaluation.inference import predict_case
+    from ray_jobs.evaluation.job import evaluate_store
+    from ray_jobs.train.checkpoint import export_model, load_model
     from storage.phantom import make_phantom_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))

@@ -34,8 +34,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from ray_jobs.cluster import jobs as cluster_jobs
-from ray_jobs.cluster import submit as cluster_submit
+from ray_jobs.cluster import jobs as cluster_jobs  # noqa: E402
+from ray_jobs.cluster import submit as cluster_submit  # noqa: E402
 from ray_jobs.cluster.local_head import LocalHead  # noqa: E402
 
 

@@ -96,7 +96,6 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
     import yaml
 
     from ray_jobs.campaign import run as campaign_run
-    from ray_jobs.campaign import search as campaign_search
     from ray_jobs.campaign import spec as campaign_spec
     from ray_jobs.train.trainer import start_local_ray
 
@@ -151,8 +150,6 @@ def read_curves(campaign_dir: Path) -> dict[tuple[float, float], list[float]]:
 def replay_campaign(strategy: str, seed: int, budget: int, epochs: int, grace: int = 1) -> Any:
     """The campaign of one replayed search: ``strategy`` is ``tpe`` or ``random``, ``+asha`` for
     ASHA (grace ``grace``, factor 3, ``max_t`` = ``epochs``), ``/repeats`` for ``repeat_configs``."""
-    from ray_jobs.campaign import run as campaign_run
-    from ray_jobs.campaign import search as campaign_search
     from ray_jobs.campaign import spec as campaign_spec
 
     return campaign_spec.Campaign(
@@ -180,9 +177,7 @@ def replay(curves: dict[tuple[float, float], list[float]], epochs: int, strategy
     import optuna
     from ray.tune.schedulers import TrialScheduler
 
-    from ray_jobs.campaign import run as campaign_run
     from ray_jobs.campaign import search as campaign_search
-    from ray_jobs.campaign import spec as campaign_spec
 
     camp = replay_campaign(strategy, seed, budget, epochs, grace)
     storage = optuna.storages.InMemoryStorage()

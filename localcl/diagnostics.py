@@ -23,7 +23,8 @@ Shapes: images ``(N, C_in, H, W)`` float, labels ``(N, H, W)`` int64 with -1 = i
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ def encoder_health(encoder: nn.Module, images: Tensor) -> list[dict[str, Any]]:
     hooks = []
     last_conv: list[str] = []
 
-    def conv_hook(name: str, mod: nn.Module) -> Callable[..., None]:
+    def conv_hook(name: str, mod: nn.Conv2d | nn.Conv3d) -> Callable[..., None]:
         def fn(_m: nn.Module, _inp: Any, _out: Tensor) -> None:
             last_conv[:] = [name]
             if name not in rows:
@@ -134,17 +135,18 @@ def encoder_health(encoder: nn.Module, images: Tensor) -> list[dict[str, Any]]:
                               "bn_dmean": math.nan, "bn_dlogvar": math.nan}
         return fn
 
-    def bn_hook(mod: nn.Module) -> Callable[..., None]:
+    def bn_hook(mod: nn.modules.batchnorm._BatchNorm) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple[Tensor, ...], _out: Tensor) -> None:
-            if not last_conv or getattr(mod, "running_mean", None) is None:
+            running_mean, running_var = mod.running_mean, mod.running_var
+            if not last_conv or running_mean is None or running_var is None:
                 return
             x = inp[0].detach().float()
             dims = [d for d in range(x.dim()) if d != 1]
             mu, var = x.mean(dims), x.var(dims, unbiased=False)
             c = mu.numel()
             row = rows[last_conv[0]]
-            row["bn_dmean"] = float((mod.running_mean - mu).norm() / math.sqrt(c))
-            row["bn_dlogvar"] = float((torch.log(mod.running_var + 1e-5) - torch.log(var + 1e-5)).norm()
+            row["bn_dmean"] = float((running_mean - mu).norm() / math.sqrt(c))
+            row["bn_dlogvar"] = float((torch.log(running_var + 1e-5) - torch.log(var + 1e-5)).norm()
                                       / math.sqrt(c))
         return fn
 

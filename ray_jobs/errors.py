@@ -1,8 +1,8 @@
 """User-facing errors: printed by the CLI as one line, no traceback."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class UserError(Exception):

@@ -36,7 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.errors import InputError, StorageError
-from storage.sources import NIFTI_SUFFIXES, strip_nifti_suffix
+from storage.sources import strip_nifti_suffix
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -282,6 +282,8 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         img.header  # noqa: B018 - force header parsing
     except Exception as exc:  # nibabel raises ImageFileError, gzip errors, EOFError...
         raise StorageError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(img, nib.Nifti1Image):  # nib.load picks the class from the file; Nifti2Image subclasses it
+        raise StorageError(f"{path}: cannot read as NIfTI (nibabel read it as {type(img).__name__})")
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
     if len(img.shape) != 3:

@@ -18,13 +18,12 @@ from pydantic import BaseModel
 # The project's parser and validators, imported in this one place: ray_jobs' module paths are
 # being restructured, so a move is a change to these lines only.
 from localcl.methods import FINETUNE, METHODS
+from ray_jobs.campaign.spec import Campaign, load_campaign
 from ray_jobs.cli import build_parser
 from ray_jobs.config import Config as RunConfig
-from ray_jobs.config import load_config, resolve_config_path
+from ray_jobs.config import load_config, overrides_to_tree, resolve_config_path
 from ray_jobs.errors import ConfigError
 from ray_jobs.study.spec import load_study
-from ray_jobs.config import overrides_to_tree
-from ray_jobs.campaign.spec import Campaign, load_campaign
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

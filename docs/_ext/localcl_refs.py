@@ -33,7 +33,7 @@ def _targets() -> dict[str, Any]:
     """The one place that names the project objects (the run config model may move)."""
     from localcl.methods import FINETUNE, METHODS
     from ray_jobs.cli import build_parser
-    from ray_jobs.config import Config
+    from ray_jobs.config.run import Config
 
     return {"build_parser": build_parser, "run_config": Config, "METHODS": METHODS, "FINETUNE": FINETUNE}
 

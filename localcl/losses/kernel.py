@@ -38,7 +38,8 @@ arXiv 2002.05709); Khosla et al. 2020 (SupCon, arXiv 2004.11362, the "L_out" per
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

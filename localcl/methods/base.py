@@ -38,7 +38,8 @@ with ``cfg.seed + 1_000_003 * rank`` so workers draw different views; reseed wit
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -107,7 +108,7 @@ class BaseMethodConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _decoder_matches(self) -> "BaseMethodConfig":
+    def _decoder_matches(self) -> BaseMethodConfig:
         if len(self.widths) < 2:
             raise ValueError(f"widths must have >= 2 levels, got {self.widths}")
         if len(self.decoder_widths) != len(self.widths) - 1:
@@ -236,7 +237,7 @@ class PretrainMethod(_Seeded):
 
     def backbone_state(self) -> dict[str, Tensor]:
         """State dict of the U-Net (``encoder.*`` and ``decoder.*`` keys) on CPU."""
-        net = getattr(self, "unet")
+        net = self.get_submodule("unet")  # a subclass sets self.unet; typed nn.Module here
         return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
                 if k.startswith(("encoder.", "decoder."))}
 

@@ -36,7 +36,8 @@ ramp_fraction · total_steps``. Inference: mean of the two streams' softmax (or 
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class IDEALConfig(BaseMethodConfig):
     batch_size: Count = 32
 
     @model_validator(mode="after")
-    def _level(self) -> "IDEALConfig":
+    def _level(self) -> IDEALConfig:
         if self.feature_level is not None and not 1 <= self.feature_level <= len(self.widths):
             raise ValueError(f"feature_level must be in [1, {len(self.widths)}] or None, got {self.feature_level}")
         return self
@@ -114,6 +115,7 @@ class IDEAL(PretrainMethod):
 
     name = "ideal"
     Config = IDEALConfig
+    cfg: IDEALConfig
     pretrain_batch = "slices"
     default_finetune = "ideal"
 
@@ -236,13 +238,13 @@ class IDEALFinetuneConfig(BaseMethodConfig):
     batch_size: int = 24
 
     @model_validator(mode="after")
-    def _pl_dice_spec_path(self) -> "IDEALFinetuneConfig":
+    def _pl_dice_spec_path(self) -> IDEALFinetuneConfig:
         if self.pl_dice and (self.cutmix or self.pl_threshold > 0):
             raise ValueError("pl_dice works with the spec's consistency only (cutmix: false, pl_threshold: 0)")
         return self
 
     @model_validator(mode="after")
-    def _different(self) -> "IDEALFinetuneConfig":
+    def _different(self) -> IDEALFinetuneConfig:
         if self.upsample_1 == self.upsample_2:
             raise ValueError(f"upsample_1 and upsample_2 must differ (two decoder architectures), "
                              f"both are {self.upsample_1!r}")
@@ -257,6 +259,7 @@ class IDEALFinetune(FinetuneStrategy):
 
     name = "ideal"
     Config = IDEALFinetuneConfig
+    cfg: IDEALFinetuneConfig
 
     def __init__(self, cfg: IDEALFinetuneConfig, in_channels: int, num_classes: int) -> None:
         super().__init__(cfg, in_channels, num_classes)

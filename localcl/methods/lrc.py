@@ -30,7 +30,8 @@ equal ids of different slices count as one region.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +108,7 @@ class LRC(PretrainMethod):
 
     name = "lrc"
     Config = LRCConfig
+    cfg: LRCConfig
     pretrain_batch = "slices+superpixels"
     default_finetune = "supervised"
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -85,7 +86,7 @@ class NoRepeatSampler(BaseSampler):
         if self._full_epochs is None:
             return []
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else 1.0
-        ranked = []
+        ranked: list[tuple[int, float, int, dict[str, Any]]] = []
         for p in self._grid:
             trials = tried.get(_key(p, self._names), [])
             if len(trials) != 1 or trials[0].state not in (TrialState.COMPLETE, TrialState.PRUNED):

@@ -12,7 +12,6 @@ from typing import Any
 import optuna
 import optuna.visualization as ov
 import pandas as pd
-import yaml
 from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import TrialState
 
@@ -23,7 +22,7 @@ from ray_jobs.campaign.spec import STALE_ATTR, Campaign, CampaignError, load_cam
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
 
 
-def trials_table(campaign: Campaign, study: Any) -> "Any":
+def trials_table(campaign: Campaign, study: Any) -> Any:
     """A pandas DataFrame, one row per Optuna trial: number, state, objective value(s),
     fine-tune epochs reached (``epochs``; < budget when ASHA stopped it), duration, params,
     and ``stale`` (orphaned by a killed driver and re-run)."""

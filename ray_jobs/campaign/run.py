@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 

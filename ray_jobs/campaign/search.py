@@ -9,7 +9,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import optuna
 import sqlalchemy
@@ -133,7 +133,9 @@ def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
     if exists:
         study = optuna.load_study(study_name=campaign.name, storage=storage)
     else:
-        directions = ["maximize" if m == "max" else "minimize" for m in campaign.objective.modes]
+        directions: list[Literal["maximize", "minimize"]] = [
+            "maximize" if m == "max" else "minimize" for m in campaign.objective.modes
+        ]
         study = optuna.create_study(study_name=campaign.name, storage=storage, directions=directions)
         study.set_user_attr(SIGNATURE_ATTR, sig)
         with warnings.catch_warnings():
@@ -188,11 +190,14 @@ def make_sampler(campaign: Campaign, seed: int) -> Any:
     if name == "grid":
         return optuna.samplers.GridSampler(grid, seed=seed)  # type: ignore[arg-type]
     if name == "nsga2":
-        kw = {} if campaign.population_size is None else {"population_size": campaign.population_size}
-        return optuna.samplers.NSGAIISampler(seed=seed, **kw)
+        if campaign.population_size is None:
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=campaign.population_size)
     if name == "tpe":
-        kw = {} if campaign.startup_trials is None else {"n_startup_trials": campaign.startup_trials}
-        base: Any = optuna.samplers.TPESampler(seed=seed, **kw)
+        if campaign.startup_trials is None:
+            base: Any = optuna.samplers.TPESampler(seed=seed)
+        else:
+            base = optuna.samplers.TPESampler(seed=seed, n_startup_trials=campaign.startup_trials)
     else:
         base = optuna.samplers.RandomSampler(seed=seed)
     if campaign.repeat_configs or grid_size(campaign) is None:
@@ -257,9 +262,14 @@ def _tracked_search_cls() -> type:
     :class:`~ray_jobs.campaign.no_repeat.NoRepeatSampler` it tells Tune the search is finished once every
     configuration has been tried."""
     class TrackedOptunaSearch(OptunaSearch):  # type: ignore[misc]
-        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-            sampler = self._ot_study.sampler
-            if trial_id not in self._ot_trials and isinstance(sampler, NoRepeatSampler) and sampler.exhausted(self._ot_study):
+        # Ray annotates suggest as Optional[Dict], yet Searcher.FINISHED (a str) is its documented
+        # "no more trials" answer (Searcher.suggest's docstring: dict | FINISHED | None).
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+            # Ray's __init__ sets _ot_study = None (inferred type: None); it is a Study once Tune
+            # has set the search properties, before any suggest.
+            study = cast(optuna.Study, self._ot_study)
+            sampler = study.sampler
+            if trial_id not in self._ot_trials and isinstance(sampler, NoRepeatSampler) and sampler.exhausted(study):
                 return self.FINISHED  # every configuration of the finite space has been tried
             return super().suggest(trial_id)
 

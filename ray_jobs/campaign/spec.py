@@ -62,7 +62,7 @@ class ParamSpec(Strict):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ParamSpec":
+    def _check(self) -> ParamSpec:
         if self.type == "categorical":
             if self.low is not None or self.high is not None or self.step is not None:
                 raise ValueError("categorical takes 'choices', not low/high/step")
@@ -141,14 +141,21 @@ class ParamSpec(Strict):
         return od.FloatDistribution(float(self.low), float(self.high), step=self.step)  # type: ignore[arg-type]
 
 
+Mode = Literal["max", "min"]
+
+
+def _default_modes() -> list[Mode]:
+    return ["max"]
+
+
 class Objective(Strict):
     """What a trial is scored on. One metric: TPE + ASHA. Two or more: NSGA-II, no pruning."""
 
     metrics: list[str] = Field(default_factory=lambda: ["val_dice"], min_length=1)
-    modes: list[Literal["max", "min"]] = Field(default_factory=lambda: ["max"], min_length=1)
+    modes: list[Mode] = Field(default_factory=_default_modes, min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "Objective":
+    def _check(self) -> Objective:
         if len(self.metrics) != len(self.modes):
             raise ValueError(f"objective.metrics ({len(self.metrics)}) and objective.modes ({len(self.modes)}) differ in length")
         if len(set(self.metrics)) != len(self.metrics):
@@ -215,7 +222,7 @@ class Campaign(Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "Campaign":
+    def _check(self) -> Campaign:
         if self.objective.multi and self.scheduler.type == "asha":
             raise ValueError("scheduler.type=asha cannot rank a multi-objective campaign; use 'none' (or 'auto')")
         if self.sampler == "grid":
@@ -380,7 +387,7 @@ def validate_run_config(cfg: dict[str, Any]) -> Any:
     return run_config.validate(cfg)
 
 
-def _resolve_base(campaign: "Campaign") -> dict[str, Any]:
+def _resolve_base(campaign: Campaign) -> dict[str, Any]:
 
     cfg: dict[str, Any] = {}
     if campaign.base_config:

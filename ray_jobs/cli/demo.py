@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = pipeline.run_pipeline(cfg, run_dir, progress=cfg.logging.progress)
     print()
     print(pipeline.summary_table(out.get("eval", {})))
+    assert cfg.pretrain is not None and cfg.finetune is not None  # the demo config has both
     print(f"\nmethod: {cfg.finetune.method.name} fine-tuning after {cfg.pretrain.method.name} "
           f"pretraining; baseline: supervised from scratch; {cfg.data.label_budget} labelled "
           f"patient(s); {len(out['plan'].test)} test volume(s)")

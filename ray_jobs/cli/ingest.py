@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if use_ray:
             # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
-            from storage.parallel import parallel_ingest
             from ray_jobs.train.trainer import init_ray
+            from storage.parallel import parallel_ingest
 
             init_ray(args.address)
             report = parallel_ingest(

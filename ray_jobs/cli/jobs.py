@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=_stop)
 
 
-def _details(info: "JobDetails") -> dict[str, Any]:
+def _details(info: JobDetails) -> dict[str, Any]:
     return {
         "submission_id": info.submission_id,
         "job_id": info.job_id,

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         headers = {name: load_nifti(path) for name, path in jobs if path is not None}
     model, spec = load_model(model_dir, device=_device(args.device))
     t0 = time.perf_counter()
-    for i, (name, path) in enumerate(jobs, 1):
+    for i, (name, _path) in enumerate(jobs, 1):
         if st is not None:
             labels = predict_case(model, spec, st, name, batch_size=args.batch_size)
             data = label_nifti_bytes(labels, np.asarray(st.meta(name)["affine"], float))

@@ -6,8 +6,12 @@ import os
 import shlex
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ray_jobs.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - the study modules load torch / Ray (see run)
+    from ray_jobs.study.spec import StudyConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,7 +112,7 @@ def _init_ray_patiently(address: str | None, attempts: int = 3) -> None:
             time.sleep(5)
 
 
-def _local_mode_threads(st) -> None:
+def _local_mode_threads(st: StudyConfig) -> None:
     """One torch thread in the driver when every cell runs in Ray Train local mode on CPU and
     ``OMP_NUM_THREADS`` is unset (what Ray gives each Train worker). Measured on the shared
     2-core machine, a fine-tuning step of the CPU study (batch 8, 96x96, widths 8..64) cost

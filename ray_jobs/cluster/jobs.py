@@ -9,8 +9,9 @@ import datetime as _dt
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from urllib.parse import urlparse
 
 from ray_jobs.cluster.submit import DEFAULT_DASHBOARD_PORT, TERMINAL, Submission
@@ -18,6 +19,8 @@ from ray_jobs.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobDetails, JobSubmissionClient
+
+_T = TypeVar("_T")
 
 
 def resolve_address(address: str | None) -> str:
@@ -39,7 +42,7 @@ def resolve_address(address: str | None) -> str:
             f"{DEFAULT_DASHBOARD_PORT}), got {address!r}"
         )
     try:
-        parsed.port
+        _ = parsed.port  # urlparse parses the port lazily: a bad one raises here
     except ValueError as exc:
         raise UserError(f"--address: bad port in {address!r}") from exc
     return address.rstrip("/")
@@ -59,7 +62,7 @@ def _probe(address: str, timeout: float) -> None:
         ) from exc
 
 
-def connect(address: str | None, timeout: float = 10.0) -> "JobSubmissionClient":
+def connect(address: str | None, timeout: float = 10.0) -> JobSubmissionClient:
     """A :class:`JobSubmissionClient` for ``address`` after a TCP probe bounded by ``timeout``
     seconds (the Ray client itself has no connect timeout)."""
     url = resolve_address(address)
@@ -79,7 +82,7 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _job_call(client: "JobSubmissionClient", job_id: str, fn: Callable[[str], Any]) -> Any:
+def _job_call(client: JobSubmissionClient, job_id: str, fn: Callable[[str], _T]) -> _T:
     """Call ``fn(job_id)`` turning Ray's 404 into a one-line 'no such job' error."""
     try:
         return fn(job_id)
@@ -101,7 +104,7 @@ AGENT_NOT_READY = "No available agent"
 """Ray's HTTP 500 while a fresh head's job agent is still registering (transient)."""
 
 
-def submit_job_retrying(client: "JobSubmissionClient", retry_for: float = 60.0,
+def submit_job_retrying(client: JobSubmissionClient, retry_for: float = 60.0,
                         **kwargs: Any) -> str:
     """``client.submit_job(**kwargs)``, retried every second for up to ``retry_for`` s while
     the cluster answers that no job agent is available yet (a head that just started)."""
@@ -115,7 +118,7 @@ def submit_job_retrying(client: "JobSubmissionClient", retry_for: float = 60.0,
             time.sleep(1.0)
 
 
-def submit(client: "JobSubmissionClient", submission: Submission, retry_for: float = 60.0) -> str:
+def submit(client: JobSubmissionClient, submission: Submission, retry_for: float = 60.0) -> str:
     """Submit; return the submission id."""
     try:
         return submit_job_retrying(client, retry_for, **submission.submit_kwargs())
@@ -123,20 +126,20 @@ def submit(client: "JobSubmissionClient", submission: Submission, retry_for: flo
         raise UserError(f"job submission to {client.get_address()} failed: {_one_line(exc)}") from exc
 
 
-def job_info(client: "JobSubmissionClient", job_id: str) -> "JobDetails":
+def job_info(client: JobSubmissionClient, job_id: str) -> JobDetails:
     return _job_call(client, job_id, client.get_job_info)
 
 
-def job_logs(client: "JobSubmissionClient", job_id: str) -> str:
+def job_logs(client: JobSubmissionClient, job_id: str) -> str:
     return str(_job_call(client, job_id, client.get_job_logs))
 
 
-def stop_job(client: "JobSubmissionClient", job_id: str) -> bool:
+def stop_job(client: JobSubmissionClient, job_id: str) -> bool:
     """Request a stop; ``True`` if the job was still running."""
     return bool(_job_call(client, job_id, client.stop_job))
 
 
-def list_jobs(client: "JobSubmissionClient") -> list["JobDetails"]:
+def list_jobs(client: JobSubmissionClient) -> list[JobDetails]:
     """All jobs of the cluster, oldest first."""
     try:
         jobs = client.list_jobs()
@@ -146,7 +149,7 @@ def list_jobs(client: "JobSubmissionClient") -> list["JobDetails"]:
 
 
 def wait_for(
-    client: "JobSubmissionClient",
+    client: JobSubmissionClient,
     job_id: str,
     statuses: Iterable[str],
     *,
@@ -177,7 +180,7 @@ def wait_for(
 
 
 def wait(
-    client: "JobSubmissionClient",
+    client: JobSubmissionClient,
     job_id: str,
     *,
     timeout: float | None = None,
@@ -188,7 +191,7 @@ def wait(
     return wait_for(client, job_id, (), timeout=timeout, poll=poll, on_status=on_status)
 
 
-def follow(client: "JobSubmissionClient", job_id: str, out: TextIO) -> str:
+def follow(client: JobSubmissionClient, job_id: str, out: TextIO) -> str:
     """Stream the job's logs to ``out`` until it ends; return its final status."""
     job_info(client, job_id)  # 'no such job' as a clean error before opening the websocket
 
@@ -233,7 +236,7 @@ def _fmt_duration(start_ms: int | None, end_ms: int | None) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def job_row(info: "JobDetails") -> JobRow:
+def job_row(info: JobDetails) -> JobRow:
     meta = info.metadata or {}
     entry = info.entrypoint or ""
     return JobRow(

@@ -84,7 +84,7 @@ class LocalHead:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[str] | None = None
 
-    def start(self) -> "LocalHead":
+    def start(self) -> LocalHead:
         # Short path: Ray's unix socket paths live under it (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="lclh", dir="/tmp")
         bin_dir = Path(sys.executable).parent
@@ -148,7 +148,7 @@ class LocalHead:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 
-    def __enter__(self) -> "LocalHead":
+    def __enter__(self) -> LocalHead:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

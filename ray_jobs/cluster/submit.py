@@ -28,9 +28,10 @@ import re
 import secrets
 import shlex
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -116,7 +117,8 @@ def portable_config_text(validated: Any, path: Path) -> str:
         data = validated.model_dump(mode="json")
         data["base"] = validated.resolved_base()
         data["base_config"] = None
-        return yaml.safe_dump(data, sort_keys=False)
+        text: str = yaml.safe_dump(data, sort_keys=False)  # no stream: returns the text
+        return text
     return path.read_text(encoding="utf-8")
 
 
@@ -222,10 +224,10 @@ def build_submission(
         raise UserError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
     if image_runtime and working_dir is not None:
         raise UserError("--working-dir and --image-runtime are mutually exclusive")
-    for name, value in (("--entrypoint-num-cpus", entrypoint_num_cpus),
-                        ("--entrypoint-num-gpus", entrypoint_num_gpus)):
-        if value is not None and value < 0:
-            raise UserError(f"{name} must be >= 0, got {value}")
+    for name, amount in (("--entrypoint-num-cpus", entrypoint_num_cpus),
+                         ("--entrypoint-num-gpus", entrypoint_num_gpus)):
+        if amount is not None and amount < 0:
+            raise UserError(f"{name} must be >= 0, got {amount}")
     validated, path = validate_config(job, config, overrides)
     text = portable_config_text(validated, path)
 

@@ -29,8 +29,10 @@ import copy
 import hashlib
 import importlib.util
 import json
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -57,22 +59,22 @@ class SplitsConfig(Strict):
     """Names of catalog splits (``store.catalog.splits``) used by the pipeline."""
 
     pool: str = "train"  # label budget and unlabelled pool are drawn from this split
-    val: Optional[str] = "val"  # validation Dice during fine-tuning (null: no validation)
+    val: str | None = "val"  # validation Dice during fine-tuning (null: no validation)
     test: str = "val"  # evaluated after fine-tuning
 
 
 class DataConfig(Strict):
-    store: Optional[str] = None  # Zarr store path/URI; null: RUN_DIR/store.zarr (ingested)
-    source: Optional[str] = None  # MSD folder to ingest when the store does not exist yet
+    store: str | None = None  # Zarr store path/URI; null: RUN_DIR/store.zarr (ingested)
+    source: str | None = None  # MSD folder to ingest when the store does not exist yet
     storage_options: dict[str, Any] = Field(default_factory=dict)
     label_budget: int = Field(2, ge=1)  # labelled patients for fine-tuning
     seed: int = Field(0, ge=0)
     size: tuple[int, int] = (192, 192)  # (H, W) crop/pad of each slice
-    spacing_mm: Optional[tuple[float, float]] = None  # in-plane resampling; null: native
+    spacing_mm: tuple[float, float] | None = None  # in-plane resampling; null: native
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
-    max_unlabelled: Optional[int] = Field(None, ge=1)  # cap the unlabelled pool (demo/tests)
-    max_val_cases: Optional[int] = Field(None, ge=1)
-    max_test_cases: Optional[int] = Field(None, ge=1)
+    max_unlabelled: int | None = Field(None, ge=1)  # cap the unlabelled pool (demo/tests)
+    max_val_cases: int | None = Field(None, ge=1)
+    max_test_cases: int | None = Field(None, ge=1)
     fg_oversample: float = Field(0.0, ge=0.0, le=1.0)
     loader_workers: int = Field(0, ge=0)  # torch DataLoader workers per Ray worker
 
@@ -85,7 +87,7 @@ class DataConfig(Strict):
 
     @field_validator("spacing_mm")
     @classmethod
-    def _spacing_ok(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+    def _spacing_ok(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
         if v is not None and min(v) <= 0:
             raise ValueError("spacing must be > 0 mm")
         return v
@@ -93,16 +95,16 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     in_channels: int = Field(1, ge=1)
-    num_classes: Optional[int] = Field(None, ge=2)  # null: len(store label_names)
+    num_classes: int | None = Field(None, ge=2)  # null: len(store label_names)
 
 
 class OptimConfig(Strict):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: Optional[float] = Field(None, gt=0)  # null: the method Config's ``lr``
+    lr: float | None = Field(None, gt=0)  # null: the method Config's ``lr``
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
-    grad_clip: Optional[float] = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
 
 
 class ScheduleConfig(Strict):
@@ -116,7 +118,7 @@ class ScheduleConfig(Strict):
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)  # global, split over workers
-    unlabelled_batch_size: Optional[int] = Field(None, ge=1)  # fine-tuning; null: batch_size
+    unlabelled_batch_size: int | None = Field(None, ge=1)  # fine-tuning; null: batch_size
     scheduler: Literal["constant", "cosine", "poly"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -146,21 +148,25 @@ class StageConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     # per method stage (METHODS[name].stages, e.g. GLCL "global"/"local") schedule overrides
     stage_schedule: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    self_training: Optional[SelfTrainingConfig] = None
-    init: Optional[str] = None  # exported model dir to initialise from (finetune); null: pretrain
+    self_training: SelfTrainingConfig | None = None
+    init: str | None = None  # exported model dir to initialise from (finetune); null: pretrain
 
 
 class EvaluateConfig(Strict):
-    split: Optional[str] = None  # null: data.splits.test
+    split: str | None = None  # null: data.splits.test
     plots: bool = True
     overlay_cases: int = Field(3, ge=0)
     val_hd95: bool = False  # also report mean foreground HD95 (mm) each fine-tune epoch
 
 
+def _one_cpu_per_worker() -> dict[str, float]:
+    return {"CPU": 1}  # an int, as it always was: the config hash serialises it
+
+
 class ScalingSection(Strict):
     num_workers: int = Field(2, ge=0)  # 0: Ray Train local mode (runs in the driver, no DDP)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    resources_per_worker: dict[str, float] = Field(default_factory=_one_cpu_per_worker)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -176,12 +182,12 @@ class LoggingSection(Strict):
     live progress bar on the driver."""
 
     tensorboard: bool = True
-    mlflow_uri: Optional[str] = None
+    mlflow_uri: str | None = None
     progress: bool = True
 
     @field_validator("mlflow_uri")
     @classmethod
-    def _mlflow_installed(cls, v: Optional[str]) -> Optional[str]:
+    def _mlflow_installed(cls, v: str | None) -> str | None:
         if v is not None:
             if importlib.util.find_spec("mlflow") is None:
                 raise ValueError("MLflow is not installed: pip install 'localcl[mlflow]' "
@@ -193,12 +199,12 @@ class Config(Strict):
     """A whole run (every stage); each CLI verb uses the sections it needs."""
 
     name: str = "run"
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: Optional[StageConfig] = None
-    finetune: Optional[StageConfig] = None
-    baseline: Optional[StageConfig] = None  # supervised from scratch, same budget (YAML: true)
+    pretrain: StageConfig | None = None
+    finetune: StageConfig | None = None
+    baseline: StageConfig | None = None  # supervised from scratch, same budget (YAML: true)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
@@ -211,7 +217,7 @@ class Config(Strict):
             raise ValueError("must be non-empty without '/', '\\\\', ':' or spaces")
         return v
 
-    def check(self) -> "Config":
+    def check(self) -> Config:
         """Cross-section checks and method validation (raises :class:`ConfigError`)."""
         for section in ("pretrain", "finetune", "baseline"):
             registry = method_registry(section)
@@ -275,10 +281,12 @@ class Config(Strict):
         return float(getattr(self.method_config(section), "lr", 1e-3))
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        tree: dict[str, Any] = self.model_dump(mode="json")
+        return tree
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False)  # no stream: returns the text
+        return text
 
     def hash(self) -> str:
         """SHA-256 (first 16 hex) of the canonical JSON of everything but run bookkeeping."""
@@ -302,7 +310,7 @@ def validate_method(registry: Mapping[str, Any], name: str, params: dict[str, An
 
 
 # --------------------------------------------------------------------------- loading
-def resolve_config_path(ref: str | Path, stage: str | None = None) -> Path:
+def resolve_config_path(ref: str | os.PathLike[str], stage: str | None = None) -> Path:
     """A config reference -> file: an existing path, or a shipped name such as ``ideal_cpu``
     (looked up in ``configs/<stage>/`` first, then the other stage folders)."""
     p = Path(ref)
@@ -342,7 +350,7 @@ def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(load_yaml(base_path, _seen + (path,)), data)
 
 
-def load_config(ref: str | Path | None = None, overrides: Iterable[str] = (),
+def load_config(ref: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                 stage: str | None = None, base: Mapping[str, Any] | None = None) -> Config:
     """Load, merge and validate a config. Raises :class:`ConfigError` naming the bad key."""
     data: dict[str, Any] = dict(base or {})

@@ -25,7 +25,8 @@ The slice axis is axis 2 (``Z``); the first slice axis (``X``) is the network's 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,8 @@ def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(B, K, H, W)`` for images ``(B, 1, H, W)``."""
     predict = getattr(model, "predict", None)
     if callable(predict):
-        return predict(x).float()
+        probs: torch.Tensor = predict(x)
+        return probs.float()
     return torch.softmax(model(x).float(), dim=1)
 
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -62,12 +63,17 @@ from storage.nifti import label_nifti_bytes
 from storage.remote import join_uri, write_bytes
 
 # --------------------------------------------------------------------------- store + Ray Train
+_gather_group: Any = None  # the worker's gloo group for _gather_all (reset by each _eval_worker)
+
+
 def _gather_all(obj: Any) -> list[Any]:
     """Every rank's ``obj`` on every rank (one gloo group, so it works under nccl too)."""
+    global _gather_group
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
-    group = _gather_all.group if getattr(_gather_all, "group", None) is not None else dist.new_group(backend="gloo")
-    _gather_all.group = group  # type: ignore[attr-defined]
+    if _gather_group is None:
+        _gather_group = dist.new_group(backend="gloo")
+    group = _gather_group
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -77,7 +83,8 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     """Ray Train worker: predict and score ``cases[rank::world]``; rank 0 writes the report."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _gather_all.group = None  # type: ignore[attr-defined]
+    global _gather_group
+    _gather_group = None
     try:
         device = rtt.get_device()
     except Exception:  # local mode without a torch backend
@@ -91,6 +98,8 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     for case in mine:
         meta = st.meta(case)
         image, ref = st.image(case), st.label(case)
+        if ref is None:  # the driver passes labelled cases only
+            raise UserError(f"case {case!r} is unlabelled: nothing to score it against")
         pred = predict_volume(model, spec, image, meta["spacing"],
                               intensity_range=stored_intensity_range(spec, meta), batch_size=cfg["batch_size"])
         scores = score_case(pred, ref, meta["spacing"], fg, where=case)
@@ -213,7 +222,9 @@ def evaluate_store(
                                                    resources_per_worker=res if num_workers else None),
             # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
             # hand back a previous run instead of evaluating again
-            run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",
+            # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2)
+            # it is ray.train.v2's, which takes worker_runtime_env
+            run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",  # type: ignore[call-arg]
                                            storage_path=storage_path,
                                            worker_runtime_env=worker_runtime_env()),
         )
@@ -223,4 +234,5 @@ def evaluate_store(
             tmp.cleanup()
     fs, path = fsspec.core.url_to_fs(join_uri(str(out), "summary.json"))
     with fs.open(path, "r") as f:
-        return json.load(f)
+        summary: dict[str, Any] = json.load(f)
+    return summary

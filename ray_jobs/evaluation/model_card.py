@@ -28,9 +28,10 @@ import datetime as _dt
 import hashlib
 import json
 import subprocess
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import fsspec
 

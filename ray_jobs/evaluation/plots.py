@@ -14,7 +14,7 @@ fsspec URI alike.
 from __future__ import annotations
 
 import io
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -22,15 +22,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # class k >= 1 gets CLASS_COLOURS[(k - 1) % 10]
-CLASS_COLOURS = plt.get_cmap("tab10").colors
+_TAB10 = plt.get_cmap("tab10")  # 10 listed colours: an int i picks the i-th
+CLASS_COLOURS: tuple[tuple[float, float, float], ...] = tuple(to_rgb(_TAB10(i)) for i in range(_TAB10.N))
 
 
-def _png(fig: "plt.Figure") -> bytes:
+def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -63,7 +64,7 @@ def curve_series(history: pd.DataFrame) -> dict[str, list[str]]:
     return {"losses": losses, "dice": dice, "distances": dist}
 
 
-def loss_curves_figure(history: pd.DataFrame, title: str) -> "plt.Figure":
+def loss_curves_figure(history: pd.DataFrame, title: str) -> plt.Figure:
     """The figure of :func:`loss_curves_png` (one or two panels; see there)."""
     if "epoch" not in history.columns:
         raise ValueError(f"{title}: history has no 'epoch' column (columns {list(history.columns)})")

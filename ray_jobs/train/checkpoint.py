@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import torch
@@ -94,7 +95,8 @@ def export_model(directory: str, module: nn.Module, spec: Mapping[str, Any]) -> 
         f.write(data)
     with fs.open(join_uri(root, SPEC_FILE), "w") as f:
         f.write(text)
-    return json.loads(text)
+    written: dict[str, Any] = json.loads(text)
+    return written
 
 
 def _json_default(obj: Any) -> Any:
@@ -115,7 +117,7 @@ def read_spec(directory: str) -> dict[str, Any]:
         raise UserError(f"{directory}: no {SPEC_FILE} (not an exported model directory)")
     with fs.open(path, "r") as f:
         try:
-            spec = json.load(f)
+            spec: dict[str, Any] = json.load(f)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: invalid JSON ({exc})") from None
     _validate_spec(spec, path)

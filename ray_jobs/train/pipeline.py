@@ -11,7 +11,8 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import fsspec
 import ray
@@ -31,7 +32,7 @@ from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history,
 from storage.remote import join_uri, uri_exists
 
 
-def resolve_run_dir(cfg: Config, run_dir: Optional[str]) -> str:
+def resolve_run_dir(cfg: Config, run_dir: str | None) -> str:
     rd = run_dir or cfg.run_dir or os.path.join("runs", cfg.name)
     if "://" not in rd:
         rd = os.path.abspath(rd)
@@ -84,7 +85,7 @@ def has_cases(uri: str, so: Any) -> bool:
 
 
 def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
-                init: Optional[dict[str, Any]] = None, hooks: Optional[dict[str, Any]] = None,
+                init: dict[str, Any] | None = None, hooks: dict[str, Any] | None = None,
                 callbacks: Sequence[Any] = (), progress: bool = True,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit ``section`` ("pretrain" | "finetune" | "baseline"), export its model, write
@@ -109,7 +110,7 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
     method_cls = METHODS[cfg.pretrain.method.name] if section == "pretrain" and cfg.pretrain else None
     if method_cls is not None and method_cls.pretrain_batch == "slices+superpixels":
         ensure_superpixels(cfg, plan, log)
-    mstages: list[Optional[str]] = [None]
+    mstages: list[str | None] = [None]
     if method_cls is not None:
         mstages = list(method_cls.stages or [None])
     results, history = {}, []
@@ -156,7 +157,7 @@ def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = pri
     assert cfg.pretrain is not None
     kwargs = METHODS[cfg.pretrain.method.name].superpixel_params(cfg.method_config("pretrain"))
     log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
-    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)
+    task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
     done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
     return [c for part in done for c in part]
 
@@ -182,7 +183,7 @@ def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:
 
 def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "finetune"),
                finetune_callbacks: Sequence[Any] = (), progress: bool = True,
-               hooks: Optional[dict[str, Any]] = None,
+               hooks: dict[str, Any] | None = None,
                log: Callable[[str], None] = print, card: bool = True) -> dict[str, Any]:
     """Run the training stages in order (pretrain -> finetune, baseline). Fine-tuning starts
     from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
@@ -196,6 +197,7 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
             raise UserError(f"{section}: this config has no '{section}' section")
         init = None
         if section == "finetune":
+            assert cfg.finetune is not None  # checked above
             src = cfg.finetune.init or (out.get("pretrain", {}).get("model_dir")
                                         or (join_uri(run_dir, "pretrain", "model")
                                             if cfg.pretrain is not None else None))
@@ -215,7 +217,7 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
 
 
 def run_pipeline(cfg: Config, run_dir: str, evaluate: bool = True, progress: bool = True,
-                 hooks: Optional[dict[str, Any]] = None,
+                 hooks: dict[str, Any] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
     then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
@@ -265,8 +267,8 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
 
 
 def write_run_card(cfg: Config, plan: Plan, run_dir: str,
-                   metrics: Optional[dict[str, Any]] = None,
-                   extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   metrics: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """RUN_DIR/model_card.json + MODEL_CARD.md (:mod:`ray_jobs.evaluation.model_card`): pretraining
     method, fine-tuning strategy, store + fingerprint, label budget and labelled cases, the
     resolved config and its hash, code version, evaluation metrics and ``extra``."""

@@ -29,7 +29,8 @@ hash) and cached pseudo-labels are skipped when the command is re-run.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -98,7 +99,7 @@ def pseudo_label_volume(model: Any, spec: Mapping[str, Any], store: Any, case: s
     return out
 
 
-def label_task(model_dir: str, store_uri: str, storage_options: Optional[dict], case: str,
+def label_task(model_dir: str, store_uri: str, storage_options: dict | None, case: str,
                 name: str, crf: bool, crf_kwargs: dict, use_gpu: bool) -> dict[str, Any]:
     """One case (a Ray task): load the teacher, pseudo-label, write the derived array."""
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -111,7 +112,7 @@ def label_task(model_dir: str, store_uri: str, storage_options: Optional[dict], 
 
 
 def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], name: str, *, crf: bool,
-                       crf_kwargs: Mapping[str, Any], storage_options: Optional[dict] = None,
+                       crf_kwargs: Mapping[str, Any], storage_options: dict | None = None,
                        use_gpu: bool = False) -> dict[str, list[str]]:
     """Pseudo-label ``cases`` as one Ray task per case (1 CPU, or 1 GPU with ``use_gpu``);
     cases that already hold a complete ``name`` array are skipped. Ray must be initialised."""
@@ -121,7 +122,7 @@ def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], nam
     if not todo:
         return done
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env=worker_runtime_env() or None)(label_task)
+                      runtime_env=worker_runtime_env() or None)(label_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
     refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu)
             for c in todo]
     ray.get(refs)
@@ -136,8 +137,8 @@ def _supervised_cfg(cfg: Config) -> Config:
     return validate(d)
 
 
-def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: Optional[dict[str, Any]],
-                      teacher: Optional[str] = None, hooks: Optional[dict[str, Any]] = None,
+def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: dict[str, Any] | None,
+                      teacher: str | None = None, hooks: dict[str, Any] | None = None,
                       callbacks: Sequence[Any] = (), progress: bool = True,
                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run round 0 (unless ``teacher``, an exported supervised model such as the run's
@@ -222,7 +223,7 @@ def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: Optional[d
     return {"model_dir": final_dir, "history": history, "results": results, "rounds": rounds}
 
 
-def _best_score(history: Sequence[Mapping[str, Any]]) -> Optional[float]:
+def _best_score(history: Sequence[Mapping[str, Any]]) -> float | None:
     vals = [float(h["val_dice"]) for h in history if h.get("val_dice") is not None]
     return max(vals) if vals else None
 

@@ -20,8 +20,9 @@ Layout of RUN_DIR (``docs/interfaces.md``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -109,14 +110,14 @@ class LoopSpec(BaseModel):
     val: tuple[str, ...] = ()
     model: dict[str, Any]
     use_unlabelled: bool = False
-    init: Optional[Init] = None
-    method_stage: Optional[str] = None
-    pseudo: Optional[str] = None
-    round: Optional[int] = None
+    init: Init | None = None
+    method_stage: str | None = None
+    pseudo: str | None = None
+    round: int | None = None
     hooks: dict[str, Any] = {}
     stage_name: str = ""
     progress_queue: Any = None
-    local_ckpt_root: Optional[str] = None
+    local_ckpt_root: str | None = None
 
     @property
     def schedule(self) -> Any:
@@ -145,10 +146,10 @@ def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:
     }
 
 
-def loop_spec(cfg: Config, plan: Plan, section: Section, *, init: Optional[Mapping[str, Any] | Init] = None,
-              hooks: Optional[Mapping[str, Any]] = None, method_stage: Optional[str] = None,
-              pseudo: Optional[str] = None, round: Optional[int] = None,
-              model: Optional[Mapping[str, Any]] = None) -> LoopSpec:
+def loop_spec(cfg: Config, plan: Plan, section: Section, *, init: Mapping[str, Any] | Init | None = None,
+              hooks: Mapping[str, Any] | None = None, method_stage: str | None = None,
+              pseudo: str | None = None, round: int | None = None,
+              model: Mapping[str, Any] | None = None) -> LoopSpec:
     """The :class:`LoopSpec` of fitting ``section`` of ``cfg`` on ``plan`` (validated here,
     once). ``model`` overrides the model.json spec (default :func:`model_spec`)."""
     return LoopSpec(

@@ -27,8 +27,9 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import fsspec
 import pyarrow.fs
@@ -47,7 +48,7 @@ from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(log_to_driver=False, configure_logging=False)
@@ -88,7 +89,8 @@ def start_local_ray(**init_kwargs: Any) -> str:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    got = ctx.address_info.get("gcs_address", address)
+    # ray.init is typed to return BaseContext; a local (non-client) init returns a RayContext
+    got = ctx.address_info.get("gcs_address", address)  # type: ignore[attr-defined]
     if got != address:  # the port was taken between choosing and binding
         raise RuntimeError(f"local Ray started on {got}, not on the chosen {address}")
     return address
@@ -125,7 +127,7 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
 
 
 def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
-              run_name: Optional[str] = None, progress: bool = True,
+              run_name: str | None = None, progress: bool = True,
               callbacks: Sequence[Any] = ()) -> StageResult:
     """Fit one stage (``spec``, built by :func:`ray_jobs.train.stage.loop_spec`) into
     ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
@@ -153,7 +155,9 @@ def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
             num_workers=sc.num_workers, use_gpu=sc.use_gpu,
             resources_per_worker=resources if sc.num_workers else None,
             placement_strategy=sc.placement),
-        run_config=ray.train.RunConfig(
+        # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2) it
+        # is ray.train.v2's, which takes worker_runtime_env
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
             storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
             worker_runtime_env=worker_runtime_env(),

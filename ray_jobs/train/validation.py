@@ -2,7 +2,7 @@
 predicted on the native grid and summed over the Ray Train workers."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ __all__ = ["mean_fg_dice", "mean_fg_hd95", "validation_dice"]
 
 
 def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
-                    device: torch.device) -> Optional[dict[str, float]]:
+                    device: torch.device) -> dict[str, float] | None:
     """Mean foreground Dice over the validation cases (native grid, 3D per case).
 
     Each rank predicts the cases ``val[rank::W]``; the per-case means are summed across ranks
@@ -37,6 +37,8 @@ def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
     with torch.no_grad():
         for case in cases[rank::max(world, 1)]:
             ref = st.label(case)
+            if ref is None:  # validation cases come from the labelled split
+                raise ValueError(f"validation case {case!r} is unlabelled")
             pred = predict_case(method, spec.model, st, case)
             tot[0] += mean_fg_dice(pred, ref, spec.num_classes)
             tot[1] += 1
@@ -59,7 +61,7 @@ def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
 
 
 def mean_fg_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Any, num_classes: int
-                  ) -> Optional[float]:
+                  ) -> float | None:
     """Mean over foreground classes of HD95 (mm) from ``localcl.metrics.evaluate_case``;
     classes where it is undefined (empty prediction or reference) are skipped."""
     res = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), tuple(spacing),

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ray_jobs.train import checkpoint as ck
 from ray_jobs.errors import UserError
+from ray_jobs.train import checkpoint as ck
 
 
 def _spec(**kw):

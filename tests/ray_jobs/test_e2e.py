@@ -75,8 +75,8 @@ def read_history(path: Path) -> list[dict[str, str]]:
 def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluster, acdc_store, tmp_path):
     """Rank 1 SIGKILLs itself at fine-tune epoch 2; the worker group restarts from the epoch-1
     checkpoint (epoch 1 is not redone) and the run ends with every artefact."""
-    from ray_jobs.train import pipeline
     from ray_jobs.config import validate
+    from ray_jobs.train import pipeline
 
     mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = validate(base_config(acdc_store, **{"logging.mlflow_uri": mlflow_uri}))
@@ -228,9 +228,9 @@ def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tm
     """Each pretraining method (GLCL: both stages) and fine-tuning strategy (PLCL: 2
     self-training rounds after a supervised round 0) runs through the real loop in Ray Train
     local mode (1 process) for 2 steps per stage and exports a loadable model."""
+    from ray_jobs.config import validate
     from ray_jobs.train import pipeline
     from ray_jobs.train.checkpoint import load_model, read_spec
-    from ray_jobs.config import validate
 
     pre, ft, st = METHOD_CASES[method]
     d = base_config(acdc_store, name=f"m-{method}")

@@ -13,10 +13,10 @@ import pytest
 from scipy import ndimage
 
 from localcl.metrics import evaluate_case
-from ray_jobs.evaluation import job as evaluation_job
-from ray_jobs.evaluation import scoring as evaluation_scoring
 from ray_jobs.cli import main
 from ray_jobs.errors import UserError
+from ray_jobs.evaluation import job as evaluation_job
+from ray_jobs.evaluation import scoring as evaluation_scoring
 
 from evalpredict_helpers import make_phantom_store, make_tiny_run, nan_equal
 
@@ -188,8 +188,8 @@ def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
 def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import storage
-    from ray_jobs.train.checkpoint import load_model
     from ray_jobs.evaluation.inference import predict_case
+    from ray_jobs.train.checkpoint import load_model
 
     out = tmp_path / "eval"
     monkeypatch.chdir(tmp_path)  # a relative --out must reach the workers as an absolute path

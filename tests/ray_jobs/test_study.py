@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
+from ray_jobs.errors import ConfigError, UserError
 from ray_jobs.study import cells as study_cells
 from ray_jobs.study import report as study_report
 from ray_jobs.study import run as study_run
 from ray_jobs.study import spec as study_spec
-from ray_jobs.errors import ConfigError, UserError
 
 LABELLED = ["patient099", "patient038", "patient050"]  # splits.json ssl4mis_labeled_patients["3"]
 UNLABELLED = ["patient100", "patient058"]

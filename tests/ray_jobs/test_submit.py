@@ -16,10 +16,10 @@ import yaml
 
 from ray_jobs import cli
 from ray_jobs.cluster import job_entry
-from ray_jobs.config import overrides_to_tree
 from ray_jobs.cluster import jobs as cluster_jobs
 from ray_jobs.cluster import submit as cluster_submit
 from ray_jobs.cluster.local_head import LocalHead, free_port
+from ray_jobs.config import overrides_to_tree
 from ray_jobs.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
