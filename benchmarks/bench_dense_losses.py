@@ -26,6 +26,7 @@ inputs exist; time = median of ``--reps`` passes after the measured first pass. 
 is skipped where its estimated footprint (30 bytes x N x M) exceeds ``--naive-budget-gib``.
 Targets (issue 3): <= 1 GiB peak at N = 65,536 and <= 1.2x the naive time where naive fits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,7 +95,9 @@ def _make_step(loss: str, n: int, chunk: int | None, dev: Any) -> tuple[Any, Any
         per = max(1, n // 96)
 
         def fn() -> torch.Tensor:
-            return plcl_loss(x, lab, 4, per_class=per, generator=torch.Generator(device=dev).manual_seed(1), chunk_size=chunk)
+            return plcl_loss(
+                x, lab, 4, per_class=per, generator=torch.Generator(device=dev).manual_seed(1), chunk_size=chunk
+            )
 
     def step() -> float:
         x.grad = None
@@ -136,13 +139,37 @@ def _worker(a: argparse.Namespace) -> None:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"peak_bytes": peak, "time_s": statistics.median(times) if times else first,
-                      "first_s": first, "loss": loss, "grad_norm": float(x.grad.norm())}))
+    print(
+        json.dumps(
+            {
+                "peak_bytes": peak,
+                "time_s": statistics.median(times) if times else first,
+                "first_s": first,
+                "loss": loss,
+                "grad_norm": float(x.grad.norm()),
+            }
+        )
+    )
 
 
 def _run(loss: str, n: int, impl: str, a: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", "--loss", loss, "--n", str(n), "--impl", impl,
-           "--chunk", str(a.chunk), "--reps", str(a.reps), "--device", a.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--loss",
+        loss,
+        "--n",
+        str(n),
+        "--impl",
+        impl,
+        "--chunk",
+        str(a.chunk),
+        "--reps",
+        str(a.reps),
+        "--device",
+        a.device,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     if p.returncode != 0:
         tail = p.stderr.strip().splitlines()[-1:] or [f"killed (signal {-p.returncode})"]
@@ -164,15 +191,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed passes after the measured first pass")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--naive-budget-gib", type=float, default=4.0,
-                    help="skip the naive version when ~30 bytes * N * M exceeds this")
+    ap.add_argument(
+        "--naive-budget-gib", type=float, default=4.0, help="skip the naive version when ~30 bytes * N * M exceeds this"
+    )
     a = ap.parse_args()
     if a.worker:
         _worker(a)
         return
     print(f"device={a.device} D=128 chunk={a.chunk} reps={a.reps} threads={a.threads}")
-    print(f"{'loss':<7}{'N':>7} {'M':>7} {'naive GiB':>10} {'chunk GiB':>10} {'naive s':>9} {'chunk s':>9} "
-          f"{'time ratio':>10} {'mem ratio':>9} {'|dloss|':>9}")
+    print(
+        f"{'loss':<7}{'N':>7} {'M':>7} {'naive GiB':>10} {'chunk GiB':>10} {'naive s':>9} {'chunk s':>9} "
+        f"{'time ratio':>10} {'mem ratio':>9} {'|dloss|':>9}"
+    )
     for loss in a.losses:
         for n in a.sizes:
             m = _candidates(loss, n)
@@ -184,8 +214,11 @@ def main() -> None:
             tr = f"{ch['time_s'] / naive['time_s']:.2f}x" if naive else "-"
             mr = f"{ch['peak_bytes'] / max(naive['peak_bytes'], 1):.2f}x" if naive else "-"
             dl = f"{abs(ch['loss'] - naive['loss']):.1e}" if naive else "-"
-            print(f"{loss:<7}{n:>7} {m:>7} {f(naive, 'peak_bytes', GIB):>10} {f(ch, 'peak_bytes', GIB):>10} "
-                  f"{f(naive, 'time_s', 1):>9} {f(ch, 'time_s', 1):>9} {tr:>10} {mr:>9} {dl:>9}", flush=True)
+            print(
+                f"{loss:<7}{n:>7} {m:>7} {f(naive, 'peak_bytes', GIB):>10} {f(ch, 'peak_bytes', GIB):>10} "
+                f"{f(naive, 'time_s', 1):>9} {f(ch, 'time_s', 1):>9} {tr:>10} {mr:>9} {dl:>9}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ cost of a Ray Train fit (worker processes importing torch, ~20 s on 2 cores per
 ``../shared/design/platform.md``) dominates small evaluations; the ratio shows where sharding
 pays off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,16 @@ def main() -> int:
     cfg = cls.Config(widths=tuple(args.widths), decoder_widths=tuple(reversed(args.widths[:-1])))
     torch.manual_seed(0)
     net = cls(cfg, 1, 4).eval()
-    spec = {"stage": "finetune", "name": "supervised", "config": cfg.model_dump(mode="json"),
-            "in_channels": 1, "num_classes": 4, "size": [96, 96], "spacing_mm": None,
-            "label_names": {"0": "background", "1": "RV", "2": "MYO", "3": "LV"}}
+    spec = {
+        "stage": "finetune",
+        "name": "supervised",
+        "config": cfg.model_dump(mode="json"),
+        "in_channels": 1,
+        "num_classes": 4,
+        "size": [96, 96],
+        "spacing_mm": None,
+        "label_names": {"0": "background", "1": "RV", "2": "MYO", "3": "LV"},
+    }
     model_dir = str(tmp / "run" / "finetune" / "model")
     export_model(model_dir, net, spec)
     st = storage.open_store(uri)
@@ -83,15 +91,21 @@ def main() -> int:
     print(f"{'setting':<22}{'seconds':>10}{'cases/s':>10}{'vs loop':>10}")
     print(f"{'plain loop (1 proc)':<22}{base:>10.1f}{len(cases) / base:>10.2f}{1.0:>10.2f}")
 
-    ray.init(num_cpus=max(max(args.workers), 1), object_store_memory=512 * 2**20,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.init(
+        num_cpus=max(max(args.workers), 1),
+        object_store_memory=512 * 2**20,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+    )
     for w in args.workers:
         t0 = time.perf_counter()
-        evaluate_store(model_dir, uri, str(tmp / f"eval-{w}"), cases=cases, num_workers=w,
-                       plots=not args.no_plots)
+        evaluate_store(model_dir, uri, str(tmp / f"eval-{w}"), cases=cases, num_workers=w, plots=not args.no_plots)
         dt = time.perf_counter() - t0
-        print(f"{f'Ray Train, {w} worker(s)':<22}{dt:>10.1f}{len(cases) / dt:>10.2f}{dt / base:>10.2f}"
-              f"   (overhead beyond loop/W: {dt - base / max(w, 1):.1f} s)")
+        print(
+            f"{f'Ray Train, {w} worker(s)':<22}{dt:>10.1f}{len(cases) / dt:>10.2f}{dt / base:>10.2f}"
+            f"   (overhead beyond loop/W: {dt - base / max(w, 1):.1f} s)"
+        )
     ray.shutdown()
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0

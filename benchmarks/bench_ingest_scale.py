@@ -20,6 +20,7 @@ Usage: ``.venv/bin/python benchmarks/bench_ingest_scale.py --n 2000`` (default 2
 The machine's load average is printed: on a shared CPU the scaling figure is meaningless
 when other processes use the cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-             "RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+for k, v in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
     os.environ.setdefault(k, v)
 
 
@@ -67,24 +72,40 @@ def bench_ingest(src: Path, work: Path, workers: int, batch_size: int = 1) -> di
     from storage.parallel import parallel_ingest
 
     # warm-up (not timed): start the Ray workers of the ingest runtime env and import storage
-    warm = [p.relative_to(src).as_posix()[:-len(".nii.gz")].replace("/", "__") for p in sorted(src.rglob("*.nii.gz"))]
-    parallel_ingest(src, str(work / "warmup.zarr"), unlabelled=True, cases=warm[:2 * workers],
-                    max_in_flight=2 * workers, memory_per_task=512 * 2**20, progress=False,
-                    batch_size=batch_size)
+    warm = [p.relative_to(src).as_posix()[: -len(".nii.gz")].replace("/", "__") for p in sorted(src.rglob("*.nii.gz"))]
+    parallel_ingest(
+        src,
+        str(work / "warmup.zarr"),
+        unlabelled=True,
+        cases=warm[: 2 * workers],
+        max_in_flight=2 * workers,
+        memory_per_task=512 * 2**20,
+        progress=False,
+        batch_size=batch_size,
+    )
     out = {}
     for label, in_flight in (("1 worker", 1), (f"{workers} workers", 2 * workers)):
         store = work / f"store_{in_flight}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        rep = parallel_ingest(src, str(store), unlabelled=True, max_in_flight=in_flight,
-                              memory_per_task=512 * 2**20, progress=False, batch_size=batch_size)
+        rep = parallel_ingest(
+            src,
+            str(store),
+            unlabelled=True,
+            max_in_flight=in_flight,
+            memory_per_task=512 * 2**20,
+            progress=False,
+            batch_size=batch_size,
+        )
         dt, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
         assert rep.ok and len(rep.ingested) == len(rep.results), rep.summary()
         n = len(rep.ingested)
         out[label] = n / dt
         task_ms = 1e3 * sum(r.seconds for r in rep.results) / n
-        print(f"ingest {label:>10} (batch {batch_size}): {n} volumes in {dt:7.1f} s = {out[label]:6.2f} volumes/s; "
-              f"task wall {task_ms:.0f} ms/volume, driver CPU {1e3 * driver_cpu / n:.1f} ms/volume")
+        print(
+            f"ingest {label:>10} (batch {batch_size}): {n} volumes in {dt:7.1f} s = {out[label]:6.2f} volumes/s; "
+            f"task wall {task_ms:.0f} ms/volume, driver CPU {1e3 * driver_cpu / n:.1f} ms/volume"
+        )
     ratio = out[f"{workers} workers"] / out["1 worker"]
     print(f"ingest scaling {workers} vs 1 worker: {ratio:.2f}x (target >= 1.7x with 2)")
     ray.shutdown()
@@ -106,16 +127,23 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         host, port = sock.getsockname()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             break
         except OSError:
             time.sleep(0.2)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
     boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="bench")
     fs = fsspec.filesystem("s3")
     t0 = time.perf_counter()
@@ -137,10 +165,12 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
     t0 = time.perf_counter()
     w.write_case_index()
     t_write = time.perf_counter() - t0
-    print(f"opening a store of {len(all_cases)} cases (store.cases): local {t_local:.2f} s; S3 with the "
-          f"case index {t_s3:.2f} s ({1e3 * t_s3 / len(all_cases):.2f} ms/case), S3 reading every case's "
-          f"zarr.json (16 at a time) {t_s3_groups:.2f} s ({1e3 * t_s3_groups / len(all_cases):.2f} ms/case): "
-          f"index {t_s3_groups / t_s3:.1f}x faster; rewriting the index {t_write:.2f} s")
+    print(
+        f"opening a store of {len(all_cases)} cases (store.cases): local {t_local:.2f} s; S3 with the "
+        f"case index {t_s3:.2f} s ({1e3 * t_s3 / len(all_cases):.2f} ms/case), S3 reading every case's "
+        f"zarr.json (16 at a time) {t_s3_groups:.2f} s ({1e3 * t_s3_groups / len(all_cases):.2f} ms/case): "
+        f"index {t_s3_groups / t_s3:.1f}x faster; rewriting the index {t_write:.2f} s"
+    )
     cases = all_cases[:n_cases]
 
     def rate(uri: str, epochs: int = 1, **kw) -> float:  # type: ignore[no-untyped-def]
@@ -155,10 +185,12 @@ def bench_loader(store: Path, n_cases: int, samples: int) -> None:
         return r
 
     local = rate(str(store))
-    rows = [("local (page cache, fast reader)", local),
-            ("S3, no prefetch, no cache", rate("s3://bench/store.zarr", prefetch=0, cache_bytes=0)),
-            ("S3, prefetch 4 (default), cold", rate("s3://bench/store.zarr", cache_bytes=0)),
-            ("S3, prefetch 4 + 256 MiB cache, warm", rate("s3://bench/store.zarr", epochs=2))]
+    rows = [
+        ("local (page cache, fast reader)", local),
+        ("S3, no prefetch, no cache", rate("s3://bench/store.zarr", prefetch=0, cache_bytes=0)),
+        ("S3, prefetch 4 (default), cold", rate("s3://bench/store.zarr", cache_bytes=0)),
+        ("S3, prefetch 4 + 256 MiB cache, warm", rate("s3://bench/store.zarr", epochs=2)),
+    ]
     for name, r in rows:
         print(f"loader {name:<38}: {r:8.1f} slices/s  ({r / local:5.2f}x local)")
     server.terminate()
@@ -174,8 +206,13 @@ def main() -> None:
     ap.add_argument("--loader-cases", type=int, default=20)
     ap.add_argument("--loader-samples", type=int, default=200)
     ap.add_argument("--skip-loader", action="store_true", help="ingest figures only")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8],
-                    help="cases per Ray task (localcl ingest --batch-size); one ingest pair per value")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="cases per Ray task (localcl ingest --batch-size); one ingest pair per value",
+    )
     args = ap.parse_args()
     import ray
 
@@ -185,8 +222,13 @@ def main() -> None:
     dt = make_archive(src, args.n, tuple(args.shape))
     size = sum(p.stat().st_size for p in src.rglob("*.nii.gz")) / 2**20
     print(f"archive: {args.n} volumes of {tuple(args.shape)} ({size:.0f} MiB gzip) in {work} (generated in {dt:.0f} s)")
-    ray.init(num_cpus=args.workers, object_store_memory=256 * 2**20, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=args.workers,
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     for b in args.batch_size:
         bench_ingest(src, work, args.workers, b)
     if not args.skip_loader:

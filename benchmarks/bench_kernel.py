@@ -31,6 +31,7 @@ chunked pass is printed too. On CUDA it is wall time after ``synchronize``. The 
 the naive version is skipped where its estimated footprint exceeds ``--naive-budget-gib``.
 Targets (issue 3): chunked peak <= 1 GiB at N = 65,536 and time <= 1.2x naive.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,16 +99,40 @@ def _worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     assert x.grad is not None  # backward ran
-    print(json.dumps({
-        "peak_bytes": peak, "wall_s": statistics.median(times) if times else first,
-        "cpu_s": statistics.median(cpu) if cpu else first_cpu, "first_s": first,
-        "loss": loss, "grad_norm": float(x.grad.norm()),
-    }))
+    print(
+        json.dumps(
+            {
+                "peak_bytes": peak,
+                "wall_s": statistics.median(times) if times else first,
+                "cpu_s": statistics.median(cpu) if cpu else first_cpu,
+                "first_s": first,
+                "loss": loss,
+                "grad_norm": float(x.grad.norm()),
+            }
+        )
+    )
 
 
 def _run(n: int, impl: str, mode: str, a: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", "--n", str(n), "--impl", impl, "--mode", mode,
-           "--dim", str(a.dim), "--chunk", str(a.chunk), "--reps", str(a.reps), "--device", a.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--n",
+        str(n),
+        "--impl",
+        impl,
+        "--mode",
+        mode,
+        "--dim",
+        str(a.dim),
+        "--chunk",
+        str(a.chunk),
+        "--reps",
+        str(a.reps),
+        "--device",
+        a.device,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     if p.returncode != 0:
         print(f"  {impl} N={n} failed (rc={p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -123,15 +148,19 @@ def main() -> None:
     ap.add_argument("--impl", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    ap.add_argument("--modes", nargs="+", default=["single", "per_positive"], choices=["single", "summed", "per_positive"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["single", "per_positive"], choices=["single", "summed", "per_positive"]
+    )
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=256, help="anchors per chunk (default 256)")
     ap.add_argument("--reps", type=int, default=2, help="timed passes after the warm-up pass")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: CPU time is then robust to other load)")
-    ap.add_argument("--naive-budget-gib", type=float, default=10.0,
-                    help="skip the naive version when ~30 bytes * N^2 exceeds this")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: CPU time is then robust to other load)"
+    )
+    ap.add_argument(
+        "--naive-budget-gib", type=float, default=10.0, help="skip the naive version when ~30 bytes * N^2 exceeds this"
+    )
     a = ap.parse_args()
     if a.worker:
         _worker(a)
@@ -139,8 +168,10 @@ def main() -> None:
     print(f"device={a.device} D={a.dim} chunk={a.chunk} reps={a.reps} threads={a.threads}")
     key = "wall_s" if a.device.startswith("cuda") else "cpu_s"
     print(f"time = median {'wall' if key == 'wall_s' else 'process CPU'} seconds of one forward+backward")
-    print(f"{'mode':<13}{'N':>7} {'naive GiB':>10} {'chunk GiB':>10} {'naive s':>9} {'chunk s':>9} "
-          f"{'time ratio':>10} {'|dloss|':>9} {'chunk wall s':>12}")
+    print(
+        f"{'mode':<13}{'N':>7} {'naive GiB':>10} {'chunk GiB':>10} {'naive s':>9} {'chunk s':>9} "
+        f"{'time ratio':>10} {'|dloss|':>9} {'chunk wall s':>12}"
+    )
     for mode in a.modes:
         for n in a.sizes:
             naive = None
@@ -152,9 +183,11 @@ def main() -> None:
             f = lambda v, k, s: f"{v[k] / s:.3f}" if v else "skipped"  # noqa: E731
             ratio = f"{ch[key] / naive[key]:.2f}x" if naive else "-"
             dl = f"{abs(ch['loss'] - naive['loss']):.1e}" if naive else "-"
-            print(f"{mode:<13}{n:>7} {f(naive, 'peak_bytes', GIB):>10} {f(ch, 'peak_bytes', GIB):>10} "
-                  f"{f(naive, key, 1):>9} {f(ch, key, 1):>9} {ratio:>10} {dl:>9} {ch['wall_s']:>12.3f}",
-                  flush=True)
+            print(
+                f"{mode:<13}{n:>7} {f(naive, 'peak_bytes', GIB):>10} {f(ch, 'peak_bytes', GIB):>10} "
+                f"{f(naive, key, 1):>9} {f(ch, key, 1):>9} {ratio:>10} {dl:>9} {ch['wall_s']:>12.3f}",
+                flush=True,
+            )
 
 
 def _cuda() -> bool:

@@ -11,6 +11,7 @@ Usage (CPU example; on a GPU pass --device cuda):
     .venv/bin/python benchmarks/bench_method_steps.py --size 96 --batch 8 --repeats 3
     .venv/bin/python benchmarks/bench_method_steps.py --size 192 --batch 20 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,14 @@ def main() -> None:
     b, s = args.batch, args.size
     x = torch.rand(b, 1, s, s, device=dev)
     y = torch.randint(0, 4, (b, s, s), device=dev)
-    sp = ((torch.arange(s, device=dev).view(s, 1) // 12) * 64 + torch.arange(s, device=dev).view(1, s) // 12)
-    batch = {"image": x, "label": y, "superpixels": sp.expand(b, s, s).contiguous(),
-             "volume": torch.arange(b, device=dev) // 2, "partition": torch.arange(b, device=dev) % 2}
+    sp = (torch.arange(s, device=dev).view(s, 1) // 12) * 64 + torch.arange(s, device=dev).view(1, s) // 12
+    batch = {
+        "image": x,
+        "label": y,
+        "superpixels": sp.expand(b, s, s).contiguous(),
+        "volume": torch.arange(b, device=dev) // 2,
+        "partition": torch.arange(b, device=dev) % 2,
+    }
     extra: dict[str, dict[str, Any]] = {"glcl": {"input_size": s, "partitions": 2, "volumes_per_batch": b // 2}}
 
     def ft_step(name: str) -> Callable[[], None]:
@@ -65,6 +71,7 @@ def main() -> None:
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
+
         return run
 
     def pre_step(name: str, stage: str) -> Callable[[], None]:
@@ -78,6 +85,7 @@ def main() -> None:
             out["loss"].backward()
             opt.step()
             m.on_after_step()
+
         return run
 
     baseline = ft_step("supervised")

@@ -19,6 +19,7 @@ samples), so a load change on a shared machine hits all of them alike; ratios ar
 
     .venv/bin/python benchmarks/bench_store.py [--src ../shared/data/acdc] [--cases 40] [--samples 400]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,14 @@ def _fdata(path: str | os.PathLike[str]) -> np.ndarray:
     img: Any = nib.load(path)
     data: np.ndarray = img.get_fdata(dtype=np.float32)
     return data
+
+
 SIZE = (192, 192)
 
 
-def interleaved_rates(loaders: dict[str, tuple[Callable[[int], object], int]], rounds: int,
-                      len_plan: int) -> dict[str, float]:
+def interleaved_rates(
+    loaders: dict[str, tuple[Callable[[int], object], int]], rounds: int, len_plan: int
+) -> dict[str, float]:
     """samples/s per loader; loader ``name`` runs ``n`` samples (cycling over the ``len_plan``
     drawn ones) split over ``rounds`` rounds."""
     spent = dict.fromkeys(loaders, 0.0)
@@ -74,8 +78,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=400, help="random samples per loader")
     ap.add_argument("--nib-samples", type=int, default=60, help="samples for the (slow) nibabel loader")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
-    ap.add_argument("--fast-repeat", type=int, default=5,
-                    help="fast loaders (RAM, caches) cycle this many times over the samples")
+    ap.add_argument(
+        "--fast-repeat", type=int, default=5, help="fast loaders (RAM, caches) cycle this many times over the samples"
+    )
     ap.add_argument("--workers", type=int, default=2, help="ingest threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -96,8 +101,10 @@ def main() -> None:
     st = storage.open_store(uri)
     store_mb = sum(st.nbytes_stored(c) for c in ids) / 2**20
     print(f"cases: {len(ids)}  source .nii.gz images: {src_mb:.1f} MiB  store (image+label): {store_mb:.1f} MiB")
-    print(f"ingest ({args.workers} threads): {len(ids) / ingest_s:.2f} volumes/s ({ingest_s:.1f} s, load average "
-          f"{os.getloadavg()[0]:.1f})")
+    print(
+        f"ingest ({args.workers} threads): {len(ids) / ingest_s:.2f} volumes/s ({ingest_s:.1f} s, load average "
+        f"{os.getloadavg()[0]:.1f})"
+    )
 
     rng = np.random.default_rng(args.seed)
     meta = {c: st.meta(c) for c in ids}
@@ -120,7 +127,7 @@ def main() -> None:
 
     def patch_of(a: np.ndarray, s0: tuple[int, ...]) -> np.ndarray:
         x, y, z = s0
-        return np.array(a[x:x + PATCH[0], y:y + PATCH[1], z:z + PATCH[2]])
+        return np.array(a[x : x + PATCH[0], y : y + PATCH[1], z : z + PATCH[2]])
 
     os.environ["LOCALCL_ZARR_ONLY"] = "1"
     stz = storage.open_store(uri)
@@ -161,6 +168,7 @@ def main() -> None:
         "tiled slice": (lambda i: stt.read_slice(pick[i], zs[i]), n),
         "tiled patch": (lambda i: stt.read_patch(pick[i], starts[i], PATCH), n),
     }
+
     def cached_slice(s: storage.VolumeStore) -> Callable[[int], object]:
         return lambda i: s.read_slice(pick2[i], zs2[i])
 
@@ -182,15 +190,21 @@ def main() -> None:
         ("3D patch, 64x64 tiles", "nib patch", "tiled patch", "ram patch"),
     ]
     for frac in caches:
-        rows += [(f"2D raw, cache {frac:.0%}", "nib slice", f"cache{frac} slice", "ram slice"),
-                 (f"2D pipeline, cache {frac:.0%}", "nib slice", f"cache{frac} pipe", "ram pipe")]
+        rows += [
+            (f"2D raw, cache {frac:.0%}", "nib slice", f"cache{frac} slice", "ram slice"),
+            (f"2D pipeline, cache {frac:.0%}", "nib slice", f"cache{frac} pipe", "ram pipe"),
+        ]
     print(f"\n{'samples/s':<26}{'nibabel':>9}{'store':>9}{'RAM':>9}{'store/nib':>11}{'store/RAM':>11}")
     for name, a, b, c in rows:
         print(f"{name:<26}{r[a]:>9.1f}{r[b]:>9.1f}{r[c]:>9.1f}{r[b] / r[a]:>10.1f}x{r[b] / r[c]:>10.2f}x")
-    print(f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes; the plain store "
-          "reader holds no volume")
+    print(
+        f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes; the plain store "
+        "reader holds no volume"
+    )
     for frac, stc in caches.items():
-        print(f"  cache budget {frac:.0%} = {frac * decoded / 2**20:.0f} MiB: holds {stc._cached_bytes / 2**20:.0f} MiB")
+        print(
+            f"  cache budget {frac:.0%} = {frac * decoded / 2**20:.0f} MiB: holds {stc._cached_bytes / 2**20:.0f} MiB"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not absolute rates)")
 
 

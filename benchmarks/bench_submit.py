@@ -17,6 +17,7 @@ Starts a loopback Ray head (:class:`ray_jobs.cluster.local_head.LocalHead`), the
 Prints seconds (median of repeats) and the ratio to the bare job. Usage:
     .venv/bin/python benchmarks/bench_submit.py [--repeats 2] [--config ray_jobs/configs/run/ideal_cpu.yaml]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,20 +79,20 @@ def main() -> int:
     _, t_hash = timed(packaging.get_uri_for_directory, wd, True, excludes=excludes)
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = Path(tmp) / "pkg.zip"
-        _, t_zip = timed(packaging.create_package, wd, zip_path, include_gitignore=True,
-                         excludes=excludes)
+        _, t_zip = timed(packaging.create_package, wd, zip_path, include_gitignore=True, excludes=excludes)
         size_mb = zip_path.stat().st_size / 2**20
         n_files = len(zipfile.ZipFile(zip_path).namelist())
-    print(f"working_dir package: hash {t_hash:.3f} s, zip {t_zip:.3f} s, {size_mb:.2f} MiB, "
-          f"{n_files} entries")
-    print(f"local: validate run config {t_val_run:.3f} s (first call, imports included), "
-          f"campaign {t_val_tune:.3f} s, build_submission {t_build:.3f} s")
+    print(f"working_dir package: hash {t_hash:.3f} s, zip {t_zip:.3f} s, {size_mb:.2f} MiB, {n_files} entries")
+    print(
+        f"local: validate run config {t_val_run:.3f} s (first call, imports included), "
+        f"campaign {t_val_tune:.3f} s, build_submission {t_build:.3f} s"
+    )
 
     with LocalHead(num_cpus=2) as head:
         client = cluster_jobs.connect(head.address)
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("bare", "bare+import", "preflight/image", "preflight/wd")}
+        times: dict[str, list[float]] = {k: [] for k in ("bare", "bare+import", "preflight/image", "preflight/wd")}
         run_to_end(client, entrypoint="python -c pass")  # warm-up: job agent registered
+
         def timed_call(submission: Any) -> float:
             """Seconds of the ``submit_job`` call alone (then waits for the job to end)."""
             kw = submission.submit_kwargs()
@@ -106,16 +107,17 @@ def main() -> int:
         t_first_call = timed_call(wd_sub)
         t_cached_call = timed_call(wd_sub)
         t_img_call = timed_call(img_sub)
-        print(f"submit_job call: working_dir first {t_first_call:.3f} s, cached {t_cached_call:.3f} s, "
-              f"image runtime {t_img_call:.3f} s")
+        print(
+            f"submit_job call: working_dir first {t_first_call:.3f} s, cached {t_cached_call:.3f} s, "
+            f"image runtime {t_img_call:.3f} s"
+        )
 
         # end to end: a fresh submission id per job (None: Ray picks one)
         kw_img = {**img_sub.submit_kwargs(), "submission_id": None}
         kw = {**wd_sub.submit_kwargs(), "submission_id": None}
         for _ in range(args.repeats):
             times["bare"].append(run_to_end(client, entrypoint="python -c pass"))
-            times["bare+import"].append(run_to_end(
-                client, entrypoint="python -c 'import torch, localcl, ray'"))
+            times["bare+import"].append(run_to_end(client, entrypoint="python -c 'import torch, localcl, ray'"))
             times["preflight/image"].append(run_to_end(client, **kw_img))
             times["preflight/wd"].append(run_to_end(client, **kw))
     base = statistics.median(times["bare"])

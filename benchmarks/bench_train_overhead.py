@@ -25,6 +25,7 @@ Usage::
         .venv/bin/python benchmarks/bench_train_overhead.py [--epochs 4 --steps 10 --batch 8 \\
         --size 96 --workers 1 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,7 @@ def build(size: int, batch: int, seed: int = 0) -> tuple[Any, torch.optim.Optimi
 
     torch.manual_seed(seed)
     cls = FINETUNE["supervised"]
-    model = cls(cls.Config(widths=(8, 16, 32, 64), decoder_widths=(32, 16, 8)), in_channels=1,
-                num_classes=4)
+    model = cls(cls.Config(widths=(8, 16, 32, 64), decoder_widths=(32, 16, 8)), in_channels=1, num_classes=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed + 1)
     image = torch.rand(batch, 1, size, size, generator=g)
@@ -51,8 +51,7 @@ def build(size: int, batch: int, seed: int = 0) -> tuple[Any, torch.optim.Optimi
     return model, opt, {"image": image, "label": label}
 
 
-def epoch_loop(model: Any, opt: torch.optim.Optimizer, batch: dict, steps: int, step0: int,
-               total: int) -> float:
+def epoch_loop(model: Any, opt: torch.optim.Optimizer, batch: dict, steps: int, step0: int, total: int) -> float:
     last = 0.0
     for i in range(steps):
         out = model(batch, None, step0 + i, total)
@@ -73,8 +72,9 @@ def plain(args: argparse.Namespace) -> dict[str, float]:
         for e in range(args.epochs):
             t0, c0 = time.perf_counter(), time.process_time()
             epoch_loop(model, opt, batch, args.steps, e * args.steps, total)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": e},
-                       os.path.join(d, "state.pt"))
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": e}, os.path.join(d, "state.pt")
+            )
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return {"steady_s": sum(times[1:]), "first_epoch_s": times[0], "steady_cpu_s": sum(cpu[1:])}
@@ -89,8 +89,7 @@ def ray_worker(cfg: dict[str, Any]) -> None:
     model, opt, batch = build(cfg["size"], cfg["batch"] // world, seed=0)
     batch = {k: v for k, v in batch.items()}
     if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
-            "find_unused_parameters": True})
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     total = cfg["epochs"] * cfg["steps"]
     times: list[float] = []
@@ -102,11 +101,11 @@ def ray_worker(cfg: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 raw = getattr(model, "module", model)
-                torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": e},
-                           os.path.join(d, "state.pt"))
+                torch.save(
+                    {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": e}, os.path.join(d, "state.pt")
+                )
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"epoch": e, "loss": loss, "times": list(times), "cpu": list(cpu)},
-                             checkpoint=ckpt)
+            ray.train.report({"epoch": e, "loss": loss, "times": list(times), "cpu": list(cpu)}, checkpoint=ckpt)
         # the epoch includes the report (checkpoint upload to storage, metrics to the controller)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -121,22 +120,32 @@ def ray_run(args: argparse.Namespace, workers: int, storage: str) -> dict[str, f
 
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"size": args.size, "batch": args.batch, "epochs": args.epochs,
-                           "steps": args.steps, "out": os.path.join(storage, f"times-{workers}.json")},
+        train_loop_config={
+            "size": args.size,
+            "batch": args.batch,
+            "epochs": args.epochs,
+            "steps": args.steps,
+            "out": os.path.join(storage, f"times-{workers}.json"),
+        },
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
-                                               resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"bench-{workers}w-{time.time_ns()}",
-                                       storage_path=storage,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=f"bench-{workers}w-{time.time_ns()}",
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
     )
     t0 = time.perf_counter()
     trainer.fit()
     fit_s = time.perf_counter() - t0
     with open(os.path.join(storage, f"times-{workers}.json")) as f:
         t = json.load(f)
-    return {"steady_s": sum(t["times"][1:]), "first_epoch_s": t["times"][0], "fit_s": fit_s,
-            "steady_cpu_s": sum(t["cpu"][1:])}
+    return {
+        "steady_s": sum(t["times"][1:]),
+        "first_epoch_s": t["times"][0],
+        "fit_s": fit_s,
+        "steady_cpu_s": sum(t["cpu"][1:]),
+    }
 
 
 def main() -> None:
@@ -152,9 +161,14 @@ def main() -> None:
         p.error("--epochs must be >= 2 (epoch 1 is the warm-up)")
     import ray
 
-    ray.init(num_cpus=max(args.workers), object_store_memory=256 * 2**20,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=max(args.workers),
+        object_store_memory=256 * 2**20,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     n = args.batch * args.steps * (args.epochs - 1)
     res: dict[str, Any] = {"args": vars(args)}
     base = [plain(args)]
@@ -165,24 +179,31 @@ def main() -> None:
     res["plain"] = min(base, key=lambda r: r["steady_s"])
     res["plain_runs_steady_s"] = [r["steady_s"] for r in base]
     ray.shutdown()
-    print(f"work: {args.epochs - 1} steady epochs x {args.steps} steps x {args.batch} slices "
-          f"{args.size}x{args.size} ({n} samples), checkpoint each epoch")
-    print(f"{'run':<10}{'steady s':>10}{'samples/s':>11}{'fit s':>9}{'vs plain':>10}"
-          f"{'rank-0 CPU s':>14}{'vs plain':>10}")
+    print(
+        f"work: {args.epochs - 1} steady epochs x {args.steps} steps x {args.batch} slices "
+        f"{args.size}x{args.size} ({n} samples), checkpoint each epoch"
+    )
+    print(
+        f"{'run':<10}{'steady s':>10}{'samples/s':>11}{'fit s':>9}{'vs plain':>10}{'rank-0 CPU s':>14}{'vs plain':>10}"
+    )
     ps, pc = res["plain"]["steady_s"], res["plain"]["steady_cpu_s"]
     print(f"{'plain':<10}{ps:>10.2f}{n / ps:>11.1f}{'':>9}{'1.00':>10}{pc:>14.2f}{'1.00':>10}")
     for w in args.workers:
         r = res[f"ray_{w}"]
-        print(f"{f'ray {w}w':<10}{r['steady_s']:>10.2f}{n / r['steady_s']:>11.1f}"
-              f"{r['fit_s']:>9.1f}{r['steady_s'] / ps:>10.2f}{r['steady_cpu_s']:>14.2f}"
-              f"{r['steady_cpu_s'] / pc:>10.2f}")
+        print(
+            f"{f'ray {w}w':<10}{r['steady_s']:>10.2f}{n / r['steady_s']:>11.1f}"
+            f"{r['fit_s']:>9.1f}{r['steady_s'] / ps:>10.2f}{r['steady_cpu_s']:>14.2f}"
+            f"{r['steady_cpu_s'] / pc:>10.2f}"
+        )
     if 1 in args.workers:
         ov = res["ray_1"]["steady_s"] / ps - 1
         ovc = res["ray_1"]["steady_cpu_s"] / pc - 1
         res["overhead_1_worker"], res["cpu_overhead_1_worker"] = ov, ovc
-        print(f"Ray Train 1-worker overhead after start-up: wall {100 * ov:+.1f} %, CPU "
-              f"{100 * ovc:+.1f} % (target <= 10 %); plain runs "
-              f"{', '.join(f'{t:.2f}' for t in res['plain_runs_steady_s'])} s wall")
+        print(
+            f"Ray Train 1-worker overhead after start-up: wall {100 * ov:+.1f} %, CPU "
+            f"{100 * ovc:+.1f} % (target <= 10 %); plain runs "
+            f"{', '.join(f'{t:.2f}' for t in res['plain_runs_steady_s'])} s wall"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -36,6 +36,7 @@ target) and ``--out/bench_tune.json``. Target from the issue: ASHA + TPE median 
     python benchmarks/bench_tune.py --acdc ../shared/data/acdc --out runs/bench_tune
     python benchmarks/bench_tune.py --out runs/bench_tune --reuse-grid   # replay only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,18 @@ sys.path.insert(0, str(REPO))
 LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 TAUS = [0.1, 0.2, 0.5]
 LABELLED = ("patient099", "patient038", "patient050")  # splits.json ssl4mis_labeled_patients["3"]
-VAL = ("patient002", "patient019", "patient028", "patient030", "patient039",  # splits.json val_patients
-       "patient045", "patient078", "patient082", "patient085", "patient087")
+VAL = (
+    "patient002",
+    "patient019",
+    "patient028",
+    "patient030",
+    "patient039",  # splits.json val_patients
+    "patient045",
+    "patient078",
+    "patient082",
+    "patient085",
+    "patient087",
+)
 CASES = [f"{p}_frame0{f}" for p in LABELLED + VAL for f in (1, 2)]
 
 
@@ -68,9 +79,17 @@ REDUCTION_FACTOR = 3
 STRATEGIES = ("tpe+asha", "random+asha", "tpe", "tpe+asha/repeats", "random+asha/repeats")
 
 
-def campaign_dict(out: Path, store: str, epochs: int, steps: int, name: str,
-                  label_budget: int = 1, val_cases: int = 2, lr_schedule: str = "constant",
-                  pretrain_steps: int = 2) -> dict[str, Any]:
+def campaign_dict(
+    out: Path,
+    store: str,
+    epochs: int,
+    steps: int,
+    name: str,
+    label_budget: int = 1,
+    val_cases: int = 2,
+    lr_schedule: str = "constant",
+    pretrain_steps: int = 2,
+) -> dict[str, Any]:
     import yaml
 
     d: dict[str, Any] = yaml.safe_load((REPO / "ray_jobs" / "configs" / "tune" / "tiny_cpu.yaml").read_text())
@@ -108,8 +127,17 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[float, float], list[float]]
         rep = storage.ingest(args.acdc, store, cases=CASES, progress=False, workers=1)
         if rep.failed:
             raise SystemExit(f"ingest failed: {rep.failed}")
-    d = campaign_dict(out, store, args.epochs, args.steps, "bench-grid", args.label_budget, args.val_cases,
-                      args.lr_schedule, args.pretrain_steps)
+    d = campaign_dict(
+        out,
+        store,
+        args.epochs,
+        args.steps,
+        "bench-grid",
+        args.label_budget,
+        args.val_cases,
+        args.lr_schedule,
+        args.pretrain_steps,
+    )
     d.update(sampler="grid", scheduler={"type": "none"})
     d["resources"]["max_concurrent_trials"] = args.concurrent
     path = out / "grid.yaml"
@@ -127,10 +155,14 @@ def grid_settings(grid_yaml: Path) -> dict[str, Any]:
 
     b = yaml.safe_load(grid_yaml.read_text())["base"]
     ft = b["finetune"]["schedule"]
-    return {"fine-tune epochs": ft["epochs"], "steps/epoch": ft["steps_per_epoch"],
-            "LR schedule": ft.get("scheduler", "constant"),
-            "pretrain steps": b["pretrain"]["schedule"]["steps_per_epoch"],
-            "label budget": b["data"]["label_budget"], "val volumes": b["data"]["max_val_cases"]}
+    return {
+        "fine-tune epochs": ft["epochs"],
+        "steps/epoch": ft["steps_per_epoch"],
+        "LR schedule": ft.get("scheduler", "constant"),
+        "pretrain steps": b["pretrain"]["schedule"]["steps_per_epoch"],
+        "label budget": b["data"]["label_budget"],
+        "val volumes": b["data"]["max_val_cases"],
+    }
 
 
 def read_curves(campaign_dir: Path) -> dict[tuple[float, float], list[float]]:
@@ -153,20 +185,29 @@ def replay_campaign(strategy: str, seed: int, budget: int, epochs: int, grace: i
     from ray_jobs.campaign import spec as campaign_spec
 
     return campaign_spec.Campaign(
-        name=f"replay-{strategy.replace('+', '-').replace('/', '-')}-{seed}", method="ideal", trials=budget,
+        name=f"replay-{strategy.replace('+', '-').replace('/', '-')}-{seed}",
+        method="ideal",
+        trials=budget,
         seed=seed,
-        space={"finetune.optim.lr": {"type": "categorical", "choices": LRS},
-               "pretrain.method.tau": {"type": "categorical", "choices": TAUS}},
+        space={
+            "finetune.optim.lr": {"type": "categorical", "choices": LRS},
+            "pretrain.method.tau": {"type": "categorical", "choices": TAUS},
+        },
         sampler="random" if strategy.startswith("random") else "tpe",
         startup_trials=3,
         repeat_configs=strategy.endswith("/repeats"),
-        scheduler={"type": "asha" if "asha" in strategy else "none",
-                   "grace_period": grace, "reduction_factor": REDUCTION_FACTOR, "max_t": epochs},
+        scheduler={
+            "type": "asha" if "asha" in strategy else "none",
+            "grace_period": grace,
+            "reduction_factor": REDUCTION_FACTOR,
+            "max_t": epochs,
+        },
     )
 
 
-def replay(curves: dict[tuple[float, float], list[float]], epochs: int, strategy: str, seed: int,
-           budget: int, grace: int = 1) -> list[tuple[int, float, tuple[float, float]]]:
+def replay(
+    curves: dict[tuple[float, float], list[float]], epochs: int, strategy: str, seed: int, budget: int, grace: int = 1
+) -> list[tuple[int, float, tuple[float, float]]]:
     """Run one search over the recorded curves until its trials have run ``budget`` trial-epochs.
 
     Returns [(epochs run, trial score, (lr, tau))] in trial order. A search gets the grid's compute, not
@@ -231,12 +272,20 @@ def main() -> int:
     p.add_argument("--label-budget", type=int, default=3, help="labelled patients (of 3)")
     p.add_argument("--val-cases", type=int, default=20, help="validation volumes (of 20)")
     p.add_argument("--pretrain-steps", type=int, default=24, help="IDEAL pretraining steps per trial")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine", "poly"), default="cosine",
-                   help="fine-tune LR schedule (finetune.schedule.scheduler)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine", "poly"),
+        default="cosine",
+        help="fine-tune LR schedule (finetune.schedule.scheduler)",
+    )
     p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs) of the replayed searches")
-    p.add_argument("--objective", choices=("val_dice", "best_val_dice"), default="val_dice",
-                   help="trial score: the epoch's val Dice, or the running max (the score of the exported "
-                        "best.pt, reported by the loop as best_val_dice)")
+    p.add_argument(
+        "--objective",
+        choices=("val_dice", "best_val_dice"),
+        default="val_dice",
+        help="trial score: the epoch's val Dice, or the running max (the score of the exported "
+        "best.pt, reported by the loop as best_val_dice)",
+    )
     p.add_argument("--concurrent", type=int, default=2, help="grid trials at once (live phase)")
     p.add_argument("--seeds", type=int, default=100, help="sampler seeds per replayed strategy")
     p.add_argument("--reuse-grid", action="store_true", help="read the grid's curves from --out")
@@ -251,7 +300,7 @@ def main() -> int:
         curves = run_grid(args)
     n_grid = len(LRS) * len(TAUS)
     if args.objective == "best_val_dice":
-        curves = {k: [max(v[:i + 1]) for i in range(len(v))] for k, v in curves.items()}
+        curves = {k: [max(v[: i + 1]) for i in range(len(v))] for k, v in curves.items()}
     if len(curves) != n_grid or any(len(c) != args.epochs for c in curves.values()):
         raise SystemExit(f"grid incomplete: {len(curves)}/{n_grid} curves, lengths {[len(c) for c in curves.values()]}")
     grid_epochs = n_grid * args.epochs
@@ -261,16 +310,25 @@ def main() -> int:
     best_key = max(curves, key=lambda k: curves[k][-1])
     grid_best = curves[best_key][-1]
     target = grid_best - 0.01
-    print(f"\ngrid: {n_grid} configs x {args.epochs} epochs = {grid_epochs} trial-epochs; best final "
-          f"val Dice {grid_best:.4f} at lr={best_key[0]:g}, tau={best_key[1]:g}; target >= {target:.4f}")
+    print(
+        f"\ngrid: {n_grid} configs x {args.epochs} epochs = {grid_epochs} trial-epochs; best final "
+        f"val Dice {grid_best:.4f} at lr={best_key[0]:g}, tau={best_key[1]:g}; target >= {target:.4f}"
+    )
     print("final Dice per config: " + ", ".join(f"({k[0]:g},{k[1]:g})={v[-1]:.3f}" for k, v in sorted(curves.items())))
     n_hit = sum(v[-1] >= target for v in curves.values())
-    print(f"configs within 0.01 of the best: {n_hit}/{n_grid} (random pick expectation "
-          f"{grid_epochs * (n_grid + 1) / (n_hit + 1) / n_grid:.1f} trial-epochs without early stopping)")
-    results: dict[str, Any] = {"grid_epochs": grid_epochs, "grid_best": grid_best, "target": target,
-                               "curves": {f"{k[0]},{k[1]}": v for k, v in curves.items()}, "strategies": {},
-                               "objective": args.objective, "asha": {"grace_period": args.grace, "reduction_factor": REDUCTION_FACTOR,
-                                        "max_t": args.epochs}}
+    print(
+        f"configs within 0.01 of the best: {n_hit}/{n_grid} (random pick expectation "
+        f"{grid_epochs * (n_grid + 1) / (n_hit + 1) / n_grid:.1f} trial-epochs without early stopping)"
+    )
+    results: dict[str, Any] = {
+        "grid_epochs": grid_epochs,
+        "grid_best": grid_best,
+        "target": target,
+        "curves": {f"{k[0]},{k[1]}": v for k, v in curves.items()},
+        "strategies": {},
+        "objective": args.objective,
+        "asha": {"grace_period": args.grace, "reduction_factor": REDUCTION_FACTOR, "max_t": args.epochs},
+    }
     print(f"\n{'strategy':<21}{'median %':>10}{'mean %':>9}{'reached':>9}   per-seed trial-epochs")
     for strategy in STRATEGIES:
         spent = []
@@ -282,14 +340,21 @@ def main() -> int:
         med = statistics.median(capped) / grid_epochs
         mean = statistics.mean(capped) / grid_epochs
         print(f"{strategy:<21}{100 * med:>9.1f}%{100 * mean:>8.1f}%{len(reached):>5}/{len(spent)}   {spent}")
-        results["strategies"][strategy] = {"per_seed": spent, "median_ratio": med, "mean_ratio": mean,
-                                           "reached": len(reached), "seeds": len(spent)}
+        results["strategies"][strategy] = {
+            "per_seed": spent,
+            "median_ratio": med,
+            "mean_ratio": mean,
+            "reached": len(reached),
+            "seeds": len(spent),
+        }
     results["grid_source"] = "reused" if args.reuse_grid else "trained in this run"
     results["grid_settings"] = settings
     (Path(args.out) / "bench_tune.json").write_text(json.dumps(results, indent=2))
     r = results["strategies"]["tpe+asha"]["median_ratio"]
-    print(f"\nASHA + TPE: median {100 * r:.1f} % of the grid's trial-epochs (target <= 35 %): "
-          f"{'met' if r <= 0.35 else 'NOT met'}  (seeds not reaching the target count as the full grid)")
+    print(
+        f"\nASHA + TPE: median {100 * r:.1f} % of the grid's trial-epochs (target <= 35 %): "
+        f"{'met' if r <= 0.35 else 'NOT met'}  (seeds not reaching the target count as the full grid)"
+    )
     return 0
 
 

@@ -2,4 +2,5 @@
 
 No Ray, no storage: everything here takes tensors and returns tensors or dicts of tensors.
 """
+
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ Families implemented (spec ``../shared/design/methods.md``):
   left-right flip p=0.5, rotation k*45 deg, nothing}, then an elastic warp (3x3 grid of N(0, 5 px)
   displacements, bicubically upsampled) on a random tail of the batch (spec §1.7).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -291,8 +292,13 @@ def correspondence(warp_a: Warp, warp_b: Warp) -> tuple[Tensor, Tensor]:
 
 
 def glcl_global_crop(
-    batch: int, size: tuple[int, int], gen: torch.Generator, crop: int = 100, lo: int = 10,
-    hi: int = 70, ref: int = 192,
+    batch: int,
+    size: tuple[int, int],
+    gen: torch.Generator,
+    crop: int = 100,
+    lo: int = 10,
+    hi: int = 70,
+    ref: int = 192,
 ) -> Warp:
     """GLCL crop-resize warp: a ``crop``/``ref`` window with its top-left corner in ``[lo, hi)``.
 

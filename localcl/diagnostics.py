@@ -20,6 +20,7 @@ Two diagnostics, both on a U-Net encoder (:class:`localcl.models.unet.UNetEncode
 
 Shapes: images ``(N, C_in, H, W)`` float, labels ``(N, H, W)`` int64 with -1 = ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,13 @@ def hypercolumn(encoder: nn.Module, x: Tensor) -> Tensor:
     """Concatenation of every encoder level upsampled (bilinear) to ``x``'s size: (B, sum C_l, H, W)."""
     feats = encoder(x)
     size = x.shape[-2:]
-    return torch.cat([f if f.shape[-2:] == size else
-                      F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats], 1)
+    return torch.cat(
+        [
+            f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            for f in feats
+        ],
+        1,
+    )
 
 
 def mean_foreground_dice(pred: Tensor, ref: Tensor, num_classes: int) -> float:
@@ -108,7 +114,7 @@ def linear_probe(
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 64) -> Tensor:
-    return torch.cat([fn(x[i:i + size]) for i in range(0, x.shape[0], size)])
+    return torch.cat([fn(x[i : i + size]) for i in range(0, x.shape[0], size)])
 
 
 def encoder_health(encoder: nn.Module, images: Tensor) -> list[dict[str, Any]]:
@@ -130,9 +136,16 @@ def encoder_health(encoder: nn.Module, images: Tensor) -> list[dict[str, Any]]:
             last_conv[:] = [name]
             if name not in rows:
                 order.append(name)
-                rows[name] = {"layer": name, "weight_norm": float(mod.weight.detach().norm()),
-                              "act_mean": math.nan, "act_std": math.nan, "dead_frac": math.nan,
-                              "bn_dmean": math.nan, "bn_dlogvar": math.nan}
+                rows[name] = {
+                    "layer": name,
+                    "weight_norm": float(mod.weight.detach().norm()),
+                    "act_mean": math.nan,
+                    "act_std": math.nan,
+                    "dead_frac": math.nan,
+                    "bn_dmean": math.nan,
+                    "bn_dlogvar": math.nan,
+                }
+
         return fn
 
     def bn_hook(mod: nn.modules.batchnorm._BatchNorm) -> Callable[..., None]:
@@ -146,8 +159,8 @@ def encoder_health(encoder: nn.Module, images: Tensor) -> list[dict[str, Any]]:
             c = mu.numel()
             row = rows[last_conv[0]]
             row["bn_dmean"] = float((running_mean - mu).norm() / math.sqrt(c))
-            row["bn_dlogvar"] = float((torch.log(running_var + 1e-5) - torch.log(var + 1e-5)).norm()
-                                      / math.sqrt(c))
+            row["bn_dlogvar"] = float((torch.log(running_var + 1e-5) - torch.log(var + 1e-5)).norm() / math.sqrt(c))
+
         return fn
 
     def relu_hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:

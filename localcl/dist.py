@@ -14,6 +14,7 @@ With DistributedDataParallel averaging the parameter gradients over ``W`` ranks,
 the gradient of ``(1/W) Σ_r' L_r'``, i.e. exactly the single-process loss on the global batch
 when each ``L_r`` is a mean over equally many local anchors.
 """
+
 from __future__ import annotations
 
 from typing import Any

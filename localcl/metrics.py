@@ -21,6 +21,7 @@ Empty masks (decided here, tested):
 
 The implementation is MONAI's (``monai.metrics``), called only for non-empty pairs.
 """
+
 from __future__ import annotations
 
 import math

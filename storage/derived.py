@@ -1,4 +1,5 @@
 """Per-case derived arrays computed slice by slice and cached in the store (e.g. superpixels)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -41,14 +42,18 @@ def cache_derived(
         for z in range(image.shape[2]):
             out = np.asarray(fn(image[:, :, z]))
             if out.shape != image.shape[:2] or not np.issubdtype(out.dtype, np.integer):
-                raise ValueError(f"fn must return an integer (X, Y) = {image.shape[:2]} map, got "
-                                 f"{out.dtype} {out.shape} for case {case!r} slice {z}")
+                raise ValueError(
+                    f"fn must return an integer (X, Y) = {image.shape[:2]} map, got "
+                    f"{out.dtype} {out.shape} for case {case!r} slice {z}"
+                )
             maps.append(out)
         vol = np.stack(maps, axis=2)
         lo, hi = int(vol.min()), int(vol.max())
         if lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
             raise ValueError(f"fn values {lo}..{hi} do not fit in int32 (case {case!r})")
         vol = vol.astype(np.uint16 if lo >= 0 and hi <= 65535 else np.int32)
-        st.put_derived(case, name, vol, {"fn": getattr(fn, "__qualname__", repr(fn)), "input": "(x-p1)/(p99-p1) native slice"})
+        st.put_derived(
+            case, name, vol, {"fn": getattr(fn, "__qualname__", repr(fn)), "input": "(x-p1)/(p99-p1) native slice"}
+        )
         done["computed"].append(case)
     return done

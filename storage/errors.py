@@ -3,6 +3,7 @@
 All derive from :class:`ValueError` so callers that do not know this package still treat them
 as bad-input errors; ``ray_jobs`` turns them into one-line CLI messages (no traceback).
 """
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ zarr. Remote stores (``s3://``...) use :class:`storage.remote.RemoteShardReader`
 logic over fsspec byte ranges. The tests compare both paths voxel by voxel, for whole-slice
 chunks and for tiled chunks with partial edge tiles.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,15 @@ def parse_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]
 class ShardReader:
     """Reads regions of one local single-shard array by ``pread`` + blosc decode per chunk."""
 
-    def __init__(self, shard_path: str, shape: tuple[int, ...], chunk: tuple[int, ...],
-                 dtype: np.dtype, fill_value: Any, index: np.ndarray) -> None:
+    def __init__(
+        self,
+        shard_path: str,
+        shape: tuple[int, ...],
+        chunk: tuple[int, ...],
+        dtype: np.dtype,
+        fill_value: Any,
+        index: np.ndarray,
+    ) -> None:
         self.shard_path = shard_path
         self.shape = shape
         self.chunk = chunk
@@ -116,11 +124,11 @@ class ShardReader:
                         tile = self._chunk(fd, ix, iy, iz)
                         ax0, ax1 = max(x0, ix * cx), min(x1, (ix + 1) * cx)
                         ay0, ay1 = max(y0, iy * cy), min(y1, (iy + 1) * cy)
-                        dst = out[ax0 - x0:ax1 - x0, ay0 - y0:ay1 - y0, iz - z0]
+                        dst = out[ax0 - x0 : ax1 - x0, ay0 - y0 : ay1 - y0, iz - z0]
                         if tile is None:
                             dst[...] = self.fill_value
                         else:
-                            dst[...] = tile[ax0 - ix * cx:ax1 - ix * cx, ay0 - iy * cy:ay1 - iy * cy]
+                            dst[...] = tile[ax0 - ix * cx : ax1 - ix * cx, ay0 - iy * cy : ay1 - iy * cy]
         finally:
             os.close(fd)
         return out

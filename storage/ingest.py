@@ -5,6 +5,7 @@ Idempotent and resumable: a case whose group is complete and whose recorded sour
 incomplete (interrupted) or stale case is (re)written. Every validation runs before the store is
 touched, so a bad file never damages what is already there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,8 +65,10 @@ class IngestReport:
     def summary(self) -> str:
         n_new = len(self.ingested)
         rate = n_new / self.seconds if self.seconds > 0 else 0.0
-        return (f"{n_new} ingested, {len(self.skipped)} skipped (already complete), "
-                f"{len(self.failed)} failed in {self.seconds:.1f} s ({rate:.2f} volumes/s)")
+        return (
+            f"{n_new} ingested, {len(self.skipped)} skipped (already complete), "
+            f"{len(self.failed)} failed in {self.seconds:.1f} s ({rate:.2f} volumes/s)"
+        )
 
 
 def intensity_stats(image: np.ndarray) -> dict[str, float]:
@@ -75,9 +78,14 @@ def intensity_stats(image: np.ndarray) -> dict[str, float]:
     """
     q = np.percentile(image, [0.5, 1.0, 99.0, 99.5])
     return {
-        "p0_5": float(q[0]), "p1": float(q[1]), "p99": float(q[2]), "p99_5": float(q[3]),
-        "mean": float(image.mean(dtype=np.float64)), "std": float(image.std(dtype=np.float64)),
-        "min": float(image.min()), "max": float(image.max()),
+        "p0_5": float(q[0]),
+        "p1": float(q[1]),
+        "p99": float(q[2]),
+        "p99_5": float(q[3]),
+        "mean": float(image.mean(dtype=np.float64)),
+        "std": float(image.std(dtype=np.float64)),
+        "min": float(image.min()),
+        "max": float(image.max()),
     }
 
 
@@ -99,12 +107,16 @@ def _check_pair(image: Volume, label: Volume, label_names: Mapping[int, str] | N
         raise InputError(label.path, f"label shape {label.shape} differs from image shape {image.shape} ({image.path})")
     if not np.allclose(label.affine, image.affine, atol=AFFINE_ATOL, rtol=0):
         diff = float(np.abs(label.affine - image.affine).max())
-        raise InputError(label.path, f"label affine differs from the image affine by up to {diff:.4g} mm ({image.path})")
+        raise InputError(
+            label.path, f"label affine differs from the image affine by up to {diff:.4g} mm ({image.path})"
+        )
     if label_names:
         values = np.flatnonzero(np.bincount(label.data.ravel(), minlength=256))
         undeclared = sorted(set(values.tolist()) - set(label_names))
         if undeclared:
-            raise InputError(label.path, f"label values {undeclared} not declared in dataset.json labels {sorted(label_names)}")
+            raise InputError(
+                label.path, f"label values {undeclared} not declared in dataset.json labels {sorted(label_names)}"
+            )
 
 
 def ingest_case(
@@ -136,8 +148,13 @@ def ingest_case(
     img_sha = sha256_file(src_image)
     lab_sha = sha256_file(src_label) if src_label is not None else None
     state = st.case_state(case_id)
-    if (not force and state is not None and state.get("complete") is True
-            and state.get("source_sha256") == img_sha and state.get("label_sha256") == lab_sha):
+    if (
+        not force
+        and state is not None
+        and state.get("complete") is True
+        and state.get("source_sha256") == img_sha
+        and state.get("label_sha256") == lab_sha
+    ):
         return CaseResult(case_id, "skipped", str(src_image), seconds=time.perf_counter() - t0, meta=state)
     try:
         image = load_volume(src_image, "image", max_bytes=max_bytes, sha256=img_sha)
@@ -196,7 +213,9 @@ def finish_case_index(st: VolumeStore, old: Mapping[str, Mapping[str, Any]] | No
     return n
 
 
-def prepare_store(dataset: SourceDataset, store: str | VolumeStore, storage_options: Mapping[str, Any] | None = None) -> VolumeStore:
+def prepare_store(
+    dataset: SourceDataset, store: str | VolumeStore, storage_options: Mapping[str, Any] | None = None
+) -> VolumeStore:
     """Open/create the store and record dataset-level attributes (label names, splits.json)."""
     st = open_store(store, mode="a", storage_options=storage_options)
     attrs = st.attrs
@@ -209,7 +228,9 @@ def prepare_store(dataset: SourceDataset, store: str | VolumeStore, storage_opti
         new["label_names"] = {str(k): v for k, v in dataset.label_names.items()}
     if dataset.layout == "msd":
         new["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": root}
-        new["test_cases"] = sorted(set(attrs.get("test_cases", [])) | {c.case_id for c in dataset.cases if c.split == "test"})
+        new["test_cases"] = sorted(
+            set(attrs.get("test_cases", [])) | {c.case_id for c in dataset.cases if c.split == "test"}
+        )
     if dataset.splits_json is not None:
         new["splits_json"] = dataset.splits_json
     st.set_root_attrs(new)
@@ -259,8 +280,15 @@ def ingest(
         if c.problem is not None:
             raise c.problem
         assert c.image is not None
-        return ingest_case(c.image, c.label, st, c.case_id, label_names=dataset.label_names or None,
-                           max_bytes=max_bytes, chunk_xy=chunk_xy)
+        return ingest_case(
+            c.image,
+            c.label,
+            st,
+            c.case_id,
+            label_names=dataset.label_names or None,
+            max_bytes=max_bytes,
+            chunk_xy=chunk_xy,
+        )
 
     def record(c: CaseSource, fut_result: Callable[[], CaseResult]) -> None:
         try:

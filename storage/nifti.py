@@ -20,6 +20,7 @@ Checks, in order (each maps to one class of bad input of issue 2):
    reported as such), then parses in memory with the declared number of voxel bytes;
 7. images: every voxel is finite (no NaN/Inf); labels: every value is an integer in 0..255.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -281,7 +282,9 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         img = nib.load(str(path))
         img.header  # noqa: B018 - force header parsing
     except Exception as exc:  # nibabel raises ImageFileError, gzip errors, EOFError...
-        raise StorageError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise StorageError(
+            f"{path}: cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(img, nib.Nifti1Image):  # nib.load picks the class from the file; Nifti2Image subclasses it
         raise StorageError(f"{path}: cannot read as NIfTI (nibabel read it as {type(img).__name__})")
     if len(img.shape) == 4 and img.shape[3] == 1:

@@ -30,6 +30,7 @@ case at a time, and deleted after the case is written, so no node ever holds mor
 
 ``ray`` is imported lazily here only; the rest of :mod:`storage` never imports it.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,13 @@ def _spec(c: CaseSource, versions: Mapping[str, Mapping[str, Any]]) -> dict[str,
     version = None
     if image is not None and is_url(image):
         version = {"image": dict(versions.get(image, {})), "label": dict(versions.get(label, {})) if label else None}
-    return {"case_id": c.case_id, "image": image, "label": label, "version": version,
-            "problem": None if c.problem is None else str(c.problem)}
+    return {
+        "case_id": c.case_id,
+        "image": image,
+        "label": label,
+        "version": version,
+        "problem": None if c.problem is None else str(c.problem),
+    }
 
 
 def ingest_specs(
@@ -83,23 +89,33 @@ def ingest_specs(
             if spec["problem"] is not None:  # found by discovery (missing label, bad entry...)
                 res = CaseResult(cid, "failed", str(image or label or ""), error=spec["problem"])
             elif spec["version"] is None:  # local files
-                res = ingest_case(image, label, st, cid, label_names=label_names, max_bytes=max_bytes,
-                                  chunk_xy=chunk_xy)
+                res = ingest_case(
+                    image, label, st, cid, label_names=label_names, max_bytes=max_bytes, chunk_xy=chunk_xy
+                )
             else:
                 res = _ingest_remote(st, spec, label_names, source_options, max_bytes, chunk_xy)
         except InputError as err:
             res = CaseResult(cid, "failed", str(image or label or ""), error=str(err))
         except Exception as err:  # an unexpected failure of one case must not stop the rest
-            res = CaseResult(cid, "failed", str(image or label or ""),
-                             error=f"{image or label}: {type(err).__name__}: {' '.join(str(err).split())}")
+            res = CaseResult(
+                cid,
+                "failed",
+                str(image or label or ""),
+                error=f"{image or label}: {type(err).__name__}: {' '.join(str(err).split())}",
+            )
         res.seconds = time.perf_counter() - t0
         out.append(asdict(res))
     return out
 
 
-def _ingest_remote(st: Any, spec: Mapping[str, Any], label_names: Mapping[int, str] | None,
-                   source_options: Mapping[str, Any] | None, max_bytes: int | None,
-                   chunk_xy: int | None) -> CaseResult:
+def _ingest_remote(
+    st: Any,
+    spec: Mapping[str, Any],
+    label_names: Mapping[int, str] | None,
+    source_options: Mapping[str, Any] | None,
+    max_bytes: int | None,
+    chunk_xy: int | None,
+) -> CaseResult:
     """Skip by listing version (size + ETag) without downloading; else download the case's
     objects into a private temporary directory, ingest, delete."""
     from storage.remote import fetch_to_local
@@ -115,13 +131,26 @@ def _ingest_remote(st: Any, spec: Mapping[str, Any], label_names: Mapping[int, s
         os.makedirs(lab_dir)
         img = fetch_to_local(spec["image"], img_dir, source_options)
         lab = None if spec["label"] is None else fetch_to_local(spec["label"], lab_dir, source_options)
-        return ingest_case(img, lab, st, cid, label_names=label_names, max_bytes=max_bytes, chunk_xy=chunk_xy,
-                           source_uri=spec["image"], label_uri=spec["label"],
-                           extra_meta={"source_version": version})
+        return ingest_case(
+            img,
+            lab,
+            st,
+            cid,
+            label_names=label_names,
+            max_bytes=max_bytes,
+            chunk_xy=chunk_xy,
+            source_uri=spec["image"],
+            label_uri=spec["label"],
+            extra_meta={"source_version": version},
+        )
 
 
-def bounded_map(submit: Callable[[Any], Any], items: Sequence[Any], max_in_flight: int,
-                wait: Callable[[list[Any]], tuple[list[Any], list[Any]]]) -> Iterator[tuple[Any, Any]]:
+def bounded_map(
+    submit: Callable[[Any], Any],
+    items: Sequence[Any],
+    max_in_flight: int,
+    wait: Callable[[list[Any]], tuple[list[Any], list[Any]]],
+) -> Iterator[tuple[Any, Any]]:
     """Yield ``(item, finished_ref)`` while never holding more than ``max_in_flight`` refs.
 
     ``submit(item) -> ref`` starts work; ``wait(refs) -> (ready, not_ready)`` blocks until at
@@ -215,37 +244,56 @@ def parallel_ingest(
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or None, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     dashboard_host="127.0.0.1")
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, dashboard_host="127.0.0.1")
     node_memory = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if node_memory and memory_per_task > node_memory:  # the task could never be scheduled
-        raise ValueError(f"memory_per_task={memory_per_task / 2**20:.0f} MiB exceeds the largest node's Ray "
-                         f"memory resource ({node_memory / 2**20:.0f} MiB); lower it")
+        raise ValueError(
+            f"memory_per_task={memory_per_task / 2**20:.0f} MiB exceeds the largest node's Ray "
+            f"memory resource ({node_memory / 2**20:.0f} MiB); lower it"
+        )
     if max_in_flight is None:
         max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     env = forwarded_env()
     task = ray.remote(ingest_specs).options(  # type: ignore[arg-type]  # ray's stubs: keyword-only args
-        num_cpus=1, memory=int(memory_per_task), max_retries=1, retry_exceptions=False,
-        runtime_env={"env_vars": env} if env else None, name="localcl-ingest")
-    kw = dict(label_names=dataset.label_names or None, storage_options=dict(storage_options or {}),
-              source_options=dict(source_options or {}), max_bytes=max_bytes or int(memory_per_task),
-              chunk_xy=chunk_xy)
-    batches = [[_spec(c, versions) for c in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
+        num_cpus=1,
+        memory=int(memory_per_task),
+        max_retries=1,
+        retry_exceptions=False,
+        runtime_env={"env_vars": env} if env else None,
+        name="localcl-ingest",
+    )
+    kw = dict(
+        label_names=dataset.label_names or None,
+        storage_options=dict(storage_options or {}),
+        source_options=dict(source_options or {}),
+        max_bytes=max_bytes or int(memory_per_task),
+        chunk_xy=chunk_xy,
+    )
+    batches = [[_spec(c, versions) for c in todo[i : i + batch_size]] for i in range(0, len(todo), batch_size)]
 
     report = IngestReport()
-    bar = tqdm(total=len(todo), unit="vol", desc="ingest", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="vol", desc="ingest", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     say = on_error or (lambda msg: tqdm.write(f"localcl: error: {msg}", file=sys.stderr))
     try:
-        for batch, ref in bounded_map(lambda b: task.remote(b, store, **kw), batches, max_in_flight,  # type: ignore[call-arg]
-                                      lambda refs: ray.wait(refs, num_returns=1)):
+        for batch, ref in bounded_map(
+            lambda b: task.remote(b, store, **kw),  # type: ignore[call-arg]
+            batches,
+            max_in_flight,
+            lambda refs: ray.wait(refs, num_returns=1),
+        ):
             try:
                 results = [CaseResult(**r) for r in ray.get(ref)]
             except Exception as err:  # the task itself died (OOM kill, node lost): fail its cases
                 reason = " ".join(str(err).split())[:300]
-                results = [CaseResult(s["case_id"], "failed", str(s["image"] or ""),
-                                      error=f"{s['image']}: task failed: {type(err).__name__}: {reason}")
-                           for s in batch]
+                results = [
+                    CaseResult(
+                        s["case_id"],
+                        "failed",
+                        str(s["image"] or ""),
+                        error=f"{s['image']}: task failed: {type(err).__name__}: {reason}",
+                    )
+                    for s in batch
+                ]
             for r in results:
                 if r.status == "failed":
                     say(r.error or r.case_id)
@@ -270,8 +318,7 @@ def write_quarantine(st: Any, report: IngestReport) -> list[dict[str, Any]]:
     attempted = {r.case_id for r in report.results}
     old = [q for q in st.attrs.get(QUARANTINE_ATTR, []) if q.get("case") not in attempted]
     now = time.time()
-    new = old + [{"case": r.case_id, "source": r.source, "error": r.error or "", "time": now}
-                 for r in report.failed]
+    new = old + [{"case": r.case_id, "source": r.source, "error": r.error or "", "time": now} for r in report.failed]
     new.sort(key=lambda q: q["case"])
     st.set_root_attrs({QUARANTINE_ATTR: new})
     return new

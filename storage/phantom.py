@@ -32,6 +32,7 @@ Deterministic: the same ``seed`` gives byte-identical files (nibabel writes gzip
 ``mtime = 0``). Case ``k`` draws from ``numpy.random.default_rng([seed, k])``, so adding
 cases does not change the earlier ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -153,7 +154,7 @@ def _splits(patients: list[str]) -> dict:
         "train_cases": [f"{p}_{f}" for p in train for f in frames],
         "val_cases": [f"{p}_{f}" for p in val for f in frames],
         "ssl4mis_labeled_patients": labelled,
-        "ssl4mis_unlabeled_patients": {n: train[int(n):] for n in labelled},
+        "ssl4mis_unlabeled_patients": {n: train[int(n) :] for n in labelled},
     }
 
 

@@ -13,6 +13,7 @@ Forward, for a slice ``s`` of shape (X, Y) with in-plane spacing ``(dx, dy)`` mm
 The tensor axes are the store's axes: H runs along X, W along Y. :func:`restore_slice` undoes
 step 3 then step 2, so a prediction on the network grid maps back to the native (X, Y) grid.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,10 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: 
         return int(shape[0]), int(shape[1])
     if spacing_mm <= 0:
         raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
-    return (max(1, round(shape[0] * float(spacing[0]) / spacing_mm)),
-            max(1, round(shape[1] * float(spacing[1]) / spacing_mm)))
+    return (
+        max(1, round(shape[0] * float(spacing[0]) / spacing_mm)),
+        max(1, round(shape[1] * float(spacing[1]) / spacing_mm)),
+    )
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,7 +63,9 @@ def resize2d(x: np.ndarray, out: tuple[int, int], nearest: bool) -> np.ndarray:
     if tuple(x.shape) == tuple(out):
         return x
     if nearest:
-        idx = [np.minimum(np.floor((np.arange(o) + 0.5) * (n / o)).astype(np.int64), n - 1) for n, o in zip(x.shape, out)]
+        idx = [
+            np.minimum(np.floor((np.arange(o) + 0.5) * (n / o)).astype(np.int64), n - 1) for n, o in zip(x.shape, out)
+        ]
         nearest_x: np.ndarray = x[idx[0][:, None], idx[1][None, :]]
         return nearest_x
     (r0, r1, wr), (c0, c1, wc) = _axis_weights(x.shape[0], out[0]), _axis_weights(x.shape[1], out[1])
@@ -94,7 +99,7 @@ def crop_or_pad(x: Any, size: Sequence[int], pad_value: float) -> Any:
         out = torch.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
     else:
         out = np.full((*x.shape[:-2], h, w), pad_value, dtype=x.dtype)
-    out[..., dy:dy + ny, dx:dx + nx] = x[..., sy:sy + ny, sx:sx + nx]
+    out[..., dy : dy + ny, dx : dx + nx] = x[..., sy : sy + ny, sx : sx + nx]
     return out
 
 

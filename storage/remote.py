@@ -1,3 +1,5 @@
+# mypy: disable-error-code="arg-type"
+# (object-store URLs travel as str in CaseSource/SourceDataset fields typed Path for local files)
 """Object storage (S3 and any fsspec file system): credentials, sources under a prefix, and
 streaming slice reads from a remote store.
 
@@ -15,6 +17,7 @@ costs exactly one ranged GET of its compressed chunk, and a 3D patch one batched
 ``cat_ranges`` call (concurrent GETs) for all the chunks it overlaps. Decoding is the same
 blosc frame as :mod:`storage.fastread`, so both readers return identical arrays.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +35,17 @@ from storage.sources import CaseSource, SourceDataset, parse_label_names, safe_c
 
 #: Environment variables that configure object-storage access (forwarded to Ray workers).
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED",
-    "AWS_PROFILE", "AWS_CA_BUNDLE", "FSSPEC_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
+    "FSSPEC_S3_ENDPOINT_URL",
 )
 
 
@@ -59,8 +70,7 @@ def env_storage_options(uri: str) -> dict[str, Any]:
         return {}
     env = os.environ
     opts: dict[str, Any] = {}
-    for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
-                     ("token", "AWS_SESSION_TOKEN")):
+    for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
         if env.get(var):
             opts[opt] = env[var]
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
@@ -108,8 +118,9 @@ def _unstrip(fs: Any, path: str) -> str:
     return str(fs.unstrip_protocol(path))
 
 
-def discover_remote(src: str, unlabelled: bool = False,
-                    storage_options: Mapping[str, Any] | None = None) -> tuple[SourceDataset, dict[str, dict[str, Any]]]:
+def discover_remote(
+    src: str, unlabelled: bool = False, storage_options: Mapping[str, Any] | None = None
+) -> tuple[SourceDataset, dict[str, dict[str, Any]]]:
     """List the cases under an object-storage prefix without downloading any volume.
 
     ``unlabelled``: every ``.nii``/``.nii.gz`` object under ``src`` (recursive) is a case; the
@@ -128,12 +139,15 @@ def discover_remote(src: str, unlabelled: bool = False,
         listing = fs.find(root, detail=True)
     except FileNotFoundError:
         listing = {}
-    info = {_unstrip(fs, p): {"size": int(d.get("size") or 0), "etag": str(d.get("ETag") or d.get("etag") or "").strip('"')}
-            for p, d in listing.items() if d.get("type", "file") == "file"}
+    info = {
+        _unstrip(fs, p): {"size": int(d.get("size") or 0), "etag": str(d.get("ETag") or d.get("etag") or "").strip('"')}
+        for p, d in listing.items()
+        if d.get("type", "file") == "file"
+    }
     if not info:
         raise InputError(src, "no objects under this prefix (check the bucket, prefix and credentials)")
     nifti = sorted(p for p in listing if strip_nifti_suffix(posixpath.basename(p)) is not None)
-    rel = lambda p: p[len(root) + 1:]  # noqa: E731
+    rel = lambda p: p[len(root) + 1 :]  # noqa: E731
     if unlabelled:
         if not nifti:
             raise InputError(src, "no .nii or .nii.gz objects found")
@@ -142,7 +156,11 @@ def discover_remote(src: str, unlabelled: bool = False,
             cid = safe_case_id((strip_nifti_suffix(rel(p)) or rel(p)).replace("/", "__"))
             url = _unstrip(fs, p)
             if cid in seen:
-                cases.append(CaseSource(cid, url, None, False, problem=InputError(url, f"case id {cid!r} collides with another object")))  # type: ignore[arg-type]
+                cases.append(
+                    CaseSource(
+                        cid, url, None, False, problem=InputError(url, f"case id {cid!r} collides with another object")
+                    )
+                )
                 continue
             seen.add(cid)
             cases.append(CaseSource(cid, url, None, False))  # type: ignore[arg-type]
@@ -150,7 +168,10 @@ def discover_remote(src: str, unlabelled: bool = False,
 
     ds_url = f"{src.rstrip('/')}/dataset.json"
     if f"{root}/dataset.json" not in listing:
-        raise InputError(ds_url, "missing: an MSD/nnU-Net dataset needs dataset.json (use --unlabelled for a plain prefix of NIfTI files)")
+        raise InputError(
+            ds_url,
+            "missing: an MSD/nnU-Net dataset needs dataset.json (use --unlabelled for a plain prefix of NIfTI files)",
+        )
     try:
         spec = json.loads(fs.cat_file(f"{root}/dataset.json"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,7 +204,9 @@ def discover_remote(src: str, unlabelled: bool = False,
     for idx, entry in enumerate(training or []):
         try:
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise InputError(ds_url, f"training[{idx}] must be an object with 'image' and 'label', got {entry!r}"[:200])
+                raise InputError(
+                    ds_url, f"training[{idx}] must be an object with 'image' and 'label', got {entry!r}"[:200]
+                )
             img, lab = key(entry["image"], "image", idx), key(entry["label"], "label", idx)
         except InputError as err:
             problems.append(CaseSource(f"training[{idx}]", None, None, True, problem=err))
@@ -201,14 +224,26 @@ def discover_remote(src: str, unlabelled: bool = False,
             pairs[cid] = (p, None, "test")
     for cid, p in labels.items():
         if p not in listed and cid not in pairs:
-            problems.append(CaseSource(cid, None, _unstrip(fs, p), True, problem=InputError(_unstrip(fs, p), "label without its image (no matching object in imagesTr)")))  # type: ignore[arg-type]
+            problems.append(
+                CaseSource(
+                    cid,
+                    None,
+                    _unstrip(fs, p),
+                    True,
+                    problem=InputError(_unstrip(fs, p), "label without its image (no matching object in imagesTr)"),
+                )
+            )
     cases = []
     for cid, (img, lab, split) in sorted(pairs.items()):
-        c = CaseSource(cid, _unstrip(fs, img), None if lab is None else _unstrip(fs, lab), split == "train", split=split)  # type: ignore[arg-type]
+        c = CaseSource(
+            cid, _unstrip(fs, img), None if lab is None else _unstrip(fs, lab), split == "train", split=split
+        )
         if img not in listing:
             c.problem = InputError(c.image, f"image of case {cid} not found")  # type: ignore[arg-type]
         elif split == "train" and (lab is None or lab not in listing):
-            c.problem = InputError(c.image, f"image without its label (expected {lab or root + '/labelsTr/' + cid + '.nii.gz'})")  # type: ignore[arg-type]
+            c.problem = InputError(
+                c.image, f"image without its label (expected {lab or root + '/labelsTr/' + cid + '.nii.gz'})"
+            )
         cases.append(c)
     splits = None
     if f"{root}/splits.json" in listing:
@@ -216,8 +251,14 @@ def discover_remote(src: str, unlabelled: bool = False,
             splits = json.loads(fs.cat_file(f"{root}/splits.json"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{src.rstrip('/')}/splits.json", f"malformed splits.json: {exc}") from None
-    ds = SourceDataset(root=src, cases=problems + cases, label_names=label_names,  # type: ignore[arg-type]
-                       name=str(spec.get("name", posixpath.basename(root))), splits_json=splits, layout="msd")
+    ds = SourceDataset(
+        root=src,
+        cases=problems + cases,
+        label_names=label_names,  # type: ignore[arg-type]
+        name=str(spec.get("name", posixpath.basename(root))),
+        splits_json=splits,
+        layout="msd",
+    )
     return ds, info
 
 
@@ -229,8 +270,16 @@ class RemoteShardReader(ShardReader):
     read issues all its chunk ranges in one ``fs.cat_ranges`` call.
     """
 
-    def __init__(self, fs: Any, shard_path: str, shape: tuple[int, int, int], chunk: tuple[int, int, int],
-                 dtype: np.dtype, fill_value: Any, index: np.ndarray) -> None:
+    def __init__(
+        self,
+        fs: Any,
+        shard_path: str,
+        shape: tuple[int, int, int],
+        chunk: tuple[int, int, int],
+        dtype: np.dtype,
+        fill_value: Any,
+        index: np.ndarray,
+    ) -> None:
         super().__init__(shard_path, shape, chunk, dtype, fill_value, index)
         self.fs = fs
 
@@ -268,17 +317,18 @@ class RemoteShardReader(ShardReader):
                     if not missing:
                         starts.append(offset)
                         ends.append(offset + nbytes)
-        blobs = iter(self.fs.cat_ranges([self.shard_path] * len(starts), starts, ends, on_error="raise")
-                     if starts else [])
+        blobs = iter(
+            self.fs.cat_ranges([self.shard_path] * len(starts), starts, ends, on_error="raise") if starts else []
+        )
         for ix, iy, iz, missing in wanted:
             ax0, ax1 = max(x0, ix * cx), min(x1, (ix + 1) * cx)
             ay0, ay1 = max(y0, iy * cy), min(y1, (iy + 1) * cy)
-            dst = out[ax0 - x0:ax1 - x0, ay0 - y0:ay1 - y0, iz - z0]
+            dst = out[ax0 - x0 : ax1 - x0, ay0 - y0 : ay1 - y0, iz - z0]
             if missing:
                 dst[...] = self.fill_value
                 continue
             tile = np.frombuffer(numcodecs.blosc.decompress(next(blobs)), dtype=self.dtype).reshape(self.chunk[:2])
-            dst[...] = tile[ax0 - ix * cx:ax1 - ix * cx, ay0 - iy * cy:ay1 - iy * cy]
+            dst[...] = tile[ax0 - ix * cx : ax1 - ix * cx, ay0 - iy * cy : ay1 - iy * cy]
         return out
 
 

@@ -23,6 +23,7 @@ the field of view), plus whatever ``views(item, generator)`` returns.
 Partition of slice ``z`` in a volume of ``n`` slices with ``S`` partitions:
 ``min(z // max(n // S, 1), S - 1)`` (consecutive equal blocks; GLCL).
 """
+
 from __future__ import annotations
 
 import math
@@ -108,8 +109,9 @@ class _StoreDataset(IterableDataset):
     @property
     def store(self) -> VolumeStore:
         if self._store is None or self._pid != os.getpid():
-            self._store = open_store(self.uri, mode="r", storage_options=self.storage_options,
-                                     cache_bytes=self.cache_bytes)
+            self._store = open_store(
+                self.uri, mode="r", storage_options=self.storage_options, cache_bytes=self.cache_bytes
+            )
             self._pid = os.getpid()
         return self._store
 
@@ -359,21 +361,38 @@ class PartitionBatchDataset(SliceDataset):
         cache_bytes: int | None = None,
         prefetch: int | None = None,
     ) -> None:
-        super().__init__(uri, cases, size=size, seed=seed, rank=rank, world_size=world_size,
-                         derived=derived, storage_options=storage_options, spacing_mm=spacing_mm,
-                         hide_labels=hide_labels, partitions=partitions, cache_bytes=cache_bytes,
-                         prefetch=prefetch)
+        super().__init__(
+            uri,
+            cases,
+            size=size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            derived=derived,
+            storage_options=storage_options,
+            spacing_mm=spacing_mm,
+            hide_labels=hide_labels,
+            partitions=partitions,
+            cache_bytes=cache_bytes,
+            prefetch=prefetch,
+        )
         if volumes_per_batch < 1 or partitions < 1 or batches_per_epoch < 1:
-            raise ValueError("volumes_per_batch, partitions and batches_per_epoch must be >= 1, got "
-                             f"{volumes_per_batch}, {partitions}, {batches_per_epoch}")
+            raise ValueError(
+                "volumes_per_batch, partitions and batches_per_epoch must be >= 1, got "
+                f"{volumes_per_batch}, {partitions}, {batches_per_epoch}"
+            )
         self.volumes_per_batch = int(volumes_per_batch)
         self.batches_per_epoch = int(batches_per_epoch)
 
     def _volumes(self) -> np.ndarray:
-        vols = np.asarray([ci for ci, m in enumerate(self.metas) if int(m["shape"][2]) >= self.partitions], dtype=np.int64)
+        vols = np.asarray(
+            [ci for ci, m in enumerate(self.metas) if int(m["shape"][2]) >= self.partitions], dtype=np.int64
+        )
         if len(vols) < self.volumes_per_batch:
-            raise ValueError(f"volumes_per_batch={self.volumes_per_batch} but only {len(vols)} cases have "
-                             f">= {self.partitions} slices")
+            raise ValueError(
+                f"volumes_per_batch={self.volumes_per_batch} but only {len(vols)} cases have "
+                f">= {self.partitions} slices"
+            )
         return vols
 
     def _num_samples(self) -> int:
@@ -390,8 +409,8 @@ class PartitionBatchDataset(SliceDataset):
             for v, ci in enumerate(chosen):
                 length = int(self.metas[ci]["shape"][2]) // s
                 zs = np.arange(s) * length + rng.integers(0, length, size=s)
-                out[b, v * s:(v + 1) * s, 0] = ci
-                out[b, v * s:(v + 1) * s, 1] = zs
+                out[b, v * s : (v + 1) * s, 0] = ci
+                out[b, v * s : (v + 1) * s, 1] = zs
         return out
 
     def build_item(self, index: int, spec: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:

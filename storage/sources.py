@@ -16,6 +16,7 @@ A malformed ``dataset.json`` (unparsable, or ``labels``/``training`` of the wron
 the whole ingest: without it, labels cannot be named or checked. A single bad entry (missing
 key, path outside the dataset root, missing file) only fails that case.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,7 +123,10 @@ def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
     if not root.is_dir():
         raise InputError(root, "dataset folder not found")
     if not ds_json.is_file():
-        raise InputError(ds_json, "missing: an MSD/nnU-Net dataset needs dataset.json (use --unlabelled for a plain folder of NIfTI files)")
+        raise InputError(
+            ds_json,
+            "missing: an MSD/nnU-Net dataset needs dataset.json (use --unlabelled for a plain folder of NIfTI files)",
+        )
     try:
         spec = json.loads(ds_json.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -139,7 +143,9 @@ def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
     for idx, entry in enumerate(training or []):
         try:
             if not isinstance(entry, dict) or "image" not in entry:
-                raise InputError(ds_json, f"training[{idx}] must be an object with 'image' and 'label', got {entry!r}"[:200])
+                raise InputError(
+                    ds_json, f"training[{idx}] must be an object with 'image' and 'label', got {entry!r}"[:200]
+                )
             img = _resolve_entry(root, ds_json, entry["image"], "image", idx)
             if "label" not in entry:
                 raise InputError(ds_json, f"training[{idx}] has no 'label' (image {entry['image']})")
@@ -157,7 +163,17 @@ def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
         cid, ch = _case_id_from_file(p)
         if ch not in (None, 0):
             if cid not in cases:
-                problems.append(CaseSource(cid, p, None, True, problem=InputError(p, f"channel {ch} of a multi-channel case: localcl ingests single-channel images")))
+                problems.append(
+                    CaseSource(
+                        cid,
+                        p,
+                        None,
+                        True,
+                        problem=InputError(
+                            p, f"channel {ch} of a multi-channel case: localcl ingests single-channel images"
+                        ),
+                    )
+                )
             continue
         images[cid] = p
     labels = {_case_id_from_file(p)[0]: p for p in _scan_dir(root / "labelsTr")}
@@ -168,12 +184,23 @@ def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
         cases[cid] = CaseSource(cid, p, labels.get(cid), True)
     for cid, p in labels.items():
         if cid not in cases and p.resolve() not in listed:
-            problems.append(CaseSource(cid, None, p, True, problem=InputError(p, "label without its image (no matching file in imagesTr)")))
+            problems.append(
+                CaseSource(
+                    cid, None, p, True, problem=InputError(p, "label without its image (no matching file in imagesTr)")
+                )
+            )
     for c in cases.values():
         if c.problem is None and (c.image is None or not c.image.is_file()):
-            c.problem = InputError(c.image or root, f"image of case {c.case_id} not found" + (f" (label {c.label} exists)" if c.label and c.label.is_file() else ""))
+            c.problem = InputError(
+                c.image or root,
+                f"image of case {c.case_id} not found"
+                + (f" (label {c.label} exists)" if c.label and c.label.is_file() else ""),
+            )
         elif c.problem is None and (c.label is None or not c.label.is_file()):
-            c.problem = InputError(c.image or root, f"image without its label (expected {c.label or root / 'labelsTr' / (c.case_id + '.nii.gz')})")
+            c.problem = InputError(
+                c.image or root,
+                f"image without its label (expected {c.label or root / 'labelsTr' / (c.case_id + '.nii.gz')})",
+            )
     for p in _scan_dir(root / "imagesTs"):
         cid, ch = _case_id_from_file(p)
         if ch in (None, 0) and cid not in cases:
@@ -190,8 +217,12 @@ def discover_msd(root: str | os.PathLike[str]) -> SourceDataset:
             raise InputError(sp, "malformed splits.json: top level must be an object")
     ordered = sorted(cases.values(), key=lambda c: c.case_id)
     return SourceDataset(
-        root=root, cases=entry_problems + problems + ordered, label_names=label_names,
-        name=str(spec.get("name", root.name)), splits_json=splits, layout="msd",
+        root=root,
+        cases=entry_problems + problems + ordered,
+        label_names=label_names,
+        name=str(spec.get("name", root.name)),
+        splits_json=splits,
+        layout="msd",
     )
 
 
@@ -211,7 +242,9 @@ def discover_unlabelled(root: str | os.PathLike[str]) -> SourceDataset:
         rel = strip_nifti_suffix(str(p.relative_to(root)).replace("\\", "/")) or p.name
         cid = safe_case_id(rel.replace("/", "__"))
         if cid in seen:
-            cases.append(CaseSource(cid, p, None, False, problem=InputError(p, f"case id {cid!r} collides with another file")))
+            cases.append(
+                CaseSource(cid, p, None, False, problem=InputError(p, f"case id {cid!r} collides with another file"))
+            )
             continue
         seen.add(cid)
         cases.append(CaseSource(cid, p, None, False))

@@ -41,6 +41,7 @@ names (one LIST per 1,000 cases on S3, one ``scandir`` locally), take the attrs 
 names from the index and read ``zarr.json`` only for names the index lacks (cases written
 since, stores without an index), 16 at a time on object storage.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,13 +77,15 @@ def _zarr_store(uri: str, read_only: bool, storage_options: Mapping[str, Any] | 
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(uri, storage_options=dict(storage_options or {}), read_only=read_only)
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     if read_only and not os.path.isdir(path):
         raise StoreError(f"{uri}: store not found (no such directory)")
     if os.path.isfile(path):
         raise StoreError(f"{uri}: is a file, not a store directory")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "zarr.json")):
-        raise StoreError(f"{uri}: directory exists but is not a Zarr v3 store (no zarr.json); refusing to write into it")
+        raise StoreError(
+            f"{uri}: directory exists but is not a Zarr v3 store (no zarr.json); refusing to write into it"
+        )
     from zarr.storage import LocalStore
 
     return LocalStore(path, read_only=read_only)
@@ -119,6 +122,7 @@ def _jsonable_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 def _as_stored(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """``attrs`` as a JSON round trip gives them back (tuples -> lists, numpy scalars -> Python)."""
+
     def default(o: Any) -> Any:
         if isinstance(o, (np.generic, np.ndarray)):
             return o.tolist()
@@ -164,7 +168,8 @@ class VolumeStore:
         store = _zarr_store(self.uri, read_only=mode == "r", storage_options=self.storage_options)
         try:
             self._root = _retry_if_created_meanwhile(
-                lambda: zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3))
+                lambda: zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3)
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise StoreError(f"{self.uri}: not a Zarr v3 group ({type(exc).__name__})") from None
         attrs = dict(self._root.attrs)
@@ -172,11 +177,15 @@ class VolumeStore:
             # a fresh store may already hold "cases" when parallel ingest tasks race to create it
             if mode == "r" or any(k != CASES for k in self._root.keys()):
                 raise StoreError(f"{self.uri}: not a localcl store (no 'localcl_store' attribute)")
-            self._root.attrs.update({"localcl_store": {"version": STORE_VERSION, "layout": "cases/<case>/{image,label,<derived>}"}})
+            self._root.attrs.update(
+                {"localcl_store": {"version": STORE_VERSION, "layout": "cases/<case>/{image,label,<derived>}"}}
+            )
         self._meta: dict[str, dict[str, Any]] | None = None
         self._arrays: dict[tuple[str, str], Any] = {}
         self._readers: dict[tuple[str, str], Any] = {}
-        self._local_root = None if _is_url(self.uri) else (self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri)
+        self._local_root = (
+            None if _is_url(self.uri) else (self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri)
+        )
         self._catalog: Any = None
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -286,10 +295,17 @@ class VolumeStore:
         except (OSError, ValueError, EOFError) as exc:
             import warnings
 
-            warnings.warn(f"{self.uri}/{CASE_INDEX}: unreadable case index ({type(exc).__name__}); "
-                          f"reading every case's metadata instead", stacklevel=2)
+            warnings.warn(
+                f"{self.uri}/{CASE_INDEX}: unreadable case index ({type(exc).__name__}); "
+                f"reading every case's metadata instead",
+                stacklevel=2,
+            )
             return None
-        if not isinstance(doc, dict) or doc.get("version") != CASE_INDEX_VERSION or not isinstance(doc.get("cases"), dict):
+        if (
+            not isinstance(doc, dict)
+            or doc.get("version") != CASE_INDEX_VERSION
+            or not isinstance(doc.get("cases"), dict)
+        ):
             return None
         cases: dict[str, dict[str, Any]] = doc["cases"]
         return cases
@@ -320,8 +336,12 @@ class VolumeStore:
         cases = {n: dict(known[n]) for n in names if n in known}
         cases.update(self._read_case_attrs([n for n in names if n not in known]))
         cases = {n: a for n, a in sorted(cases.items()) if a.get("complete") is True}
-        raw = gzip.compress(json.dumps({"version": CASE_INDEX_VERSION, "written_at": time.time(),
-                                        "cases": cases}, separators=(",", ":")).encode(), 6)
+        raw = gzip.compress(
+            json.dumps(
+                {"version": CASE_INDEX_VERSION, "written_at": time.time(), "cases": cases}, separators=(",", ":")
+            ).encode(),
+            6,
+        )
         fs, root = self._fs_root()
         path = f"{root}/{CASE_INDEX}"
         if fs is None:
@@ -534,7 +554,9 @@ class VolumeStore:
         """
         self._require_writable()
         if name in RESERVED_ARRAYS or not name or "/" in name or name.startswith("__"):
-            raise ValueError(f"invalid derived array name {name!r} ('image'/'label' are reserved; no '/', no leading '__')")
+            raise ValueError(
+                f"invalid derived array name {name!r} ('image'/'label' are reserved; no '/', no leading '__')"
+            )
         meta = self._check_case(case)
         array = np.asarray(array)
         if tuple(array.shape) != tuple(meta["shape"]):
@@ -546,8 +568,14 @@ class VolumeStore:
         self._readers.pop((case, name), None)
         chunks, shards = chunk_layout(tuple(array.shape), meta.get("chunk_xy"))
         arr = grp.create_array(
-            name, shape=array.shape, dtype=array.dtype, chunks=chunks, shards=shards,
-            compressors=compressors(), fill_value=0, attributes={"complete": False, "derived": True},
+            name,
+            shape=array.shape,
+            dtype=array.dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=compressors(),
+            fill_value=0,
+            attributes={"complete": False, "derived": True},
         )
         arr[...] = array
         arr.attrs.update({**dict(attrs or {}), "complete": True, "created": time.time()})
@@ -591,7 +619,9 @@ class VolumeStore:
         """
         self._require_writable()
         if image.ndim != 3 or (label is not None and label.shape != image.shape):
-            raise ValueError(f"image must be 3D and label the same shape, got {image.shape} and {getattr(label, 'shape', None)}")
+            raise ValueError(
+                f"image must be 3D and label the same shape, got {image.shape} and {getattr(label, 'shape', None)}"
+            )
         cases = _retry_if_created_meanwhile(lambda: self._root.require_group(CASES))
         if case in cases:
             del cases[case]
@@ -602,8 +632,13 @@ class VolumeStore:
             if data is None:
                 continue
             arr = grp.create_array(
-                name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-                compressors=compressors(), fill_value=0,
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks,
+                shards=shards,
+                compressors=compressors(),
+                fill_value=0,
             )
             arr[...] = data
         done = {"complete": True, "ingested_at": time.time()}

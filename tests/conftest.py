@@ -7,6 +7,7 @@
   ``ray start --head`` (Jobs) start their own on other ports.
 - ``--runslow`` enables tests marked ``slow``.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Every contrastive loss is built on :func:`localcl.losses.kernel.info_nce`.
 One import line per module (keeps parallel additions easy to merge).
 """
+
 from localcl.losses.glcl_global import GLCLGlobalLoss, glcl_global_loss  # noqa: F401
 from localcl.losses.glcl_local import GLCLLocalLoss, glcl_local_domain_loss, glcl_local_loss, local_grid  # noqa: F401
 from localcl.losses.ideal import (  # noqa: F401

@@ -33,6 +33,7 @@ distinct volume ids are paired consecutively in order of first appearance ((v0, 
 ...), matching batches of ``m`` volumes x ``S`` partitions x {original, augmented} with volumes
 paired ``(i, j)`` (spec §1.10 pitfall 1: no blank slots).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -104,8 +105,7 @@ def glcl_global_pairs(
             n_vol = int(vr.max()) + 1 if n else 0
             if n_vol % 2:
                 raise ValueError(
-                    f"G^D pairs volumes consecutively but the batch holds {n_vol} distinct volumes (odd); "
-                    "pass pair_ids"
+                    f"G^D pairs volumes consecutively but the batch holds {n_vol} distinct volumes (odd); pass pair_ids"
                 )
         else:
             if pair_ids.shape != (n,):

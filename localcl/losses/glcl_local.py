@@ -42,6 +42,7 @@ partition, cyclically, as the code's ``(i + S) mod B``, ``(i + 2S) mod B``); one
 the positive ``Y(u)`` and negatives = the anchor map's and ``Y``'s regions at the **first 4**
 positions of ``Ω⁻(u)`` ([C], ``no_of_neg_regs_override=4``); one direction; mean over terms.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,7 +67,19 @@ __all__ = [
 
 # Anchor positions in quarter units of M' [C].
 ANCHORS_Q: tuple[tuple[int, int], ...] = (
-    (0, 0), (0, 2), (0, 4), (2, 0), (2, 2), (2, 4), (4, 0), (4, 2), (4, 4), (1, 1), (1, 3), (3, 1), (3, 3),
+    (0, 0),
+    (0, 2),
+    (0, 4),
+    (2, 0),
+    (2, 2),
+    (2, 4),
+    (4, 0),
+    (4, 2),
+    (4, 4),
+    (1, 1),
+    (1, 3),
+    (3, 1),
+    (3, 3),
 )
 # Per-anchor negative positions of the reference code, quarter units [C] (3x3 regions).
 CODE_NEIGHBOURS_3x3: tuple[tuple[tuple[int, int], ...], ...] = (
@@ -150,9 +163,7 @@ def local_grid(
     sub = 4 if region_size == 3 else 1
     mx, my = h - sub, w - sub
     if mx < 4 or my < 4:
-        raise ValueError(
-            f"map_size {map_size} too small for region_size={region_size}: need H_l, W_l >= {4 + sub}"
-        )
+        raise ValueError(f"map_size {map_size} too small for region_size={region_size}: need H_l, W_l >= {4 + sub}")
 
     def pos(q: tuple[int, int]) -> tuple[int, int]:
         return ((q[0] * mx) // 4, (q[1] * my) // 4)
@@ -252,8 +263,14 @@ def glcl_local_loss(
     neg_mask[r_idx.reshape(-1), same.reshape(-1)] = True
     neg_mask[r_idx.reshape(-1), other.reshape(-1)] = True
     return info_nce(
-        cand[rows], cand, tau=tau, pos_mask=pos_mask, neg_mask=neg_mask, exclude_self=False,
-        mode="single", chunk_size=chunk_size,
+        cand[rows],
+        cand,
+        tau=tau,
+        pos_mask=pos_mask,
+        neg_mask=neg_mask,
+        exclude_self=False,
+        mode="single",
+        chunk_size=chunk_size,
     )
 
 
@@ -328,8 +345,14 @@ def glcl_local_domain_loss(
     neg_mask[r2.reshape(-1), own.reshape(-1)] = True
     neg_mask[r2.reshape(-1), paired.reshape(-1)] = True
     return info_nce(
-        cand[rows], cand, tau=tau, pos_mask=pos_mask, neg_mask=neg_mask, exclude_self=False,
-        mode="single", chunk_size=chunk_size,
+        cand[rows],
+        cand,
+        tau=tau,
+        pos_mask=pos_mask,
+        neg_mask=neg_mask,
+        exclude_self=False,
+        mode="single",
+        chunk_size=chunk_size,
     )
 
 

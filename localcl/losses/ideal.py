@@ -33,6 +33,7 @@ against the other's hard label; binary path: a single logit channel thresholded 
 weighted by the ramp :func:`consistency_weight`
 ``λ_c(t) = λ_max exp(-5 (1 - t/t_ramp)²)`` for ``t < t_ramp``, else ``λ_max``.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,9 @@ class DenseQueue(nn.Module):
     ptr: torch.Tensor
     filled: torch.Tensor
 
-    def __init__(self, size: int = 16384, dim: int = 128, init: Literal["empty", "random"] = "empty", seed: int = 0) -> None:
+    def __init__(
+        self, size: int = 16384, dim: int = 128, init: Literal["empty", "random"] = "empty", seed: int = 0
+    ) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -149,7 +152,9 @@ def grid_match_from_coords(coords: torch.Tensor, valid: torch.Tensor, key_hw: tu
         (B, h*w) int64: nearest key cell ``y * w' + x``, ``-1`` where invalid.
     """
     if coords.dim() != 4 or coords.shape[-1] != 2 or valid.shape != coords.shape[:3]:
-        raise ValueError(f"coords must be (B, h, w, 2) and valid (B, h, w), got {tuple(coords.shape)}, {tuple(valid.shape)}")
+        raise ValueError(
+            f"coords must be (B, h, w, 2) and valid (B, h, w), got {tuple(coords.shape)}, {tuple(valid.shape)}"
+        )
     hk, wk = key_hw
     x = torch.floor((coords[..., 0] + 1) * wk / 2).long().clamp(0, wk - 1)
     y = torch.floor((coords[..., 1] + 1) * hk / 2).long().clamp(0, hk - 1)
@@ -237,14 +242,24 @@ def ideal_dense_loss(
         cand_ids = torch.cat([torch.arange(B * Sk, device=dev), torch.full((qk.shape[0],), -2, device=dev)])
         # keys are never negatives (group 0 like the anchors); queue rows are (group 1)
         a_grp = torch.zeros(B * Sq, dtype=torch.long, device=dev)
-        c_grp = torch.cat([torch.zeros(B * Sk, dtype=torch.long, device=dev), torch.ones(qk.shape[0], dtype=torch.long, device=dev)])
+        c_grp = torch.cat(
+            [torch.zeros(B * Sk, dtype=torch.long, device=dev), torch.ones(qk.shape[0], dtype=torch.long, device=dev)]
+        )
     else:
         qk = None
         cand, cand_ids = keys, torch.arange(B * Sk, device=dev)
         a_grp, c_grp = img_q, img_k  # negatives: keys of other images
     dense = info_nce(
-        anchors, cand, tau=tau, anchor_ids=pos, candidate_ids=cand_ids, neg_anchor_groups=a_grp,
-        neg_candidate_groups=c_grp, exclude_self=False, mode="single", chunk_size=chunk_size,
+        anchors,
+        cand,
+        tau=tau,
+        anchor_ids=pos,
+        candidate_ids=cand_ids,
+        neg_anchor_groups=a_grp,
+        neg_candidate_groups=c_grp,
+        exclude_self=False,
+        mode="single",
+        chunk_size=chunk_size,
     )
     if lam >= 1.0:
         return dense
@@ -260,8 +275,15 @@ def ideal_dense_loss(
         gc, ids_c = gk, torch.arange(B, device=dev)
         ga = gcg = torch.arange(B, device=dev)
     glob = info_nce(
-        gq, gc, tau=tau, anchor_ids=torch.arange(B, device=dev), candidate_ids=ids_c, neg_anchor_groups=ga,
-        neg_candidate_groups=gcg, exclude_self=False, mode="single",
+        gq,
+        gc,
+        tau=tau,
+        anchor_ids=torch.arange(B, device=dev),
+        candidate_ids=ids_c,
+        neg_anchor_groups=ga,
+        neg_candidate_groups=gcg,
+        exclude_self=False,
+        mode="single",
     )
     return (1.0 - lam) * glob + lam * dense
 
@@ -302,7 +324,13 @@ class IDEALDenseLoss(nn.Module):
             raise ValueError(f"negatives must be 'queue' or 'batch', got {negatives!r}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
-        self.tau, self.lam, self.match, self.negatives, self.chunk_size = float(tau), float(lam), match, negatives, chunk_size
+        self.tau, self.lam, self.match, self.negatives, self.chunk_size = (
+            float(tau),
+            float(lam),
+            match,
+            negatives,
+            chunk_size,
+        )
         init: Literal["empty", "random"] = "random" if queue_init == "random" else "empty"
         self.queue = DenseQueue(queue_size, dim, init=init) if negatives == "queue" else None
 

@@ -35,6 +35,7 @@ of ℓ_i w.r.t. s_ij is ``softmax_{P∪N}(s_i)_j − w_ij`` with ``w_ij = softma
 References: Oord et al. 2018 (InfoNCE, arXiv 1807.03748); Chen et al. 2020 (SimCLR NT-Xent,
 arXiv 2002.05709); Khosla et al. 2020 (SupCon, arXiv 2004.11362, the "L_out" per-positive form).
 """
+
 from __future__ import annotations
 
 import math
@@ -169,9 +170,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             i1 = min(n, i0 + chunk)
             pos, neg = build(i0, i1)
             logits = (a[i0:i1] @ c.T) / tau
-            loss[i0:i1], npos[i0:i1], lse_all[i0:i1], pos_term[i0:i1] = _row_losses(
-                logits, pos, neg, mode
-            )
+            loss[i0:i1], npos[i0:i1], lse_all[i0:i1], pos_term[i0:i1] = _row_losses(logits, pos, neg, mode)
         ctx.save_for_backward(a, c, npos, lse_all, pos_term)
         ctx.tau, ctx.mode, ctx.chunk, ctx.build = tau, mode, chunk, build
         ctx.mark_non_differentiable(npos)
@@ -296,9 +295,7 @@ def info_nce(
     m = n if cand_is_anchors else candidates.shape[0]  # type: ignore[union-attr]
     if cand_is_anchors:
         candidate_ids = anchor_ids if candidate_ids is None else candidate_ids
-        neg_candidate_groups = (
-            neg_anchor_groups if neg_candidate_groups is None else neg_candidate_groups
-        )
+        neg_candidate_groups = neg_anchor_groups if neg_candidate_groups is None else neg_candidate_groups
     _check_mask("pos_mask", pos_mask, n, m)
     _check_mask("neg_mask", neg_mask, n, m)
     _check_vec("anchor_ids", anchor_ids, n, "anchor")
@@ -327,8 +324,16 @@ def info_nce(
             raise ValueError(f"candidates dtype {c.dtype} differs from anchors dtype {a.dtype}")
 
     build = _mask_builder(
-        n, m, a.device, pos_mask, neg_mask, anchor_ids, candidate_ids,
-        neg_anchor_groups, neg_candidate_groups, offset,
+        n,
+        m,
+        a.device,
+        pos_mask,
+        neg_mask,
+        anchor_ids,
+        candidate_ids,
+        neg_anchor_groups,
+        neg_candidate_groups,
+        offset,
     )
 
     # ---- per-anchor losses -----------------------------------------------------------------

@@ -17,6 +17,7 @@ Pieces (each usable on its own):
 - :func:`lrc_loss` / :class:`LRCLoss` -- the multi-positive InfoNCE over the sampled points,
   computed by the shared memory-bounded kernel :func:`localcl.losses.kernel.info_nce`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -31,6 +31,7 @@ all [R]).
   squared error, optionally over a validity mask (pixels where the warp back is defined).
 - Total: ``L = L_id + α L_lab + β L_rec`` (α = β = 1, [R]).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -82,8 +83,15 @@ def identity_loss(
         ids = ids + dist.rank_offset(B)
         cand_ids = dist.gather_nograd(ids)
         return info_nce(
-            z, cand, tau=tau, anchor_ids=ids, candidate_ids=cand_ids, exclude_self=True, self_offset=off,
-            mode="single", chunk_size=chunk_size,
+            z,
+            cand,
+            tau=tau,
+            anchor_ids=ids,
+            candidate_ids=cand_ids,
+            exclude_self=True,
+            self_offset=off,
+            mode="single",
+            chunk_size=chunk_size,
         )
     return info_nce(z, None, tau=tau, anchor_ids=ids, exclude_self=True, mode="single", chunk_size=chunk_size)
 
@@ -186,7 +194,9 @@ def reconstruction_loss(
     if kind not in ("l1", "mse"):
         raise ValueError(f"kind must be 'l1' or 'mse', got {kind!r}")
     if recon.shape != target.shape:
-        raise ValueError(f"recon and target must have the same shape, got {tuple(recon.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"recon and target must have the same shape, got {tuple(recon.shape)} and {tuple(target.shape)}"
+        )
     err = (recon - target).abs() if kind == "l1" else (recon - target) ** 2
     if mask is None:
         return err.mean()
@@ -270,6 +280,19 @@ class MixCLLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         return mixcl_loss(
-            z1, z2, embeddings, labels, recon, target, self.alpha, self.beta, self.tau, self.num_pixels,
-            self.rec_kind, rec_mask, self.gather_distributed, generator, self.chunk_size,
+            z1,
+            z2,
+            embeddings,
+            labels,
+            recon,
+            target,
+            self.alpha,
+            self.beta,
+            self.tau,
+            self.num_pixels,
+            self.rec_kind,
+            rec_mask,
+            self.gather_distributed,
+            generator,
+            self.chunk_size,
         )

@@ -33,6 +33,7 @@ reference code's NaN behaviour instead: a class absent from either image makes e
 pair zero. Each term is one row of the shared kernel in ``"single"`` mode, with dense masks over
 the (few) prototypes.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -45,7 +46,9 @@ from localcl.losses.kernel import check_tau, info_nce
 __all__ = ["class_prototypes", "sample_class_pixels", "plcl_loss", "PLCLLoss"]
 
 
-def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_prototypes(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground class-mean prototypes per image.
 
     ``μ[b, c-1] = Σ_u 1[y_b(u)=c] E_b(u) / Σ_u 1[y_b(u)=c]`` for ``c = 1..K-1``, computed as one
@@ -212,8 +215,15 @@ def plcl_loss(
     neg_mask = den_rows & ~pos_mask
     anchors = q.unsqueeze(3).expand(nd, Kf, P, nt, C).reshape(n_rows, C)
     total = info_nce(
-        anchors, cand, tau=tau, pos_mask=pos_mask, neg_mask=neg_mask, exclude_self=False,
-        mode="single", chunk_size=chunk_size, reduction="sum",
+        anchors,
+        cand,
+        tau=tau,
+        pos_mask=pos_mask,
+        neg_mask=neg_mask,
+        exclude_self=False,
+        mode="single",
+        chunk_size=chunk_size,
+        reduction="sum",
     )
     count = n_rows if normalize == "slots" else int(rows_ok.sum())
     if count == 0:
@@ -261,6 +271,15 @@ class PLCLLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         return plcl_loss(
-            embeddings, labels, self.num_classes, pairs, self.tau, self.per_class, self.variant,
-            self.normalize, self.absent, generator, self.chunk_size,
+            embeddings,
+            labels,
+            self.num_classes,
+            pairs,
+            self.tau,
+            self.per_class,
+            self.variant,
+            self.normalize,
+            self.absent,
+            generator,
+            self.chunk_size,
         )

@@ -19,6 +19,7 @@ pools the sums over the whole batch first (one D_k per class, "batch Dice").
 Cross-entropy: mean of −log p_{y_u}(u) over the non-ignored pixels of the batch (0 when every
 pixel is ignored). Ignored pixels receive exactly zero gradient in every loss here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,7 @@ __all__ = [
 ]
 
 
-def _prepare(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate; return (one-hot/soft target (B,K,*S) float, valid mask (B,1,*S) float)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() < 3:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -61,9 +60,7 @@ def _prepare(
         tv = target[valid]
         lo, hi = int(tv.min()), int(tv.max())
         if lo < 0 or hi >= k:
-            raise ValueError(
-                f"target values must be in [0, {k}) or ignore_index={ignore_index}, found [{lo}, {hi}]"
-            )
+            raise ValueError(f"target values must be in [0, {k}) or ignore_index={ignore_index}, found [{lo}, {hi}]")
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
     onehot = F.one_hot(safe, k).movedim(-1, 1).to(logits.dtype)
     vmask = valid.unsqueeze(1).to(logits.dtype)
@@ -153,23 +150,34 @@ def dice_ce_loss(
 ) -> torch.Tensor:
     """``dice_weight · L_Dice + ce_weight · L_CE`` (IDEAL's L_sup [R])."""
     return dice_weight * dice_loss(
-        logits, target, include_background=include_background, eps=eps,
-        ignore_index=ignore_index, per_image=per_image,
+        logits,
+        target,
+        include_background=include_background,
+        eps=eps,
+        ignore_index=ignore_index,
+        per_image=per_image,
     ) + ce_weight * cross_entropy_loss(logits, target, ignore_index=ignore_index, weight=class_weight)
 
 
 class DiceLoss(nn.Module):
     """Module form of :func:`dice_loss`; ``forward(logits (B,K,*S), target) -> scalar``."""
 
-    def __init__(self, include_background: bool = True, eps: float = 1e-5, ignore_index: int = -1,
-                 per_image: bool = True) -> None:
+    def __init__(
+        self, include_background: bool = True, eps: float = 1e-5, ignore_index: int = -1, per_image: bool = True
+    ) -> None:
         super().__init__()
         self.include_background, self.eps = include_background, eps
         self.ignore_index, self.per_image = ignore_index, per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return dice_loss(logits, target, include_background=self.include_background, eps=self.eps,
-                         ignore_index=self.ignore_index, per_image=self.per_image)
+        return dice_loss(
+            logits,
+            target,
+            include_background=self.include_background,
+            eps=self.eps,
+            ignore_index=self.ignore_index,
+            per_image=self.per_image,
+        )
 
 
 class CELoss(nn.Module):
@@ -189,9 +197,16 @@ class CELoss(nn.Module):
 class DiceCELoss(nn.Module):
     """Module form of :func:`dice_ce_loss`."""
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, include_background: bool = True,
-                 eps: float = 1e-5, ignore_index: int = -1, per_image: bool = True,
-                 class_weight: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        include_background: bool = True,
+        eps: float = 1e-5,
+        ignore_index: int = -1,
+        per_image: bool = True,
+        class_weight: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.dice = DiceLoss(include_background, eps, ignore_index, per_image)
         self.ce = CELoss(ignore_index, class_weight)

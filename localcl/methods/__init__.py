@@ -13,6 +13,7 @@ Plain dicts (solo-learn style), checked at the entry point with :func:`get_metho
 | ``lrc`` | main | slices+superpixels | supervised (Dice + CE) | §5 |
 | ``supervised`` | — | None | supervised | baseline |
 """
+
 from __future__ import annotations
 
 from localcl.methods.base import FinetuneStrategy, PretrainMethod

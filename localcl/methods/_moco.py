@@ -17,6 +17,7 @@
   in-batch key of the same image and the queue as negatives (MoCo v2, He et al. 2020), computed
   with the shared kernel.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,9 @@ def momentum_at(step: int, total_steps: int | None, base: float, schedule: str =
     return float(1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0)
 
 
-def grouped_forward(fn: Callable[[Tensor], Tensor], x: Tensor, groups: int,
-                    generator: torch.Generator | None = None) -> Tensor:
+def grouped_forward(
+    fn: Callable[[Tensor], Tensor], x: Tensor, groups: int, generator: torch.Generator | None = None
+) -> Tensor:
     """``fn`` applied to ``groups`` sub-batches of ``x`` (B, ...), results re-assembled in input order.
 
     With ``generator`` the sub-batches are drawn from a random permutation of the batch (the key

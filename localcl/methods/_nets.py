@@ -3,6 +3,7 @@
 Backbone state convention: a "backbone state" is the U-Net's ``encoder.*`` and ``decoder.*``
 entries (never the segmentation head or projection heads, which fine-tuning re-initialises).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -25,8 +26,14 @@ def build_unet(
 ) -> UNet:
     """U-Net of ``cfg.widths``/``cfg.decoder_widths``/``cfg.norm`` (2D or 3D)."""
     cls = UNet2D if dim == 2 else UNet3D
-    return cls(in_channels, num_classes, widths=tuple(cfg.widths), decoder_widths=tuple(cfg.decoder_widths),
-               norm=cfg.norm, upsample=upsample)
+    return cls(
+        in_channels,
+        num_classes,
+        widths=tuple(cfg.widths),
+        decoder_widths=tuple(cfg.decoder_widths),
+        norm=cfg.norm,
+        upsample=upsample,
+    )
 
 
 def backbone_keys(state: Mapping[str, Tensor]) -> list[str]:
@@ -61,8 +68,10 @@ def load_unet(unet: nn.Module, state: Mapping[str, Tensor], strict: bool = False
         raise ValueError(f"backbone state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k in sorted(own_bb & set(given)):
         if tuple(own[k].shape) != tuple(given[k].shape):
-            raise ValueError(f"backbone state entry {k!r} has shape {tuple(given[k].shape)}, "
-                             f"the network expects {tuple(own[k].shape)}")
+            raise ValueError(
+                f"backbone state entry {k!r} has shape {tuple(given[k].shape)}, "
+                f"the network expects {tuple(own[k].shape)}"
+            )
     unet.load_state_dict({k: given[k] for k in own_bb & set(given)}, strict=False)
     return missing, unexpected
 

@@ -36,6 +36,7 @@ Randomness (views, sampling) comes from ``self.generator``, a CPU ``torch.Genera
 with ``cfg.seed + 1_000_003 * rank`` so workers draw different views; reseed with
 :meth:`reseed` (e.g. per epoch) for reproducible runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -102,8 +103,7 @@ class BaseMethodConfig(BaseModel):
             unknown = sorted(set(data) - set(cls.model_fields))
             if unknown:
                 raise ValueError(
-                    f"unknown config key(s) {unknown} for {cls.__qualname__}; "
-                    f"valid keys: {sorted(cls.model_fields)}"
+                    f"unknown config key(s) {unknown} for {cls.__qualname__}; valid keys: {sorted(cls.model_fields)}"
                 )
         return data
 
@@ -113,8 +113,7 @@ class BaseMethodConfig(BaseModel):
             raise ValueError(f"widths must have >= 2 levels, got {self.widths}")
         if len(self.decoder_widths) != len(self.widths) - 1:
             raise ValueError(
-                f"decoder_widths must have len(widths) - 1 = {len(self.widths) - 1} entries, "
-                f"got {self.decoder_widths}"
+                f"decoder_widths must have len(widths) - 1 = {len(self.widths) - 1} entries, got {self.decoder_widths}"
             )
         return self
 
@@ -127,7 +126,6 @@ class BaseMethodConfig(BaseModel):
         return v
 
 
-
 def check_batch(batch: Mapping[str, Tensor], keys: Iterable[str], owner: str) -> None:
     """Raise ``KeyError``/``ValueError`` naming missing keys or a badly shaped ``image``."""
     if not isinstance(batch, Mapping):
@@ -138,8 +136,7 @@ def check_batch(batch: Mapping[str, Tensor], keys: Iterable[str], owner: str) ->
     img = batch.get("image")
     if img is not None and (img.dim() not in (4, 5) or not img.is_floating_point()):
         raise ValueError(
-            f"{owner}: batch['image'] must be float (B, C, H, W) or (B, C, D, H, W), "
-            f"got {img.dtype} {tuple(img.shape)}"
+            f"{owner}: batch['image'] must be float (B, C, H, W) or (B, C, D, H, W), got {img.dtype} {tuple(img.shape)}"
         )
 
 
@@ -150,9 +147,7 @@ class _Seeded(nn.Module):
     def __init__(self, cfg: BaseMethodConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
         if not isinstance(cfg, self.Config):
-            raise TypeError(
-                f"{type(self).__name__} needs a {self.Config.__qualname__}, got {type(cfg).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__qualname__}, got {type(cfg).__name__}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if int(num_classes) < 2:
@@ -238,8 +233,9 @@ class PretrainMethod(_Seeded):
     def backbone_state(self) -> dict[str, Tensor]:
         """State dict of the U-Net (``encoder.*`` and ``decoder.*`` keys) on CPU."""
         net = self.get_submodule("unet")  # a subclass sets self.unet; typed nn.Module here
-        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
-                if k.startswith(("encoder.", "decoder."))}
+        return {
+            k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k.startswith(("encoder.", "decoder."))
+        }
 
 
 class FinetuneStrategy(_Seeded):

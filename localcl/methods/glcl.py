@@ -28,6 +28,7 @@ Both stages consume ``"partition"`` batches (L^D needs the partition structure; 
 blocks and the segmentation head are freshly initialised for fine-tuning (§1.7 stage 3), which
 uses ``FINETUNE["supervised"]`` with soft Dice including background.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -96,8 +97,9 @@ class GLCLConfig(BaseMethodConfig):
         if self.input_size % stride:
             raise ValueError(f"input_size must be divisible by 2^(len(widths)-1) = {stride}, got {self.input_size}")
         if self.global_loss == "D" and self.volumes_per_batch % 2:
-            raise ValueError(f"volumes_per_batch must be even for global_loss 'D' (volumes are paired), "
-                             f"got {self.volumes_per_batch}")
+            raise ValueError(
+                f"volumes_per_batch must be even for global_loss 'D' (volumes are paired), got {self.volumes_per_batch}"
+            )
         return self
 
 
@@ -120,14 +122,19 @@ class GLCL(PretrainMethod):
         self.unet = _nets.build_unet(cfg, in_channels, num_classes)
         levels = len(cfg.widths)
         bott = cfg.input_size // 2 ** (levels - 1)
-        self.g1 = GlobalHead(cfg.widths[-1], cfg.global_dim, cfg.global_hidden, pool="flatten",
-                             spatial_size=(bott, bott), bias=False)
+        self.g1 = GlobalHead(
+            cfg.widths[-1], cfg.global_dim, cfg.global_hidden, pool="flatten", spatial_size=(bott, bott), bias=False
+        )
         c_l = cfg.decoder_widths[cfg.local_depth - 1]
         self.g2 = DenseHead(c_l, out_dim=c_l, hidden_dim=c_l, layers=2, norm=cfg.norm, bias=False)
         map_side = cfg.input_size // 2 ** (levels - 1 - cfg.local_depth)
         self.local_loss = GLCLLocalLoss(
-            (map_side, map_side), variant=cfg.local_loss, region_size=cfg.region_size,
-            neighbours=cfg.negatives, in_features=c_l * cfg.region_size ** 2, out_features=cfg.local_dim,
+            (map_side, map_side),
+            variant=cfg.local_loss,
+            region_size=cfg.region_size,
+            neighbours=cfg.negatives,
+            in_features=c_l * cfg.region_size**2,
+            out_features=cfg.local_dim,
             tau=cfg.tau_local,
         )
 
@@ -174,8 +181,15 @@ def glcl_global_step(model: GLCL, batch: Mapping[str, Tensor]) -> dict[str, Tens
     z = model.g1(feats)
     k = len(views)
     role = torch.tensor(roles, device=x.device).repeat_interleave(n)
-    loss = glcl_global_loss(z, vol.repeat(k), part.repeat(k), role, variant=cfg.global_loss,
-                            tau=cfg.tau_global, gather_distributed=cfg.gather_distributed)
+    loss = glcl_global_loss(
+        z,
+        vol.repeat(k),
+        part.repeat(k),
+        role,
+        variant=cfg.global_loss,
+        tau=cfg.tau_global,
+        gather_distributed=cfg.gather_distributed,
+    )
     return {"loss": loss, "global": loss.detach()}
 
 

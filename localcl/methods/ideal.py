@@ -34,6 +34,7 @@ segmentation head:
 over labelled + unlabelled slices, ``λ_c(t) = λ_max exp(−5(1 − t/t_r)²)`` for ``t < t_r =
 ramp_fraction · total_steps``. Inference: mean of the two streams' softmax (or stream 1).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -62,8 +63,16 @@ from localcl.methods.supervised import augment_labelled
 from localcl.models.heads import DenseHead
 from localcl.models.unet import SegHead, UNetDecoder
 
-__all__ = ["IDEAL", "IDEALConfig", "IDEALFinetune", "IDEALFinetuneConfig", "combine_streams", "cutmix_box",
-           "ideal_finetune_step", "ideal_pretrain_step"]
+__all__ = [
+    "IDEAL",
+    "IDEALConfig",
+    "IDEALFinetune",
+    "IDEALFinetuneConfig",
+    "combine_streams",
+    "cutmix_box",
+    "ideal_finetune_step",
+    "ideal_pretrain_step",
+]
 
 
 class IDEALConfig(BaseMethodConfig):
@@ -127,8 +136,14 @@ class IDEAL(PretrainMethod):
         self.head = DenseHead(c, out_dim=cfg.proj_dim, hidden_dim=c, layers=cfg.head_layers, norm=cfg.norm)
         self.key_encoder = make_key_copy(self.unet.encoder)
         self.key_head = make_key_copy(self.head)
-        self.loss_fn = IDEALDenseLoss(tau=cfg.tau, lam=cfg.lam, match=cfg.match, negatives=cfg.negatives,
-                                      queue_size=cfg.queue_size, dim=cfg.proj_dim)
+        self.loss_fn = IDEALDenseLoss(
+            tau=cfg.tau,
+            lam=cfg.lam,
+            match=cfg.match,
+            negatives=cfg.negatives,
+            queue_size=cfg.queue_size,
+            dim=cfg.proj_dim,
+        )
         self._pending_keys: Tensor | None = None
         self._step = 0
 
@@ -185,7 +200,7 @@ def ideal_pretrain_step(model: IDEAL, batch: Mapping[str, Tensor]) -> dict[str, 
             return torch.cat([b, model.key_head(b)], 1)
 
         bt = grouped_forward(key_branch, xk, groups, model.generator if groups > 1 else None)
-        bk, t = bt[:, :bq.shape[1]], bt[:, bq.shape[1]:]
+        bk, t = bt[:, : bq.shape[1]], bt[:, bq.shape[1] :]
     index = None
     if model.cfg.match == "geometric":
         hw = (r.shape[-2], r.shape[-1])
@@ -246,8 +261,9 @@ class IDEALFinetuneConfig(BaseMethodConfig):
     @model_validator(mode="after")
     def _different(self) -> IDEALFinetuneConfig:
         if self.upsample_1 == self.upsample_2:
-            raise ValueError(f"upsample_1 and upsample_2 must differ (two decoder architectures), "
-                             f"both are {self.upsample_1!r}")
+            raise ValueError(
+                f"upsample_1 and upsample_2 must differ (two decoder architectures), both are {self.upsample_1!r}"
+            )
         return self
 
 
@@ -289,7 +305,10 @@ class IDEALFinetune(FinetuneStrategy):
         return l1, l2
 
     def finetune_step(
-        self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None = None, step: int = 0,
+        self,
+        batch_l: Mapping[str, Tensor],
+        batch_u: Mapping[str, Tensor] | None = None,
+        step: int = 0,
         total_steps: int = 1,
     ) -> dict[str, Tensor]:
         return ideal_finetune_step(self, batch_l, batch_u, step, total_steps)
@@ -327,8 +346,9 @@ def _pseudo_ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target, ignore_index=-1)
 
 
-def cutmix_box(batch: int, size: tuple[int, int], gen: torch.Generator,
-               area: tuple[float, float] = (0.25, 0.5)) -> Tensor:
+def cutmix_box(
+    batch: int, size: tuple[int, int], gen: torch.Generator, area: tuple[float, float] = (0.25, 0.5)
+) -> Tensor:
     """CutMix masks (B, H, W) bool: one axis-aligned box per image of area fraction ``U(area)``
     and the image's aspect ratio, placed uniformly (CPS's box mask)."""
     h, w = size
@@ -338,12 +358,19 @@ def cutmix_box(batch: int, size: tuple[int, int], gen: torch.Generator,
     y0 = (torch.rand(batch, generator=gen, dtype=torch.float64) * (h - bh + 1)).long()
     x0 = (torch.rand(batch, generator=gen, dtype=torch.float64) * (w - bw + 1)).long()
     ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-    return ((ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None])
-            & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None]))
+    return (
+        (ys >= y0[:, None, None])
+        & (ys < (y0 + bh)[:, None, None])
+        & (xs >= x0[:, None, None])
+        & (xs < (x0 + bw)[:, None, None])
+    )
 
 
 def ideal_finetune_step(
-    model: IDEALFinetune, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None, step: int,
+    model: IDEALFinetune,
+    batch_l: Mapping[str, Tensor],
+    batch_u: Mapping[str, Tensor] | None,
+    step: int,
     total_steps: int,
 ) -> dict[str, Tensor]:
     """Supervised loss of both streams on labelled slices + ramped bidirectional consistency on all."""
@@ -351,8 +378,9 @@ def ideal_finetune_step(
     check_batch(batch_l, ("image", "label"), "ideal fine-tuning")
     if total_steps < 1 or step < 0:
         raise ValueError(f"need step >= 0 and total_steps >= 1, got step={step}, total_steps={total_steps}")
-    xl, yl = augment_labelled(batch_l["image"], batch_l["label"].long(), model.generator, cfg.augment,
-                              cfg.elastic, cfg.elastic_sigma_px)
+    xl, yl = augment_labelled(
+        batch_l["image"], batch_l["label"].long(), model.generator, cfg.augment, cfg.elastic, cfg.elastic_sigma_px
+    )
     x = xl
     mixed: tuple[Tensor, Tensor] | None = None
     if batch_u is not None:
@@ -385,5 +413,9 @@ def ideal_finetune_step(
         pl = bidirectional_consistency(l1, l2, dice=cfg.pl_dice)
     lam = consistency_weight(step, cfg.ramp_fraction * total_steps, cfg.lambda_max)
     sup = s1 + s2
-    return {"loss": sup + lam * pl, "sup": sup.detach(), "pl": pl.detach(),
-            "lambda_c": torch.tensor(lam, device=sup.device)}
+    return {
+        "loss": sup + lam * pl,
+        "sup": sup.detach(),
+        "pl": pl.detach(),
+        "lambda_c": torch.tensor(lam, device=sup.device),
+    }

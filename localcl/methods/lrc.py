@@ -28,6 +28,7 @@ depth is folded into rows for the point sampler. Region ids must be unique withi
 stacking slice-wise Felzenszwalb maps, offset each slice's ids (e.g. ``+ z * 2**16``), otherwise
 equal ids of different slices count as one region.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -164,8 +165,10 @@ def lrc_step(model: LRC, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     check_batch(batch, keys, "lrc")
     x, sp = batch["image"], batch["superpixels"].long()
     if x.dim() != cfg.dims + 2 or sp.shape != (x.shape[0], *x.shape[2:]):
-        raise ValueError(f"lrc: image must be (B, C, *S) with {cfg.dims} spatial dims and superpixels (B, *S); "
-                         f"got {tuple(x.shape)} and {tuple(sp.shape)}")
+        raise ValueError(
+            f"lrc: image must be (B, C, *S) with {cfg.dims} spatial dims and superpixels (B, *S); "
+            f"got {tuple(x.shape)} and {tuple(sp.shape)}"
+        )
     b = x.shape[0]
     maps_in = [sp, batch["label"].long()] if cfg.global_loss == "supervised" else [sp]
     views, maps, _, _ = make_views(x, maps_in, model.generator, cfg, cfg.dims)
@@ -174,18 +177,30 @@ def lrc_step(model: LRC, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     w = model.g_loc(out["features"])
     regions = torch.stack([as_2d(maps[0][0][:, None])[:, 0], as_2d(maps[1][0][:, None])[:, 0]], 1)
     emb = torch.stack([as_2d(w[:b]), as_2d(w[b:])], 1)
-    l_loc = lrc_loss(emb, regions, tau=cfg.tau_local, num_regions=cfg.num_regions,
-                     points_per_region=cfg.points_per_region, min_pix=cfg.min_pix, mode=cfg.loss_mode,
-                     same_view_positives=cfg.same_view_positives, generator=model.generator_for(x.device),
-                     allow_fewer=cfg.allow_fewer)
+    l_loc = lrc_loss(
+        emb,
+        regions,
+        tau=cfg.tau_local,
+        num_regions=cfg.num_regions,
+        points_per_region=cfg.points_per_region,
+        min_pix=cfg.min_pix,
+        mode=cfg.loss_mode,
+        same_view_positives=cfg.same_view_positives,
+        generator=model.generator_for(x.device),
+        allow_fewer=cfg.allow_fewer,
+    )
     if cfg.global_loss == "moco":
         q1, q2 = model.g_glob(out["bottleneck"]).chunk(2, 0)
         with torch.no_grad():
             model.key_encoder.train(model.training)
             model.key_glob.train(model.training)
             groups = cfg.shuffle_bn_groups
-            k = grouped_forward(lambda v: model.key_glob(model.key_encoder(v)[-1]), torch.cat([views[1], views[0]], 0),
-                                groups, model.generator if groups > 1 else None)
+            k = grouped_forward(
+                lambda v: model.key_glob(model.key_encoder(v)[-1]),
+                torch.cat([views[1], views[0]], 0),
+                groups,
+                model.generator if groups > 1 else None,
+            )
         k2, k1 = k.chunk(2, 0)  # k2: key of view 2 (positive of q1), k1: key of view 1
         negatives = model.queue.negatives()
         if negatives.shape[0] == 0:
@@ -199,4 +214,3 @@ def lrc_step(model: LRC, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         l_glob = l_loc.new_zeros(())
     loss = l_glob + cfg.lambda_loc * l_loc
     return {"loss": loss, "global": l_glob.detach(), "lrc": l_loc.detach()}
-

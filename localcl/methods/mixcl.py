@@ -21,6 +21,7 @@ with ``z = g_id(e(x^v))`` (GAP → MLP C→C→128), ``w = g_lab(d(e(x^v)))`` (1
 image in the view's geometry (intensity perturbation undone), averaged over pixels whose source
 lies inside the image. Defaults: τ = 0.1, α = β = 1, N_pix = 4,096 class-balanced pixels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -121,8 +122,15 @@ def make_views(
     views, vmaps, targets, valids = [], [], [], []
     for _ in range(2):
         if dims == 2:
-            w = random_geometric(x.shape[0], (x.shape[-2], x.shape[-1]), gen, getattr(cfg, "crop_area"),  # noqa: B009
-                                 getattr(cfg, "flip_p"), getattr(cfg, "rotation_deg"), getattr(cfg, "scale"))  # noqa: B009
+            w = random_geometric(
+                x.shape[0],
+                (x.shape[-2], x.shape[-1]),
+                gen,
+                getattr(cfg, "crop_area"),  # noqa: B009
+                getattr(cfg, "flip_p"),  # noqa: B009
+                getattr(cfg, "rotation_deg"),  # noqa: B009
+                getattr(cfg, "scale"),  # noqa: B009
+            )
             clean = warp_image(x, w)
             ms = [warp_labels(m, w, fill=-1) for m in maps]
             ones = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)
@@ -150,8 +158,10 @@ def mixcl_step(model: MixCL, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     cfg = model.cfg
     x, y = batch["image"], batch["label"].long()
     if x.dim() != cfg.dims + 2 or y.shape != (x.shape[0], *x.shape[2:]):
-        raise ValueError(f"mixcl: image must be (B, C, *S) with {cfg.dims} spatial dims and label (B, *S); "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"mixcl: image must be (B, C, *S) with {cfg.dims} spatial dims and label (B, *S); "
+            f"got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     views, maps, targets, valids = make_views(x, [y], model.generator, cfg, cfg.dims)
     labels = [maps[0][0], maps[1][0]]
     out = model.unet(torch.cat(views, 0), taps=("bottleneck", "features"), logits=False)
@@ -162,9 +172,19 @@ def mixcl_step(model: MixCL, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     e1, e2 = as_2d(emb[:b]), as_2d(emb[b:])
     lab = torch.stack([labels[0].reshape(b, *e1.shape[2:]), labels[1].reshape(b, *e1.shape[2:])], 1)
     res = mixcl_loss(
-        z1, z2, torch.stack([e1, e2], 1), lab, as_2d(rec), as_2d(torch.cat(targets, 0)),
-        alpha=cfg.alpha, beta=cfg.beta, tau=cfg.tau, num_pixels=cfg.num_pixels, rec_kind=cfg.rec_kind,
-        rec_mask=as_2d(torch.cat(valids, 0)), gather_distributed=cfg.gather_distributed,
+        z1,
+        z2,
+        torch.stack([e1, e2], 1),
+        lab,
+        as_2d(rec),
+        as_2d(torch.cat(targets, 0)),
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        tau=cfg.tau,
+        num_pixels=cfg.num_pixels,
+        rec_kind=cfg.rec_kind,
+        rec_mask=as_2d(torch.cat(valids, 0)),
+        gather_distributed=cfg.gather_distributed,
         generator=model.generator_for(x.device),
     )
     return {"loss": res["loss"], "id": res["id"].detach(), "lab": res["lab"].detach(), "rec": res["rec"].detach()}

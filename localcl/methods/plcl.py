@@ -38,6 +38,7 @@ CRF: ``pydensecrf2`` (``pip install localcl[crf]``; Krähenbühl & Koltun's full
 When it is not importable, :func:`pseudo_label` falls back to the plain argmax of the softmax
 (the specification's fallback) and warns once; ``crf=False`` requests the argmax explicitly.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -64,14 +65,29 @@ from localcl.methods.base import (
 from localcl.methods.supervised import augment_labelled
 from localcl.models.heads import DenseHead
 
-__all__ = ["PLCL", "PLCLConfig", "PLCLFinetune", "PLCLFinetuneConfig", "REFERENCE_PAIRS", "crf_available",
-           "plcl_step", "pseudo_label"]
+__all__ = [
+    "PLCL",
+    "PLCLConfig",
+    "PLCLFinetune",
+    "PLCLFinetuneConfig",
+    "REFERENCE_PAIRS",
+    "crf_available",
+    "plcl_step",
+    "pseudo_label",
+]
 
 # (kind, index) of the first (half 1) and second (half 2) member of each pair, spec §2.5 [C]
 REFERENCE_PAIRS: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = (
-    (("L", 0), ("L", 0)), (("L", 1), ("U", 1)), (("L", 2), ("L", 2)), (("L", 3), ("U", 3)),
-    (("L", 4), ("U", 4)), (("U", 0), ("U", 0)), (("U", 0), ("U", 1)), (("U", 2), ("U", 2)),
-    (("U", 2), ("U", 3)), (("U", 3), ("U", 4)),
+    (("L", 0), ("L", 0)),
+    (("L", 1), ("U", 1)),
+    (("L", 2), ("L", 2)),
+    (("L", 3), ("U", 3)),
+    (("L", 4), ("U", 4)),
+    (("U", 0), ("U", 0)),
+    (("U", 0), ("U", 1)),
+    (("U", 2), ("U", 2)),
+    (("U", 2), ("U", 3)),
+    (("U", 3), ("U", 4)),
 )
 
 _WARNED = False
@@ -121,14 +137,18 @@ def pseudo_label(
         raise ValueError(f"probs must have shape (B, K, H, W), got {tuple(probs.shape)}")
     img = image[:, 0] if image.dim() == 4 else image
     if img.shape != (probs.shape[0], *probs.shape[2:]):
-        raise ValueError(f"image must have shape (B, [1,] H, W) = {(probs.shape[0], *probs.shape[2:])}, "
-                         f"got {tuple(image.shape)}")
+        raise ValueError(
+            f"image must have shape (B, [1,] H, W) = {(probs.shape[0], *probs.shape[2:])}, got {tuple(image.shape)}"
+        )
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if crf and not crf_available():
         if not _WARNED:
-            warnings.warn("pydensecrf2 is not installed: pseudo_label falls back to argmax (no CRF); "
-                          "install localcl[crf] for the reference behaviour", stacklevel=2)
+            warnings.warn(
+                "pydensecrf2 is not installed: pseudo_label falls back to argmax (no CRF); "
+                "install localcl[crf] for the reference behaviour",
+                stacklevel=2,
+            )
             _WARNED = True
         crf = False
     if not crf:
@@ -145,8 +165,12 @@ def pseudo_label(
         p = np.clip(p_np[i], 1e-8, 1.0)
         d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(p / p.sum(0, keepdims=True))))
         d.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_weight)
-        feats = create_pairwise_bilateral(sdims=(bilateral_sxy, bilateral_sxy), schan=(bilateral_srgb,),
-                                          img=np.ascontiguousarray(i_np[i][..., None]), chdim=2)
+        feats = create_pairwise_bilateral(
+            sdims=(bilateral_sxy, bilateral_sxy),
+            schan=(bilateral_srgb,),
+            img=np.ascontiguousarray(i_np[i][..., None]),
+            chdim=2,
+        )
         d.addPairwiseEnergy(feats, compat=bilateral_weight)
         q = np.asarray(d.inference(iterations)).reshape(k, h, w)
         out[i] = q.argmax(0)
@@ -258,7 +282,9 @@ def contrastive_pairs(n_l: int, n_u: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long).view(-1, 2)
 
 
-def plcl_step(model: PLCLFinetune, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+def plcl_step(
+    model: PLCLFinetune, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
     """One PLCL joint step (module docstring). Returns ``{"loss", "dice", "lc", "lc_skipped", ["ce"]}``."""
     cfg = model.cfg
     check_batch(batch_l, ("image", "label"), "plcl")
@@ -293,8 +319,16 @@ def plcl_step(model: PLCLFinetune, batch_l: Mapping[str, Tensor], batch_u: Mappi
     seg = _nets.seg_loss(out["logits"][:n_seg], ys, cfg.loss, cfg.include_background)
     if pairs.numel():
         emb = model.contrast_head(out["features"][n_seg:])
-        lc = plcl_loss(emb, torch.cat([cy, cy], 0), k, pairs.to(emb.device), tau=cfg.tau,
-                       per_class=cfg.per_class, variant=cfg.variant, generator=model.generator_for(emb.device))
+        lc = plcl_loss(
+            emb,
+            torch.cat([cy, cy], 0),
+            k,
+            pairs.to(emb.device),
+            tau=cfg.tau,
+            per_class=cfg.per_class,
+            variant=cfg.variant,
+            generator=model.generator_for(emb.device),
+        )
         skipped = torch.zeros((), device=lc.device)
     else:
         lc = out["features"].sum() * 0.0
@@ -320,8 +354,9 @@ class PLCLFinetune(FinetuneStrategy):
         super().__init__(cfg, in_channels, num_classes)
         self.unet = _nets.build_unet(cfg, in_channels, num_classes)
         c = cfg.decoder_widths[-1]
-        self.contrast_head = DenseHead(c, out_dim=cfg.embed_dim, hidden_dim=cfg.embed_dim, layers=2,
-                                       norm=cfg.norm, bias=False)
+        self.contrast_head = DenseHead(
+            c, out_dim=cfg.embed_dim, hidden_dim=cfg.embed_dim, layers=2, norm=cfg.norm, bias=False
+        )
         self.register_buffer("st_round", torch.zeros((), dtype=torch.long))
 
     def load_backbone(self, state: Mapping[str, Tensor], strict: bool = False) -> tuple[list[str], list[str]]:
@@ -358,13 +393,23 @@ class PLCLFinetune(FinetuneStrategy):
         finally:
             self.train(was)
         c = self.cfg
-        return pseudo_label(probs, image, crf=c.crf, gaussian_sxy=c.crf_gaussian_sxy,
-                            gaussian_weight=c.crf_gaussian_weight, bilateral_sxy=c.crf_bilateral_sxy,
-                            bilateral_srgb=c.crf_bilateral_srgb, bilateral_weight=c.crf_bilateral_weight,
-                            iterations=c.crf_iterations)
+        return pseudo_label(
+            probs,
+            image,
+            crf=c.crf,
+            gaussian_sxy=c.crf_gaussian_sxy,
+            gaussian_weight=c.crf_gaussian_weight,
+            bilateral_sxy=c.crf_bilateral_sxy,
+            bilateral_srgb=c.crf_bilateral_srgb,
+            bilateral_weight=c.crf_bilateral_weight,
+            iterations=c.crf_iterations,
+        )
 
     def finetune_step(
-        self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None = None, step: int = 0,
+        self,
+        batch_l: Mapping[str, Tensor],
+        batch_u: Mapping[str, Tensor] | None = None,
+        step: int = 0,
         total_steps: int = 1,
     ) -> dict[str, Tensor]:
         return plcl_step(self, batch_l, batch_u)

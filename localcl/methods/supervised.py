@@ -17,6 +17,7 @@ with softmax ``p`` and the soft Dice over all classes including background by de
 (unknown) are ignored by both terms. Augmentation: the GLCL fine-tuning family
 (:func:`localcl.augment.glcl_finetune_augment`), or none.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -99,8 +100,9 @@ def supervised_step(model: SupervisedFinetune, batch: Mapping[str, Tensor]) -> d
     """One supervised step: augment, forward, Dice (+ CE). Returns ``{"loss", "dice", ["ce"]}``."""
     check_batch(batch, ("image", "label"), "supervised")
     cfg = model.cfg
-    img, lbl = augment_labelled(batch["image"], batch["label"].long(), model.generator, cfg.augment,
-                                cfg.elastic, cfg.elastic_sigma_px)
+    img, lbl = augment_labelled(
+        batch["image"], batch["label"].long(), model.generator, cfg.augment, cfg.elastic, cfg.elastic_sigma_px
+    )
     logits = model.logits(img)
     return _nets.seg_loss(logits, lbl, cfg.loss, cfg.include_background)
 
@@ -131,7 +133,10 @@ class SupervisedFinetune(FinetuneStrategy):
         return logits
 
     def finetune_step(
-        self, batch_l: Mapping[str, Tensor], batch_u: Mapping[str, Tensor] | None = None, step: int = 0,
+        self,
+        batch_l: Mapping[str, Tensor],
+        batch_u: Mapping[str, Tensor] | None = None,
+        step: int = 0,
         total_steps: int = 1,
     ) -> dict[str, Tensor]:
         return supervised_step(self, batch_l)

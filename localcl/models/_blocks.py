@@ -1,4 +1,5 @@
 """Small dimension-generic building blocks (2D/3D) shared by the U-Nets and the heads."""
+
 from __future__ import annotations
 
 from typing import Any

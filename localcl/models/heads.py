@@ -9,6 +9,7 @@
 - :class:`ReconHead` — MixCL g_rec: 1x1 or 3x3 conv to the image channels.
 - :class:`SegHead` — re-exported from :mod:`localcl.models.unet`.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ class GlobalHead(nn.Module):
     ``hidden_norm=True`` inserts BatchNorm1d after the hidden layer (not in GLCL).
     """
 
-    def __init__(self, in_channels: int, out_dim: int = 128, hidden_dim: int = 1024, pool: str = "flatten",
-                 spatial_size: Sequence[int] | None = None, bias: bool = False, hidden_norm: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_dim: int = 128,
+        hidden_dim: int = 1024,
+        pool: str = "flatten",
+        spatial_size: Sequence[int] | None = None,
+        bias: bool = False,
+        hidden_norm: bool = False,
+    ) -> None:
         super().__init__()
         if pool not in ("flatten", "gap"):
             raise ValueError(f"pool must be 'flatten' or 'gap', got {pool!r}")
@@ -61,9 +70,7 @@ class GlobalHead(nn.Module):
             v = x.flatten(2).mean(dim=2)
         else:
             if tuple(x.shape[2:]) != self.spatial_size:
-                raise ValueError(
-                    f"x spatial size {tuple(x.shape[2:])} differs from spatial_size={self.spatial_size}"
-                )
+                raise ValueError(f"x spatial size {tuple(x.shape[2:])} differs from spatial_size={self.spatial_size}")
             v = x.flatten(1)
         z: torch.Tensor = self.mlp(v)
         return z
@@ -78,8 +85,16 @@ class DenseHead(nn.Module):
     ``bias=False`` matches the GLCL/PLCL reference.
     """
 
-    def __init__(self, in_channels: int, out_dim: int = 128, hidden_dim: int | None = None, layers: int = 2,
-                 norm: str = "batch", bias: bool = False, dim: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_dim: int = 128,
+        hidden_dim: int | None = None,
+        layers: int = 2,
+        norm: str = "batch",
+        bias: bool = False,
+        dim: int = 2,
+    ) -> None:
         super().__init__()
         check_dim(dim)
         if layers not in (1, 2):

@@ -17,6 +17,7 @@ Upsampling ``"nearest"`` (the reference), ``"bilinear"`` (trilinear in 3D; + 2x2
 Tensor shapes: 2D input (B, C_in, H, W) with H, W divisible by 2^(L-1); 3D input
 (B, C_in, D, H, W) with D, H, W divisible by 2^(L-1).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -46,8 +47,14 @@ class UNetEncoder(nn.Module):
     the last one is the bottleneck.
     """
 
-    def __init__(self, in_channels: int, widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
-                 norm: str = "batch", dim: int = 2, convs_per_level: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
+        norm: str = "batch",
+        dim: int = 2,
+        convs_per_level: int = 2,
+    ) -> None:
         super().__init__()
         check_dim(dim)
         if not isinstance(in_channels, int) or in_channels < 1:
@@ -57,9 +64,9 @@ class UNetEncoder(nn.Module):
         self.levels = nn.ModuleList()
         cin = in_channels
         for w in self.widths:
-            self.levels.append(nn.Sequential(*[
-                conv_norm_relu(dim, cin if k == 0 else w, w, 3, norm) for k in range(convs_per_level)
-            ]))
+            self.levels.append(
+                nn.Sequential(*[conv_norm_relu(dim, cin if k == 0 else w, w, 3, norm) for k in range(convs_per_level)])
+            )
             cin = w
         self.pool = max_pool(dim, 2)
 
@@ -95,9 +102,9 @@ class _UpBlock(nn.Module):
                 nn.Upsample(scale_factor=2, mode=mode, align_corners=align),
                 *conv_norm_relu(dim, cin, cout, 2, norm),
             )
-        self.convs = nn.Sequential(*[
-            conv_norm_relu(dim, cout + cskip if k == 0 else cout, cout, 3, norm) for k in range(n_convs)
-        ])
+        self.convs = nn.Sequential(
+            *[conv_norm_relu(dim, cout + cskip if k == 0 else cout, cout, 3, norm) for k in range(n_convs)]
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.convs(torch.cat([self.up(x), skip], dim=1))
@@ -109,8 +116,15 @@ class UNetDecoder(nn.Module):
     level L-i. ``forward(feats, num_blocks=None) -> list`` of block outputs, block i:
     (B, decoder_widths[i-1], *S / 2^(L-1-i)); ``num_blocks`` = l runs only ``d_l``."""
 
-    def __init__(self, encoder_widths: Sequence[int], decoder_widths: Sequence[int] = (128, 128, 64, 32, 16),
-                 norm: str = "batch", upsample: str = "nearest", dim: int = 2, last_block_convs: int = 1) -> None:
+    def __init__(
+        self,
+        encoder_widths: Sequence[int],
+        decoder_widths: Sequence[int] = (128, 128, 64, 32, 16),
+        norm: str = "batch",
+        upsample: str = "nearest",
+        dim: int = 2,
+        last_block_convs: int = 1,
+    ) -> None:
         super().__init__()
         check_dim(dim)
         enc = _check_widths("widths", encoder_widths)
@@ -146,8 +160,9 @@ class SegHead(nn.Module):
     3x3 conv (with bias, no norm, no activation) to K logits.
     (B, C, *S) -> (B, num_classes, *S)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, num_convs: int = 2,
-                 norm: str = "batch", dim: int = 2) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int = 16, num_convs: int = 2, norm: str = "batch", dim: int = 2
+    ) -> None:
         super().__init__()
         check_dim(dim)
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -178,10 +193,18 @@ class UNet(nn.Module):
       - ``"features"``: last decoder output, (B, decoder_widths[-1], *S).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
-                 decoder_widths: Sequence[int] = (128, 128, 64, 32, 16), norm: str = "batch",
-                 upsample: str = "nearest", seg_head_width: int = 16, seg_head_convs: int = 2,
-                 dim: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
+        decoder_widths: Sequence[int] = (128, 128, 64, 32, 16),
+        norm: str = "batch",
+        upsample: str = "nearest",
+        seg_head_width: int = 16,
+        seg_head_convs: int = 2,
+        dim: int = 2,
+    ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -210,9 +233,7 @@ class UNet(nn.Module):
             raise ValueError(f"x has {x.shape[1]} channels, the model expects in_channels={self.in_channels}")
         bad = [s for s in x.shape[2:] if s % self.stride]
         if bad:
-            raise ValueError(
-                f"x spatial size {tuple(x.shape[2:])} must be divisible by 2^(levels-1) = {self.stride}"
-            )
+            raise ValueError(f"x spatial size {tuple(x.shape[2:])} must be divisible by 2^(levels-1) = {self.stride}")
 
     def forward(self, x: torch.Tensor, taps: Iterable[str] = (), logits: bool = True) -> dict[str, torch.Tensor]:
         taps = tuple(taps)
@@ -227,8 +248,10 @@ class UNet(nn.Module):
         for t in taps:
             if t.startswith("dec"):
                 need_dec = max(need_dec, int(t[3:]))
-        need_enc = n_lev if (need_dec or "bottleneck" in taps) else max(
-            [int(t[3:]) for t in taps if t.startswith("enc")] or [0]
+        need_enc = (
+            n_lev
+            if (need_dec or "bottleneck" in taps)
+            else max([int(t[3:]) for t in taps if t.startswith("enc")] or [0])
         )
         feats = self.encoder(x, num_levels=need_enc) if need_enc else []
         decs = self.decoder(feats, num_blocks=need_dec) if need_dec else []
@@ -250,19 +273,37 @@ class UNet(nn.Module):
 class UNet2D(UNet):
     """2D U-Net of methods.md §1.3; (B, C_in, H, W) -> dict (see :class:`UNet`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
-                 decoder_widths: Sequence[int] = (128, 128, 64, 32, 16), norm: str = "batch",
-                 upsample: str = "nearest", seg_head_width: int = 16, seg_head_convs: int = 2) -> None:
-        super().__init__(in_channels, num_classes, widths, decoder_widths, norm, upsample,
-                         seg_head_width, seg_head_convs, dim=2)
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int] = (16, 32, 64, 128, 128, 128),
+        decoder_widths: Sequence[int] = (128, 128, 64, 32, 16),
+        norm: str = "batch",
+        upsample: str = "nearest",
+        seg_head_width: int = 16,
+        seg_head_convs: int = 2,
+    ) -> None:
+        super().__init__(
+            in_channels, num_classes, widths, decoder_widths, norm, upsample, seg_head_width, seg_head_convs, dim=2
+        )
 
 
 class UNet3D(UNet):
     """3D variant for patch training (MixCL/LRC option): Conv3d/MaxPool3d, same API;
     (B, C_in, D, H, W) -> dict. Default depth 4 levels (patches are small)."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128),
-                 decoder_widths: Sequence[int] = (64, 32, 16), norm: str = "batch",
-                 upsample: str = "nearest", seg_head_width: int = 16, seg_head_convs: int = 2) -> None:
-        super().__init__(in_channels, num_classes, widths, decoder_widths, norm, upsample,
-                         seg_head_width, seg_head_convs, dim=3)
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        decoder_widths: Sequence[int] = (64, 32, 16),
+        norm: str = "batch",
+        upsample: str = "nearest",
+        seg_head_width: int = 16,
+        seg_head_convs: int = 2,
+    ) -> None:
+        super().__init__(
+            in_channels, num_classes, widths, decoder_widths, norm, upsample, seg_head_width, seg_head_convs, dim=3
+        )

@@ -27,6 +27,7 @@ Trials with fixed parameters (``study.enqueue_trial``, e.g. the re-runs of a res
 campaign's unfinished trials) are left alone. Failed trials do not count as tried, so a
 configuration whose trial crashed can be tried again.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -48,6 +49,7 @@ TRIED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Tria
 def _key(params: dict[str, Any], names: Sequence[str]) -> str:
     """One configuration as a string; floats to 12 significant digits (a stepped float drawn by
     Optuna and the same grid point computed here may differ in the last bit)."""
+
     def norm(v: Any) -> Any:
         return float(f"{v:.12g}") if isinstance(v, float) else v
 
@@ -58,8 +60,15 @@ class NoRepeatSampler(BaseSampler):
     """``base`` over the finite ``space`` ({name: distribution}; ``grid`` {name: values}) with no
     configuration proposed twice while an untried one is left."""
 
-    def __init__(self, base: BaseSampler, space: dict[str, BaseDistribution], grid: dict[str, list[Any]],
-                 seed: int | None = None, retries: int = 4, full_epochs: int | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseSampler,
+        space: dict[str, BaseDistribution],
+        grid: dict[str, list[Any]],
+        seed: int | None = None,
+        retries: int = 4,
+        full_epochs: int | None = None,
+    ) -> None:
         if set(space) != set(grid):
             raise ValueError(f"space and grid name different parameters: {sorted(space)} vs {sorted(grid)}")
         self._base = base
@@ -120,8 +129,9 @@ class NoRepeatSampler(BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self._space)
 
-    def sample_relative(self, study: Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if trial.system_attrs.get("fixed_params"):
             return {}
         tried = self._tried(study, exclude=trial.number)
@@ -138,15 +148,15 @@ class NoRepeatSampler(BaseSampler):
         second = self._second_chances(study, tried)
         return dict(second[0]) if second else params
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._base.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._base.before_trial(study, trial)
 
-    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self._base.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

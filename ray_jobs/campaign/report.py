@@ -1,5 +1,5 @@
-"""``localcl tune report``: trials table, best trials, Optuna plots and ``REPORT.md`` of a campaign.
-"""
+"""``localcl tune report``: trials table, best trials, Optuna plots and ``REPORT.md`` of a campaign."""
+
 from __future__ import annotations
 
 import json

@@ -47,6 +47,7 @@ real CPUs/GPUs. ``max_concurrent_trials`` is then ``min(user cap, floor(cluster 
 (workers * cpus_per_worker)), floor(cluster GPUs / (workers * gpus_per_worker)))``; a trial
 that cannot fit on the cluster at all is an error before any trial starts.
 """
+
 from __future__ import annotations
 
 import copy
@@ -123,7 +124,9 @@ def plan_resources(res: Resources, cluster: dict[str, float]) -> ResourcePlan:
             "lower resources.workers_per_trial or resources.cpus_per_worker"
         )
     if need_gpu > gpus + 1e-9:
-        raise UserError(f"resources: one trial needs {need_gpu:g} GPUs ({n} workers x {g:g}) but the cluster has {gpus:g}")
+        raise UserError(
+            f"resources: one trial needs {need_gpu:g} GPUs ({n} workers x {g:g}) but the cluster has {gpus:g}"
+        )
     limit = int(math.floor(cpus / need_cpu + 1e-9))
     if need_gpu > 0:
         limit = min(limit, int(math.floor(gpus / need_gpu + 1e-9)))
@@ -141,7 +144,6 @@ def plan_resources(res: Resources, cluster: dict[str, float]) -> ResourcePlan:
     )
 
 
-
 @dataclass
 class CampaignResult:
     campaign_dir: Path
@@ -149,7 +151,6 @@ class CampaignResult:
     resources: ResourcePlan
     n_complete: int
     report_dir: Path | None
-
 
 
 def run_campaign(
@@ -181,8 +182,10 @@ def run_campaign(
     remaining = plan.remaining
     sampler = make_sampler(campaign, plan.seed)
     if isinstance(sampler, NoRepeatSampler):
-        log(f"space: {grid_size(campaign)} configurations, none run twice (an ASHA-stopped one gets one more "
-            f"run); the campaign ends when all are used")
+        log(
+            f"space: {grid_size(campaign)} configurations, none run twice (an ASHA-stopped one gets one more "
+            f"run); the campaign ends when all are used"
+        )
         import optuna
 
         if remaining > 0 and sampler.exhausted(optuna.load_study(study_name=campaign.name, storage=storage)):
@@ -195,7 +198,6 @@ def run_campaign(
     n_complete = count_complete(campaign, storage)
     log(f"campaign {campaign.name}: {n_complete} complete trials; report in {report_dir}")
     return CampaignResult(campaign.campaign_dir, plan, rplan, n_complete, report_dir)
-
 
 
 def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan) -> None:

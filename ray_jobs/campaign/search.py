@@ -3,6 +3,7 @@
 Persistence has one source of truth: the Optuna study in RDB storage (see
 :mod:`ray_jobs.campaign.run` for the ``--resume`` procedure).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def open_storage(url: str) -> Any:
             pass
         engine.dispose()
     except ModuleNotFoundError as exc:
-        raise UserError(f"study storage {redact(url)!r}: database driver missing ({exc.name}); install it (e.g. psycopg2-binary for PostgreSQL)") from None
+        raise UserError(
+            f"study storage {redact(url)!r}: database driver missing ({exc.name}); install it (e.g. psycopg2-binary for PostgreSQL)"
+        ) from None
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"study storage {redact(url)!r} is unreachable: {first}") from None
@@ -151,7 +154,9 @@ def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             stale.append(t.number)
             if t.params:
-                study.enqueue_trial(dict(t.params), user_attrs={"localcl_requeued_from": t.number}, skip_if_exists=False)
+                study.enqueue_trial(
+                    dict(t.params), user_attrs={"localcl_requeued_from": t.number}, skip_if_exists=False
+                )
                 requeued.append(dict(t.params))
     trials = study.get_trials(deepcopy=False)
     done = sum(
@@ -174,7 +179,6 @@ def prepare_study(campaign: Campaign, storage: Any, resume: bool) -> ResumePlan:
         seed=campaign.seed + SEED_STRIDE * run_index,
         existing=exists,
     )
-
 
 
 # ----------------------------------------------------------------------------- driver
@@ -218,7 +222,6 @@ def grid_size(campaign: Campaign) -> int | None:
     return n
 
 
-
 def count_complete(campaign: Campaign, storage: Any) -> int:
     study = optuna.load_study(study_name=campaign.name, storage=storage)
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -253,7 +256,6 @@ def build_search(campaign: Campaign, storage: Any, seed: int) -> tuple[Any, Any]
     return searcher, scheduler
 
 
-
 def _tracked_search_cls() -> type:
     """``OptunaSearch`` that also records, on each Optuna trial while it runs, the Tune trial
     id and the fine-tune epochs reached (user attributes ``tune_trial_id``, ``epochs``): Optuna's
@@ -261,6 +263,7 @@ def _tracked_search_cls() -> type:
     trials get none, so trial-epochs are counted from ``epochs``. With a
     :class:`~ray_jobs.campaign.no_repeat.NoRepeatSampler` it tells Tune the search is finished once every
     configuration has been tried."""
+
     class TrackedOptunaSearch(OptunaSearch):  # type: ignore[misc]
         # Ray annotates suggest as Optional[Dict], yet Searcher.FINISHED (a str) is its documented
         # "no more trials" answer (Searcher.suggest's docstring: dict | FINISHED | None).

@@ -2,6 +2,7 @@
 resources), loading with ``--set`` overrides, and validation of the search space against the
 run config and the method's ``Config`` (before any trial starts).
 """
+
 from __future__ import annotations
 
 import copy
@@ -157,7 +158,9 @@ class Objective(Strict):
     @model_validator(mode="after")
     def _check(self) -> Objective:
         if len(self.metrics) != len(self.modes):
-            raise ValueError(f"objective.metrics ({len(self.metrics)}) and objective.modes ({len(self.modes)}) differ in length")
+            raise ValueError(
+                f"objective.metrics ({len(self.metrics)}) and objective.modes ({len(self.modes)}) differ in length"
+            )
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"objective.metrics has duplicates: {self.metrics}")
         return self
@@ -286,8 +289,7 @@ class Campaign(Strict):
         if r.gpus_per_worker > 0:
             per_worker["GPU"] = r.gpus_per_worker
         scaling = dict(cfg.get("scaling") or {})
-        scaling.update(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
-                       resources_per_worker=per_worker)
+        scaling.update(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker)
         return {**cfg, "scaling": scaling}
 
 
@@ -447,7 +449,6 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
     return None
-
 
 
 def save_campaign(campaign: Campaign, base: dict[str, Any] | None = None) -> Path:

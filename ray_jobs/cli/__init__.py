@@ -7,6 +7,7 @@ called with the parsed namespace and returns an exit code. Errors the user can f
 (:class:`ray_jobs.errors.UserError` and its subclasses, plus ``storage``'s and ``localcl``'s
 ``ValueError``-derived input errors) are printed as one line on stderr, no traceback.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``python -m ray_jobs.cli``: the ``localcl`` command."""
+
 from __future__ import annotations
 
 import sys

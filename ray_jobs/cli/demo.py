@@ -5,6 +5,7 @@ run dir, ingested, and run through ``configs/run/demo.yaml`` (IDEAL pretraining 
 fine-tuning vs the supervised baseline on the same 2 labelled patients). With ``--data PATH``:
 the same on an MSD-layout dataset such as ``../shared/data/acdc``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,16 @@ from ray_jobs.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="whole pipeline on a synthetic phantom (or --data PATH)",
-                       description="Generate a phantom dataset (or use --data), ingest, "
-                                   "pretrain, fine-tune, evaluate, compare with the supervised "
-                                   "baseline.")
+    p = sub.add_parser(
+        "demo",
+        help="whole pipeline on a synthetic phantom (or --data PATH)",
+        description="Generate a phantom dataset (or use --data), ingest, "
+        "pretrain, fine-tune, evaluate, compare with the supervised "
+        "baseline.",
+    )
     add_common(p, default_config="demo")
     p.add_argument("--data", default=None, help="MSD-layout dataset folder (default: phantom)")
-    p.add_argument("--cases", type=int, default=24,
-                   help="phantom volumes to generate (2 per patient; default 24)")
+    p.add_argument("--cases", type=int, default=24, help="phantom volumes to generate (2 per patient; default 24)")
     p.set_defaults(func=run)
 
 
@@ -53,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(pipeline.summary_table(out.get("eval", {})))
     assert cfg.pretrain is not None and cfg.finetune is not None  # the demo config has both
-    print(f"\nmethod: {cfg.finetune.method.name} fine-tuning after {cfg.pretrain.method.name} "
-          f"pretraining; baseline: supervised from scratch; {cfg.data.label_budget} labelled "
-          f"patient(s); {len(out['plan'].test)} test volume(s)")
+    print(
+        f"\nmethod: {cfg.finetune.method.name} fine-tuning after {cfg.pretrain.method.name} "
+        f"pretraining; baseline: supervised from scratch; {cfg.data.label_budget} labelled "
+        f"patient(s); {len(out['plan'].test)} test volume(s)"
+    )
     print(f"plots and per-case tables: {run_dir}/eval/<model>/  (history: {run_dir}/*/history.csv)")
     print(f"model card: {run_dir}/MODEL_CARD.md")
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -8,6 +8,7 @@
 Both write per_case.json/.csv, summary.json/.md and plots/*.png (see :mod:`ray_jobs.evaluation.job`)
 and print the summary table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases of the split")
     p.add_argument("--pred", help="folder of predicted NIfTI label maps (with --ref)")
     p.add_argument("--ref", help="folder of reference NIfTI label maps, same file names (with --pred)")
-    p.add_argument("--images", default=None,
-                   help="scans drawn under the overlays with --pred/--ref (default: <ref>/../imagesTr if present)")
-    p.add_argument("--labels", type=int, nargs="+", default=None,
-                   help="foreground labels to score with --pred/--ref (default: all in the references)")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="scans drawn under the overlays with --pred/--ref (default: <ref>/../imagesTr if present)",
+    )
+    p.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="foreground labels to score with --pred/--ref (default: all in the references)",
+    )
     p.add_argument("--out", help="report folder or URI (default: <checkpoint run>/eval/<split>, or <pred>/eval)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: local mode in this process)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); default CPU (gloo)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     p.add_argument("--overlays", type=int, default=3, help="cases drawn as overlays (worst..best)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p.add_argument("--save-predictions", action="store_true",
-                   help="also write <out>/predictions/<case>.nii.gz (with --checkpoint)")
+    p.add_argument(
+        "--save-predictions", action="store_true", help="also write <out>/predictions/<case>.nii.gz (with --checkpoint)"
+    )
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for the store (e.g. S3 endpoint)")
     p.add_argument("--address", default=None, help="existing Ray cluster (default: a local instance)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
@@ -71,9 +81,15 @@ def run(args: argparse.Namespace) -> int:
     if by_folder:
         if not (args.pred and args.ref):
             raise UserError("--pred and --ref go together")
-        summary = evaluation_scoring.score_folders(args.pred, args.ref, args.out, labels=args.labels,
-                                  plots=not args.no_plots, overlay_cases=args.overlays,
-                                  images_dir=args.images)
+        summary = evaluation_scoring.score_folders(
+            args.pred,
+            args.ref,
+            args.out,
+            labels=args.labels,
+            plots=not args.no_plots,
+            overlay_cases=args.overlays,
+            images_dir=args.images,
+        )
         out = args.out or os.path.join(args.pred, "eval")
     elif by_model:
         if not (args.checkpoint and args.store):
@@ -94,10 +110,18 @@ def run(args: argparse.Namespace) -> int:
 
         init_ray(args.address, num_cpus=max(args.workers, 1) if not args.address else None)
         summary = evaluation_job.evaluate_store(
-            args.checkpoint, args.store, out, split=args.split, max_cases=args.max_cases,
-            num_workers=args.workers, use_gpu=args.gpu, storage_options=so,
-            plots=not args.no_plots, overlay_cases=args.overlays,
-            save_predictions=args.save_predictions, batch_size=args.batch_size,
+            args.checkpoint,
+            args.store,
+            out,
+            split=args.split,
+            max_cases=args.max_cases,
+            num_workers=args.workers,
+            use_gpu=args.gpu,
+            storage_options=so,
+            plots=not args.no_plots,
+            overlay_cases=args.overlays,
+            save_predictions=args.save_predictions,
+            batch_size=args.batch_size,
         )
     else:
         raise UserError("nothing to evaluate: give --checkpoint DIR --store STORE, or --pred DIR --ref DIR")

@@ -1,4 +1,5 @@
 """`localcl finetune`: the finetune stage alone as a Ray Train job."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,11 @@ from ray_jobs.cli.train_common import add_common, load, report_stage, start_ray
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="finetune a model (Ray Train job)",
-                       description="Run the finetune stage of a config on Ray Train.")
+    p = sub.add_parser(
+        "finetune",
+        help="finetune a model (Ray Train job)",
+        description="Run the finetune stage of a config on Ray Train.",
+    )
     add_common(p)
     p.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
 """``localcl info STORE``: what a store holds (thin wrapper over storage.open_store)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,25 @@ def store_info(uri: str) -> dict[str, Any]:
         rows = []
         for case in st.cases:
             m = st.meta(case)
-            rows.append({
-                "case": case, "patient": m["patient"], "shape": m["shape"],
-                "spacing": [round(s, 4) for s in m["spacing"]], "labelled": bool(m["labelled"]),
-                "orientation": m["orientation"], "nbytes": st.nbytes_stored(case),
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "patient": m["patient"],
+                    "shape": m["shape"],
+                    "spacing": [round(s, 4) for s in m["spacing"]],
+                    "labelled": bool(m["labelled"]),
+                    "orientation": m["orientation"],
+                    "nbytes": st.nbytes_stored(case),
+                }
+            )
         attrs = st.attrs
         return {
-            "store": uri, "cases": rows, "total_bytes": sum(r["nbytes"] for r in rows),
+            "store": uri,
+            "cases": rows,
+            "total_bytes": sum(r["nbytes"] for r in rows),
             "incomplete": st.incomplete_cases(),
-            "label_names": attrs.get("label_names", {}), "catalog": st.catalog.summary(),
+            "label_names": attrs.get("label_names", {}),
+            "catalog": st.catalog.summary(),
             "quarantine": attrs.get("quarantine", []),  # failed cases of `ingest --ray`
         }
     except storage.StorageError as exc:
@@ -54,8 +64,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     header = ("case", "shape (x,y,z)", "spacing mm", "labelled", "size")
-    rows = [(r["case"], "x".join(map(str, r["shape"])), "x".join(f"{s:g}" for s in r["spacing"]),
-             "yes" if r["labelled"] else "no", _size(r["nbytes"])) for r in info["cases"]]
+    rows = [
+        (
+            r["case"],
+            "x".join(map(str, r["shape"])),
+            "x".join(f"{s:g}" for s in r["spacing"]),
+            "yes" if r["labelled"] else "no",
+            _size(r["nbytes"]),
+        )
+        for r in info["cases"]
+    ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print(fmt.format(*header).rstrip())
@@ -64,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     cat = info["catalog"]
     splits = ", ".join(f"{k} {v}" for k, v in cat["splits"].items())
     labels = ", ".join(f"{k}={v}" for k, v in info["label_names"].items())
-    print(f"{cat['cases']} cases ({cat['labelled']} labelled, {cat['unlabelled']} unlabelled, "
-          f"{cat['patients']} patients), {_size(info['total_bytes'])} on storage")
+    print(
+        f"{cat['cases']} cases ({cat['labelled']} labelled, {cat['unlabelled']} unlabelled, "
+        f"{cat['patients']} patients), {_size(info['total_bytes'])} on storage"
+    )
     print(f"labels: {labels or '-'}")
     print(f"splits: {splits}")
     if info["incomplete"]:

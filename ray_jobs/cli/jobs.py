@@ -1,4 +1,5 @@
 """``localcl jobs list | status ID | logs ID [--follow] | stop ID``: manage Ray Jobs."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("job_id")
     add_address_argument(sp)
     sp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
-    sp.add_argument("--timeout", type=float, default=None, metavar="S",
-                    help="with --wait: give up after S seconds")
+    sp.add_argument("--timeout", type=float, default=None, metavar="S", help="with --wait: give up after S seconds")
     sp.set_defaults(func=_stop)
 
 

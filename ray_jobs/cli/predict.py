@@ -7,6 +7,7 @@ OUTPUT is a folder; each scan ``<name>.nii[.gz]`` (or store case ``<name>``) giv
 zooms, units), intensity scaling removed, so it opens over the scan in ITK-SNAP or 3D Slicer.
 Runs in this process (``--device auto``: CUDA when available).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.checkpoint)
     spec = read_spec(model_dir)
     if spec["stage"] != "finetune":
-        raise UserError(f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
-                        "use a fine-tuned model (RUN_DIR/finetune/model)")
+        raise UserError(
+            f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
+            "use a fine-tuned model (RUN_DIR/finetune/model)"
+        )
     preprocessing_from_spec(spec)
     out = args.output
     if _is_store(args.input):

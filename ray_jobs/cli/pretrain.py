@@ -1,4 +1,5 @@
 """`localcl pretrain`: the pretrain stage alone as a Ray Train job."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,11 @@ from ray_jobs.cli.train_common import add_common, load, report_stage, start_ray
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model (Ray Train job)",
-                       description="Run the pretrain stage of a config on Ray Train.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model (Ray Train job)",
+        description="Run the pretrain stage of a config on Ray Train.",
+    )
     add_common(p)
     p.set_defaults(func=run)
 

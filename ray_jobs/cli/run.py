@@ -1,4 +1,5 @@
 """`localcl run`: pretrain -> fine-tune -> evaluate, plus the supervised baseline."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,12 @@ from ray_jobs.cli.train_common import add_common, load, report_stage, start_ray
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="whole pipeline: pretrain, fine-tune, baseline, evaluate",
-                       description="pretrain -> fine-tune -> evaluate, plus the supervised "
-                                   "baseline on the same label budget (when configured).")
+    p = sub.add_parser(
+        "run",
+        help="whole pipeline: pretrain, fine-tune, baseline, evaluate",
+        description="pretrain -> fine-tune -> evaluate, plus the supervised "
+        "baseline on the same label budget (when configured).",
+    )
     add_common(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation step")
     p.set_defaults(func=run)
@@ -22,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args, "run")
     run_dir = pipeline.resolve_run_dir(cfg, args.run_dir)
     start_ray(args, cfg)
-    out = pipeline.run_pipeline(cfg, run_dir, evaluate=not args.no_eval,
-                                progress=cfg.logging.progress)
+    out = pipeline.run_pipeline(cfg, run_dir, evaluate=not args.no_eval, progress=cfg.logging.progress)
     for section in ("pretrain", "finetune", "baseline"):
         if section in out:
             report_stage(pipeline.STAGE_DIRS[section], out[section])

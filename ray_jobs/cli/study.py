@@ -1,4 +1,5 @@
 """`localcl study`: the label-efficiency study (methods x label budgets x seeds)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,34 +17,62 @@ if TYPE_CHECKING:  # pragma: no cover - the study modules load torch / Ray (see 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "study", help="label-efficiency study: every method x label budgets x seeds",
+        "study",
+        help="label-efficiency study: every method x label budgets x seeds",
         description="Pretrain (once per method where pretraining sees no labels), fine-tune on "
-                    "each label budget with each seed, evaluate on the evaluation split, and "
-                    "write results.csv/json, results.md (tables + published numbers) and "
-                    "curve.png into the study directory. Re-run with --resume to continue: "
-                    "finished cells and stages are skipped.")
-    p.add_argument("--config", "-c", required=True,
-                   help="study YAML or shipped name (ray_jobs/configs/study/: acdc_cpu, "
-                        "acdc_paper)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study key, e.g. --set seeds=[0] or "
-                        "--set base.scaling.num_workers=2 (value parsed as YAML; repeatable)")
-    p.add_argument("--study-dir", default=None,
-                   help="study directory (default: the config's study_dir or runs/study/<name>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the study in --study-dir (same config): skip finished cells")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (ray://host:10001 or auto); default: a local Ray "
-                        "on 127.0.0.1 (RAY_ADDRESS is honoured)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate and list the cells and pretraining runs, train nothing")
-    p.add_argument("--report-only", action="store_true",
-                   help="rewrite results.* and curve.png from the finished cells")
-    p.add_argument("--max-cells", type=int, default=None, metavar="N",
-                   help="stop after N newly finished cells (the report is marked partial)")
-    p.add_argument("--only-seed", dest="only_seeds", type=int, action="append", default=None,
-                   metavar="SEED", help="run only this seed's cells (repeatable); several "
-                   "drivers with different --only-seed can share one study directory")
+        "each label budget with each seed, evaluate on the evaluation split, and "
+        "write results.csv/json, results.md (tables + published numbers) and "
+        "curve.png into the study directory. Re-run with --resume to continue: "
+        "finished cells and stages are skipped.",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        help="study YAML or shipped name (ray_jobs/configs/study/: acdc_cpu, acdc_paper)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study key, e.g. --set seeds=[0] or "
+        "--set base.scaling.num_workers=2 (value parsed as YAML; repeatable)",
+    )
+    p.add_argument(
+        "--study-dir", default=None, help="study directory (default: the config's study_dir or runs/study/<name>)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the study in --study-dir (same config): skip finished cells"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (ray://host:10001 or auto); default: a local Ray "
+        "on 127.0.0.1 (RAY_ADDRESS is honoured)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and list the cells and pretraining runs, train nothing"
+    )
+    p.add_argument("--report-only", action="store_true", help="rewrite results.* and curve.png from the finished cells")
+    p.add_argument(
+        "--max-cells",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N newly finished cells (the report is marked partial)",
+    )
+    p.add_argument(
+        "--only-seed",
+        dest="only_seeds",
+        type=int,
+        action="append",
+        default=None,
+        metavar="SEED",
+        help="run only this seed's cells (repeatable); several "
+        "drivers with different --only-seed can share one study directory",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,10 +89,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-cells: must be >= 1")
     if args.dry_run:
         todo = study_cells.cells(st)
-        pre = sorted({os.path.relpath(study_cells.pretrain_dir(st, study_dir, c), study_dir)
-                      for c in todo if "pretrain" in st.methods[c.method]})
-        print(f"study {st.name}: {len(todo)} cells ({len(st.methods)} methods x "
-              f"{len(st.budgets)} budgets x {len(st.seeds)} seeds) -> {study_dir}")
+        pre = sorted(
+            {
+                os.path.relpath(study_cells.pretrain_dir(st, study_dir, c), study_dir)
+                for c in todo
+                if "pretrain" in st.methods[c.method]
+            }
+        )
+        print(
+            f"study {st.name}: {len(todo)} cells ({len(st.methods)} methods x "
+            f"{len(st.budgets)} budgets x {len(st.seeds)} seeds) -> {study_dir}"
+        )
         print(f"pretraining runs ({len(pre)}): {', '.join(pre) or 'none'}")
         for c in todo:
             print(f"  {c.key}")
@@ -74,19 +110,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     study_run.prepare_study_dir(st, study_dir, args.resume)
     _local_mode_threads(st)
-    cmd = "localcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [
-        "study"] else ""
+    cmd = "localcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
     if cmd and not os.path.exists(os.path.join(study_dir, "command.txt")):
         with open(os.path.join(study_dir, "command.txt"), "w") as f:
             f.write(cmd.replace(" --resume", "") + "\n")
     _init_ray_patiently(args.address)
-    out = study_run.run_study(st, study_dir, resume=True, max_cells=args.max_cells,
-                      only_seeds=args.only_seeds,
-                      log=lambda m: print(m, flush=True))
+    out = study_run.run_study(
+        st,
+        study_dir,
+        resume=True,
+        max_cells=args.max_cells,
+        only_seeds=args.only_seeds,
+        log=lambda m: print(m, flush=True),
+    )
     print()
     print(open(out["report"]["md"]).read())
-    print(f"{out['done']} of {out['total']} cells; report: {out['report']['md']}, "
-          f"{out['report']['png']}")
+    print(f"{out['done']} of {out['total']} cells; report: {out['report']['md']}, {out['report']['png']}")
     return 0
 
 
@@ -106,8 +145,9 @@ def _init_ray_patiently(address: str | None, attempts: int = 3) -> None:
         except Exception as exc:  # ray raises a bare Exception for this case
             if "timed out during startup" not in str(exc) or i == attempts - 1:
                 raise
-            print(f"localcl: Ray start-up timed out (attempt {i + 1}/{attempts}); retrying",
-                  file=sys.stderr, flush=True)
+            print(
+                f"localcl: Ray start-up timed out (attempt {i + 1}/{attempts}); retrying", file=sys.stderr, flush=True
+            )
             ray.shutdown()
             time.sleep(5)
 
@@ -118,12 +158,10 @@ def _local_mode_threads(st: StudyConfig) -> None:
     2-core machine, a fine-tuning step of the CPU study (batch 8, 96x96, widths 8..64) cost
     0.23 CPU-s with 1 thread and 1.64 CPU-s with 2 (OpenMP spinning under contention)."""
     scaling = st.base.get("scaling") or {}
-    if scaling.get("num_workers", 2) != 0 or scaling.get("use_gpu") or \
-            os.environ.get("OMP_NUM_THREADS"):
+    if scaling.get("num_workers", 2) != 0 or scaling.get("use_gpu") or os.environ.get("OMP_NUM_THREADS"):
         return
     # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     import torch
 
     torch.set_num_threads(1)
-    print("localcl: local mode on CPU: 1 torch thread in the driver (set OMP_NUM_THREADS to "
-          "change)", flush=True)
+    print("localcl: local mode on CPU: 1 torch thread in the driver (set OMP_NUM_THREADS to change)", flush=True)

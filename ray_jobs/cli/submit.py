@@ -1,4 +1,5 @@
 """``localcl submit JOB --config FILE --address http://HOST:8265``: run a job on a Ray cluster."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,32 +29,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("job", choices=cluster_submit.JOBS, help="the localcl verb to run on the cluster")
     p.add_argument("--config", required=True, help="run config (or campaign file for tune)")
     add_address_argument(p)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                   help="config override, shipped with the job (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="config override, shipped with the job (repeatable)",
+    )
     code = p.add_mutually_exclusive_group()
-    code.add_argument("--working-dir", default=None, metavar="DIR",
-                      help="source tree to upload as the job's working_dir (default: this "
-                      "repository, without .venv, .git, runs/)")
-    code.add_argument("--image-runtime", action="store_true",
-                      help="upload no code: the cluster runs the localcl image")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=None, metavar="N",
-                   help="CPUs reserved for the driver process")
-    p.add_argument("--entrypoint-num-gpus", type=float, default=None, metavar="N",
-                   help="GPUs reserved for the driver process")
-    p.add_argument("--metadata", action="append", default=[], metavar="K=V",
-                   help="job metadata (repeatable), shown by `localcl jobs status`")
-    p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="environment variable for the job (repeatable)")
-    p.add_argument("--expand-env", action="store_true",
-                   help="substitute ${VAR} in the config from the cluster's environment "
-                   "(keeps secrets such as a PostgreSQL URL out of the submitted job)")
-    p.add_argument("--preflight", action="store_true",
-                   help="only validate the config on the cluster and print its environment")
+    code.add_argument(
+        "--working-dir",
+        default=None,
+        metavar="DIR",
+        help="source tree to upload as the job's working_dir (default: this repository, without .venv, .git, runs/)",
+    )
+    code.add_argument("--image-runtime", action="store_true", help="upload no code: the cluster runs the localcl image")
+    p.add_argument(
+        "--entrypoint-num-cpus", type=float, default=None, metavar="N", help="CPUs reserved for the driver process"
+    )
+    p.add_argument(
+        "--entrypoint-num-gpus", type=float, default=None, metavar="N", help="GPUs reserved for the driver process"
+    )
+    p.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="job metadata (repeatable), shown by `localcl jobs status`",
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="environment variable for the job (repeatable)"
+    )
+    p.add_argument(
+        "--expand-env",
+        action="store_true",
+        help="substitute ${VAR} in the config from the cluster's environment "
+        "(keeps secrets such as a PostgreSQL URL out of the submitted job)",
+    )
+    p.add_argument(
+        "--preflight", action="store_true", help="only validate the config on the cluster and print its environment"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--no-wait", action="store_true", help="print the id and return")
     mode.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up waiting after S seconds (the job keeps running)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up waiting after S seconds (the job keeps running)",
+    )
     p.set_defaults(func=run)
 
 
@@ -76,16 +102,21 @@ def run(args: argparse.Namespace) -> int:
     job_id = cluster_jobs.submit(client, submission)
     print(job_id, flush=True)
     if args.no_wait:
-        print(f"localcl: submitted; follow with `localcl jobs logs {job_id} --follow "
-              f"--address {client.get_address()}`", file=sys.stderr)
+        print(
+            f"localcl: submitted; follow with `localcl jobs logs {job_id} --follow --address {client.get_address()}`",
+            file=sys.stderr,
+        )
         return 0
     if args.follow:
         status = cluster_jobs.follow(client, job_id, sys.stdout)
     else:
         status = cluster_jobs.wait(
-            client, job_id, timeout=args.timeout,
-            on_status=lambda s, m: print(f"localcl: {job_id} {s}" + (f": {m}" if m else ""),
-                                         file=sys.stderr, flush=True),
+            client,
+            job_id,
+            timeout=args.timeout,
+            on_status=lambda s, m: print(
+                f"localcl: {job_id} {s}" + (f": {m}" if m else ""), file=sys.stderr, flush=True
+            ),
         )
     print(f"localcl: {job_id} {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1

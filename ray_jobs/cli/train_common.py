@@ -1,4 +1,5 @@
 """Arguments and plumbing shared by the training verbs (pretrain, finetune, run, demo)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,18 +9,33 @@ from ray_jobs.config import Config, load_config
 
 
 def add_common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    p.add_argument("--config", "-c", default=default_config, required=default_config is None,
-                   help="YAML file or shipped config name (e.g. ideal_cpu); see "
-                        "ray_jobs/configs/<stage>/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set finetune.schedule.epochs=5 "
-                        "(value parsed as YAML; repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (e.g. ray://host:10001 or auto); default: start a "
-                        "local Ray on 127.0.0.1 (RAY_ADDRESS is honoured)")
-    p.add_argument("--run-dir", default=None,
-                   help="run directory, local path or fsspec URI (default: config run_dir or "
-                        "runs/<name>); re-running with the same run dir resumes")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=default_config,
+        required=default_config is None,
+        help="YAML file or shipped config name (e.g. ideal_cpu); see ray_jobs/configs/<stage>/",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set finetune.schedule.epochs=5 (value parsed as YAML; repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (e.g. ray://host:10001 or auto); default: start a "
+        "local Ray on 127.0.0.1 (RAY_ADDRESS is honoured)",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="run directory, local path or fsspec URI (default: config run_dir or "
+        "runs/<name>); re-running with the same run dir resumes",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 

@@ -4,6 +4,7 @@
 - ``localcl tune report CAMPAIGN_DIR [--out DIR]``
 - ``localcl tune dashboard CAMPAIGN_DIR [--port 8080]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "storage URL) is the record of every trial.",
     )
     p.add_argument("--config", help="campaign YAML (e.g. ray_jobs/configs/tune/ideal.yaml)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a campaign whose driver stopped: finished trials are kept, "
-                   "unfinished ones re-run once, only the remaining budget is launched")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                   help="campaign override, e.g. trials=20 or base.finetune.schedule.epochs=4")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a campaign whose driver stopped: finished trials are kept, "
+        "unfinished ones re-run once, only the remaining budget is launched",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="campaign override, e.g. trials=20 or base.finetune.schedule.epochs=4",
+    )
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="tune_command", metavar="{report,dashboard}")
     r = sub.add_parser("report", help="best config YAML, trial table and plots of a campaign")
@@ -85,8 +96,9 @@ def _dashboard(args: argparse.Namespace) -> int:
         import optuna_dashboard
     except ModuleNotFoundError:
         raise UserError("tune dashboard needs optuna-dashboard: pip install 'localcl[dashboard]'") from None
-    print(f"optuna-dashboard for campaign {campaign.name!r}: http://127.0.0.1:{args.port}/ (Ctrl-C to stop)",
-          flush=True)
+    print(
+        f"optuna-dashboard for campaign {campaign.name!r}: http://127.0.0.1:{args.port}/ (Ctrl-C to stop)", flush=True
+    )
     try:
         optuna_dashboard.run_server(storage, host="127.0.0.1", port=args.port)
     except OSError as exc:

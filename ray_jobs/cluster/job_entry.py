@@ -20,6 +20,7 @@ adds ``--resume`` when the campaign's Optuna study already exists.
 would run on (localcl/torch/Ray versions, CUDA devices, cluster resources), then exits: a
 seconds-long check of a cluster before spending GPU hours on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,7 @@ def materialise_config(directory: str | os.PathLike[str] | None = None) -> Path:
     the file path. Raises :class:`UserError` when the job was not started by ``localcl submit``."""
     text = os.environ.get(CONFIG_ENV)
     if text is None:
-        raise UserError(
-            f"{CONFIG_ENV} is not set: this entrypoint runs jobs submitted by `localcl submit`"
-        )
+        raise UserError(f"{CONFIG_ENV} is not set: this entrypoint runs jobs submitted by `localcl submit`")
     name = Path(os.environ.get(CONFIG_NAME_ENV) or "config.yaml").name
     out_dir = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="localcl-job-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,16 +100,18 @@ def preflight(job: str, config: Path) -> int:
     print(f"localcl preflight: {job} config {config.name} OK (sha256 {digest[:16]})")
 
     print(f"localcl preflight: localcl from {Path(localcl.__file__).parent}")
-    print(f"localcl preflight: python {sys.version.split()[0]}, torch {torch.__version__}, "
-          f"ray {ray.__version__}")
+    print(f"localcl preflight: python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__}")
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = [torch.cuda.get_device_name(i) for i in range(n_gpu)]
     print(f"localcl preflight: driver CUDA devices: {n_gpu} {names if names else ''}".rstrip())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         try:
-            res = {k: v for k, v in sorted(ray.cluster_resources().items())
-                   if not k.startswith(("node:", "accelerator_type"))}
+            res = {
+                k: v
+                for k, v in sorted(ray.cluster_resources().items())
+                if not k.startswith(("node:", "accelerator_type"))
+            }
             print(f"localcl preflight: cluster resources {res}")
         finally:
             ray.shutdown()
@@ -121,12 +122,15 @@ def preflight(job: str, config: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.cluster.job_entry")
     parser.add_argument("job", choices=JOBS)
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="config file (default: the one shipped by `localcl submit`)")
-    parser.add_argument("--expand-env", action="store_true",
-                        help="substitute ${VAR} references in the config from the environment")
-    parser.add_argument("--auto-resume", action="store_true",
-                        help="tune: pass --resume when the campaign's study already exists")
+    parser.add_argument(
+        "--config", default=None, metavar="FILE", help="config file (default: the one shipped by `localcl submit`)"
+    )
+    parser.add_argument(
+        "--expand-env", action="store_true", help="substitute ${VAR} references in the config from the environment"
+    )
+    parser.add_argument(
+        "--auto-resume", action="store_true", help="tune: pass --resume when the campaign's study already exists"
+    )
     parser.add_argument("--preflight", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 and one-line errors), submit with retries while the job agent starts, status, logs, stop, list,
 wait and follow, and the ``localcl jobs`` table.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,9 +33,7 @@ def resolve_address(address: str | None) -> str:
         if not address and ray_address.startswith(("http://", "https://")):
             address = ray_address
     if not address:
-        raise UserError(
-            "--address is required (e.g. http://127.0.0.1:8265), or set RAY_API_SERVER_ADDRESS"
-        )
+        raise UserError("--address is required (e.g. http://127.0.0.1:8265), or set RAY_API_SERVER_ADDRESS")
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(
@@ -89,9 +88,7 @@ def _job_call(client: JobSubmissionClient, job_id: str, fn: Callable[[str], _T])
     except RuntimeError as exc:
         msg = str(exc)
         if "404" in msg or "does not exist" in msg:
-            raise UserError(
-                f"no job with id {job_id!r} on {client.get_address()} (see `localcl jobs list`)"
-            ) from exc
+            raise UserError(f"no job with id {job_id!r} on {client.get_address()} (see `localcl jobs list`)") from exc
         raise UserError(f"Ray Jobs API error for job {job_id!r}: {_one_line(exc)}") from exc
     except ConnectionError as exc:
         raise UserError(f"lost the connection to {client.get_address()}: {_one_line(exc)}") from exc
@@ -104,8 +101,7 @@ AGENT_NOT_READY = "No available agent"
 """Ray's HTTP 500 while a fresh head's job agent is still registering (transient)."""
 
 
-def submit_job_retrying(client: JobSubmissionClient, retry_for: float = 60.0,
-                        **kwargs: Any) -> str:
+def submit_job_retrying(client: JobSubmissionClient, retry_for: float = 60.0, **kwargs: Any) -> str:
     """``client.submit_job(**kwargs)``, retried every second for up to ``retry_for`` s while
     the cluster answers that no job agent is available yet (a head that just started)."""
     deadline = time.monotonic() + retry_for
@@ -252,9 +248,7 @@ def job_row(info: JobDetails) -> JobRow:
 def format_table(rows: Sequence[JobRow]) -> str:
     """Fixed-width table: SUBMISSION_ID STATUS JOB START(UTC) DURATION ENTRYPOINT."""
     header = ("SUBMISSION_ID", "STATUS", "JOB", "START (UTC)", "DURATION", "ENTRYPOINT")
-    data = [header] + [
-        (r.submission_id, r.status, r.job, r.start, r.duration, r.entrypoint) for r in rows
-    ]
+    data = [header] + [(r.submission_id, r.status, r.job, r.start, r.duration, r.entrypoint) for r in rows]
     widths = [max(len(row[i]) for row in data) for i in range(len(header) - 1)]
     lines = []
     for row in data:

@@ -7,6 +7,7 @@ block ends exactly the processes it started: the ``ray start`` process, its desc
 any orphan whose command line names the private temp dir (never ``ray stop``, which would kill
 every Ray process of the user).
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,7 @@ class LocalHead:
     ``RuntimeError`` with the tail of its log.
     """
 
-    def __init__(self, num_cpus: int = 2, object_store_mb: int = 256,
-                 start_timeout: float = 90.0) -> None:
+    def __init__(self, num_cpus: int = 2, object_store_mb: int = 256, start_timeout: float = 90.0) -> None:
         self.num_cpus = num_cpus
         self.object_store_mb = object_store_mb
         self.start_timeout = start_timeout
@@ -91,24 +91,45 @@ class LocalHead:
         ray = bin_dir / "ray"
         dash = free_port()
         env = dict(os.environ)
-        env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                   RAY_USAGE_STATS_ENABLED="0",
-                   PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}")
+        env.update(
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        )
         gcs = free_port()
         # Workers inherit it: Ray code in a worker that looks the cluster up by itself (the
         # State API of Train's PlacementGroupCleaner) finds this head, not another instance.
         env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
         self._log = open(Path(self.temp_dir) / "ray_start.log", "w")
-        cmd = [str(ray if ray.exists() else "ray"), "start", "--head", "--block",
-               "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-               "--ray-client-server-port", str(free_port()),
-               "--dashboard-agent-listen-port", str(free_port()),
-               "--num-cpus", str(self.num_cpus),
-               "--object-store-memory", str(self.object_store_mb * 2**20),
-               "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True, cwd=self.temp_dir)
+        cmd = [
+            str(ray if ray.exists() else "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--object-store-memory",
+            str(self.object_store_mb * 2**20),
+            "--temp-dir",
+            self.temp_dir,
+            "--disable-usage-stats",
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.temp_dir
+        )
         self.address = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -125,8 +146,7 @@ class LocalHead:
             if time.monotonic() > deadline:
                 tail = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"the Ray dashboard did not answer within "
-                                   f"{self.start_timeout:.0f} s:\n{tail}")
+                raise RuntimeError(f"the Ray dashboard did not answer within {self.start_timeout:.0f} s:\n{tail}")
             time.sleep(0.5)
 
     def log_tail(self, chars: int = 2000) -> str:
@@ -151,6 +171,7 @@ class LocalHead:
     def __enter__(self) -> LocalHead:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -18,6 +18,7 @@ The Ray Jobs client talks HTTP to the head's dashboard (port 8265). Every failur
 fix (bad address, unreachable cluster, unknown job id, invalid config) is raised as a
 :class:`ray_jobs.errors.UserError` with a one-line message.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -76,9 +77,7 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # --------------------------------------------------------------------------- config validation
 
 
-def validate_config(
-    job: str, config: str | os.PathLike[str], overrides: Sequence[str] = ()
-) -> tuple[Any, Path]:
+def validate_config(job: str, config: str | os.PathLike[str], overrides: Sequence[str] = ()) -> tuple[Any, Path]:
     """Validate ``config`` for ``job`` locally, without Ray.
 
     ``config`` is a file, or for pretrain/finetune/run also the name of a shipped config
@@ -176,7 +175,10 @@ def _git_sha(root: Path | None) -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -224,8 +226,10 @@ def build_submission(
         raise UserError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
     if image_runtime and working_dir is not None:
         raise UserError("--working-dir and --image-runtime are mutually exclusive")
-    for name, amount in (("--entrypoint-num-cpus", entrypoint_num_cpus),
-                         ("--entrypoint-num-gpus", entrypoint_num_gpus)):
+    for name, amount in (
+        ("--entrypoint-num-cpus", entrypoint_num_cpus),
+        ("--entrypoint-num-gpus", entrypoint_num_gpus),
+    ):
         if amount is not None and amount < 0:
             raise UserError(f"{name} must be >= 0, got {amount}")
     validated, path = validate_config(job, config, overrides)

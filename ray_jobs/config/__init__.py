@@ -9,6 +9,7 @@
 
 The run config's names are re-exported here (``from ray_jobs.config import Config``).
 """
+
 from __future__ import annotations
 
 from ray_jobs.config.overrides import apply_overrides, deep_merge, get_path, overrides_to_tree, set_path
@@ -38,10 +39,32 @@ from ray_jobs.config.run import (
 from ray_jobs.config.strict import Strict, format_validation_error
 
 __all__ = [
-    "CONFIG_ROOT", "STAGE_DIRS", "CheckpointSection", "Config", "DataConfig", "EvaluateConfig",
-    "LoggingSection", "MethodConfig", "ModelConfig", "OptimConfig", "ScalingSection",
-    "ScheduleConfig", "SelfTrainingConfig", "SplitsConfig", "StageConfig", "Strict",
-    "apply_overrides", "deep_merge", "format_validation_error", "get_path", "load_config",
-    "load_yaml", "method_registry", "overrides_to_tree", "resolve_config_path", "set_path", "validate",
+    "CONFIG_ROOT",
+    "STAGE_DIRS",
+    "CheckpointSection",
+    "Config",
+    "DataConfig",
+    "EvaluateConfig",
+    "LoggingSection",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScalingSection",
+    "ScheduleConfig",
+    "SelfTrainingConfig",
+    "SplitsConfig",
+    "StageConfig",
+    "Strict",
+    "apply_overrides",
+    "deep_merge",
+    "format_validation_error",
+    "get_path",
+    "load_config",
+    "load_yaml",
+    "method_registry",
+    "overrides_to_tree",
+    "resolve_config_path",
+    "set_path",
+    "validate",
     "validate_method",
 ]

@@ -12,6 +12,7 @@ merge mappings with these functions.
   else (including ``null`` over a mapping, which switches a section off) replaces.
 - :func:`set_path` / :func:`get_path`: one dotted key in a tree.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,7 @@ def set_path(tree: dict[str, Any], path: str | list[str], value: Any) -> None:
         if nxt is None:
             nxt = node[k] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"{'.'.join(keys)}: {'.'.join(keys[: i + 1])} is a value ({nxt!r}), "
-                              f"not a section")
+            raise ConfigError(f"{'.'.join(keys)}: {'.'.join(keys[: i + 1])} is a value ({nxt!r}), not a section")
         node = nxt
     node[keys[-1]] = value
 

@@ -23,6 +23,7 @@ anywhere else. Every error is a :class:`ray_jobs.errors.ConfigError` naming the 
 Files may inherit: ``extends: <file or name>`` (resolved relative to the file, then as a shipped
 config name) is loaded first and the file's keys are deep-merged over it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -190,8 +191,7 @@ class LoggingSection(Strict):
     def _mlflow_installed(cls, v: str | None) -> str | None:
         if v is not None:
             if importlib.util.find_spec("mlflow") is None:
-                raise ValueError("MLflow is not installed: pip install 'localcl[mlflow]' "
-                                 "(or set it to null)")
+                raise ValueError("MLflow is not installed: pip install 'localcl[mlflow]' (or set it to null)")
         return v
 
 
@@ -224,13 +224,14 @@ class Config(Strict):
             stage = getattr(self, section)
             if stage is None:
                 continue
-            validate_method(registry, stage.method.name, stage.method.params(),
-                            f"{section}.method", section)
+            validate_method(registry, stage.method.name, stage.method.params(), f"{section}.method", section)
             stages = tuple(getattr(registry[stage.method.name], "stages", ()) or ())
             for sname, over in stage.stage_schedule.items():
                 if section != "pretrain" or sname not in stages:
-                    raise ConfigError(f"{section}.stage_schedule.{sname}: not a stage of method "
-                                      f"{stage.method.name!r} (stages: {list(stages)})")
+                    raise ConfigError(
+                        f"{section}.stage_schedule.{sname}: not a stage of method "
+                        f"{stage.method.name!r} (stages: {list(stages)})"
+                    )
                 try:
                     ScheduleConfig(**{**stage.schedule.model_dump(), **over})
                 except ValidationError as exc:
@@ -238,20 +239,22 @@ class Config(Strict):
             if stage.self_training is not None and section != "finetune":
                 raise ConfigError(f"{section}.self_training: only valid in the finetune stage")
             if stage.self_training is not None and stage.method.name != "plcl":
-                raise ConfigError(f"{section}.self_training: only the 'plcl' strategy trains on "
-                                  f"pseudo-labels (finetune.method.name is "
-                                  f"{stage.method.name!r})")
-            if section == "pretrain" and not tuple(getattr(registry[stage.method.name],
-                                                           "stages", ()) or ()):
-                raise ConfigError(f"pretrain.method.name: {stage.method.name!r} has no "
-                                  f"pretraining stage; remove the pretrain section and fine-tune "
-                                  f"directly")
+                raise ConfigError(
+                    f"{section}.self_training: only the 'plcl' strategy trains on "
+                    f"pseudo-labels (finetune.method.name is "
+                    f"{stage.method.name!r})"
+                )
+            if section == "pretrain" and not tuple(getattr(registry[stage.method.name], "stages", ()) or ()):
+                raise ConfigError(
+                    f"pretrain.method.name: {stage.method.name!r} has no "
+                    f"pretraining stage; remove the pretrain section and fine-tune "
+                    f"directly"
+                )
             bs = stage.schedule.batch_size
             workers = max(self.scaling.num_workers, 1)
             if bs % workers:
                 raise ConfigError(
-                    f"{section}.schedule.batch_size: {bs} is not divisible by "
-                    f"scaling.num_workers={workers}"
+                    f"{section}.schedule.batch_size: {bs} is not divisible by scaling.num_workers={workers}"
                 )
         if self.baseline is not None and self.baseline.method.name != "supervised":
             raise ConfigError("baseline.method.name: the baseline must be 'supervised'")
@@ -296,11 +299,9 @@ class Config(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def validate_method(registry: Mapping[str, Any], name: str, params: dict[str, Any],
-                    where: str, section: str) -> Any:
+def validate_method(registry: Mapping[str, Any], name: str, params: dict[str, Any], where: str, section: str) -> Any:
     if name not in registry:
-        raise ConfigError(f"{where}.name: unknown {section} method {name!r}; "
-                          f"choose one of {sorted(registry)}")
+        raise ConfigError(f"{where}.name: unknown {section} method {name!r}; choose one of {sorted(registry)}")
     try:
         return registry[name].Config(**params)
     except ValidationError as exc:
@@ -328,8 +329,7 @@ def resolve_config_path(ref: str | os.PathLike[str], stage: str | None = None) -
         if cand.is_file():
             return cand
     shipped = sorted(f"{q.parent.name}/{q.stem}" for q in CONFIG_ROOT.glob("*/*.yaml"))
-    raise ConfigError(f"--config: no file or shipped config named {str(ref)!r}; "
-                      f"shipped: {', '.join(shipped)}")
+    raise ConfigError(f"--config: no file or shipped config named {str(ref)!r}; shipped: {', '.join(shipped)}")
 
 
 def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -350,8 +350,12 @@ def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(load_yaml(base_path, _seen + (path,)), data)
 
 
-def load_config(ref: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
-                stage: str | None = None, base: Mapping[str, Any] | None = None) -> Config:
+def load_config(
+    ref: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    stage: str | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> Config:
     """Load, merge and validate a config. Raises :class:`ConfigError` naming the bad key."""
     data: dict[str, Any] = dict(base or {})
     if ref is not None:
@@ -403,14 +407,15 @@ def _fill_method_geometry(data: Mapping[str, Any]) -> dict[str, Any]:
             for key, default in (("rounds", 3), ("crf", True)):
                 want = stt.get(key, default)
                 if key in m and m[key] != want:
-                    raise ConfigError(f"finetune.method.{key}: {m[key]!r} contradicts "
-                                      f"finetune.self_training.{key}={want!r}; set it once")
+                    raise ConfigError(
+                        f"finetune.method.{key}: {m[key]!r} contradicts "
+                        f"finetune.self_training.{key}={want!r}; set it once"
+                    )
                 m[key] = want
         w = m.get("widths")
         if isinstance(w, (list, tuple)) and len(w) >= 2 and "decoder_widths" not in m:
             m["decoder_widths"] = list(reversed(list(w)[:-1]))
-        if "input_size" not in m and isinstance(size, (list, tuple)) and len(size) == 2 \
-                and size[0] == size[1]:
+        if "input_size" not in m and isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
             reg = method_registry(section)
             cls = reg.get(str(m.get("name")))
             if cls is not None and "input_size" in cls.Config.model_fields:

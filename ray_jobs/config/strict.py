@@ -1,4 +1,5 @@
 """The strict pydantic base of every ``ray_jobs`` config model, and one error formatter."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, ValidationError

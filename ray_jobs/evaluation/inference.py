@@ -22,6 +22,7 @@ differ only by the resampling of boundaries.
 
 The slice axis is axis 2 (``Z``); the first slice axis (``X``) is the network's ``H``.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,10 @@ def preprocessing_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         UserError: naming the spec key when ``size`` / ``spacing_mm`` / ``normalisation`` is bad.
     """
     size = spec.get("size")
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
     ):
         raise UserError(f"model spec 'size' must be [H, W] positive ints, got {size!r}")
     sp = spec.get("spacing_mm")
@@ -69,11 +72,8 @@ def preprocessing_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     lo = float(norm.get("low_percentile", 1.0))
     hi = float(norm.get("high_percentile", 99.0))
     if not 0.0 <= lo < hi <= 100.0:
-        raise UserError(
-            f"model spec 'normalisation' percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}"
-        )
-    return {"size": (int(size[0]), int(size[1])), "spacing_mm": spacing, "low_percentile": lo,
-            "high_percentile": hi}
+        raise UserError(f"model spec 'normalisation' percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+    return {"size": (int(size[0]), int(size[1])), "spacing_mm": spacing, "low_percentile": lo, "high_percentile": hi}
 
 
 def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,21 @@ def predict_volume(
     return out
 
 
-def predict_case(model: nn.Module, spec: Mapping[str, Any], store: Any, case: str, *, batch_size: int = 16) -> np.ndarray:
+def predict_case(
+    model: nn.Module, spec: Mapping[str, Any], store: Any, case: str, *, batch_size: int = 16
+) -> np.ndarray:
     """:func:`predict_volume` for one case of a ``storage`` store, normalised with the stored
     percentiles (``meta["intensity"]["p1"/"p99"]``, as the samplers do) when the spec uses the
     default (1, 99)."""
     meta = store.meta(case)
-    return predict_volume(model, spec, store.image(case), meta["spacing"],
-                          intensity_range=stored_intensity_range(spec, meta), batch_size=batch_size)
+    return predict_volume(
+        model,
+        spec,
+        store.image(case),
+        meta["spacing"],
+        intensity_range=stored_intensity_range(spec, meta),
+        batch_size=batch_size,
+    )
 
 
 def stored_intensity_range(spec: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[float, float] | None:

@@ -28,6 +28,7 @@ absent from the prediction or the reference; such cases are counted in ``n_missi
 per-case foreground mean is ``mean_fg_i = mean_{k>0} m_ik`` over the finite values of that case;
 ``mean_foreground`` summarises ``mean_fg_i`` over cases the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,13 +101,21 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
         image, ref = st.image(case), st.label(case)
         if ref is None:  # the driver passes labelled cases only
             raise UserError(f"case {case!r} is unlabelled: nothing to score it against")
-        pred = predict_volume(model, spec, image, meta["spacing"],
-                              intensity_range=stored_intensity_range(spec, meta), batch_size=cfg["batch_size"])
+        pred = predict_volume(
+            model,
+            spec,
+            image,
+            meta["spacing"],
+            intensity_range=stored_intensity_range(spec, meta),
+            batch_size=cfg["batch_size"],
+        )
         scores = score_case(pred, ref, meta["spacing"], fg, where=case)
         records.append(case_record(case, scores, names, ref.shape, meta["spacing"]))
         if cfg["save_predictions"]:
-            write_bytes(join_uri(cfg["out"], "predictions", f"{case}.nii.gz"),
-                         label_nifti_bytes(pred, np.asarray(meta["affine"], float)))
+            write_bytes(
+                join_uri(cfg["out"], "predictions", f"{case}.nii.gz"),
+                label_nifti_bytes(pred, np.asarray(meta["affine"], float)),
+            )
         if cfg["plots"] and cfg["overlay_cases"] > 0:
             # keep only the few slices an overlay needs, not the whole volumes
             candidates[case] = overlay_payload(image, ref, pred)
@@ -115,9 +124,17 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
     payload = {c: candidates[c] for c in chosen if c in candidates}
     overlays = {c: p for part in _gather_all(payload) for c, p in part.items()}
     if rank == 0:
-        write_report(cfg["out"], all_records, source=cfg["source"], label_names=names,
-                     histories=cfg["histories"], overlays=overlays, plots=cfg["plots"], title=cfg["title"],
-                     run_name=cfg["run_name"])
+        write_report(
+            cfg["out"],
+            all_records,
+            source=cfg["source"],
+            label_names=names,
+            histories=cfg["histories"],
+            overlays=overlays,
+            plots=cfg["plots"],
+            title=cfg["title"],
+            run_name=cfg["run_name"],
+        )
 
 
 def split_cases(st: Any, split: str) -> list[str]:
@@ -174,8 +191,10 @@ def evaluate_store(
     model_dir = resolve_model_dir(checkpoint)
     spec = read_spec(model_dir)
     if spec["stage"] != "finetune":
-        raise UserError(f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
-                        "evaluate a fine-tuned model (RUN_DIR/finetune/model)")
+        raise UserError(
+            f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
+            "evaluate a fine-tuned model (RUN_DIR/finetune/model)"
+        )
     try:
         st = storage.open_store(store, storage_options=storage_options)
     except ValueError as exc:
@@ -187,7 +206,7 @@ def evaluate_store(
         unknown = [c for c in cases if c not in set(st.labelled_cases)]
         if unknown:
             raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
-    cases = list(cases)[: max_cases] if max_cases else list(cases)
+    cases = list(cases)[:max_cases] if max_cases else list(cases)
     names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
     if not names:
         store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
@@ -197,15 +216,29 @@ def evaluate_store(
     names = {k: names.get(k, str(k)) for k in range(int(spec["num_classes"]))}
     if histories is None:
         histories = find_histories(model_dir)
-    source = {"checkpoint": model_dir, "store": str(store), "split": "(explicit cases)" if explicit else split,
-              "method": spec.get("name"), "weights_sha256": spec.get("weights_sha256"),
-              "n_workers": num_workers}
+    source = {
+        "checkpoint": model_dir,
+        "store": str(store),
+        "split": "(explicit cases)" if explicit else split,
+        "method": spec.get("name"),
+        "weights_sha256": spec.get("weights_sha256"),
+        "n_workers": num_workers,
+    }
     cfg = {
-        "model_dir": model_dir, "store": str(store), "storage_options": dict(storage_options or {}),
-        "cases": cases, "label_names": {str(k): v for k, v in names.items()}, "out": str(out),
-        "use_gpu": use_gpu, "plots": plots, "overlay_cases": overlay_cases,
-        "save_predictions": save_predictions, "histories": dict(histories), "batch_size": batch_size,
-        "source": source, "title": title or f"{spec.get('name', 'model')} on {split}",
+        "model_dir": model_dir,
+        "store": str(store),
+        "storage_options": dict(storage_options or {}),
+        "cases": cases,
+        "label_names": {str(k): v for k, v in names.items()},
+        "out": str(out),
+        "use_gpu": use_gpu,
+        "plots": plots,
+        "overlay_cases": overlay_cases,
+        "save_predictions": save_predictions,
+        "histories": dict(histories),
+        "batch_size": batch_size,
+        "source": source,
+        "title": title or f"{spec.get('name', 'model')} on {split}",
         "run_name": spec.get("run"),
     }
     res = dict(resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}))
@@ -218,15 +251,18 @@ def evaluate_store(
             _eval_worker,
             train_loop_config=cfg,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker=res if num_workers else None),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=res if num_workers else None
+            ),
             # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
             # hand back a previous run instead of evaluating again
             # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2)
             # it is ray.train.v2's, which takes worker_runtime_env
-            run_config=ray.train.RunConfig(name=f"evaluate-{uuid.uuid4().hex[:12]}",  # type: ignore[call-arg]
-                                           storage_path=storage_path,
-                                           worker_runtime_env=worker_runtime_env()),
+            run_config=ray.train.RunConfig(
+                name=f"evaluate-{uuid.uuid4().hex[:12]}",  # type: ignore[call-arg]
+                storage_path=storage_path,
+                worker_runtime_env=worker_runtime_env(),
+            ),
         )
         trainer.fit()
     finally:

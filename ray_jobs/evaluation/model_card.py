@@ -22,6 +22,7 @@ API (called by the pipeline at the end of a run)::
 - ``metrics`` values are evaluation summaries (``summary.json`` of :mod:`ray_jobs.evaluation.job`);
   the card keeps the per-class and mean-foreground mean ± std.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -76,11 +77,20 @@ def code_version() -> dict[str, Any]:
     sha: str | None = None
     dirty: bool | None = None
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            or None
+        )
         if sha:
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10, check=True).stdout
+            status = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
@@ -89,6 +99,7 @@ def code_version() -> dict[str, Any]:
 
 def _metric_digest(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The part of an evaluation summary a card keeps: per-class and mean-fg mean/std/n."""
+
     def keep(s: Mapping[str, Any]) -> dict[str, Any]:
         return {k: s.get(k) for k in ("mean", "std", "n")}
 
@@ -135,8 +146,12 @@ def build_model_card(
         "run": run_name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "method": {"pretrain": method, "finetune": strategy},
-        "data": {"store": str(uri) if uri is not None else None, "store_fingerprint": fp,
-                 "label_budget": label_budget, "labelled_cases": list(labelled_cases)},
+        "data": {
+            "store": str(uri) if uri is not None else None,
+            "store_fingerprint": fp,
+            "label_budget": label_budget,
+            "labelled_cases": list(labelled_cases),
+        },
         "config_hash": config_hash(cfg) if cfg else None,
         "code": code_version(),
         "metrics": {name: _metric_digest(s) for name, s in (metrics or {}).items()},
@@ -158,33 +173,53 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     if c.get("git_sha") and c.get("git_dirty"):
         version += " (uncommitted changes)"
     lines = [
-        f"# Model card: {card['run']}", "",
+        f"# Model card: {card['run']}",
+        "",
         f"- pretraining method: `{m.get('pretrain') or 'none (random initialisation)'}`",
         f"- fine-tuning strategy: `{m.get('finetune')}`",
         f"- data: `{d.get('store')}` (fingerprint `{(d.get('store_fingerprint') or '')[:16]}`)",
         f"- label budget: {d.get('label_budget')} patient(s), {len(d.get('labelled_cases') or [])} labelled case(s)"
-        + (f": {', '.join(d['labelled_cases'][:8])}" + (" ..." if len(d['labelled_cases']) > 8 else "")
-           if d.get("labelled_cases") else ""),
+        + (
+            f": {', '.join(d['labelled_cases'][:8])}" + (" ..." if len(d["labelled_cases"]) > 8 else "")
+            if d.get("labelled_cases")
+            else ""
+        ),
         f"- config hash: `{card.get('config_hash')}`",
         f"- code version: `{version}` (localcl {c.get('version') or 'not installed'})",
-        f"- created: {card.get('created')}", "",
+        f"- created: {card.get('created')}",
+        "",
     ]
     if card.get("metrics"):
-        lines += ["## Evaluation", "", "Mean ± std over test cases; HD95 and ASD in mm.", "",
-                  "| model | cases | class | Dice | HD95 (mm) | ASD (mm) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Evaluation",
+            "",
+            "Mean ± std over test cases; HD95 and ASD in mm.",
+            "",
+            "| model | cases | class | Dice | HD95 (mm) | ASD (mm) |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, s in card["metrics"].items():
             for cls, v in s.get("classes", {}).items():
                 if v.get("label") == 0:
                     continue
-                lines.append(f"| {name} | {s.get('n_cases')} | {cls} | {_pm(v.get('dice'), 3)} | "
-                             f"{_pm(v.get('hd95'), 2)} | {_pm(v.get('asd'), 2)} |")
+                lines.append(
+                    f"| {name} | {s.get('n_cases')} | {cls} | {_pm(v.get('dice'), 3)} | "
+                    f"{_pm(v.get('hd95'), 2)} | {_pm(v.get('asd'), 2)} |"
+                )
             fg = s.get("mean_foreground", {})
-            lines.append(f"| **{name}** | {s.get('n_cases')} | **mean foreground** | **{_pm(fg.get('dice'), 3)}** | "
-                         f"{_pm(fg.get('hd95'), 2)} | {_pm(fg.get('asd'), 2)} |")
+            lines.append(
+                f"| **{name}** | {s.get('n_cases')} | **mean foreground** | **{_pm(fg.get('dice'), 3)}** | "
+                f"{_pm(fg.get('hd95'), 2)} | {_pm(fg.get('asd'), 2)} |"
+            )
         lines.append("")
-    lines += ["## Reproduce", "", "The resolved configuration is `config.yaml` in the run directory "
-              "(and `config` in `model_card.json`); re-running it with the same store and code "
-              "version reproduces this model up to non-deterministic GPU kernels.", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "The resolved configuration is `config.yaml` in the run directory "
+        "(and `config` in `model_card.json`); re-running it with the same store and code "
+        "version reproduces this model up to non-deterministic GPU kernels.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ fsspec URI alike.
 - :func:`overlay_png`: a few slices of one case: the image, the reference and the prediction
   drawn over it (filled at 40 % opacity with the class colour, outlined).
 """
+
 from __future__ import annotations
 
 import io
@@ -40,11 +41,28 @@ def _png(fig: plt.Figure) -> bytes:
 
 # Columns of a history.csv that are bookkeeping, not curves: epoch counters, schedule, timing,
 # throughput, best-so-far markers, and step outputs that are weights or flags, not loss terms.
-NOT_CURVES = frozenset({
-    "epoch", "start_epoch", "global_step", "best_epoch", "best_val_dice", "round", "stage", "step",
-    "steps", "lr", "time", "time_s", "wall_s", "val_time_s", "samples_per_s", "throughput",
-    "lambda_c", "lc_skipped",
-})
+NOT_CURVES = frozenset(
+    {
+        "epoch",
+        "start_epoch",
+        "global_step",
+        "best_epoch",
+        "best_val_dice",
+        "round",
+        "stage",
+        "step",
+        "steps",
+        "lr",
+        "time",
+        "time_s",
+        "wall_s",
+        "val_time_s",
+        "samples_per_s",
+        "throughput",
+        "lambda_c",
+        "lc_skipped",
+    }
+)
 
 
 def curve_series(history: pd.DataFrame) -> dict[str, list[str]]:
@@ -55,9 +73,14 @@ def curve_series(history: pd.DataFrame) -> dict[str, list[str]]:
     validation overlap metrics (``val_dice``, in [0, 1]) and the validation distances in mm
     (``val_hd95``, ``val_asd``).
     """
-    numeric = [c for c in history.columns
-               if c not in NOT_CURVES and not str(c).endswith("_s")
-               and pd.api.types.is_numeric_dtype(history[c]) and history[c].notna().any()]
+    numeric = [
+        c
+        for c in history.columns
+        if c not in NOT_CURVES
+        and not str(c).endswith("_s")
+        and pd.api.types.is_numeric_dtype(history[c])
+        and history[c].notna().any()
+    ]
     dist = [c for c in numeric if c.startswith("val_") and ("hd" in c or "asd" in c)]
     dice = [c for c in numeric if c.startswith("val_") and c not in dist]
     losses = [c for c in numeric if not c.startswith("val_")]
@@ -90,8 +113,9 @@ def loss_curves_figure(history: pd.DataFrame, title: str) -> plt.Figure:
         ax2 = axes[0, 1]
         handles = []
         for i, c in enumerate(overlap):
-            handles += ax2.plot(x, history[c].to_numpy(dtype=float), marker="s", ms=3, label=c,
-                                color=CLASS_COLOURS[(i + 2) % 10])
+            handles += ax2.plot(
+                x, history[c].to_numpy(dtype=float), marker="s", ms=3, label=c, color=CLASS_COLOURS[(i + 2) % 10]
+            )
         ax2.set(xlabel="epoch", ylabel="Dice", title=f"{title}: validation")
         if overlap:
             ax2.set_ylim(0, 1.02)
@@ -99,8 +123,15 @@ def loss_curves_figure(history: pd.DataFrame, title: str) -> plt.Figure:
         if dist:
             ax3 = ax2.twinx()
             for i, c in enumerate(dist):
-                handles += ax3.plot(x, history[c].to_numpy(dtype=float), ls="--", marker="^", ms=3, label=c,
-                                    color=CLASS_COLOURS[(i + 5) % 10])
+                handles += ax3.plot(
+                    x,
+                    history[c].to_numpy(dtype=float),
+                    ls="--",
+                    marker="^",
+                    ms=3,
+                    label=c,
+                    color=CLASS_COLOURS[(i + 5) % 10],
+                )
             ax3.set_ylabel("distance (mm)")
         ax2.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     fig.tight_layout()
@@ -128,8 +159,9 @@ def dice_boxplot_png(dice: Mapping[str, Sequence[float]], title: str = "Dice per
     ax.set_xticks(range(1, len(names) + 1), names)
     rng = np.random.default_rng(0)
     for i, d in enumerate(data, start=1):
-        ax.scatter(i + rng.uniform(-0.12, 0.12, d.size), d, s=12, alpha=0.7,
-                   color=CLASS_COLOURS[(i - 1) % 10], zorder=3)
+        ax.scatter(
+            i + rng.uniform(-0.12, 0.12, d.size), d, s=12, alpha=0.7, color=CLASS_COLOURS[(i - 1) % 10], zorder=3
+        )
         if d.size:
             ax.text(i, 1.02, f"{d.mean():.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 1.08)
@@ -162,8 +194,7 @@ def overlay_png(
     """
     if not (image.shape == reference.shape == prediction.shape) or image.ndim != 3:
         raise ValueError(
-            f"overlay arrays must share one (S, X, Y) shape, got {image.shape}, "
-            f"{reference.shape}, {prediction.shape}"
+            f"overlay arrays must share one (S, X, Y) shape, got {image.shape}, {reference.shape}, {prediction.shape}"
         )
     k = max(int(max(label_names, default=1)), int(reference.max(initial=0)), int(prediction.max(initial=0))) + 1
     cmap = _label_cmap(k)
@@ -177,18 +208,27 @@ def overlay_png(
             ax.imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower", interpolation="nearest")
             if lab is not None:
                 lt = lab.T
-                ax.imshow(np.ma.masked_equal(lt, 0), cmap=cmap, vmin=0, vmax=k - 1, alpha=0.4,
-                          origin="lower", interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_equal(lt, 0),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=k - 1,
+                    alpha=0.4,
+                    origin="lower",
+                    interpolation="nearest",
+                )
                 for cls in range(1, k):
                     if np.any(lt == cls):
-                        ax.contour(lt == cls, levels=[0.5], colors=[CLASS_COLOURS[(cls - 1) % 10]],
-                                   linewidths=0.8, origin="lower")
+                        ax.contour(
+                            lt == cls,
+                            levels=[0.5],
+                            colors=[CLASS_COLOURS[(cls - 1) % 10]],
+                            linewidths=0.8,
+                            origin="lower",
+                        )
             ax.set_title(f"z={slices[r]}  {name}", fontsize=9)
             ax.set_axis_off()
-    handles = [
-        Patch(color=CLASS_COLOURS[(cls - 1) % 10], label=label_names.get(cls, str(cls)))
-        for cls in range(1, k)
-    ]
+    handles = [Patch(color=CLASS_COLOURS[(cls - 1) % 10], label=label_names.get(cls, str(cls))) for cls in range(1, k)]
     fig.legend(handles=handles, loc="lower center", ncol=max(len(handles), 1), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     return _png(fig)

@@ -3,6 +3,7 @@
 :func:`score_folders` (a folder of predicted NIfTI label maps against a folder of references;
 no model, no Ray). The report format is described in :mod:`ray_jobs.evaluation.job`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,11 @@ def score_case(
 
 
 def case_record(
-    case: str, scores: Mapping[int, Mapping[str, float]], label_names: Mapping[int, str],
-    shape: Sequence[int], spacing: Sequence[float],
+    case: str,
+    scores: Mapping[int, Mapping[str, float]],
+    label_names: Mapping[int, str],
+    shape: Sequence[int],
+    spacing: Sequence[float],
 ) -> dict[str, Any]:
     """One entry of ``per_case.json`` (floats kept as floats, possibly nan/inf)."""
     metrics = {
@@ -61,8 +65,13 @@ def case_record(
     for m in METRICS:
         vals = [v[m] for k, v in scores.items() if k != 0 and math.isfinite(v[m])]
         mean_fg[m] = float(np.mean(vals)) if vals else float("nan")
-    return {"case": case, "shape": [int(s) for s in shape], "spacing": [float(s) for s in spacing],
-            "metrics": metrics, "mean_fg": mean_fg}
+    return {
+        "case": case,
+        "shape": [int(s) for s in shape],
+        "spacing": [float(s) for s in spacing],
+        "metrics": metrics,
+        "mean_fg": mean_fg,
+    }
 
 
 def _stats(values: Iterable[float]) -> dict[str, Any]:
@@ -70,8 +79,13 @@ def _stats(values: Iterable[float]) -> dict[str, Any]:
     finite = np.array([v for v in vals if v is not None and math.isfinite(v)], float)
     if finite.size == 0:
         return {"mean": None, "std": None, "median": None, "n": 0, "n_missing": len(vals)}
-    return {"mean": float(finite.mean()), "std": float(finite.std()), "median": float(np.median(finite)),
-            "n": int(finite.size), "n_missing": len(vals) - int(finite.size)}
+    return {
+        "mean": float(finite.mean()),
+        "std": float(finite.std()),
+        "median": float(np.median(finite)),
+        "n": int(finite.size),
+        "n_missing": len(vals) - int(finite.size),
+    }
 
 
 def summarise(records: Sequence[Mapping[str, Any]], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -107,12 +121,20 @@ def _fmt(s: Mapping[str, Any], digits: int) -> str:
 
 def summary_markdown(summary: Mapping[str, Any], title: str = "Evaluation") -> str:
     """The summary table as markdown (mean ± std over cases)."""
-    lines = [f"## {title}", "", f"{summary['n_cases']} cases. Mean ± std over cases; HD95 and ASD in mm.", "",
-             "| class | label | Dice | HD95 (mm) | ASD (mm) |", "|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        f"{summary['n_cases']} cases. Mean ± std over cases; HD95 and ASD in mm.",
+        "",
+        "| class | label | Dice | HD95 (mm) | ASD (mm) |",
+        "|---|---|---|---|---|",
+    ]
     for name, c in summary["classes"].items():
         lines.append(f"| {name} | {c['label']} | {_fmt(c['dice'], 3)} | {_fmt(c['hd95'], 2)} | {_fmt(c['asd'], 2)} |")
     fg = summary["mean_foreground"]
-    lines.append(f"| **mean foreground** | | **{_fmt(fg['dice'], 3)}** | {_fmt(fg['hd95'], 2)} | {_fmt(fg['asd'], 2)} |")
+    lines.append(
+        f"| **mean foreground** | | **{_fmt(fg['dice'], 3)}** | {_fmt(fg['hd95'], 2)} | {_fmt(fg['asd'], 2)} |"
+    )
     src = summary.get("source") or {}
     if src:
         lines += ["", *[f"- {k}: `{v}`" for k, v in src.items() if not isinstance(v, (dict, list))]]
@@ -120,6 +142,7 @@ def summary_markdown(summary: Mapping[str, Any], title: str = "Evaluation") -> s
 
 
 # --------------------------------------------------------------------------- I/O helpers
+
 
 def absolute(path: str) -> str:
     """Local paths made absolute; URIs (``s3://...``, ``memory://...``) unchanged."""
@@ -183,8 +206,10 @@ def resolve_model_dir(checkpoint: str) -> str:
         return join_uri(str(checkpoint), "finetune", "model")
     if not fs.exists(path):
         raise UserError(f"--checkpoint {checkpoint}: no such directory")
-    raise UserError(f"--checkpoint {checkpoint}: no model.json (expected an exported model directory "
-                    "such as RUN_DIR/finetune/model, or a run directory)")
+    raise UserError(
+        f"--checkpoint {checkpoint}: no model.json (expected an exported model directory "
+        "such as RUN_DIR/finetune/model, or a run directory)"
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -215,9 +240,12 @@ def overlay_payload(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, n_slic
     zs = overlay_slices(ref, n_slices)
     lo, hi = np.percentile(image, [1, 99])
     img = np.clip((image[:, :, zs] - lo) / max(hi - lo, 1e-6), 0, 1)
-    return {"slices": zs, "image": np.moveaxis(img, 2, 0).astype(np.float16),
-            "ref": np.moveaxis(ref[:, :, zs], 2, 0).astype(np.uint8),
-            "pred": np.moveaxis(pred[:, :, zs], 2, 0).astype(np.uint8)}
+    return {
+        "slices": zs,
+        "image": np.moveaxis(img, 2, 0).astype(np.float16),
+        "ref": np.moveaxis(ref[:, :, zs], 2, 0).astype(np.uint8),
+        "pred": np.moveaxis(pred[:, :, zs], 2, 0).astype(np.uint8),
+    }
 
 
 def write_report(
@@ -245,8 +273,9 @@ def write_report(
     write_bytes(join_uri(out, "per_case.csv"), buf.getvalue().encode())
     files = ["per_case.json", "per_case.csv", "summary.json", "summary.md"]
     if plots:
-        dice = {name: [r["metrics"][name]["dice"] for r in records if name in r["metrics"]]
-                for name in summary["classes"]}
+        dice = {
+            name: [r["metrics"][name]["dice"] for r in records if name in r["metrics"]] for name in summary["classes"]
+        }
         dice["mean fg"] = [r["mean_fg"]["dice"] for r in records]
         write_bytes(join_uri(out, "plots", "dice_boxplot.png"), P.dice_boxplot_png(dice, f"{title}: Dice per class"))
         files.append("plots/dice_boxplot.png")
@@ -255,15 +284,22 @@ def write_report(
             if hist is None or hist.empty or "epoch" not in hist.columns:
                 continue
             run = run_name or history_run_name(uri)
-            write_bytes(join_uri(out, "plots", f"loss_{stage}.png"),
-                        P.loss_curves_png(hist, f"{run} {stage}" if run else stage))
+            write_bytes(
+                join_uri(out, "plots", f"loss_{stage}.png"), P.loss_curves_png(hist, f"{run} {stage}" if run else stage)
+            )
             files.append(f"plots/loss_{stage}.png")
         names = dict(label_names or {})
         by_case = {r["case"]: r for r in records}
         for case, ov in (overlays or {}).items():
             d = by_case[case]["mean_fg"]["dice"]
-            png = P.overlay_png(np.asarray(ov["image"], np.float32), ov["ref"], ov["pred"], ov["slices"], names,
-                                f"{case}: mean foreground Dice {d:.3f}")
+            png = P.overlay_png(
+                np.asarray(ov["image"], np.float32),
+                ov["ref"],
+                ov["pred"],
+                ov["slices"],
+                names,
+                f"{case}: mean foreground Dice {d:.3f}",
+            )
             write_bytes(join_uri(out, "plots", f"overlay_{case}.png"), png)
             files.append(f"plots/overlay_{case}.png")
     summary["files"] = files
@@ -312,8 +348,10 @@ def score_folders(
         refs = list_nifti(ref_dir, "--ref", strict=False)  # a reference folder may hold other files
     missing = [c for c in preds if c not in refs]
     if missing:
-        raise UserError(f"--ref {ref_dir}: no reference for prediction(s) {missing[:5]}"
-                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        raise UserError(
+            f"--ref {ref_dir}: no reference for prediction(s) {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
     names = _label_names_near(Path(ref_dir))
     loaded: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] = {}
     found: set[int] = set()
@@ -360,5 +398,12 @@ def score_folders(
     source = {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir)}
     if used_images is not None:
         source["overlay_images"] = used_images
-    return write_report(out, records, source=source, label_names=names, overlays=overlays, plots=plots,
-                        title="Prediction folder vs reference")
+    return write_report(
+        out,
+        records,
+        source=source,
+        label_names=names,
+        overlays=overlays,
+        plots=plots,
+        title="Prediction folder vs reference",
+    )

@@ -1,6 +1,7 @@
 """One study cell (``method x budget x seed``): the data it draws from, its labelled cases and
 plans, its run directory and config, the shared pretraining it starts from, and its record.
 """
+
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import storage
 from localcl.methods import METHODS
@@ -64,16 +66,16 @@ def open_data(study: StudyConfig, study_dir: str, log: Callable[[str], None]) ->
         log(f"ingesting {dcfg['source']} -> {uri}")
         rep = storage.ingest(dcfg["source"], uri, storage_options=so, workers=2, progress=False)
         if rep.failed:
-            raise UserError(f"base.data.source: {len(rep.failed)} case(s) failed to ingest, first: "
-                            f"{rep.failed[0].error}")
+            raise UserError(
+                f"base.data.source: {len(rep.failed)} case(s) failed to ingest, first: {rep.failed[0].error}"
+            )
     st = storage.open_store(uri, storage_options=so)
     cat = st.catalog
     sp = dcfg.get("splits") or {}
     pool_name, test_name = sp.get("pool", "train"), sp.get("test", "val")
     for k, name in (("pool", pool_name), ("test", test_name)):
         if name not in cat.splits:
-            raise UserError(f"base.data.splits.{k}: split {name!r} not in the store "
-                            f"(has {sorted(cat.splits)})")
+            raise UserError(f"base.data.splits.{k}: split {name!r} not in the store (has {sorted(cat.splits)})")
     lab = set(st.labelled_cases)
     test = [c for c in cat.splits[test_name] if c in lab]
     if dcfg.get("max_test_cases"):
@@ -82,8 +84,7 @@ def open_data(study: StudyConfig, study_dir: str, log: Callable[[str], None]) ->
         raise UserError(f"base.data.splits.test: no labelled cases in split {test_name!r}")
     pool = list(cat.splits[pool_name])
     names = {str(k): str(v) for k, v in (st.meta(test[0]).get("label_names") or {}).items()}
-    num_classes = (study.base.get("model") or {}).get("num_classes") or (
-        max(int(k) for k in names) + 1 if names else 0)
+    num_classes = (study.base.get("model") or {}).get("num_classes") or (max(int(k) for k in names) + 1 if names else 0)
     if num_classes < 2:
         raise UserError("base.model.num_classes: cannot infer from the store's label names; set it")
     frames: dict[str, int] = {}
@@ -97,14 +98,13 @@ def budget_cases(data: Data, budget: Budget, label_seed: int, pool: str) -> list
     """The labelled cases of ``budget`` (fixed across seeds)."""
     if budget.patients is not None:
         try:
-            return data.catalog.label_budget(budget.patients, seed=label_seed, pool=pool)
+            return list(data.catalog.label_budget(budget.patients, seed=label_seed, pool=pool))
         except ValueError as exc:
             raise UserError(f"budgets.{budget.name}.patients: {exc}") from None
     lab = set(data.catalog.labelled)
     bad = [c for c in budget.cases or [] if c not in set(data.pool) or c not in lab]
     if bad:
-        raise UserError(f"budgets.{budget.name}.cases: {bad[:3]} not labelled cases of split "
-                        f"{pool!r}")
+        raise UserError(f"budgets.{budget.name}.cases: {bad[:3]} not labelled cases of split {pool!r}")
     return sorted(budget.cases or [])
 
 
@@ -124,25 +124,41 @@ def cell_plan(data: Data, cfg: Config, labelled: list[str], *, use_unlabelled: b
     unl = data.catalog.unlabelled_pool(labelled, pool=cfg.data.splits.pool) if use_unlabelled else []
     if cfg.data.max_unlabelled is not None:
         unl = unl[: cfg.data.max_unlabelled]
-    return Plan(data.store, data.num_classes, data.label_names, list(labelled), list(unl),
-                sorted(set(labelled) | set(unl)), [], list(data.test))
+    return Plan(
+        data.store,
+        data.num_classes,
+        data.label_names,
+        list(labelled),
+        list(unl),
+        sorted(set(labelled) | set(unl)),
+        [],
+        list(data.test),
+    )
 
 
 def pretrain_plan(data: Data, cfg: Config, labelled: list[str]) -> Plan:
     """Pretraining plan: ``labelled`` (label-aware methods: the budget) keep their labels, every
     other pool case is hidden (-1); label-free methods get ``labelled == []``. Pretraining uses
     the whole pool (``data.max_unlabelled`` caps only the fine-tuning pools)."""
-    unl = data.catalog.unlabelled_pool(labelled, pool=cfg.data.splits.pool) if labelled \
-        else list(data.pool)
-    return Plan(data.store, data.num_classes, data.label_names, list(labelled), list(unl),
-                sorted(set(labelled) | set(unl)), [], [])
+    unl = data.catalog.unlabelled_pool(labelled, pool=cfg.data.splits.pool) if labelled else list(data.pool)
+    return Plan(
+        data.store,
+        data.num_classes,
+        data.label_names,
+        list(labelled),
+        list(unl),
+        sorted(set(labelled) | set(unl)),
+        [],
+        [],
+    )
 
 
 # --------------------------------------------------------------------------- run
-def read_json(path: str) -> Optional[dict[str, Any]]:
+def read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            out: dict[str, Any] = json.load(f)
+            return out
     except (OSError, ValueError):
         return None
 
@@ -155,13 +171,11 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-
 def cell_dir_of(study_dir: str, cell: Cell) -> str:
     return os.path.join(study_dir, "cells", cell.method, f"{cell.budget.name}-s{cell.seed}")
 
 
-def resolve_cell(study: StudyConfig, study_dir: str, cell: Cell, store: str
-                 ) -> tuple[Config, Optional[str]]:
+def resolve_cell(study: StudyConfig, study_dir: str, cell: Cell, store: str) -> tuple[Config, str | None]:
     """The cell's run config and the exported pretrained model it starts from (None: the
     method has no pretraining stage, fine-tuning starts from scratch)."""
 
@@ -188,7 +202,7 @@ class _FileLock:
         self.path, self.log, self.what = path, log, what
         self.f: Any = None
 
-    def __enter__(self) -> "_FileLock":
+    def __enter__(self) -> _FileLock:
         self.f = open(self.path, "a")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,10 +220,11 @@ def quiet_log(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda msg: log("    " + msg)
 
 
-def _pretrain_key(study: StudyConfig, cell: Cell) -> tuple[Optional[Budget], int]:
+def _pretrain_key(study: StudyConfig, cell: Cell) -> tuple[Budget | None, int]:
     """(budget or None, seed) identifying the pretraining run ``cell`` starts from."""
     cfg = pretrain_config(study, cell.method, store="store.zarr", budget=None, seed=study.seeds[0])
     # label-reading pretraining (MixCL, LRC supervised) runs per budget on that budget's labels
+    assert cfg.pretrain is not None
     sees = METHODS[cfg.pretrain.method.name].pretrain_reads_labels(cfg.method_config("pretrain"))
     return (cell.budget if sees else None), (cell.seed if study.pretrain_per_seed else study.seeds[0])
 
@@ -220,8 +235,14 @@ def pretrain_dir(study: StudyConfig, study_dir: str, cell: Cell) -> str:
     return os.path.join(study_dir, "pretrain", name)
 
 
-def ensure_pretrain(study: StudyConfig, study_dir: str, cell: Cell, data: Data,
-                     budgets: Mapping[str, list[str]], log: Callable[[str], None]) -> float:
+def ensure_pretrain(
+    study: StudyConfig,
+    study_dir: str,
+    cell: Cell,
+    data: Data,
+    budgets: Mapping[str, list[str]],
+    log: Callable[[str], None],
+) -> float:
     """Run (or skip, when exported with the same config) the pretraining ``cell`` starts from;
     returns its wall time in seconds (0 when skipped)."""
     budget, seed = _pretrain_key(study, cell)
@@ -236,22 +257,39 @@ def ensure_pretrain(study: StudyConfig, study_dir: str, cell: Cell, data: Data,
         return _run_pretrain(cfg, data, budget, budgets, run_dir, seed, log)
 
 
-def _run_pretrain(cfg: Config, data: Data, budget: Optional[Budget],
-                  budgets: Mapping[str, list[str]], run_dir: str, seed: int,
-                  log: Callable[[str], None]) -> float:
+def _run_pretrain(
+    cfg: Config,
+    data: Data,
+    budget: Budget | None,
+    budgets: Mapping[str, list[str]],
+    run_dir: str,
+    seed: int,
+    log: Callable[[str], None],
+) -> float:
     """Fit and export one pretraining (the caller holds its lock); returns its wall time."""
     labelled = budgets[budget.name] if budget else []
     plan = pretrain_plan(data, cfg, labelled)
-    log(f"pretrain {os.path.basename(run_dir)}: {cfg.pretrain.method.name} on "
+    assert cfg.pretrain is not None
+    log(
+        f"pretrain {os.path.basename(run_dir)}: {cfg.pretrain.method.name} on "
         f"{len(plan.pretrain_cases)} case(s), "
-        f"{'labels of ' + str(len(labelled)) + ' budget volume(s) visible' if labelled else 'no labels'}")
+        f"{'labels of ' + str(len(labelled)) + ' budget volume(s) visible' if labelled else 'no labels'}"
+    )
     t0 = time.perf_counter()
     pipeline.write_config(cfg, run_dir)
     pipeline.run_section(cfg, plan, run_dir, "pretrain", progress=False, log=quiet_log(log))
     dt = time.perf_counter() - t0
-    write_json(os.path.join(run_dir, "pretrain.json"), {
-        "method": cfg.pretrain.method.name, "labels_seen": labelled, "cases": len(plan.pretrain_cases),
-        "seed": seed, "seconds": round(dt, 1), "config_hash": cfg.hash()})
+    write_json(
+        os.path.join(run_dir, "pretrain.json"),
+        {
+            "method": cfg.pretrain.method.name if cfg.pretrain else None,
+            "labels_seen": labelled,
+            "cases": len(plan.pretrain_cases),
+            "seed": seed,
+            "seconds": round(dt, 1),
+            "config_hash": cfg.hash(),
+        },
+    )
     log(f"pretrain {os.path.basename(run_dir)}: done in {dt:.0f} s")
     return dt
 
@@ -267,6 +305,7 @@ def compute_of(cfg: Config) -> dict[str, int]:
     seed that shares it.
     """
     ft = cfg.finetune
+    assert ft is not None
     sch = ft.schedule
     rounds = 1 + (ft.self_training.rounds if ft.self_training is not None and ft.method.name == "plcl" else 0)
     steps = sch.epochs * sch.steps_per_epoch * rounds
@@ -276,24 +315,44 @@ def compute_of(cfg: Config) -> dict[str, int]:
         for stage in tuple(METHODS[cfg.pretrain.method.name].stages) or (None,):
             ps = cfg.schedule_for("pretrain", stage)
             pre += ps.epochs * ps.steps_per_epoch
-    return {"finetune_steps": steps, "labelled_views": steps * sch.batch_size,
-            "unlabelled_views": steps * ub, "pretrain_steps": pre}
+    return {
+        "finetune_steps": steps,
+        "labelled_views": steps * sch.batch_size,
+        "unlabelled_views": steps * ub,
+        "pretrain_steps": pre,
+    }
 
 
-def make_record(cell: Cell, cfg: Config, plan: Any, summary: Mapping[str, Any], data: Data,
-                labelled: Sequence[str], *, pretrain: Optional[str], times: Mapping[str, float],
-                history: Optional[Sequence[Mapping[str, Any]]] = None) -> dict[str, Any]:
+def make_record(
+    cell: Cell,
+    cfg: Config,
+    plan: Any,
+    summary: Mapping[str, Any],
+    data: Data,
+    labelled: Sequence[str],
+    *,
+    pretrain: str | None,
+    times: Mapping[str, float],
+    history: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """One results row: mean foreground Dice/HD95/ASD over the evaluated cases and the per-class
     means (``summary.json`` of :func:`ray_jobs.evaluation.job.evaluate_store`)."""
     mean = summary.get("mean") or {}
     rec: dict[str, Any] = {
-        "method": cell.method, "budget": cell.budget.name, "budget_label": cell.budget.display(),
-        "seed": cell.seed, "labelled_volumes": len(labelled),
+        "method": cell.method,
+        "budget": cell.budget.name,
+        "budget_label": cell.budget.display(),
+        "seed": cell.seed,
+        "labelled_volumes": len(labelled),
         "labelled_patients": patient_equivalents(data, labelled),
         "pretrain": cfg.pretrain.method.name if cfg.pretrain is not None else None,
-        "strategy": cfg.finetune.method.name, "unlabelled_volumes": len(plan.unlabelled),
-        "dice": _num(mean.get("dice")), "hd95": _num(mean.get("hd95")), "asd": _num(mean.get("asd")),
-        "n_cases": summary.get("n_cases"), **compute_of(cfg),
+        "strategy": cfg.finetune.method.name if cfg.finetune else None,
+        "unlabelled_volumes": len(plan.unlabelled),
+        "dice": _num(mean.get("dice")),
+        "hd95": _num(mean.get("hd95")),
+        "asd": _num(mean.get("asd")),
+        "n_cases": summary.get("n_cases"),
+        **compute_of(cfg),
     }
     for name, c in (summary.get("classes") or {}).items():
         if int(c.get("label", 0)) == 0:
@@ -307,7 +366,7 @@ def make_record(cell: Cell, cfg: Config, plan: Any, summary: Mapping[str, Any], 
     return rec
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     try:
         f = float(v)
     except (TypeError, ValueError):

@@ -1,26 +1,28 @@
 """The study report: aggregation over seeds, ``results.md`` tables, ``results.csv``/``.json``,
 the Dice-vs-labelled-patients curve, and ``--report-only`` from the finished cells.
 """
+
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
-import yaml
 
 from ray_jobs.errors import UserError
 from ray_jobs.study.cells import cell_dir_of, cells, read_json, resolve_cell, write_json
 from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, baseline_of, is_extra_baseline, store_uri
 
+
 # --------------------------------------------------------------------------- report
-def aggregate(records: Sequence[Mapping[str, Any]], baseline: str,
-              compare_to: Optional[Mapping[str, str]] = None) -> list[dict[str, Any]]:
+def aggregate(
+    records: Sequence[Mapping[str, Any]], baseline: str, compare_to: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Per (method, budget): mean and sample sd (ddof=1; 0 for one seed) over seeds of every
     numeric metric, plus ``delta`` = mean over seeds of (method - its baseline) Dice, paired by
     seed (same labelled set, same seed), with its sd. A method's baseline is
@@ -35,12 +37,17 @@ def aggregate(records: Sequence[Mapping[str, Any]], baseline: str,
     for (method, budget), rows in groups.items():
         ref = compare_to.get(method, baseline)
         base = {(budget, seed): r for (m, b, seed), r in by_cell.items() if m == ref and b == budget}
-        row: dict[str, Any] = {"method": method, "budget": budget, "n_seeds": len(rows),
-                               "budget_label": rows[0]["budget_label"],
-                               "labelled_patients": rows[0]["labelled_patients"],
-                               "labelled_volumes": rows[0]["labelled_volumes"],
-                               "pretrain": rows[0]["pretrain"], "strategy": rows[0]["strategy"],
-                               "compared_to": None if method == ref else ref}
+        row: dict[str, Any] = {
+            "method": method,
+            "budget": budget,
+            "n_seeds": len(rows),
+            "budget_label": rows[0]["budget_label"],
+            "labelled_patients": rows[0]["labelled_patients"],
+            "labelled_volumes": rows[0]["labelled_volumes"],
+            "pretrain": rows[0]["pretrain"],
+            "strategy": rows[0]["strategy"],
+            "compared_to": None if method == ref else ref,
+        }
         for k in ("finetune_steps", "labelled_views", "unlabelled_views", "pretrain_steps"):
             row[k] = rows[0].get(k)
         keys = [k for k, v in rows[0].items() if k.startswith(("dice", "hd95", "asd"))]
@@ -48,20 +55,30 @@ def aggregate(records: Sequence[Mapping[str, Any]], baseline: str,
             vals = np.array([r.get(k) for r in rows if r.get(k) is not None], float)
             row[k] = float(vals.mean()) if vals.size else None
             row[k + "_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else None
-        diffs = np.array([r["dice"] - base[(budget, r["seed"])]["dice"] for r in rows
-                          if (budget, r["seed"]) in base and r.get("dice") is not None
-                          and base[(budget, r["seed"])].get("dice") is not None], float)
+        diffs = np.array(
+            [
+                r["dice"] - base[(budget, r["seed"])]["dice"]
+                for r in rows
+                if (budget, r["seed"]) in base
+                and r.get("dice") is not None
+                and base[(budget, r["seed"])].get("dice") is not None
+            ],
+            float,
+        )
         row["delta"] = float(diffs.mean()) if diffs.size and method != ref else None
         row["delta_sd"] = float(diffs.std(ddof=1)) if diffs.size > 1 and method != ref else None
         row["n_paired"] = int(diffs.size)
         ref_rows = [r for r in base.values()]
-        row["steps_match"] = (None if method == ref or not ref_rows
-                              else ref_rows[0].get("finetune_steps") == rows[0].get("finetune_steps"))
+        row["steps_match"] = (
+            None
+            if method == ref or not ref_rows
+            else ref_rows[0].get("finetune_steps") == rows[0].get("finetune_steps")
+        )
         out.append(row)
     return out
 
 
-def _f(v: Optional[float], d: int = 3) -> str:
+def _f(v: float | None, d: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{d}f}"
 
 
@@ -69,33 +86,37 @@ def _pm(row: Mapping[str, Any], k: str, d: int = 3) -> str:
     if row.get(k) is None:
         return "n/a"
     sd = row.get(k + "_sd")
-    return f"{row[k]:.{d}f} ± {sd:.{d}f}" if row.get("n_seeds", 1) > 1 and sd is not None \
-        else f"{row[k]:.{d}f}"
+    return f"{row[k]:.{d}f} ± {sd:.{d}f}" if row.get("n_seeds", 1) > 1 and sd is not None else f"{row[k]:.{d}f}"
 
 
-def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], total: int,
-                     command: str = "") -> str:
+def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], total: int, command: str = "") -> str:
     """The study's tables as markdown (see the module docstring)."""
     agg = aggregate(records, study.baseline, study.compare_to)
     by = {(r["method"], r["budget"]): r for r in agg}
     methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
     budgets = study.budgets
-    lines = [f"### Study `{study.name}`: {len(records)} of {total} cells"
-             + ("" if len(records) >= total else
-                f" (**partial**: {total - len(records)} cells not finished)"),
-             ""]
+    lines = [
+        f"### Study `{study.name}`: {len(records)} of {total} cells"
+        + ("" if len(records) >= total else f" (**partial**: {total - len(records)} cells not finished)"),
+        "",
+    ]
     if command:
         lines += [f"Command: `{command}`", ""]
     n_cases = records[0].get("n_cases") if records else None
-    lines += [f"Mean foreground Dice (RV, MYO, LV) over the {n_cases or '?'} evaluation volumes, "
-              f"mean ± sd over seeds (sd with ddof=1; seeds {study.seeds}). Δ: Dice minus the "
-              f"method's baseline (column 'vs'; `{study.baseline}` unless `compare_to` names a "
-              f"compute-matched one) on the same budget and seed, averaged over seeds; '≠ steps' marks "
-              f"a Δ whose two cells trained different numbers of fine-tuning steps. Compute: "
-              f"fine-tuning steps (labelled / unlabelled slices seen) and pretraining steps, "
-              f"the pretraining amortised over every budget and seed that shares it.", ""]
-    head = ("| method | pretraining | fine-tuning | vs | ft steps (labelled / unlabelled slices) "
-            "| pretrain steps | " + " | ".join(b.display() for b in budgets) + " |")
+    lines += [
+        f"Mean foreground Dice (RV, MYO, LV) over the {n_cases or '?'} evaluation volumes, "
+        f"mean ± sd over seeds (sd with ddof=1; seeds {study.seeds}). Δ: Dice minus the "
+        f"method's baseline (column 'vs'; `{study.baseline}` unless `compare_to` names a "
+        f"compute-matched one) on the same budget and seed, averaged over seeds; '≠ steps' marks "
+        f"a Δ whose two cells trained different numbers of fine-tuning steps. Compute: "
+        f"fine-tuning steps (labelled / unlabelled slices seen) and pretraining steps, "
+        f"the pretraining amortised over every budget and seed that shares it.",
+        "",
+    ]
+    head = (
+        "| method | pretraining | fine-tuning | vs | ft steps (labelled / unlabelled slices) "
+        "| pretrain steps | " + " | ".join(b.display() for b in budgets) + " |"
+    )
     lines += [head, "|" + "---|" * (6 + len(budgets))]
     for m in methods:
         first = next((by[(m, b.name)] for b in budgets if (m, b.name) in by), None)
@@ -112,35 +133,55 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
                 txt += f" (Δ {r['delta']:+.3f}{', ≠ steps' if r.get('steps_match') is False else ''})"
             cells_txt.append(txt)
         name = f"**{m}** (baseline)" if m == study.baseline else m
-        ft = (f"{first.get('finetune_steps')} ({first.get('labelled_views')} / {first.get('unlabelled_views')})"
-              if first.get("finetune_steps") is not None else "n/a")
-        lines.append(f"| {name} | {first['pretrain'] or '—'} | {first['strategy']} | "
-                     f"{first.get('compared_to') or '—'} | {ft} | {first.get('pretrain_steps') or 0} | "
-                     + " | ".join(cells_txt) + " |")
-    classes = sorted({k[len("dice_"):] for r in records for k in r
-                      if k.startswith("dice_") and not k.endswith("_sd")})
+        ft = (
+            f"{first.get('finetune_steps')} ({first.get('labelled_views')} / {first.get('unlabelled_views')})"
+            if first.get("finetune_steps") is not None
+            else "n/a"
+        )
+        lines.append(
+            f"| {name} | {first['pretrain'] or '—'} | {first['strategy']} | "
+            f"{first.get('compared_to') or '—'} | {ft} | {first.get('pretrain_steps') or 0} | "
+            + " | ".join(cells_txt)
+            + " |"
+        )
+    classes = sorted({k[len("dice_") :] for r in records for k in r if k.startswith("dice_") and not k.endswith("_sd")})
     order = {"RV": 0, "MYO": 1, "LV": 2}
     classes.sort(key=lambda c: order.get(c, 9))
-    lines += ["", "Per class (Dice) and distances (mm, on the nominal header spacing):", "",
-              "| method | budget | seeds | " + " | ".join(f"Dice {c}" for c in classes)
-              + " | mean Dice | HD95 | ASD | Δ Dice vs baseline |",
-              "|" + "---|" * (7 + len(classes))]
+    lines += [
+        "",
+        "Per class (Dice) and distances (mm, on the nominal header spacing):",
+        "",
+        "| method | budget | seeds | "
+        + " | ".join(f"Dice {c}" for c in classes)
+        + " | mean Dice | HD95 | ASD | Δ Dice vs baseline |",
+        "|" + "---|" * (7 + len(classes)),
+    ]
     for b in budgets:
         for m in methods:
             r = by.get((m, b.name))
             if r is None:
                 continue
-            delta = "—" if r.get("delta") is None else (
-                f"{r['delta']:+.3f}" + (f" ± {r['delta_sd']:.3f}" if r.get("delta_sd") is not None else ""))
-            lines.append(f"| {m} | {b.display()} | {r['n_seeds']} | "
-                         + " | ".join(_pm(r, f"dice_{c}") for c in classes)
-                         + f" | {_pm(r, 'dice')} | {_pm(r, 'hd95', 2)} | {_pm(r, 'asd', 2)} | {delta} |")
-    lines += ["", "Published ACDC numbers (mean foreground Dice; the papers' protocol, differences "
-              "below):",
-              "", "| method | 1 volume | 2 volumes | 8 volumes | source |", "|---|---|---|---|---|"]
+            delta = (
+                "—"
+                if r.get("delta") is None
+                else (f"{r['delta']:+.3f}" + (f" ± {r['delta_sd']:.3f}" if r.get("delta_sd") is not None else ""))
+            )
+            lines.append(
+                f"| {m} | {b.display()} | {r['n_seeds']} | "
+                + " | ".join(_pm(r, f"dice_{c}") for c in classes)
+                + f" | {_pm(r, 'dice')} | {_pm(r, 'hd95', 2)} | {_pm(r, 'asd', 2)} | {delta} |"
+            )
+    lines += [
+        "",
+        "Published ACDC numbers (mean foreground Dice; the papers' protocol, differences below):",
+        "",
+        "| method | 1 volume | 2 volumes | 8 volumes | source |",
+        "|---|---|---|---|---|",
+    ]
     for p in PUBLISHED:
-        lines.append(f"| {p['method']} | {p['dice'][1]:.3f} | {p['dice'][2]:.3f} | "
-                     f"{p['dice'][8]:.3f} | {p['source']} |")
+        lines.append(
+            f"| {p['method']} | {p['dice'][1]:.3f} | {p['dice'][2]:.3f} | {p['dice'][8]:.3f} | {p['source']} |"
+        )
     one = [b for b in budgets if b.cases is not None and len(b.cases) == 1]
     if one:
         lines += ["", f"Here, at the only directly comparable budget ({one[0].display()}):"]
@@ -148,8 +189,7 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
             r = by.get((p["method"], one[0].name))
             if r is not None:
                 lines.append(f"- {p['method']}: {_pm(r, 'dice')} here vs {p['dice'][1]:.3f} published")
-    lines += ["", "Protocol differences to the published numbers:", ""] + [
-        f"- {n}" for n in PROTOCOL_NOTES]
+    lines += ["", "Protocol differences to the published numbers:", ""] + [f"- {n}" for n in PROTOCOL_NOTES]
     verdict = verdict_lines(study, agg)
     if verdict:
         lines += ["", "Against the baseline:", ""] + verdict
@@ -195,11 +235,12 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
     agg = aggregate(records, study.baseline, study.compare_to)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     methods = [study.baseline] + [m for m in study.methods if m != study.baseline]
-    colours = plt.get_cmap("tab10").colors
+    colours = [plt.get_cmap("tab10")(i) for i in range(10)]
     xs_all: dict[float, str] = {}
     for i, m in enumerate(methods):
-        rows = sorted((r for r in agg if r["method"] == m and r.get("dice") is not None),
-                      key=lambda r: r["labelled_patients"])
+        rows = sorted(
+            (r for r in agg if r["method"] == m and r.get("dice") is not None), key=lambda r: r["labelled_patients"]
+        )
         if not rows:
             continue
         x = [r["labelled_patients"] for r in rows]
@@ -208,9 +249,18 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
         for r in rows:
             xs_all[r["labelled_patients"]] = r["budget_label"]
         base = m == study.baseline
-        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, lw=2.2 if base else 1.4,
-                    ls="--" if base else "-", color="black" if base else colours[i % 10],
-                    label=f"{m} (baseline)" if base else m)
+        ax.errorbar(
+            x,
+            y,
+            yerr=e,
+            marker="o",
+            ms=4,
+            capsize=3,
+            lw=2.2 if base else 1.4,
+            ls="--" if base else "-",
+            color="black" if base else colours[i % 10],
+            label=f"{m} (baseline)" if base else m,
+        )
     ax.set_ylim(0.0, 1.0)
     ax.set_xscale("log")
     ticks = sorted(xs_all)
@@ -220,8 +270,7 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
     ax.set_xlabel("labelled patients (1 ACDC volume = 0.5)")
     ax.set_ylabel("mean foreground Dice (val)")
     n = max((r["n_seeds"] for r in agg), default=0)
-    ax.set_title(f"{study.name}: label efficiency (mean ± sd over {n} seed{'s' * (n != 1)})",
-                 fontsize=10)
+    ax.set_title(f"{study.name}: label efficiency (mean ± sd over {n} seed{'s' * (n != 1)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     buf = io.BytesIO()
@@ -230,22 +279,44 @@ def curve_png(study: StudyConfig, records: Sequence[Mapping[str, Any]]) -> bytes
     return buf.getvalue()
 
 
-CSV_FIRST = ("method", "budget", "seed", "labelled_volumes", "labelled_patients", "pretrain",
-             "strategy", "dice", "hd95", "asd")
+CSV_FIRST = (
+    "method",
+    "budget",
+    "seed",
+    "labelled_volumes",
+    "labelled_patients",
+    "pretrain",
+    "strategy",
+    "dice",
+    "hd95",
+    "asd",
+)
 
 
-def write_report(study: StudyConfig, study_dir: str, records: Sequence[Mapping[str, Any]],
-                 total: int, command: str = "") -> dict[str, str]:
+def write_report(
+    study: StudyConfig, study_dir: str, records: Sequence[Mapping[str, Any]], total: int, command: str = ""
+) -> dict[str, str]:
     """results.json, results.csv, results.md, curve.png in STUDY_DIR; returns their paths."""
     recs = list(records)
-    paths = {k: os.path.join(study_dir, f) for k, f in (
-        ("json", "results.json"), ("csv", "results.csv"), ("md", "results.md"),
-        ("png", "curve.png"))}
-    write_json(paths["json"], {"study": study.name, "config_hash": study.hash(), "done": len(recs),
-                                "total": total, "partial": len(recs) < total,
-                                "aggregate": aggregate(recs, study.baseline, study.compare_to), "cells": recs})
-    keys = list(CSV_FIRST) + sorted({k for r in recs for k in r if k not in CSV_FIRST
-                                     and not isinstance(r[k], (list, dict))})
+    paths = {
+        k: os.path.join(study_dir, f)
+        for k, f in (("json", "results.json"), ("csv", "results.csv"), ("md", "results.md"), ("png", "curve.png"))
+    }
+    write_json(
+        paths["json"],
+        {
+            "study": study.name,
+            "config_hash": study.hash(),
+            "done": len(recs),
+            "total": total,
+            "partial": len(recs) < total,
+            "aggregate": aggregate(recs, study.baseline, study.compare_to),
+            "cells": recs,
+        },
+    )
+    keys = list(CSV_FIRST) + sorted(
+        {k for r in recs for k in r if k not in CSV_FIRST and not isinstance(r[k], (list, dict))}
+    )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -257,7 +328,6 @@ def write_report(study: StudyConfig, study_dir: str, records: Sequence[Mapping[s
     if recs:
         Path(paths["png"]).write_bytes(curve_png(study, recs))
     return paths
-
 
 
 def _read_command(study_dir: str) -> str:
@@ -273,8 +343,7 @@ def finished_records(study: StudyConfig, study_dir: str, store: str) -> list[dic
     recs = []
     for cell in cells(study):
         r = read_json(os.path.join(cell_dir_of(study_dir, cell), "cell.json"))
-        if r is not None and r.get("config_hash") == resolve_cell(study, study_dir, cell,
-                                                                  store_uri(store))[0].hash():
+        if r is not None and r.get("config_hash") == resolve_cell(study, study_dir, cell, store_uri(store))[0].hash():
             recs.append(r)
     return recs
 

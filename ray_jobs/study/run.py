@@ -36,14 +36,14 @@ A cell is finished when ``cell.json`` holds the cell's config hash; finished cel
 finished stages of an interrupted cell are skipped; an interrupted stage resumes at its last
 epoch with Ray Train workers and restarts at epoch 1 in local mode (``num_workers: 0``).
 """
+
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -70,28 +70,40 @@ from ray_jobs.train import pipeline
 def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
     """Write STUDY_DIR/study.yaml; an existing study needs ``resume`` and the same config."""
     if "://" in study_dir:
-        raise UserError(f"--study-dir {study_dir}: a study directory must be a local path "
-                        f"(cells run in Ray Train local mode or on a shared volume)")
+        raise UserError(
+            f"--study-dir {study_dir}: a study directory must be a local path "
+            f"(cells run in Ray Train local mode or on a shared volume)"
+        )
     path = os.path.join(study_dir, "study.yaml")
     if os.path.exists(path):
         if not resume:
-            raise UserError(f"{study_dir} holds a study already; pass --resume to continue it "
-                            f"(finished cells are skipped) or choose another --study-dir")
+            raise UserError(
+                f"{study_dir} holds a study already; pass --resume to continue it "
+                f"(finished cells are skipped) or choose another --study-dir"
+            )
         try:
             old = load_study(yaml.safe_load(Path(path).read_text()) or {})
         except UserError as exc:
             raise UserError(f"{path}: cannot read the existing study ({exc})") from None
         if old.hash() != study.hash():
-            raise UserError(f"{study_dir} holds a study with a different config; --resume needs "
-                            f"the same config (or choose another --study-dir)")
+            raise UserError(
+                f"{study_dir} holds a study with a different config; --resume needs "
+                f"the same config (or choose another --study-dir)"
+            )
     os.makedirs(study_dir, exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(study.model_dump(mode="json"), f, sort_keys=False)
 
 
-def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
-              log: Callable[[str], None] = print, max_cells: Optional[int] = None,
-              only_seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
+def run_study(
+    study: StudyConfig,
+    study_dir: str,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    max_cells: int | None = None,
+    only_seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Run every unfinished cell, rewriting the report after each. Ray must be initialised.
     ``max_cells``: stop after that many newly finished cells (the report says 'partial').
     ``only_seeds``: run only the cells of these seeds, so several drivers can share one study
@@ -126,33 +138,57 @@ def run_study(study: StudyConfig, study_dir: str, *, resume: bool = False,
         if init is not None:
             pre_times.setdefault(init, ensure_pretrain(study, study_dir, cell, data, budgets, log))
         t0 = time.perf_counter()
-        log(f"[{i + 1}/{len(todo)}] {cell.key}: {len(labelled)} labelled volume(s), "
-            f"{cfg.finetune.method.name} fine-tuning")
+        assert cfg.finetune is not None  # every cell fine-tunes (check_study)
         strategy = cfg.finetune.method.name
+        log(f"[{i + 1}/{len(todo)}] {cell.key}: {len(labelled)} labelled volume(s), {strategy} fine-tuning")
         plan = cell_plan(data, cfg, labelled, use_unlabelled=strategy != "supervised")
         pipeline.write_config(cfg, cell_dir)
         quiet = quiet_log(log)
-        res = pipeline.run_section(cfg, plan, cell_dir, "finetune", init=(
-            {"kind": "backbone", "dir": init} if init else None), progress=False, log=quiet)
+        res = pipeline.run_section(
+            cfg,
+            plan,
+            cell_dir,
+            "finetune",
+            init=({"kind": "backbone", "dir": init} if init else None),
+            progress=False,
+            log=quiet,
+        )
         t_ft = time.perf_counter() - t0
         if res.get("history") is None:  # exported by an interrupted earlier run: its epoch times
             t_ft = history_seconds(os.path.join(cell_dir, "finetune", "history.csv"))
         t1 = time.perf_counter()
         ev = pipeline.evaluate_models(cfg, plan, cell_dir, log=quiet)
         t_ev = time.perf_counter() - t1
-        pipeline.write_run_card(cfg, plan, cell_dir, metrics=ev, extra={
-            "timings_s": {"finetune": round(t_ft, 1), "evaluate": round(t_ev, 1)},
-            "study": study.name, "pretrained_from": init})
-        rec = make_record(cell, cfg, plan, ev["method"], data, labelled,
-                          pretrain=init, times={"finetune_s": t_ft, "evaluate_s": t_ev,
-                                                "pretrain_s": pre_times.get(init or "", 0.0)},
-                          history=res.get("history"))
+        pipeline.write_run_card(
+            cfg,
+            plan,
+            cell_dir,
+            metrics=ev,
+            extra={
+                "timings_s": {"finetune": round(t_ft, 1), "evaluate": round(t_ev, 1)},
+                "study": study.name,
+                "pretrained_from": init,
+            },
+        )
+        rec = make_record(
+            cell,
+            cfg,
+            plan,
+            ev["method"],
+            data,
+            labelled,
+            pretrain=init,
+            times={"finetune_s": t_ft, "evaluate_s": t_ev, "pretrain_s": pre_times.get(init or "", 0.0)},
+            history=res.get("history"),
+        )
         write_json(os.path.join(cell_dir, "cell.json"), rec)
         records.append(rec)
         new += 1
         el = time.perf_counter() - t_start
-        log(f"[{i + 1}/{len(todo)}] {cell.key}: Dice {rec['dice']:.3f} (finetune {t_ft:.0f} s, "
-            f"evaluate {t_ev:.0f} s; study {el / 60:.1f} min)")
+        log(
+            f"[{i + 1}/{len(todo)}] {cell.key}: Dice {rec['dice']:.3f} (finetune {t_ft:.0f} s, "
+            f"evaluate {t_ev:.0f} s; study {el / 60:.1f} min)"
+        )
         write_report(study, study_dir, finished_records(study, study_dir, data.store), len(todo))
     records = finished_records(study, study_dir, data.store)
     report = write_report(study, study_dir, records, total=len(todo))

@@ -2,15 +2,16 @@
 loading with ``--set`` overrides and checks, the run config of a cell and of a shared
 pretraining, and the published reference numbers.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Optional
+from typing import Annotated, Any
 
-import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from localcl.methods import METHODS
@@ -29,13 +30,21 @@ from ray_jobs.errors import ConfigError
 # Published ACDC mean foreground Dice (spec methods.md §1.8 and §3.8), keyed by labelled volumes.
 # IDEAL's 1.25 / 2.5 / 10 % columns are GLCL's 1 / 2 / 8 labelled volumes (methods.md §3.2 [R]).
 PUBLISHED: tuple[dict[str, Any], ...] = (
-    {"method": "supervised", "dice": {1: 0.614, 2: 0.702, 8: 0.844},
-     "source": "random-initialisation baseline of GLCL (NeurIPS 2020), recalled, not re-verified "
-               "(methods.md §1.8)"},
-    {"method": "glcl", "dice": {1: 0.725, 2: 0.789, 8: 0.872},
-     "source": "GLCL G^D + L^R as printed in IDEAL Table 2 (methods.md §1.8, §3.8)"},
-    {"method": "ideal", "dice": {1: 0.738, 2: 0.846, 8: 0.879},
-     "source": "IDEAL Table 1, ACDC 1.25 / 2.5 / 10 % (methods.md §3.8)"},
+    {
+        "method": "supervised",
+        "dice": {1: 0.614, 2: 0.702, 8: 0.844},
+        "source": "random-initialisation baseline of GLCL (NeurIPS 2020), recalled, not re-verified (methods.md §1.8)",
+    },
+    {
+        "method": "glcl",
+        "dice": {1: 0.725, 2: 0.789, 8: 0.872},
+        "source": "GLCL G^D + L^R as printed in IDEAL Table 2 (methods.md §1.8, §3.8)",
+    },
+    {
+        "method": "ideal",
+        "dice": {1: 0.738, 2: 0.846, 8: 0.879},
+        "source": "IDEAL Table 1, ACDC 1.25 / 2.5 / 10 % (methods.md §3.8)",
+    },
 )
 
 # How any study here differs from the papers' evaluation (the settings of a given study, such
@@ -72,12 +81,12 @@ class Budget(Strict):
     drawn by the catalog) or ``cases: [...]`` (exactly these volumes)."""
 
     name: Name
-    patients: Optional[int] = Field(None, ge=1)
-    cases: Optional[list[str]] = None
-    label: Optional[str] = None  # table/plot label; default from the size
+    patients: int | None = Field(None, ge=1)
+    cases: list[str] | None = None
+    label: str | None = None  # table/plot label; default from the size
 
     @model_validator(mode="after")
-    def _one(self) -> "Budget":
+    def _one(self) -> Budget:
         if (self.patients is None) == (self.cases is None):
             raise ValueError("give exactly one of 'patients' or 'cases'")
         if self.cases is not None and (not self.cases or len(set(self.cases)) != len(self.cases)):
@@ -98,7 +107,7 @@ class StudyConfig(Strict):
     each method's ``pretrain``/``finetune`` section, ``methods`` (METHODS key -> sections)."""
 
     name: Name
-    study_dir: Optional[str] = None  # null: runs/study/<name>
+    study_dir: str | None = None  # null: runs/study/<name>
     base: dict[str, Any] = Field(default_factory=dict)
     stage_defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
     methods: dict[str, dict[str, Any]]
@@ -121,7 +130,7 @@ class StudyConfig(Strict):
             raise ValueError("seeds must be distinct and >= 0")
         return v
 
-    def resolved_dir(self, override: Optional[str] = None) -> str:
+    def resolved_dir(self, override: str | None = None) -> str:
         d = override or self.study_dir or os.path.join("runs", "study", self.name)
         return d if "://" in d else os.path.abspath(d)
 
@@ -141,8 +150,7 @@ def resolve_study_path(ref: str | Path) -> Path:
     if cand.is_file():
         return cand
     shipped = sorted(q.stem for q in (CONFIG_ROOT / "study").glob("*.yaml"))
-    raise ConfigError(f"--config: no file or shipped study named {str(ref)!r}; shipped: "
-                      f"{', '.join(shipped)}")
+    raise ConfigError(f"--config: no file or shipped study named {str(ref)!r}; shipped: {', '.join(shipped)}")
 
 
 def load_study(ref: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> StudyConfig:
@@ -170,42 +178,50 @@ def check_study(study: StudyConfig) -> None:
             raise ConfigError(f"stage_defaults.{key}: not a stage (use {list(STAGE_SECTIONS)})")
     for key, block in study.methods.items():
         if key not in METHODS and not is_extra_baseline(key):
-            raise ConfigError(f"methods.{key}: not a method of METHODS ({sorted(METHODS)}) nor an extra "
-                              f"baseline (a name starting with 'supervised')")
+            raise ConfigError(
+                f"methods.{key}: not a method of METHODS ({sorted(METHODS)}) nor an extra "
+                f"baseline (a name starting with 'supervised')"
+            )
         if not isinstance(block, Mapping) or "finetune" not in block:
             raise ConfigError(f"methods.{key}: needs a 'finetune' section")
         if is_extra_baseline(key):
             name = ((block.get("finetune") or {}).get("method") or {}).get("name")
             if "pretrain" in block or name != "supervised":
-                raise ConfigError(f"methods.{key}: an extra baseline cell fine-tunes "
-                                  f"{{method: {{name: supervised}}}} from scratch (no pretrain section)")
+                raise ConfigError(
+                    f"methods.{key}: an extra baseline cell fine-tunes "
+                    f"{{method: {{name: supervised}}}} from scratch (no pretrain section)"
+                )
         extra = set(block) - set(STAGE_SECTIONS)
         if extra:
-            raise ConfigError(f"methods.{key}.{sorted(extra)[0]}: unknown key (sections: "
-                              f"{list(STAGE_SECTIONS)})")
+            raise ConfigError(f"methods.{key}.{sorted(extra)[0]}: unknown key (sections: {list(STAGE_SECTIONS)})")
     if study.require_all_methods:
         missing = sorted(set(METHODS) - set(study.methods))
         if missing:
-            raise ConfigError(f"methods: missing {missing}; the study covers every method of "
-                              f"METHODS (set require_all_methods: false for a subset)")
+            raise ConfigError(
+                f"methods: missing {missing}; the study covers every method of "
+                f"METHODS (set require_all_methods: false for a subset)"
+            )
     if study.baseline not in study.methods:
-        raise ConfigError(f"baseline: {study.baseline!r} is not one of methods "
-                          f"({sorted(study.methods)})")
+        raise ConfigError(f"baseline: {study.baseline!r} is not one of methods ({sorted(study.methods)})")
     for key, base in study.compare_to.items():
         if key not in study.methods:
             raise ConfigError(f"compare_to.{key}: not one of methods ({sorted(study.methods)})")
         if base not in study.methods or not (base == study.baseline or is_extra_baseline(base)):
-            raise ConfigError(f"compare_to.{key}: {base!r} must be the baseline or an extra baseline "
-                              f"cell of methods (a name starting with 'supervised')")
+            raise ConfigError(
+                f"compare_to.{key}: {base!r} must be the baseline or an extra baseline "
+                f"cell of methods (a name starting with 'supervised')"
+            )
     names = [b.name for b in study.budgets]
     if not names:
         raise ConfigError("budgets: at least one label budget")
     if len(set(names)) != len(names):
         raise ConfigError(f"budgets: duplicate names {names}")
-    splits = ((study.base.get("data") or {}).get("splits") or {})
+    splits = (study.base.get("data") or {}).get("splits") or {}
     if splits.get("val", "val") is not None:
-        raise ConfigError("base.data.splits.val: must be null in a study (model selection on the "
-                          "evaluation split's labels would use labels beyond the budget)")
+        raise ConfigError(
+            "base.data.splits.val: must be null in a study (model selection on the "
+            "evaluation split's labels would use labels beyond the budget)"
+        )
     for key in study.methods:
         for b in study.budgets:
             cell_config(study, key, b, study.seeds[0], store="store.zarr", init=None)
@@ -244,26 +260,30 @@ def _budget_patients(budget: Budget) -> int:
     return budget.patients if budget.patients is not None else max(1, len(budget.cases or []))
 
 
-def cell_config(study: StudyConfig, key: str, budget: Budget, seed: int, *, store: str,
-                init: Optional[str]) -> Config:
+def cell_config(study: StudyConfig, key: str, budget: Budget, seed: int, *, store: str, init: str | None) -> Config:
     """The validated run config of one cell (fine-tuning on ``budget`` with ``seed``)."""
     d = deep_merge(study.base, method_sections(study, key))
     d["name"] = f"{study.name}-{key}-{budget.name}-s{seed}"
-    d = deep_merge(d, {"data": {"store": store, "seed": seed,
-                                "label_budget": _budget_patients(budget)}, "baseline": None})
+    d = deep_merge(
+        d, {"data": {"store": store, "seed": seed, "label_budget": _budget_patients(budget)}, "baseline": None}
+    )
     d["finetune"]["init"] = init
     return _validate(d, f"methods.{key}")
 
 
-def pretrain_config(study: StudyConfig, key: str, *, store: str, budget: Optional[Budget],
-                    seed: int) -> Config:
+def pretrain_config(study: StudyConfig, key: str, *, store: str, budget: Budget | None, seed: int) -> Config:
     """The validated run config of one pretraining (``budget`` only for label-aware methods)."""
     d = deep_merge(study.base, {"pretrain": method_sections(study, key)["pretrain"]})
     parts = [study.name, key, "pre"] + ([budget.name] if budget else []) + [f"s{seed}"]
     d["name"] = "-".join(parts)
-    d = deep_merge(d, {"data": {"store": store, "seed": seed,
-                                "label_budget": _budget_patients(budget) if budget else 1},
-                       "finetune": None, "baseline": None})
+    d = deep_merge(
+        d,
+        {
+            "data": {"store": store, "seed": seed, "label_budget": _budget_patients(budget) if budget else 1},
+            "finetune": None,
+            "baseline": None,
+        },
+    )
     return _validate(d, f"methods.{key}.pretrain")
 
 
@@ -272,7 +292,6 @@ def _validate(d: Mapping[str, Any], where: str) -> Config:
         return validate(d)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
 
 
 def store_uri(uri: str) -> str:

@@ -20,6 +20,7 @@ holds two files:
 The network is rebuilt as ``Registry[name](Config(**config), in_channels, num_classes)`` and the
 weights are loaded with ``strict=True``; the SHA-256 of ``model.pt`` is checked against the spec.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,6 @@ WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
 REQUIRED_SPEC_KEYS = ("stage", "name", "config", "in_channels", "num_classes", "size")
 STAGES = ("pretrain", "finetune")
-
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -122,10 +122,7 @@ def read_spec(directory: str) -> dict[str, Any]:
             raise UserError(f"{path}: invalid JSON ({exc})") from None
     _validate_spec(spec, path)
     if spec.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-        raise UserError(
-            f"{path}: model format {spec['format']} is newer than this localcl "
-            f"(reads <= {FORMAT_VERSION})"
-        )
+        raise UserError(f"{path}: model format {spec['format']} is newer than this localcl (reads <= {FORMAT_VERSION})")
     return spec
 
 
@@ -142,8 +139,10 @@ def load_state(directory: str, expected_sha256: str | None = None) -> dict[str, 
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything that is not plain tensors
-        raise UserError(f"{path}: not a weights-only state_dict ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError(
+            f"{path}: not a weights-only state_dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a flat dict of tensors")
     return state
@@ -154,9 +153,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     registry = METHODS if spec["stage"] == "pretrain" else FINETUNE
     name = spec["name"]
     if name not in registry:
-        raise UserError(
-            f"model spec names unknown {spec['stage']} method {name!r}; known: {sorted(registry)}"
-        )
+        raise UserError(f"model spec names unknown {spec['stage']} method {name!r}; known: {sorted(registry)}")
     cls = registry[name]
     cfg = cls.Config(**spec["config"])
     return cls(cfg, in_channels=spec["in_channels"], num_classes=spec["num_classes"])

@@ -1,6 +1,7 @@
 """Worker-side helpers of the training loop that are not training: progress pushes, the
 local-mode checkpoint directory, and the test/diagnostic hooks (``LoopSpec.hooks``: an
 ``events`` file and a ``kill`` spec that SIGKILLs one worker once)."""
+
 from __future__ import annotations
 
 import json

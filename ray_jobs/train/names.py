@@ -1,5 +1,6 @@
 """Names shared by the driver, the Ray Train workers and campaigns (no heavy imports): the
 run-directory stage folders, the checkpoint files and the per-epoch validation metrics."""
+
 from __future__ import annotations
 
 __all__ = ["BEST_FILE", "STAGE_DIRS", "STATE_FILE", "VAL_METRICS"]

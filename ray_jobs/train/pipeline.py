@@ -5,6 +5,7 @@ The run directory layout and the stage API are in :mod:`ray_jobs.train.stage`. S
 stage resumes from its last checkpoint (same Ray run name and storage path), so re-running the
 same command continues a run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,7 @@ def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     sp = cfg.data.splits
     for key, name in (("pool", sp.pool), ("val", sp.val), ("test", cfg.evaluate.split or sp.test)):
         if name is not None and name not in cat.splits:
-            raise UserError(f"data.splits.{key}: split {name!r} not in the store "
-                            f"(has {sorted(cat.splits)})")
+            raise UserError(f"data.splits.{key}: split {name!r} not in the store (has {sorted(cat.splits)})")
     labelled = cat.label_budget(cfg.data.label_budget, seed=cfg.data.seed, pool=sp.pool)
     unlabelled = cat.unlabelled_pool(labelled, pool=sp.pool)
     if cfg.data.max_unlabelled is not None:
@@ -84,10 +84,18 @@ def has_cases(uri: str, so: Any) -> bool:
         return False
 
 
-def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
-                init: dict[str, Any] | None = None, hooks: dict[str, Any] | None = None,
-                callbacks: Sequence[Any] = (), progress: bool = True,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_section(
+    cfg: Config,
+    plan: Plan,
+    run_dir: str,
+    section: str,
+    *,
+    init: dict[str, Any] | None = None,
+    hooks: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Fit ``section`` ("pretrain" | "finetune" | "baseline"), export its model, write
     ``history.csv``. Returns ``{"model_dir", "history", "results"}``.
 
@@ -96,12 +104,15 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
     baseline stage when the run has one and no initialisation."""
     if section == "finetune" and cfg.finetune is not None and cfg.finetune.self_training is not None:
         teacher = None
-        if init is None and cfg.baseline is not None and not stage_done(
-                join_uri(run_dir, STAGE_DIRS["finetune"], "model"), cfg):
-            teacher = run_section(cfg, plan, run_dir, "baseline", hooks=hooks,
-                                  progress=progress, log=log)["model_dir"]
-        return run_self_training(cfg, plan, run_dir, init=init, teacher=teacher, hooks=hooks,
-                                 callbacks=callbacks, progress=progress, log=log)
+        if (
+            init is None
+            and cfg.baseline is not None
+            and not stage_done(join_uri(run_dir, STAGE_DIRS["finetune"], "model"), cfg)
+        ):
+            teacher = run_section(cfg, plan, run_dir, "baseline", hooks=hooks, progress=progress, log=log)["model_dir"]
+        return run_self_training(
+            cfg, plan, run_dir, init=init, teacher=teacher, hooks=hooks, callbacks=callbacks, progress=progress, log=log
+        )
     sdir = STAGE_DIRS[section]
     model_dir = join_uri(run_dir, sdir, "model")
     if stage_done(model_dir, cfg):
@@ -120,10 +131,16 @@ def run_section(cfg: Config, plan: Plan, run_dir: str, section: str, *,
         if i > 0:  # next method stage starts from the previous one's weights (GLCL local)
             this_init = {"kind": "state", "dir": join_uri(run_dir, sdir, f"stage-{mstages[i - 1]}")}
         spec = loop_spec(cfg, plan, section, init=this_init, hooks=hooks, method_stage=ms)  # type: ignore[arg-type]
-        log(f"{sdir}{suffix}: {cfg.scaling.num_workers} worker(s), "
-            f"{cfg.schedule_for(section, ms).epochs} epoch(s)")
-        res = fit_stage(cfg, spec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}{suffix}",
-                        progress=progress, callbacks=list(callbacks) if section != "pretrain" else [])
+        log(f"{sdir}{suffix}: {cfg.scaling.num_workers} worker(s), {cfg.schedule_for(section, ms).epochs} epoch(s)")
+        res = fit_stage(
+            cfg,
+            spec,
+            run_dir,
+            sdir,
+            run_name=f"{cfg.name}-{sdir}{suffix}",
+            progress=progress,
+            callbacks=list(callbacks) if section != "pretrain" else [],
+        )
         results[ms or "main"] = res
         history += [dict(r, stage=ms) if ms and len(mstages) > 1 else r for r in res.history]
         if len(mstages) > 1 and i < len(mstages) - 1:
@@ -174,17 +191,25 @@ def write_config(cfg: Config, run_dir: str, force: bool = False) -> None:
         except UserError:
             same = False
         if not same:
-            raise UserError(f"{run_dir} holds a run with a different config; pass another "
-                            f"--run-dir (or --set name=...) to start a new run")
+            raise UserError(
+                f"{run_dir} holds a run with a different config; pass another "
+                f"--run-dir (or --set name=...) to start a new run"
+            )
     fs.makedirs(root, exist_ok=True)
     with fs.open(path, "w") as f:
         f.write(cfg.to_yaml())
 
 
-def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "finetune"),
-               finetune_callbacks: Sequence[Any] = (), progress: bool = True,
-               hooks: dict[str, Any] | None = None,
-               log: Callable[[str], None] = print, card: bool = True) -> dict[str, Any]:
+def run_stages(
+    cfg: Config,
+    run_dir: str,
+    stages: Sequence[str] = ("pretrain", "finetune"),
+    finetune_callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    hooks: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    card: bool = True,
+) -> dict[str, Any]:
     """Run the training stages in order (pretrain -> finetune, baseline). Fine-tuning starts
     from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
     configured, else from scratch. Writes the model card (without metrics) when ``card``.
@@ -198,52 +223,65 @@ def run_stages(cfg: Config, run_dir: str, stages: Sequence[str] = ("pretrain", "
         init = None
         if section == "finetune":
             assert cfg.finetune is not None  # checked above
-            src = cfg.finetune.init or (out.get("pretrain", {}).get("model_dir")
-                                        or (join_uri(run_dir, "pretrain", "model")
-                                            if cfg.pretrain is not None else None))
+            src = cfg.finetune.init or (
+                out.get("pretrain", {}).get("model_dir")
+                or (join_uri(run_dir, "pretrain", "model") if cfg.pretrain is not None else None)
+            )
             if src:
                 if not uri_exists(join_uri(src, "model.json")):
-                    raise UserError(f"finetune.init: no exported model at {src} "
-                                    f"(run 'localcl pretrain' first)")
+                    raise UserError(f"finetune.init: no exported model at {src} (run 'localcl pretrain' first)")
                 init = {"kind": "backbone", "dir": src}
         t0 = time.perf_counter()
-        out[section] = run_section(cfg, plan, run_dir, section, init=init, hooks=hooks,
-                                   callbacks=finetune_callbacks if section == "finetune" else (),
-                                   progress=progress, log=log)
+        out[section] = run_section(
+            cfg,
+            plan,
+            run_dir,
+            section,
+            init=init,
+            hooks=hooks,
+            callbacks=finetune_callbacks if section == "finetune" else (),
+            progress=progress,
+            log=log,
+        )
         out["timings"][section] = round(time.perf_counter() - t0, 1)
     if card:
         write_run_card(cfg, plan, run_dir, metrics=None, extra={"timings_s": out["timings"]})
     return out
 
 
-def run_pipeline(cfg: Config, run_dir: str, evaluate: bool = True, progress: bool = True,
-                 hooks: dict[str, Any] | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_pipeline(
+    cfg: Config,
+    run_dir: str,
+    evaluate: bool = True,
+    progress: bool = True,
+    hooks: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
     then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
     stages = [s for s in ("pretrain", "finetune", "baseline") if getattr(cfg, s) is not None]
-    out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log,
-                     card=not evaluate)
+    out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log, card=not evaluate)
     if evaluate:
         t0 = time.perf_counter()
         out["eval"] = evaluate_models(cfg, out["plan"], run_dir, log=log)
         out["timings"]["evaluate"] = round(time.perf_counter() - t0, 1)
-        out["card"] = write_run_card(cfg, out["plan"], run_dir, metrics=out["eval"],
-                                     extra={"timings_s": out["timings"]})
+        out["card"] = write_run_card(
+            cfg, out["plan"], run_dir, metrics=out["eval"], extra={"timings_s": out["timings"]}
+        )
     return out
 
 
 EVAL_NAMES = (("finetune", "method"), ("baseline", "baseline"))
 
 
-def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
     on the test cases into RUN_DIR/eval/<name>/ with :func:`ray_jobs.evaluation.job.evaluate_store`
     (a Ray Train job with ``scaling.num_workers`` workers). Returns ``{name: summary.json}``."""
     if not plan.test:
-        raise UserError(f"evaluate.split: no labelled test cases in split "
-                        f"{cfg.evaluate.split or cfg.data.splits.test!r}")
+        raise UserError(
+            f"evaluate.split: no labelled test cases in split {cfg.evaluate.split or cfg.data.splits.test!r}"
+        )
     fs, root = fsspec.core.url_to_fs(run_dir)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     res = {}
@@ -255,20 +293,25 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str,
         log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
         sc = cfg.scaling
         res[name] = evaluate_store(
-            model_dir, plan.store, out_dir, cases=plan.test,
-            num_workers=min(sc.num_workers, len(plan.test)), use_gpu=sc.use_gpu,
+            model_dir,
+            plan.store,
+            out_dir,
+            cases=plan.test,
+            num_workers=min(sc.num_workers, len(plan.test)),
+            use_gpu=sc.use_gpu,
             resources_per_worker=dict(sc.resources_per_worker),
             storage_options=cfg.data.storage_options or None,
             storage_path=os.path.join(root, "eval", "_ray") if local else None,
-            plots=cfg.evaluate.plots, overlay_cases=cfg.evaluate.overlay_cases,
-            title=f"{name}: {getattr(cfg, section).method.name} on "
-                  f"{cfg.evaluate.split or cfg.data.splits.test}")
+            plots=cfg.evaluate.plots,
+            overlay_cases=cfg.evaluate.overlay_cases,
+            title=f"{name}: {getattr(cfg, section).method.name} on {cfg.evaluate.split or cfg.data.splits.test}",
+        )
     return res
 
 
-def write_run_card(cfg: Config, plan: Plan, run_dir: str,
-                   metrics: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_run_card(
+    cfg: Config, plan: Plan, run_dir: str, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """RUN_DIR/model_card.json + MODEL_CARD.md (:mod:`ray_jobs.evaluation.model_card`): pretraining
     method, fine-tuning strategy, store + fingerprint, label budget and labelled cases, the
     resolved config and its hash, code version, evaluation metrics and ``extra``."""
@@ -282,9 +325,14 @@ def write_run_card(cfg: Config, plan: Plan, run_dir: str,
         run_name=cfg.name,
         method=cfg.pretrain.method.name if cfg.pretrain is not None else None,
         strategy=cfg.finetune.method.name if cfg.finetune is not None else None,
-        store=plan.store, label_budget=cfg.data.label_budget, labelled_cases=plan.labelled,
-        config=cfg.to_dict(), metrics=metrics or {},
-        storage_options=cfg.data.storage_options or None, extra=ex)
+        store=plan.store,
+        label_budget=cfg.data.label_budget,
+        labelled_cases=plan.labelled,
+        config=cfg.to_dict(),
+        metrics=metrics or {},
+        storage_options=cfg.data.storage_options or None,
+        extra=ex,
+    )
     write_model_card(run_dir, card)
     return card
 
@@ -294,8 +342,7 @@ def summary_table(results: dict[str, Any]) -> str:
     rows = ["| model | Dice | HD95 (mm) | ASD (mm) |", "|---|---|---|---|"]
     for name, s in results.items():
         mean = s.get("mean", s) if isinstance(s, dict) else {}
-        rows.append(f"| {name} | {_fmt(mean.get('dice'))} | {_fmt(mean.get('hd95'))} | "
-                    f"{_fmt(mean.get('asd'))} |")
+        rows.append(f"| {name} | {_fmt(mean.get('dice'))} | {_fmt(mean.get('hd95'))} | {_fmt(mean.get('asd'))} |")
     return "\n".join(rows)
 
 

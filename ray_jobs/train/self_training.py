@@ -27,6 +27,7 @@ Every round is its own Ray Train run (``<name>-finetune-r{r}``, storage ``RUN_DI
 so a crash resumes inside the interrupted round; finished rounds (exported with the same config
 hash) and cached pseudo-labels are skipped when the command is re-run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -55,9 +56,12 @@ from storage.preprocess import preprocess_slice, restore_slice
 from storage.remote import join_uri
 
 CRF_KEYS = {  # PLCLFinetuneConfig field -> localcl.methods.plcl.pseudo_label argument
-    "crf_gaussian_sxy": "gaussian_sxy", "crf_gaussian_weight": "gaussian_weight",
-    "crf_bilateral_sxy": "bilateral_sxy", "crf_bilateral_srgb": "bilateral_srgb",
-    "crf_bilateral_weight": "bilateral_weight", "crf_iterations": "iterations",
+    "crf_gaussian_sxy": "gaussian_sxy",
+    "crf_gaussian_weight": "gaussian_weight",
+    "crf_bilateral_sxy": "bilateral_sxy",
+    "crf_bilateral_srgb": "bilateral_srgb",
+    "crf_bilateral_weight": "bilateral_weight",
+    "crf_iterations": "iterations",
 }
 
 
@@ -66,8 +70,16 @@ def pseudo_label_name(cfg: Any, r: int) -> str:
     return f"pseudo_r{r}_{cfg.hash()[:8]}"
 
 
-def pseudo_label_volume(model: Any, spec: Mapping[str, Any], store: Any, case: str, *, crf: bool,
-                        crf_kwargs: Mapping[str, Any], batch_size: int = 16) -> np.ndarray:
+def pseudo_label_volume(
+    model: Any,
+    spec: Mapping[str, Any],
+    store: Any,
+    case: str,
+    *,
+    crf: bool,
+    crf_kwargs: Mapping[str, Any],
+    batch_size: int = 16,
+) -> np.ndarray:
     """Pseudo-labels ``(X, Y, Z)`` uint8 of one case on its native grid.
 
     Each slice is preprocessed exactly as the samplers do (:func:`storage.preprocess.preprocess_slice`
@@ -90,30 +102,48 @@ def pseudo_label_volume(model: Any, spec: Mapping[str, Any], store: Any, case: s
     with torch.no_grad():
         for z0 in range(0, Z, batch_size):
             zs = range(z0, min(Z, z0 + batch_size))
-            x = torch.stack([preprocess_slice(image[:, :, z], sp2, p1, p99, size, target)["image"]
-                             for z in zs]).to(device)
+            x = torch.stack([preprocess_slice(image[:, :, z], sp2, p1, p99, size, target)["image"] for z in zs]).to(
+                device
+            )
             probs = model.predict(x).float()
             lab = pseudo_label(probs, x, crf=crf, **dict(crf_kwargs))  # (B, H, W) int64
             native = restore_slice(lab.cpu(), (X, Y), sp2, target, nearest=True)  # (B, X, Y)
-            out[:, :, z0:z0 + len(zs)] = native.clamp_min(0).to(torch.uint8).numpy().transpose(1, 2, 0)
+            out[:, :, z0 : z0 + len(zs)] = native.clamp_min(0).to(torch.uint8).numpy().transpose(1, 2, 0)
     return out
 
 
-def label_task(model_dir: str, store_uri: str, storage_options: dict | None, case: str,
-                name: str, crf: bool, crf_kwargs: dict, use_gpu: bool) -> dict[str, Any]:
+def label_task(
+    model_dir: str,
+    store_uri: str,
+    storage_options: dict | None,
+    case: str,
+    name: str,
+    crf: bool,
+    crf_kwargs: dict,
+    use_gpu: bool,
+) -> dict[str, Any]:
     """One case (a Ray task): load the teacher, pseudo-label, write the derived array."""
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model, spec = load_model(model_dir, device=device)
     st = storage.open_store(store_uri, mode="a", storage_options=storage_options)
     lab = pseudo_label_volume(model, spec, st, case, crf=crf, crf_kwargs=crf_kwargs)
-    st.put_derived(case, name, lab, {"teacher": model_dir, "crf": bool(crf),
-                                      "weights_sha256": spec.get("weights_sha256")})
+    st.put_derived(
+        case, name, lab, {"teacher": model_dir, "crf": bool(crf), "weights_sha256": spec.get("weights_sha256")}
+    )
     return {"case": case, "classes": np.unique(lab).tolist()}
 
 
-def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], name: str, *, crf: bool,
-                       crf_kwargs: Mapping[str, Any], storage_options: dict | None = None,
-                       use_gpu: bool = False) -> dict[str, list[str]]:
+def pseudo_label_cases(
+    model_dir: str,
+    store_uri: str,
+    cases: Sequence[str],
+    name: str,
+    *,
+    crf: bool,
+    crf_kwargs: Mapping[str, Any],
+    storage_options: dict | None = None,
+    use_gpu: bool = False,
+) -> dict[str, list[str]]:
     """Pseudo-label ``cases`` as one Ray task per case (1 CPU, or 1 GPU with ``use_gpu``);
     cases that already hold a complete ``name`` array are skipped. Ray must be initialised."""
     st = storage.open_store(store_uri, storage_options=storage_options)
@@ -121,10 +151,8 @@ def pseudo_label_cases(model_dir: str, store_uri: str, cases: Sequence[str], nam
     done = {"computed": todo, "skipped": [c for c in cases if c not in todo]}
     if not todo:
         return done
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env=worker_runtime_env() or None)(label_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
-    refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu)
-            for c in todo]
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env=worker_runtime_env() or None)(label_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
+    refs = [task.remote(model_dir, store_uri, storage_options, c, name, crf, dict(crf_kwargs), use_gpu) for c in todo]
     ray.get(refs)
     return done
 
@@ -137,10 +165,18 @@ def _supervised_cfg(cfg: Config) -> Config:
     return validate(d)
 
 
-def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: dict[str, Any] | None,
-                      teacher: str | None = None, hooks: dict[str, Any] | None = None,
-                      callbacks: Sequence[Any] = (), progress: bool = True,
-                      log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_self_training(
+    cfg: Config,
+    plan: Plan,
+    run_dir: str,
+    *,
+    init: dict[str, Any] | None,
+    teacher: str | None = None,
+    hooks: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run round 0 (unless ``teacher``, an exported supervised model such as the run's
     baseline, is given) and rounds 1..R; export the best round to finetune/model.
     Returns ``{"model_dir", "history", "results", "rounds"}`` like ``pipeline.run_section``."""
@@ -164,10 +200,11 @@ def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: dict[str, 
         else:
             spec = dict(model_spec(scfg, plan, "baseline"), config_hash=cfg.hash())
             lspec = loop_spec(scfg, plan, "baseline", init=init, hooks=hooks, model=spec)
-            log(f"{sdir}/round0 (supervised teacher): {cfg.scaling.num_workers} worker(s), "
-                f"{scfg.schedule_for('baseline').epochs} epoch(s)")
-            res = fit_stage(scfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r0",
-                            progress=progress)
+            log(
+                f"{sdir}/round0 (supervised teacher): {cfg.scaling.num_workers} worker(s), "
+                f"{scfg.schedule_for('baseline').epochs} epoch(s)"
+            )
+            res = fit_stage(scfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r0", progress=progress)
             export_checkpoint(spec, res.checkpoint_dir, r0_dir)
             history = [dict(r, round=0) for r in res.history]
         teacher = r0_dir
@@ -181,24 +218,30 @@ def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: dict[str, 
         if stage_done(r_dir, cfg):
             spec_r = read_spec(r_dir)
             log(f"{sdir}/round{r}: already done, skipping")
-            rounds.append({"round": r, "model_dir": r_dir, "best": spec_r.get("best_score"),
-                           "pseudo": name})
+            rounds.append({"round": r, "model_dir": r_dir, "best": spec_r.get("best_score"), "pseudo": name})
             teacher = r_dir
             continue
-        done = pseudo_label_cases(teacher, plan.store, plan.unlabelled, name, crf=st_cfg.crf,
-                                  crf_kwargs=crf_kwargs,
-                                  storage_options=cfg.data.storage_options or None,
-                                  use_gpu=cfg.scaling.use_gpu)
-        log(f"{sdir}/round{r}: pseudo-labelled {len(done['computed'])} case(s) with {teacher} "
-            f"({'CRF' if st_cfg.crf else 'argmax'}; {len(done['skipped'])} cached) -> {name}")
-        r_init = ({"kind": "backbone", "dir": teacher} if r == 1
-                  else {"kind": "state", "dir": teacher})
+        done = pseudo_label_cases(
+            teacher,
+            plan.store,
+            plan.unlabelled,
+            name,
+            crf=st_cfg.crf,
+            crf_kwargs=crf_kwargs,
+            storage_options=cfg.data.storage_options or None,
+            use_gpu=cfg.scaling.use_gpu,
+        )
+        log(
+            f"{sdir}/round{r}: pseudo-labelled {len(done['computed'])} case(s) with {teacher} "
+            f"({'CRF' if st_cfg.crf else 'argmax'}; {len(done['skipped'])} cached) -> {name}"
+        )
+        r_init = {"kind": "backbone", "dir": teacher} if r == 1 else {"kind": "state", "dir": teacher}
         lspec = loop_spec(cfg, plan, "finetune", init=r_init, hooks=hooks, pseudo=name, round=r)
-        res = fit_stage(cfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r{r}",
-                        progress=progress, callbacks=list(callbacks))
+        res = fit_stage(
+            cfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r{r}", progress=progress, callbacks=list(callbacks)
+        )
         best = _best_score(res.history)
-        spec = dict(model_spec(cfg, plan, "finetune"), round=r, best_score=best,
-                    pseudo_labels=name)
+        spec = dict(model_spec(cfg, plan, "finetune"), round=r, best_score=best, pseudo_labels=name)
         export_checkpoint(spec, res.checkpoint_dir, r_dir)
         history += [dict(row, round=r) for row in res.history]
         rounds.append({"round": r, "model_dir": r_dir, "best": best, "pseudo": name})
@@ -213,8 +256,10 @@ def run_self_training(cfg: Config, plan: Plan, run_dir: str, *, init: dict[str, 
     spec = dict(read_spec(pick["model_dir"]))
     for k in ("format", "weights_sha256"):
         spec.pop(k, None)
-    spec["self_training"] = {"rounds": [{k: v for k, v in x.items() if k != "model_dir"}
-                                        for x in rounds], "selected_round": pick["round"]}
+    spec["self_training"] = {
+        "rounds": [{k: v for k, v in x.items() if k != "model_dir"} for x in rounds],
+        "selected_round": pick["round"],
+    }
     export_state(spec, state, final_dir)
     if history:
         write_history(run_dir, sdir, history)

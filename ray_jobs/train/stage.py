@@ -17,6 +17,7 @@ Layout of RUN_DIR (``docs/interfaces.md``)::
     <stage>/history.csv            one row per epoch
     eval/<name>/                   written by the evaluation step
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,20 @@ from ray_jobs.train.names import BEST_FILE, STAGE_DIRS, STATE_FILE, VAL_METRICS
 from storage.remote import join_uri
 
 __all__ = [
-    "BEST_FILE", "STAGE_DIRS", "STATE_FILE", "VAL_METRICS", "Init", "LoopSpec", "Plan", "Section",
-    "export_checkpoint", "export_stage", "export_state", "loop_spec", "model_spec", "stage_done",
+    "BEST_FILE",
+    "STAGE_DIRS",
+    "STATE_FILE",
+    "VAL_METRICS",
+    "Init",
+    "LoopSpec",
+    "Plan",
+    "Section",
+    "export_checkpoint",
+    "export_stage",
+    "export_state",
+    "loop_spec",
+    "model_spec",
+    "stage_done",
 ]
 
 
@@ -136,8 +149,7 @@ def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:
         "num_classes": plan.num_classes,
         "size": list(cfg.data.size),
         "spacing_mm": list(cfg.data.spacing_mm) if cfg.data.spacing_mm else None,
-        "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0,
-                          "high_percentile": 99.0},
+        "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0, "high_percentile": 99.0},
         "label_names": plan.label_names,
         "label_budget": cfg.data.label_budget,
         "labelled_cases": plan.labelled,
@@ -146,22 +158,38 @@ def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:
     }
 
 
-def loop_spec(cfg: Config, plan: Plan, section: Section, *, init: Mapping[str, Any] | Init | None = None,
-              hooks: Mapping[str, Any] | None = None, method_stage: str | None = None,
-              pseudo: str | None = None, round: int | None = None,
-              model: Mapping[str, Any] | None = None) -> LoopSpec:
+def loop_spec(
+    cfg: Config,
+    plan: Plan,
+    section: Section,
+    *,
+    init: Mapping[str, Any] | Init | None = None,
+    hooks: Mapping[str, Any] | None = None,
+    method_stage: str | None = None,
+    pseudo: str | None = None,
+    round: int | None = None,
+    model: Mapping[str, Any] | None = None,
+) -> LoopSpec:
     """The :class:`LoopSpec` of fitting ``section`` of ``cfg`` on ``plan`` (validated here,
     once). ``model`` overrides the model.json spec (default :func:`model_spec`)."""
     return LoopSpec(
-        config=cfg, section=section, method_name=getattr(cfg, section).method.name,
-        method_cfg=cfg.method_config(section), store=plan.store, num_classes=plan.num_classes,
-        labelled=tuple(plan.labelled), unlabelled=tuple(plan.unlabelled),
+        config=cfg,
+        section=section,
+        method_name=getattr(cfg, section).method.name,
+        method_cfg=cfg.method_config(section),
+        store=plan.store,
+        num_classes=plan.num_classes,
+        labelled=tuple(plan.labelled),
+        unlabelled=tuple(plan.unlabelled),
         pretrain_cases=tuple(plan.pretrain_cases),
         val=tuple(plan.val) if section != "pretrain" else (),
         model=dict(model) if model is not None else model_spec(cfg, plan, section),
         use_unlabelled=section == "finetune",
-        init=Init(**init) if isinstance(init, Mapping) else init, hooks=dict(hooks or {}),
-        method_stage=method_stage, pseudo=pseudo, round=round,
+        init=Init(**init) if isinstance(init, Mapping) else init,
+        hooks=dict(hooks or {}),
+        method_stage=method_stage,
+        pseudo=pseudo,
+        round=round,
     )
 
 

@@ -17,6 +17,7 @@
   checkpoints are kept under ``RUN_DIR/<stage>/<run>/local_checkpoints`` since local mode does
   not copy them to storage.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,8 +57,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address or None, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address {address or os.environ.get('RAY_ADDRESS')}: "
-                            f"cannot connect to Ray ({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"--address {address or os.environ.get('RAY_ADDRESS')}: "
+                f"cannot connect to Ray ({str(exc).splitlines()[0]})"
+            ) from None
         return
     start_local_ray(num_cpus=num_cpus, **kwargs)
 
@@ -76,8 +79,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
     ``ray.init`` itself ignore ``RAY_ADDRESS``; the driver's own environment is restored after.
     """
     address = f"127.0.0.1:{free_port()}"
-    kwargs: dict[str, Any] = dict(object_store_memory=512 * 2**20, include_dashboard=True,
-                                  dashboard_host="127.0.0.1")
+    kwargs: dict[str, Any] = dict(object_store_memory=512 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1")
     kwargs.update(init_kwargs)
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1])
@@ -126,9 +128,15 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
     return f"{path.rstrip('/')}/{stage}", pafs
 
 
-def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
-              run_name: str | None = None, progress: bool = True,
-              callbacks: Sequence[Any] = ()) -> StageResult:
+def fit_stage(
+    cfg: Config,
+    spec: LoopSpec,
+    run_dir: str,
+    stage: str,
+    run_name: str | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
     """Fit one stage (``spec``, built by :func:`ray_jobs.train.stage.loop_spec`) into
     ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
     history (one row per epoch) and final checkpoint. ``callbacks`` are extra Ray Train
@@ -145,24 +153,28 @@ def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
     if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
         if storage_fs is not None:
             raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
-        update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}",
-                                                 "local_checkpoints")
+        update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}", "local_checkpoints")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"spec": spec.model_copy(update=update)},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
             resources_per_worker=resources if sc.num_workers else None,
-            placement_strategy=sc.placement),
+            placement_strategy=sc.placement,
+        ),
         # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2) it
         # is ray.train.v2's, which takes worker_runtime_env
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]
-            name=run_name or f"{cfg.name}-{stage}", storage_path=storage_path,
-            storage_filesystem=storage_fs, callbacks=list(callbacks) or None,
+            name=run_name or f"{cfg.name}-{stage}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            callbacks=list(callbacks) or None,
             worker_runtime_env=worker_runtime_env(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
     )
     renderer = _Progress(queue, stage) if queue is not None else None
     if renderer:
@@ -171,9 +183,11 @@ def fit_stage(cfg: Config, spec: LoopSpec, run_dir: str, stage: str,
         result = trainer.fit()
     except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
         log_path = _write_failure(storage_path, storage_fs, exc)
-        raise UserError(f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
-                        f"{log_path}; re-run the same command to resume from the last "
-                        f"checkpoint in {storage_path}") from exc
+        raise UserError(
+            f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
+            f"{log_path}; re-run the same command to resume from the last "
+            f"checkpoint in {storage_path}"
+        ) from exc
     finally:
         if renderer:
             renderer.stop()
@@ -284,14 +298,18 @@ class _Progress:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        cols = (TextColumn("[bold]{task.fields[stage]}"), BarColumn(),
-                TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-                TextColumn("loss {task.fields[loss]:.4f}"),
-                TextColumn("{task.fields[rate]:.1f} samples/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        cols = (
+            TextColumn("[bold]{task.fields[stage]}"),
+            BarColumn(),
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[rate]:.1f} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
         with Progress(*cols, transient=False) as bar:
-            task = bar.add_task("train", total=None, stage=self.stage, epoch=0, epochs="?",
-                                loss=float("nan"), rate=0.0)
+            task = bar.add_task("train", total=None, stage=self.stage, epoch=0, epochs="?", loss=float("nan"), rate=0.0)
             while not self._stop.is_set():
                 try:
                     items = self.queue.get_nowait_batch(self.queue.qsize())
@@ -300,6 +318,13 @@ class _Progress:
                 for it in items:
                     total = it["epochs"] * it["steps"]
                     done = (it["epoch"] - 1) * it["steps"] + it["step"]
-                    bar.update(task, total=total, completed=done, epoch=it["epoch"],
-                               epochs=it["epochs"], loss=it["loss"], rate=it["samples_per_s"])
+                    bar.update(
+                        task,
+                        total=total,
+                        completed=done,
+                        epoch=it["epoch"],
+                        epochs=it["epochs"],
+                        loss=it["loss"],
+                        rate=it["samples_per_s"],
+                    )
                 self._stop.wait(0.5)

@@ -1,5 +1,6 @@
 """Validation during fine-tuning: mean foreground Dice (and HD95) of the validation cases,
 predicted on the native grid and summed over the Ray Train workers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,9 @@ from ray_jobs.train.stage import LoopSpec
 __all__ = ["mean_fg_dice", "mean_fg_hd95", "validation_dice"]
 
 
-def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
-                    device: torch.device) -> dict[str, float] | None:
+def validation_dice(
+    method: nn.Module, spec: LoopSpec, rank: int, world: int, device: torch.device
+) -> dict[str, float] | None:
     """Mean foreground Dice over the validation cases (native grid, 3D per case).
 
     Each rank predicts the cases ``val[rank::W]``; the per-case means are summed across ranks
@@ -35,7 +37,7 @@ def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
     was_training = method.training
     method.eval()
     with torch.no_grad():
-        for case in cases[rank::max(world, 1)]:
+        for case in cases[rank :: max(world, 1)]:
             ref = st.label(case)
             if ref is None:  # validation cases come from the labelled split
                 raise ValueError(f"validation case {case!r} is unlabelled")
@@ -60,12 +62,10 @@ def validation_dice(method: nn.Module, spec: LoopSpec, rank: int, world: int,
     return out
 
 
-def mean_fg_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Any, num_classes: int
-                  ) -> float | None:
+def mean_fg_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Any, num_classes: int) -> float | None:
     """Mean over foreground classes of HD95 (mm) from ``localcl.metrics.evaluate_case``;
     classes where it is undefined (empty prediction or reference) are skipped."""
-    res = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), tuple(spacing),
-                        list(range(1, num_classes)))
+    res = evaluate_case(pred.astype(np.int64), ref.astype(np.int64), tuple(spacing), list(range(1, num_classes)))
     vals = [float(v["hd95"]) for v in res.values() if np.isfinite(v.get("hd95", np.nan))]
     return float(np.mean(vals)) if vals else None
 

@@ -38,6 +38,7 @@ global step, sampler epoch, seed, history, best score) and ``best.pt`` (the mode
 the best validation Dice, or the last epoch's when there is no validation). Both are read with
 ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -63,8 +65,20 @@ from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
 from ray_jobs.train.validation import validation_dice
 from storage import samplers
 
-__all__ = ["BEST_FILE", "STATE_FILE", "VAL_METRICS", "StepModule", "amp_dtype", "build_loaders",
-           "build_method", "epoch_seed", "lr_factor", "reseed", "train_func", "validation_dice"]
+__all__ = [
+    "BEST_FILE",
+    "STATE_FILE",
+    "VAL_METRICS",
+    "StepModule",
+    "amp_dtype",
+    "build_loaders",
+    "build_method",
+    "epoch_seed",
+    "lr_factor",
+    "reseed",
+    "train_func",
+    "validation_dice",
+]
 
 
 class StepModule(nn.Module):
@@ -77,13 +91,15 @@ class StepModule(nn.Module):
 
     def __init__(self, method: nn.Module) -> None:
         super().__init__()
-        self.method = method
+        self.method: Any = method  # a PretrainMethod or FinetuneStrategy (their step methods differ)
 
     def forward(self, kind: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if kind == "pretrain":
-            return self.method.pretrain_step(*args, **kwargs)
+            out: dict[str, torch.Tensor] = self.method.pretrain_step(*args, **kwargs)
+            return out
         if kind == "finetune":
-            return self.method.finetune_step(*args, **kwargs)
+            res: dict[str, torch.Tensor] = self.method.finetune_step(*args, **kwargs)
+            return res
         raise ValueError(f"StepModule.forward: unknown kind {kind!r}")
 
 
@@ -106,7 +122,7 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0] % (2**31))
 
 
-def reseed(method: Optional[PretrainMethod | FinetuneStrategy], seed: int) -> None:
+def reseed(method: PretrainMethod | FinetuneStrategy | None, seed: int) -> None:
     """Seed torch/CUDA/numpy/python and the method's view/sampling generator
     (``method.reseed(seed)``, which adds its own rank offset)."""
     torch.manual_seed(seed)
@@ -124,8 +140,7 @@ def build_optimizer(params: list[nn.Parameter], oc: Any, lr: float) -> torch.opt
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -133,7 +148,7 @@ def _cycle(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: None on CPU (AMP is CUDA-only here) or when ``mode == "off"``."""
     if device.type != "cuda" or mode == "off":
         return None
@@ -153,7 +168,7 @@ def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
     per_worker = schedule.batch_size // max(world, 1)
     n_samples = per_worker * schedule.steps_per_epoch * max(world, 1)
     seed = cfg.data.seed
-    common = dict(size=size, seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
+    common: dict[str, Any] = dict(size=size, seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
     if cfg.data.spacing_mm is not None:
         sy, sx = cfg.data.spacing_mm
         if sy != sx:
@@ -166,36 +181,57 @@ def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
         if kind == "partition":
             parts = int(getattr(spec.method_cfg, "partitions", 4))
             if per_worker % parts:
-                raise ValueError(f"pretrain.schedule.batch_size per worker ({per_worker}) must be a "
-                                 f"multiple of the method's partitions ({parts})")
+                raise ValueError(
+                    f"pretrain.schedule.batch_size per worker ({per_worker}) must be a "
+                    f"multiple of the method's partitions ({parts})"
+                )
             m = max(1, per_worker // parts)
             ds = samplers.PartitionBatchDataset(
-                uri, cases, size, volumes_per_batch=m, partitions=parts,
+                uri,
+                cases,
+                size,
+                volumes_per_batch=m,
+                partitions=parts,
                 batches_per_epoch=schedule.steps_per_epoch * max(world, 1),
-                seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
+                seed=seed,
+                rank=rank,
+                world_size=max(world, 1),
+                storage_options=so,
+            )
             return {"main": ds, "batched": True, "unlabelled": None, "per_worker": m * parts}
         derived = ("superpixels",) if kind == "slices+superpixels" else ()
-        ds = samplers.SliceDataset(uri, cases, samples_per_epoch=n_samples, derived=derived,
-                                   hide_labels=hidden, **common)
-        return {"main": ds, "batched": False, "unlabelled": None, "per_worker": per_worker}
-    ds_l = samplers.SliceDataset(uri, list(spec.labelled), samples_per_epoch=n_samples,
-                                 fg_oversample=cfg.data.fg_oversample, **common)
+        ds_s = samplers.SliceDataset(
+            uri, cases, samples_per_epoch=n_samples, derived=derived, hide_labels=hidden, **common
+        )
+        return {"main": ds_s, "batched": False, "unlabelled": None, "per_worker": per_worker}
+    ds_l = samplers.SliceDataset(
+        uri, list(spec.labelled), samples_per_epoch=n_samples, fg_oversample=cfg.data.fg_oversample, **common
+    )
     ds_u = None
     ub = schedule.unlabelled_batch_size or schedule.batch_size
     if spec.use_unlabelled and spec.unlabelled:
         pseudo = spec.pseudo  # PLCL round r: labels come from the derived "pseudo_r{r}"
         ds_u = samplers.SliceDataset(
-            uri, list(spec.unlabelled), samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch
-            * max(world, 1), hide_labels=[] if pseudo else hidden,
-            label_array=pseudo or "label", **{**common, "seed": seed + 1})
-    return {"main": ds_l, "batched": False, "unlabelled": ds_u, "per_worker": per_worker,
-            "per_worker_u": ub // max(world, 1)}
+            uri,
+            list(spec.unlabelled),
+            samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch * max(world, 1),
+            hide_labels=[] if pseudo else hidden,
+            label_array=pseudo or "label",
+            **{**common, "seed": seed + 1},
+        )
+    return {
+        "main": ds_l,
+        "batched": False,
+        "unlabelled": ds_u,
+        "per_worker": per_worker,
+        "per_worker_u": ub // max(world, 1),
+    }
 
 
-def _loader(ds: Any, batch: Optional[int], workers: int) -> torch.utils.data.DataLoader:
+def _loader(ds: Any, batch: int | None, workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=False, drop_last=batch is not None,
-        num_workers=workers, persistent_workers=False)
+        ds, batch_size=batch, shuffle=False, drop_last=batch is not None, num_workers=workers, persistent_workers=False
+    )
 
 
 # --------------------------------------------------------------------------- model
@@ -203,7 +239,8 @@ def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
     """The network of ``spec`` (``METHODS`` to pretrain, ``FINETUNE`` to fine-tune), with the
     initial weights ``spec.init``."""
     registry: Mapping[str, type[PretrainMethod] | type[FinetuneStrategy]] = (
-        METHODS if spec.section == "pretrain" else FINETUNE)
+        METHODS if spec.section == "pretrain" else FINETUNE
+    )
     method = registry[spec.method_name](spec.method_cfg, spec.config.model.in_channels, spec.num_classes)
     init = spec.init
     if init is not None:
@@ -211,6 +248,7 @@ def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
             if not isinstance(method, FinetuneStrategy):
                 raise ValueError("init kind 'backbone' loads into a fine-tuning strategy")
             pre, _ = load_model(init.dir)
+            assert isinstance(method, FinetuneStrategy) and isinstance(pre, (PretrainMethod, FinetuneStrategy))
             method.load_backbone(pre.backbone_state(), strict=False)
         else:  # "state": same network (GLCL phase 2, PLCL round r)
             method.load_state_dict(load_state(init.dir), strict=False)
@@ -231,7 +269,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     reseed(None, epoch_seed(cfg.data.seed, 0, 0))  # same initial weights on every rank (epochs start at 1)
 
     method = build_method(spec)
-    pseudo_key: Optional[str] = None
+    pseudo_key: str | None = None
     if isinstance(method, FinetuneStrategy):
         if spec.round:  # PLCL self-training round r
             method.start_round(spec.round)
@@ -240,8 +278,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     method.to(device)
     step_module = StepModule(method)
     if world > 1:
-        model = ray.train.torch.prepare_model(
-            step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        model = ray.train.torch.prepare_model(step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
     else:
         model = step_module
     if isinstance(method, PretrainMethod):
@@ -250,16 +287,17 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
         params = [p for p in method.parameters() if p.requires_grad]
     optim = build_optimizer(params, getattr(cfg, section).optim, cfg.lr(section))
     total_steps = schedule.epochs * schedule.steps_per_epoch
-    if section == "pretrain":
+    if isinstance(method, PretrainMethod):
         method.set_total_steps(total_steps)  # step schedules (key momentum) need the stage length
     warm = int(round(schedule.warmup_epochs * schedule.steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: lr_factor(s, total_steps, warm, schedule.scheduler, schedule.min_lr_ratio))
+        optim, lambda s: lr_factor(s, total_steps, warm, schedule.scheduler, schedule.min_lr_ratio)
+    )
     dtype = amp_dtype(schedule.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start_epoch, global_step, history, best = 1, 0, [], {"score": -math.inf, "epoch": 0}
-    best_state: Optional[dict[str, torch.Tensor]] = None
+    best_state: dict[str, torch.Tensor] | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -278,8 +316,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     data = build_loaders(spec, rank, world)
     nw = cfg.data.loader_workers
     main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
-    u_loader = (_loader(data["unlabelled"], data["per_worker_u"], nw)
-                if data["unlabelled"] is not None else None)
+    u_loader = _loader(data["unlabelled"], data["per_worker_u"], nw) if data["unlabelled"] is not None else None
     hooks = spec.hooks
     queue = spec.progress_queue if rank == 0 else None
     mlflow = _setup_mlflow(spec) if cfg.logging.mlflow_uri else None
@@ -342,17 +379,30 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             now = time.perf_counter()
             if queue is not None and (now - last_push > 1.0 or i == schedule.steps_per_epoch - 1):
                 last_push = now
-                push_progress(queue, {"stage": spec.stage_name, "epoch": epoch, "epochs": schedule.epochs,
-                              "step": i + 1, "steps": schedule.steps_per_epoch,
-                              "loss": sums.get("loss", 0.0) / (i + 1),
-                              "samples_per_s": n_seen * max(world, 1) / max(now - t0, 1e-9)})
+                push_progress(
+                    queue,
+                    {
+                        "stage": spec.stage_name,
+                        "epoch": epoch,
+                        "epochs": schedule.epochs,
+                        "step": i + 1,
+                        "steps": schedule.steps_per_epoch,
+                        "loss": sums.get("loss", 0.0) / (i + 1),
+                        "samples_per_s": n_seen * max(world, 1) / max(now - t0, 1e-9),
+                    },
+                )
         elapsed = time.perf_counter() - t0
         metrics: dict[str, Any] = {f"{k}": v / schedule.steps_per_epoch for k, v in sums.items()}
         # start_epoch: the epoch this worker group (re)started at; > 1 on rows trained after a
         # resume, so a history proves which epochs ran once and which were restored
-        metrics.update(epoch=epoch, start_epoch=first_epoch, global_step=global_step,
-                       lr=sched.get_last_lr()[0],
-                       time_s=elapsed, samples_per_s=n_seen * max(world, 1) / max(elapsed, 1e-9))
+        metrics.update(
+            epoch=epoch,
+            start_epoch=first_epoch,
+            global_step=global_step,
+            lr=sched.get_last_lr()[0],
+            time_s=elapsed,
+            samples_per_s=n_seen * max(world, 1) / max(elapsed, 1e-9),
+        )
         score = None
         if section != "pretrain":
             t_val = time.perf_counter()
@@ -371,23 +421,32 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             metrics["best_val_dice"] = best["score"]
         history.append(dict(metrics))
         if mlflow is not None:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                if isinstance(v, (int, float)) and k != "epoch"}, step=epoch)
+            mlflow.log_metrics(
+                {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch
+            )
         checkpoint = None
         # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
         # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
         keep_dir = spec.local_ckpt_root
         if keep_dir:
             os.makedirs(keep_dir, exist_ok=True)
-        with (KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir)) if keep_dir
-              else tempfile.TemporaryDirectory()) as tmp:
+        with (
+            KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir))
+            if keep_dir
+            else tempfile.TemporaryDirectory()
+        ) as tmp:
             if rank == 0:
                 state = {
-                    "model": method.state_dict(), "optimizer": optim.state_dict(),
+                    "model": method.state_dict(),
+                    "optimizer": optim.state_dict(),
                     "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {},
-                    "epoch": epoch, "global_step": global_step, "sampler_epoch": epoch,
-                    "seed": cfg.data.seed, "history": history, "best": best,
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "sampler_epoch": epoch,
+                    "seed": cfg.data.seed,
+                    "history": history,
+                    "best": best,
                 }
                 torch.save(state, Path(tmp) / STATE_FILE)
                 torch.save(best_state, Path(tmp) / BEST_FILE)
@@ -412,10 +471,14 @@ def _setup_mlflow(spec: LoopSpec) -> Any:
     if spec.round:
         run += f"-r{spec.round}"
     flat = _flatten({k: v for k, v in cfg.to_dict().items() if k not in ("logging", "run_dir")})
-    return setup_mlflow(config=flat, tracking_uri=cfg.logging.mlflow_uri,
-                        experiment_name=cfg.name, run_name=run,
-                        create_experiment_if_not_exists=True,
-                        tags={"ray_run": run, "config_hash": cfg.hash(), "section": section})
+    return setup_mlflow(
+        config=flat,
+        tracking_uri=cfg.logging.mlflow_uri,
+        experiment_name=cfg.name,
+        run_name=run,
+        create_experiment_if_not_exists=True,
+        tags={"ray_run": run, "config_hash": cfg.hash(), "section": section},
+    )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ wheel), validated against the strict KubeRay v1.7.0 schemas and the Kubernetes s
 checked against the rules no schema catches. The second half proves each check has teeth:
 a deliberately broken copy of a rendered document must be rejected.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,10 +70,16 @@ def test_yamllint__repository_yaml_under_k8s_is_clean():
 def test_render__every_overlay_has_cluster_jobs_storage_and_database(rendered):
     for name, docs in rendered.items():
         kinds = sorted(ck._where(d) for d in docs)
-        for expected in ("RayCluster/localcl", "RayJob/localcl-pretrain", "RayJob/localcl-finetune",
-                         "RayJob/localcl-campaign", "StatefulSet/localcl-postgres",
-                         "Service/localcl-postgres", "PersistentVolumeClaim/localcl-shared",
-                         "ConfigMap/localcl-configs"):
+        for expected in (
+            "RayCluster/localcl",
+            "RayJob/localcl-pretrain",
+            "RayJob/localcl-finetune",
+            "RayJob/localcl-campaign",
+            "StatefulSet/localcl-postgres",
+            "Service/localcl-postgres",
+            "PersistentVolumeClaim/localcl-shared",
+            "ConfigMap/localcl-configs",
+        ):
             assert expected in kinds, (name, kinds)
         assert all(d["metadata"].get("namespace") == "localcl" for d in docs if d["kind"] != "Namespace")
 
@@ -105,7 +112,9 @@ def test_gpu_cloud__gpu_workers_autoscale_and_head_runs_no_work(rendered):
     res = wg["template"]["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
     assert 0 == wg["minReplicas"] < wg["maxReplicas"]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in wg["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in wg["template"]["spec"][
+        "tolerations"
+    ]
     image = wg["template"]["spec"]["containers"][0]["image"]
     assert f"ray{PIN}" in image and "cu" in image.rsplit(":", 1)[1]
     for job in ("pretrain", "finetune", "campaign"):
@@ -114,7 +123,9 @@ def test_gpu_cloud__gpu_workers_autoscale_and_head_runs_no_work(rendered):
         assert spec["suspend"] is True  # applying the overlay starts nothing; jobs are unsuspended in order
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
         assert spec["rayClusterSpec"] == rc  # one cluster definition, copied by kustomize
-        assert spec["entrypoint"].startswith(f"python -m ray_jobs.cluster.job_entry {'tune' if job == 'campaign' else job} ")
+        assert spec["entrypoint"].startswith(
+            f"python -m ray_jobs.cluster.job_entry {'tune' if job == 'campaign' else job} "
+        )
 
 
 def test_cpu_local__patches_reach_the_rayjobs_and_no_gpu_is_requested(rendered):
@@ -135,8 +146,11 @@ def test_cpu_local__patches_reach_the_rayjobs_and_no_gpu_is_requested(rendered):
 def test_pods__secrets_come_from_secret_refs(rendered):
     rc = _one(rendered["gpu-cloud"], "RayCluster")["spec"]
     env = {e["name"]: e for e in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
-    for name, secret in (("AWS_ACCESS_KEY_ID", "localcl-s3"), ("AWS_SECRET_ACCESS_KEY", "localcl-s3"),
-                         ("OPTUNA_STORAGE", "localcl-postgres")):
+    for name, secret in (
+        ("AWS_ACCESS_KEY_ID", "localcl-s3"),
+        ("AWS_SECRET_ACCESS_KEY", "localcl-s3"),
+        ("OPTUNA_STORAGE", "localcl-postgres"),
+    ):
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret
     pg = _one(rendered["gpu-cloud"], "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
     pw = next(e for e in pg["env"] if e["name"] == "POSTGRES_PASSWORD")
@@ -191,43 +205,83 @@ def _set(path: list, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return mutate
 
 
 BROKEN_CLUSTER: list[tuple[str, Callable[[dict], object], str]] = [
-    ("gpu-limit-missing", lambda d: _gpu_container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
-     "without nvidia.com/gpu in resources.limits"),
-    ("gpu-requests-ne-limits", lambda d: _gpu_container(d)["resources"]["requests"].update({"nvidia.com/gpu": "2"}),
-     "nvidia.com/gpu requests != limits"),
-    ("gpu-no-toleration", lambda d: _gpu_group(d)["template"]["spec"].pop("tolerations"),
-     "toleration for nvidia.com/gpu"),
-    ("image-latest", lambda d: _gpu_container(d).update(image="registry.example.com/localcl:latest"),
-     "is not pinned"),
-    ("image-untagged", lambda d: _gpu_container(d).update(image="registry.example.com/localcl"),
-     "has no tag"),
-    ("image-other-ray", lambda d: _gpu_container(d).update(image="r.example.com/localcl:0.1.0-ray2.59.0-cu128"),
-     "has Ray 2.59.0, pyproject pins"),
+    (
+        "gpu-limit-missing",
+        lambda d: _gpu_container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
+        "without nvidia.com/gpu in resources.limits",
+    ),
+    (
+        "gpu-requests-ne-limits",
+        lambda d: _gpu_container(d)["resources"]["requests"].update({"nvidia.com/gpu": "2"}),
+        "nvidia.com/gpu requests != limits",
+    ),
+    (
+        "gpu-no-toleration",
+        lambda d: _gpu_group(d)["template"]["spec"].pop("tolerations"),
+        "toleration for nvidia.com/gpu",
+    ),
+    ("image-latest", lambda d: _gpu_container(d).update(image="registry.example.com/localcl:latest"), "is not pinned"),
+    ("image-untagged", lambda d: _gpu_container(d).update(image="registry.example.com/localcl"), "has no tag"),
+    (
+        "image-other-ray",
+        lambda d: _gpu_container(d).update(image="r.example.com/localcl:0.1.0-ray2.59.0-cu128"),
+        "has Ray 2.59.0, pyproject pins",
+    ),
     ("ray-version", _set(["spec", "rayVersion"], "2.59.0"), "rayVersion 2.59.0 != pyproject ray pin"),
     ("head-runs-work", _set(["spec", "headGroupSpec", "rayStartParams", "num-cpus"], "4"), "must run no work"),
     ("param-not-string", _set(["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0), "must be a string"),
-    ("root-user", lambda d: _gpu_group(d)["template"]["spec"]["securityContext"].update(runAsUser=0),
-     "runAsUser must be set and non-zero"),
-    ("privilege-escalation", lambda d: _gpu_container(d)["securityContext"].update(allowPrivilegeEscalation=True),
-     "allowPrivilegeEscalation must be false"),
-    ("min-gt-max", lambda d: _gpu_group(d).update(minReplicas=5, maxReplicas=2), "0 <= minReplicas (5) <= maxReplicas (2)"),
-    ("no-autoscaling-no-bounds", lambda d: (d["spec"].update(enableInTreeAutoscaling=False),
-                                            _gpu_group(d).pop("minReplicas")),
-     "minReplicas and maxReplicas are required"),
+    (
+        "root-user",
+        lambda d: _gpu_group(d)["template"]["spec"]["securityContext"].update(runAsUser=0),
+        "runAsUser must be set and non-zero",
+    ),
+    (
+        "privilege-escalation",
+        lambda d: _gpu_container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+        "allowPrivilegeEscalation must be false",
+    ),
+    (
+        "min-gt-max",
+        lambda d: _gpu_group(d).update(minReplicas=5, maxReplicas=2),
+        "0 <= minReplicas (5) <= maxReplicas (2)",
+    ),
+    (
+        "no-autoscaling-no-bounds",
+        lambda d: (d["spec"].update(enableInTreeAutoscaling=False), _gpu_group(d).pop("minReplicas")),
+        "minReplicas and maxReplicas are required",
+    ),
     ("name-not-dns1035", _set(["metadata", "name"], "Localcl_Cluster"), "not a DNS-1035 label"),
     ("name-too-long", _set(["metadata", "name"], "l" * 54), "longer than 53"),
-    ("resources-twice", lambda d: _gpu_group(d).update(rayStartParams={"num-gpus": "1"}, resources={"GPU": "1"}),
-     "resources set both in rayStartParams and the group's resources field"),
-    ("labels-param", lambda d: _gpu_group(d)["rayStartParams"].update(labels="a=b"), "rayStartParams labels is not supported"),
-    ("suspended-group-autoscaling", lambda d: _gpu_group(d).update(suspend=True), "cannot be suspended with autoscaling"),
-    ("head-port-renamed", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0].update(name="gcs"),
-     "head container port 'gcs-server' must be 6379"),
-    ("plain-secret-env", lambda d: _gpu_container(d)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
-     "must come from a Secret"),
+    (
+        "resources-twice",
+        lambda d: _gpu_group(d).update(rayStartParams={"num-gpus": "1"}, resources={"GPU": "1"}),
+        "resources set both in rayStartParams and the group's resources field",
+    ),
+    (
+        "labels-param",
+        lambda d: _gpu_group(d)["rayStartParams"].update(labels="a=b"),
+        "rayStartParams labels is not supported",
+    ),
+    (
+        "suspended-group-autoscaling",
+        lambda d: _gpu_group(d).update(suspend=True),
+        "cannot be suspended with autoscaling",
+    ),
+    (
+        "head-port-renamed",
+        lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"][0].update(name="gcs"),
+        "head container port 'gcs-server' must be 6379",
+    ),
+    (
+        "plain-secret-env",
+        lambda d: _gpu_container(d)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
+        "must come from a Secret",
+    ),
 ]
 
 
@@ -241,27 +295,49 @@ def test_operator_rules__broken_raycluster_fails(rendered, label, mutate, expect
 
 BROKEN_JOB: list[tuple[str, Callable[[dict], object], str]] = [
     ("submission-mode", _set(["spec", "submissionMode"], "K8sMode"), "submissionMode 'K8sMode' not in"),
-    ("ttl-without-shutdown", _set(["spec", "shutdownAfterJobFinishes"], False),
-     "ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes"),
-    ("suspend-without-shutdown", lambda d: d["spec"].update(suspend=True, shutdownAfterJobFinishes=False),
-     "suspend: true needs shutdownAfterJobFinishes"),
-    ("selector-and-backoff", lambda d: (d["spec"].pop("rayClusterSpec"),
-                                        d["spec"].update(clusterSelector={"ray.io/cluster": "localcl"})),
-     "backoffLimit > 0 is not allowed with clusterSelector"),
+    (
+        "ttl-without-shutdown",
+        _set(["spec", "shutdownAfterJobFinishes"], False),
+        "ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes",
+    ),
+    (
+        "suspend-without-shutdown",
+        lambda d: d["spec"].update(suspend=True, shutdownAfterJobFinishes=False),
+        "suspend: true needs shutdownAfterJobFinishes",
+    ),
+    (
+        "selector-and-backoff",
+        lambda d: (d["spec"].pop("rayClusterSpec"), d["spec"].update(clusterSelector={"ray.io/cluster": "localcl"})),
+        "backoffLimit > 0 is not allowed with clusterSelector",
+    ),
     ("no-cluster", lambda d: d["spec"].pop("rayClusterSpec"), "needs rayClusterSpec or clusterSelector"),
-    ("selector-empty-name", lambda d: (d["spec"].pop("rayClusterSpec"), d["spec"].update(clusterSelector={"ray.io/cluster": ""})),
-     "clusterSelector needs a non-empty ray.io/cluster"),
+    (
+        "selector-empty-name",
+        lambda d: (d["spec"].pop("rayClusterSpec"), d["spec"].update(clusterSelector={"ray.io/cluster": ""})),
+        "clusterSelector needs a non-empty ray.io/cluster",
+    ),
     ("negative-backoff", _set(["spec", "backoffLimit"], -1), "backoffLimit must be >= 0"),
     ("deadline-zero", _set(["spec", "activeDeadlineSeconds"], 0), "activeDeadlineSeconds must be > 0"),
-    ("sidecar-with-submitter", _set(["spec", "submissionMode"], "SidecarMode"),
-     "SidecarMode forbids submitterPodTemplate"),
+    (
+        "sidecar-with-submitter",
+        _set(["spec", "submissionMode"], "SidecarMode"),
+        "SidecarMode forbids submitterPodTemplate",
+    ),
     ("runtime-env-yaml", _set(["spec", "runtimeEnvYAML"], "env_vars: [unclosed"), "runtimeEnvYAML is not valid YAML"),
     ("missing-deadline", lambda d: d["spec"].pop("activeDeadlineSeconds"), "activeDeadlineSeconds must be set"),
     ("name-too-long", _set(["metadata", "name"], "localcl-" + "x" * 40), "longer than 47"),
-    ("embedded-cluster-gpu-limit", lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
-     ["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"), "rayClusterSpec workerGroupSpecs[gpu-workers]"),
-    ("submitter-root", lambda d: d["spec"]["submitterPodTemplate"]["spec"]["securityContext"].update(runAsNonRoot=False),
-     "submitter container ray-job-submitter: runAsNonRoot must be true"),
+    (
+        "embedded-cluster-gpu-limit",
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+            "limits"
+        ].pop("nvidia.com/gpu"),
+        "rayClusterSpec workerGroupSpecs[gpu-workers]",
+    ),
+    (
+        "submitter-root",
+        lambda d: d["spec"]["submitterPodTemplate"]["spec"]["securityContext"].update(runAsNonRoot=False),
+        "submitter container ray-job-submitter: runAsNonRoot must be true",
+    ),
 ]
 
 
@@ -308,11 +384,14 @@ def test_yamllint__bad_yaml_is_reported(tmp_path):
     assert any("trailing spaces" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("line,expected", [
-    ("ARG BASE_IMAGE=rayproject/ray:latest", "is not pinned"),
-    ("ARG BASE_IMAGE=rayproject/ray:2.59.0-py311-gpu", "has Ray 2.59.0"),
-    ("ARG BASE_IMAGE=nvidia/cuda:12.8.0-runtime-ubuntu22.04", "is not rayproject/ray"),
-])
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("ARG BASE_IMAGE=rayproject/ray:latest", "is not pinned"),
+        ("ARG BASE_IMAGE=rayproject/ray:2.59.0-py311-gpu", "has Ray 2.59.0"),
+        ("ARG BASE_IMAGE=nvidia/cuda:12.8.0-runtime-ubuntu22.04", "is not rayproject/ray"),
+    ],
+)
 def test_dockerfile__broken_base_fails(tmp_path, line, expected):
     text = (REPO / "docker" / "Dockerfile").read_text()
     bad = tmp_path / "Dockerfile"

@@ -1,4 +1,5 @@
 """Tests of localcl.augment: determinism per seed, exact label/coordinate warping, spec ranges."""
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,9 @@ def test_glcl_global_view__equals_crop_then_bilinear_resize_in_the_interior() ->
     for i in range(3):
         x0 = int(round(((warp.theta[i, 0, 2] + 1) * 96 - 50).item()))
         y0 = int(round(((warp.theta[i, 1, 2] + 1) * 96 - 50).item()))
-        ref = F.interpolate(x[i : i + 1, :, y0 : y0 + 100, x0 : x0 + 100], size=(192, 192),
-                            mode="bilinear", align_corners=False)
+        ref = F.interpolate(
+            x[i : i + 1, :, y0 : y0 + 100, x0 : x0 + 100], size=(192, 192), mode="bilinear", align_corners=False
+        )
         # the outermost output pixels see real neighbours instead of the crop's edge replica
         torch.testing.assert_close(v[i : i + 1, :, 2:-2, 2:-2], ref[:, :, 2:-2, 2:-2])
 
@@ -128,8 +130,9 @@ def test_warp_labels__rotation_by_90_degrees_is_rot90_for_square_images() -> Non
 
 def test_warp_labels__nearest_keeps_label_set_and_fills_outside() -> None:
     lbl = torch.randint(0, 4, (4, 32, 32))
-    warp = A.Warp(A.affine_from_params((32, 32), torch.full((4,), 30.0), torch.full((4,), 0.8),
-                                       torch.zeros(4)), (32, 32))
+    warp = A.Warp(
+        A.affine_from_params((32, 32), torch.full((4,), 30.0), torch.full((4,), 0.8), torch.zeros(4)), (32, 32)
+    )
     out = A.warp_labels(lbl, warp, fill=-1)
     assert set(out.unique().tolist()) <= {-1, 0, 1, 2, 3}
     assert (out == -1).any()  # rotated + zoomed out: corners come from outside the image
@@ -239,8 +242,7 @@ def test_elastic_flow__coarse_displacement_std_is_sigma_pixels() -> None:
 
 def test_glcl_finetune_augment__bad_label_shape_names_label() -> None:
     with pytest.raises(ValueError, match="label must have shape"):
-        A.glcl_finetune_augment(torch.rand(2, 1, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long),
-                                A.make_generator(0))
+        A.glcl_finetune_augment(torch.rand(2, 1, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long), A.make_generator(0))
 
 
 # ------------------------------------------------------------------------------ 3D flips

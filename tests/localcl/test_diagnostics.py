@@ -1,5 +1,6 @@
 """localcl.diagnostics: linear probe and encoder health, against constructed encoders whose
 answer is known."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,8 @@ def _labels(n: int = 12, size: int = 16) -> torch.Tensor:
     lab = torch.zeros(n, size, size, dtype=torch.long)
     for i in range(n):
         r = int(torch.randint(2, 6, (1,), generator=g))
-        lab[i, 8 - r:8 + r, 8 - r:8 + r] = 1 + i % 3
-        lab[i, 8 - r // 2:8 + r // 2, 8 - r // 2:8 + r // 2] = 3 - i % 3 if i % 3 != 2 else 2
+        lab[i, 8 - r : 8 + r, 8 - r : 8 + r] = 1 + i % 3
+        lab[i, 8 - r // 2 : 8 + r // 2, 8 - r // 2 : 8 + r // 2] = 3 - i % 3 if i % 3 != 2 else 2
     return lab
 
 
@@ -105,7 +106,8 @@ def test_encoder_health__rows_per_conv_and_known_values() -> None:
     mu, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
     assert rows[0]["bn_dmean"] == pytest.approx(float((bn.running_mean - mu).norm() / 2), rel=1e-4)
     assert rows[0]["bn_dlogvar"] == pytest.approx(
-        float((torch.log(bn.running_var + 1e-5) - torch.log(var + 1e-5)).norm() / 2), rel=1e-4)
+        float((torch.log(bn.running_var + 1e-5) - torch.log(var + 1e-5)).norm() / 2), rel=1e-4
+    )
     assert all(0.0 <= r["dead_frac"] <= 1.0 and math.isfinite(r["act_std"]) for r in rows)
 
 

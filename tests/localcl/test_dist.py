@@ -1,4 +1,5 @@
 """localcl.dist: single-process behaviour, mocked ranks, and one real 2-process gloo group."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,16 @@ def _rank_loss(local: torch.Tensor, ids: torch.Tensor, chunk: int | None) -> tor
     n = local.shape[0]
     cands = dist.gather(local)
     off = dist.rank_offset(n)
-    return info_nce(local, cands, tau=0.2, anchor_ids=ids[off : off + n], candidate_ids=ids,
-                    self_offset=off, mode="single", chunk_size=chunk)
+    return info_nce(
+        local,
+        cands,
+        tau=0.2,
+        anchor_ids=ids[off : off + n],
+        candidate_ids=ids,
+        self_offset=off,
+        mode="single",
+        chunk_size=chunk,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -48,9 +57,7 @@ def test_dist__single_process_defaults():
 def test_dist__single_process_loss_equals_plain_self_contrast():
     x, _ = _global_batch()
     ids = torch.arange(x.shape[0]) % N_LOCAL
-    torch.testing.assert_close(
-        _rank_loss(x, ids, chunk=None), info_nce(x, tau=0.2, anchor_ids=ids, mode="single")
-    )
+    torch.testing.assert_close(_rank_loss(x, ids, chunk=None), info_nce(x, tau=0.2, anchor_ids=ids, mode="single"))
 
 
 def test_dist__bad_n_raises():
@@ -100,9 +107,7 @@ def test_dist__mocked_ranks_average_equals_global_loss_and_grad(monkeypatch, chu
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x, ids = _global_batch(2)
         local = x[rank * N_LOCAL : (rank + 1) * N_LOCAL].clone().requires_grad_(True)

@@ -1,4 +1,5 @@
 """Projection heads: reference sizes, equivalences with loop references, bad input."""
+
 from __future__ import annotations
 
 import pytest

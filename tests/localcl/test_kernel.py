@@ -1,4 +1,5 @@
 """Tests of the masked InfoNCE kernel against a float64 loop reference written from the formula."""
+
 from __future__ import annotations
 
 import math
@@ -110,8 +111,17 @@ def test_info_nce__weights_and_reductions_match_reference(reduction, chunk):
     aid = torch.tensor([0, 1, 2, 3, 9, 1])
     cid = torch.tensor([1, 0, 2, 2, 3, 5, 6, 1])
     w = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0, 1.5], dtype=torch.float64)
-    got = info_nce(a, c, tau=0.3, anchor_ids=aid, candidate_ids=cid, mode="summed",
-                   reduction=reduction, anchor_weight=w, chunk_size=chunk)
+    got = info_nce(
+        a,
+        c,
+        tau=0.3,
+        anchor_ids=aid,
+        candidate_ids=cid,
+        mode="summed",
+        reduction=reduction,
+        anchor_weight=w,
+        chunk_size=chunk,
+    )
     sets = _ref_sets(6, 8, aid=aid.tolist(), cid=cid.tolist())
     ref = _ref_loss(a.numpy(), c.numpy(), sets, 0.3, "summed", weight=w.numpy(), reduction=reduction)
     np.testing.assert_allclose(got.detach().numpy(), ref, rtol=1e-10, atol=1e-12)
@@ -177,8 +187,7 @@ def test_info_nce__chunked_gradcheck(mode):
     cid = torch.tensor([1, 0, 1, 2, 2, 3])
 
     def f(a_, c_):
-        return info_nce(a_, c_, tau=0.3, anchor_ids=aid, candidate_ids=cid, mode=mode,
-                        chunk_size=2, reduction="none")
+        return info_nce(a_, c_, tau=0.3, anchor_ids=aid, candidate_ids=cid, mode=mode, chunk_size=2, reduction="none")
 
     assert torch.autograd.gradcheck(f, (a, c))
     x = _rand(6, 3, 22).requires_grad_(True)
@@ -261,7 +270,9 @@ def test_info_nce__no_positive_anywhere_gives_zero_and_finite_grad():
 
 def test_info_nce__no_negative_gives_zero_summed_loss():
     x = _rand(4, 3, 43)
-    assert info_nce(x, tau=0.1, anchor_ids=torch.zeros(4, dtype=torch.long), mode="summed").item() == pytest.approx(0.0, abs=1e-12)
+    assert info_nce(x, tau=0.1, anchor_ids=torch.zeros(4, dtype=torch.long), mode="summed").item() == pytest.approx(
+        0.0, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -305,12 +316,14 @@ def test_info_nce__loss_decreases_under_sgd():
         (dict(pos_mask=torch.ones(4, 4, dtype=torch.bool)), "pos_mask or anchor_ids"),
         (dict(anchor_ids=torch.zeros(3, dtype=torch.long)), "anchor_ids"),
         (dict(anchor_weight=torch.ones(5)), "anchor_weight"),
-        (dict(neg_anchor_groups=torch.zeros(4, dtype=torch.long), candidates=torch.randn(4, 3)), "neg_candidate_groups"),
+        (
+            dict(neg_anchor_groups=torch.zeros(4, dtype=torch.long), candidates=torch.randn(4, 3)),
+            "neg_candidate_groups",
+        ),
     ],
 )
 def test_info_nce__bad_arguments_raise_naming_parameter(kwargs, match):
-    base = dict(anchors=torch.randn(4, 3), candidates=None, tau=0.1, anchor_ids=torch.arange(4) % 2,
-                mode="summed")
+    base = dict(anchors=torch.randn(4, 3), candidates=None, tau=0.1, anchor_ids=torch.arange(4) % 2, mode="summed")
     if "candidates" in kwargs:
         base["candidate_ids"] = torch.arange(4)
     base.update(kwargs)
@@ -324,7 +337,9 @@ def test_info_nce__bad_shapes_raise_naming_parameter():
     with pytest.raises(ValueError, match="candidates"):
         info_nce(torch.randn(4, 3), torch.randn(4), tau=0.1, anchor_ids=torch.arange(4), candidate_ids=torch.arange(4))
     with pytest.raises(ValueError, match="embedding dim"):
-        info_nce(torch.randn(4, 3), torch.randn(5, 2), tau=0.1, anchor_ids=torch.arange(4), candidate_ids=torch.arange(5))
+        info_nce(
+            torch.randn(4, 3), torch.randn(5, 2), tau=0.1, anchor_ids=torch.arange(4), candidate_ids=torch.arange(5)
+        )
     with pytest.raises(ValueError, match="pos_mask"):
         info_nce(torch.randn(4, 3), torch.randn(5, 3), tau=0.1, pos_mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="neg_mask"):

@@ -1,4 +1,5 @@
 """GLCL global losses G^R / G^{D-} / G^D vs a loop reference transcribed from methods.md §1.4."""
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,11 @@ def test_glcl_global__closed_form_identical_views_orthogonal_images() -> None:
     B, tau = 4, 0.2
     e = torch.eye(8, dtype=torch.float64)[:B]
     z = torch.cat([e, e])  # view 0 rows then view 1 rows, identical
-    vol, part, role = torch.arange(B).repeat(2), torch.zeros(2 * B, dtype=torch.long), torch.arange(2).repeat_interleave(B)
+    vol, part, role = (
+        torch.arange(B).repeat(2),
+        torch.zeros(2 * B, dtype=torch.long),
+        torch.arange(2).repeat_interleave(B),
+    )
     got = glcl_global_loss(z, vol, part, role, "R", tau)
     want = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + (2 * B - 2)))
     assert got.item() == pytest.approx(want, rel=1e-12)

@@ -1,4 +1,5 @@
 """GLCL local losses L^R / L^D vs loop references (methods.md §1.4 "Local losses")."""
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,21 @@ def test_glcl_local__lr_matches_loop_reference(region_size: int, neighbours: str
 def test_local_grid__code_positions_for_48_map() -> None:
     g = local_grid((48, 48), 3, "code")  # M' = 44
     pos = [tuple(p) for p in g.positions.tolist()]
-    assert pos[:13] == [(0, 0), (0, 22), (0, 44), (22, 0), (22, 22), (22, 44), (44, 0), (44, 22), (44, 44),
-                        (11, 11), (11, 33), (33, 11), (33, 33)]
+    assert pos[:13] == [
+        (0, 0),
+        (0, 22),
+        (0, 44),
+        (22, 0),
+        (22, 22),
+        (22, 44),
+        (44, 0),
+        (44, 22),
+        (44, 44),
+        (11, 11),
+        (11, 33),
+        (33, 11),
+        (33, 33),
+    ]
     # anchor (0,0): code negatives (0,M'/2), (M'/4,M'/4), (M'/4,M'/2), (M'/2,0), (M'/2,M'/4)
     assert [pos[i] for i in g.neg_index[0].tolist()] == [(0, 22), (11, 11), (11, 22), (22, 0), (22, 11)]
     g1 = local_grid((48, 48), 1, "code")  # M' = 47 for 1x1 regions
@@ -123,7 +137,7 @@ def _ref_ld(regions, vol, part, neg, anchors, tau, n_neg=4):
         pairs = [(i, 1), (js[0], 0), (js[1], 0)]
         for u in range(anchors):
             a = regions[i, 0, u]
-            for (pi, pv) in pairs:
+            for pi, pv in pairs:
                 num = math.exp(_sim(a, regions[pi, pv, u]) / tau)
                 den = num + sum(
                     math.exp(_sim(a, regions[i, 0, w]) / tau) + math.exp(_sim(a, regions[pi, pv, w]) / tau)

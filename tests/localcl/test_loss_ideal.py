@@ -1,4 +1,5 @@
 """IDEAL dense loss, queue and bidirectional consistency vs loop references (methods.md §3.4)."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ def _ref_match(bq: torch.Tensor, bk: torch.Tensor) -> list[list[int]]:
         row = []
         for s in range(h * w):
             q = _n(bq[b, :, s // w, s % w])
-            sims = [float(q @ _n(bk[b, :, k // bk.shape[3], k % bk.shape[3]])) for k in range(bk.shape[2] * bk.shape[3])]
+            sims = [
+                float(q @ _n(bk[b, :, k // bk.shape[3], k % bk.shape[3]])) for k in range(bk.shape[2] * bk.shape[3])
+            ]
             row.append(max(range(len(sims)), key=lambda k: sims[k]))
         out.append(row)
     return out
@@ -78,7 +81,9 @@ def test_ideal_dense__geometric_index_skips_unmatched_cells_with_zero_gradient()
     index = torch.randint(0, 9, (2, 9), generator=g)
     index[0, :4] = -1
     loss = ideal_dense_loss(r, t, "geometric", index=index, queue=queue)
-    assert loss.item() == pytest.approx(_ref_dense(r.detach(), t.detach(), index.tolist(), "queue", queue, 0.2), rel=1e-10)
+    assert loss.item() == pytest.approx(
+        _ref_dense(r.detach(), t.detach(), index.tolist(), "queue", queue, 0.2), rel=1e-10
+    )
     loss.backward()
     gq = r.grad.abs().sum(1).reshape(2, 9)  # type: ignore[union-attr]
     assert torch.all(gq[0, :4] == 0) and torch.all(gq[index >= 0] > 0)
@@ -127,7 +132,9 @@ def test_ideal_dense__chunked_equals_naive_and_gradcheck() -> None:
     torch.testing.assert_close(res[0][1], res[1][1])
     r = r0[:1, :, :2, :2].clone().requires_grad_(True)
     t1, i1 = t[:1, :, :2, :2], torch.tensor([[3, 0, 1, 1]])
-    assert torch.autograd.gradcheck(lambda x: ideal_dense_loss(x, t1, "geometric", index=i1, queue=q, tau=0.5, chunk_size=None), (r,))
+    assert torch.autograd.gradcheck(
+        lambda x: ideal_dense_loss(x, t1, "geometric", index=i1, queue=q, tau=0.5, chunk_size=None), (r,)
+    )
 
 
 def test_argmax_correspondence__chunks_match_reference() -> None:
@@ -174,7 +181,9 @@ def test_ideal_dense__ddp_mocked_queue_push_and_loss_match_global_batch(monkeypa
         queues[r_].push(all_keys[r_ * B : (r_ + 1) * B])
     torch.testing.assert_close(queues[0].queue, queues[1].queue)
     losses = [
-        ideal_dense_loss(r[i * B : (i + 1) * B], t[i * B : (i + 1) * B], "geometric", index=idx[i * B : (i + 1) * B], queue=queues[i])
+        ideal_dense_loss(
+            r[i * B : (i + 1) * B], t[i * B : (i + 1) * B], "geometric", index=idx[i * B : (i + 1) * B], queue=queues[i]
+        )
         for i in range(W)
     ]
     ddp = torch.stack(losses).mean()
@@ -201,7 +210,9 @@ def test_ideal_dense_module__queue_init_warm_and_random() -> None:
     warm = IDEALDenseLoss(match="geometric", queue_size=10, dim=3)
     got = warm(r, t, index=idx)  # step 0: the queue is warmed with this batch's pooled keys
     assert warm.queue is not None and int(warm.queue.filled) == 2
-    assert got.item() == pytest.approx(ideal_dense_loss(r, t, "geometric", index=idx, queue=pool_keys(t)).item(), rel=1e-6)
+    assert got.item() == pytest.approx(
+        ideal_dense_loss(r, t, "geometric", index=idx, queue=pool_keys(t)).item(), rel=1e-6
+    )
     warm.enqueue(t)
     assert int(warm.queue.filled) == 4 and int(warm.queue.ptr) == 4
     rnd = IDEALDenseLoss(match="geometric", queue_size=10, dim=3, queue_init="random")

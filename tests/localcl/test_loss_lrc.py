@@ -1,4 +1,5 @@
 """LRC super-pixels, region point sampler and contrastive sampling loss (methods.md §5.4-5.5)."""
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,9 @@ def test_sample_region_points__points_inside_eligible_regions() -> None:
     reg = _blocks(2)
     reg[0, 1][reg[0, 1] == 5] = -1  # region 5 cropped out of view 1 of image 0
     reg[1, 0, 0, 0] = -1  # region 0 of image 1 shrinks to 3 px in view 0
-    pts = sample_region_points(reg, num_regions=14, points_per_region=5, min_pix=4, generator=torch.Generator().manual_seed(0))
+    pts = sample_region_points(
+        reg, num_regions=14, points_per_region=5, min_pix=4, generator=torch.Generator().manual_seed(0)
+    )
     assert len(pts) == 2 * 14 * 2 * 5
     assert torch.equal(reg[pts.image, pts.view, pts.y, pts.x], pts.region)
     chosen0 = set(pts.region[pts.image == 0].tolist())
@@ -108,8 +111,16 @@ def test_sample_region_points__too_few_regions_raises_or_allows_fewer() -> None:
 def test_lrc_loss__matches_loop_reference(mode: str, same_view: bool) -> None:
     reg = _blocks(2)
     emb = torch.randn(2, 2, 5, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got = lrc_loss(emb, reg, tau=0.3, num_regions=3, points_per_region=2, mode=mode,  # type: ignore[arg-type]
-                   same_view_positives=same_view, generator=torch.Generator().manual_seed(3))
+    got = lrc_loss(
+        emb,
+        reg,
+        tau=0.3,
+        num_regions=3,
+        points_per_region=2,
+        mode=mode,  # type: ignore[arg-type]
+        same_view_positives=same_view,
+        generator=torch.Generator().manual_seed(3),
+    )
     pts = sample_region_points(reg, 3, 2, generator=torch.Generator().manual_seed(3))
     w = emb[pts.image, pts.view, :, pts.y, pts.x]
     ref = _ref_loss(w, pts.group.tolist(), pts.view.tolist(), 0.3, mode, same_view)
@@ -145,7 +156,9 @@ def test_lrc_loss__lower_resolution_embeddings_use_nearest_lookup() -> None:
     got = lrc_loss(emb, reg, 0.5, 4, 2, generator=torch.Generator().manual_seed(5))
     pts = sample_region_points(reg, 4, 2, generator=torch.Generator().manual_seed(5))
     w = emb[pts.image, pts.view, :, pts.y // 2, pts.x // 2]
-    assert got.item() == pytest.approx(_ref_loss(w, pts.group.tolist(), pts.view.tolist(), 0.5, "summed", False), rel=1e-10)
+    assert got.item() == pytest.approx(
+        _ref_loss(w, pts.group.tolist(), pts.view.tolist(), 0.5, "summed", False), rel=1e-10
+    )
 
 
 def test_lrc_loss__chunked_equals_naive_and_gradcheck() -> None:

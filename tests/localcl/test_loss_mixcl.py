@@ -1,4 +1,5 @@
 """MixCL identity / label / reconstruction consistency vs loop references (methods.md §4.4-4.5)."""
+
 from __future__ import annotations
 
 import math
@@ -157,7 +158,9 @@ def test_mixcl_loss__total_is_weighted_sum_and_module_agrees() -> None:
     emb = torch.randn(3, 2, 4, 5, 5, generator=g)
     lab = torch.randint(0, 3, (3, 2, 5, 5), generator=g)
     rec, tgt = torch.randn(3, 1, 5, 5, generator=g), torch.randn(3, 1, 5, 5, generator=g)
-    out = mixcl_loss(z1, z2, emb, lab, rec, tgt, alpha=0.5, beta=2.0, num_pixels=30, generator=torch.Generator().manual_seed(1))
+    out = mixcl_loss(
+        z1, z2, emb, lab, rec, tgt, alpha=0.5, beta=2.0, num_pixels=30, generator=torch.Generator().manual_seed(1)
+    )
     assert out["loss"].item() == pytest.approx((out["id"] + 0.5 * out["lab"] + 2.0 * out["rec"]).item(), rel=1e-6)
     mod = MixCLLoss(alpha=0.5, beta=2.0, num_pixels=30)
     out2 = mod(z1, z2, emb, lab, rec, tgt, generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,5 @@
 """PLCL pseudo-label local contrastive loss vs a loop reference (methods.md §2.4, §2.11.1)."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def _reference(E, y, K, pairs, pix, tau, variant="inter", normalize="slots"):
                         continue
                     flat = int(pix[a, c - 1, p])
                     q = E[a, :, flat // W, flat % W]
-                    den = sum(math.exp(s(q, protos[i, cc])) for i in imgs for cc in range(1, K) if protos[i, cc] is not None)
+                    den = sum(
+                        math.exp(s(q, protos[i, cc])) for i in imgs for cc in range(1, K) if protos[i, cc] is not None
+                    )
                     for i in imgs:
                         if protos[i, c] is None:
                             continue  # absent positive prototype: zero term
@@ -56,8 +59,17 @@ def test_plcl__matches_loop_reference(variant: str, normalize: str) -> None:
     y[2, 0, 0] = -1  # ignored pixel
     E = torch.randn(B, 5, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     pairs = torch.tensor([[0, 1], [2, 3]])
-    got = plcl_loss(E, y, K, pairs, tau=0.1, per_class=3, variant=variant, normalize=normalize,  # type: ignore[arg-type]
-                    generator=torch.Generator().manual_seed(7))
+    got = plcl_loss(
+        E,
+        y,
+        K,
+        pairs,
+        tau=0.1,
+        per_class=3,
+        variant=variant,
+        normalize=normalize,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(7),
+    )
     pix, _ = sample_class_pixels(y, K, 3, torch.Generator().manual_seed(7))
     ref = _reference(E, y, K, pairs.tolist(), pix, 0.1, variant, normalize)
     assert got.item() == pytest.approx(ref, rel=1e-10)

@@ -6,6 +6,7 @@ same batch with the same view seed (and, for methods with a key queue, the same 
 so the comparison isolates what the optimiser changed. Training uses fixed views (the generator is
 reseeded every step), i.e. a few steps of plain optimisation of one objective.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,12 +67,18 @@ def acdc_batch(acdc_dir: Path) -> dict[str, torch.Tensor]:
             labs.append(F.interpolate(lab, size=(48, 48), mode="nearest")[0, 0].long())
             vols.append(v)
             parts.append(s)
-    batch = {"image": torch.stack(imgs), "label": torch.stack(labs), "volume": torch.tensor(vols),
-             "partition": torch.tensor(parts)}
-    batch["superpixels"] = torch.stack([
-        torch.from_numpy(felzenszwalb_superpixels(x[0].numpy(), scale=100, sigma=0.8, min_size=20)).long()
-        for x in batch["image"]
-    ])
+    batch = {
+        "image": torch.stack(imgs),
+        "label": torch.stack(labs),
+        "volume": torch.tensor(vols),
+        "partition": torch.tensor(parts),
+    }
+    batch["superpixels"] = torch.stack(
+        [
+            torch.from_numpy(felzenszwalb_superpixels(x[0].numpy(), scale=100, sigma=0.8, min_size=20)).long()
+            for x in batch["image"]
+        ]
+    )
     return batch
 
 
@@ -83,12 +90,12 @@ def test_acdc_batch__is_real_normalised_data_with_all_classes(acdc_batch: dict[s
 
 
 def _queue_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if k.split(".")[-1] in ("queue", "ptr", "filled")}
+    return {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[-1] in ("queue", "ptr", "filled")}
 
 
-def _pretrain_falls(method: PretrainMethod, batch: dict[str, torch.Tensor], stage: str | None, steps: int = 4,
-                    lr: float = 3e-3) -> tuple[float, float]:
+def _pretrain_falls(
+    method: PretrainMethod, batch: dict[str, torch.Tensor], stage: str | None, steps: int = 4, lr: float = 3e-3
+) -> tuple[float, float]:
     before = copy.deepcopy(method)
     opt = torch.optim.Adam(method.stage_parameters(stage), lr=lr)
     for step in range(steps):
@@ -171,20 +178,32 @@ def test_config__spec_defaults() -> None:
     p = FINETUNE["plcl"].Config()
     assert (p.lambda_lc, p.tau, p.per_class, p.embed_dim, p.rounds) == (0.1, 0.1, 3, 16, 3)
     assert (p.contrast_labelled, p.contrast_unlabelled, p.crf_gaussian_sxy, p.crf_gaussian_weight) == (5, 5, 10.0, 30.0)
-    assert (p.crf_bilateral_sxy, p.crf_bilateral_srgb, p.crf_bilateral_weight, p.crf_iterations) == (0.01, 0.5, 10.0, 30)
+    assert (p.crf_bilateral_sxy, p.crf_bilateral_srgb, p.crf_bilateral_weight, p.crf_iterations) == (
+        0.01,
+        0.5,
+        10.0,
+        30,
+    )
     i = METHODS["ideal"].Config()
     assert (i.tau, i.momentum, i.queue_size, i.lam, i.proj_dim, i.match) == (0.2, 0.999, 16384, 1.0, 128, "argmax")
     m = METHODS["mixcl"].Config()
     assert (m.alpha, m.beta, m.tau, m.num_pixels, m.dims) == (1.0, 1.0, 0.1, 4096, 2)
     lrc = METHODS["lrc"].Config()
     assert (lrc.num_regions, lrc.points_per_region, lrc.tau_local, lrc.lambda_loc) == (16, 8, 0.1, 1.0)
-    assert (lrc.superpixel_scale, lrc.superpixel_sigma, lrc.superpixel_min_size, lrc.global_loss) == (100.0, 0.8, 50, "moco")
+    assert (lrc.superpixel_scale, lrc.superpixel_sigma, lrc.superpixel_min_size, lrc.global_loss) == (
+        100.0,
+        0.8,
+        50,
+        "moco",
+    )
     s = FINETUNE["supervised"].Config()
     assert (s.loss, s.include_background, s.batch_size, s.val_every) == ("dice", True, 20, 50)
 
 
 def test_config__unknown_key_names_it_and_lists_valid_keys() -> None:
-    with pytest.raises(pydantic.ValidationError, match=r"unknown config key\(s\) \['temperature'\].*valid keys.*tau_global"):
+    with pytest.raises(
+        pydantic.ValidationError, match=r"unknown config key\(s\) \['temperature'\].*valid keys.*tau_global"
+    ):
         METHODS["glcl"].Config(temperature=0.5)
 
 
@@ -252,8 +271,9 @@ def test_pretrain_step__missing_batch_key_and_unknown_stage_are_named() -> None:
     with pytest.raises(ValueError, match=r"stage must be one of \['global', 'local'\]"):
         m.pretrain_step({"image": torch.zeros(4, 1, 48, 48)}, 0, "decoder")
     with pytest.raises(ValueError, match="input_size 48"):
-        m.pretrain_step({"image": torch.zeros(4, 1, 32, 32), "volume": torch.arange(4),
-                         "partition": torch.zeros(4)}, 0, "global")
+        m.pretrain_step(
+            {"image": torch.zeros(4, 1, 32, 32), "volume": torch.arange(4), "partition": torch.zeros(4)}, 0, "global"
+        )
 
 
 def test_forward__is_the_training_step_for_ddp(acdc_batch: dict[str, torch.Tensor]) -> None:
@@ -304,8 +324,9 @@ def test_glcl_local_stage__encoder_frozen_including_batchnorm_statistics(acdc_ba
 
 
 @pytest.mark.parametrize("variant, n_views", [("D", 2), ("D-", 3), ("R", 2)])
-def test_glcl_global_variants__embed_the_spec_views(variant: str, n_views: int,
-                                                    acdc_batch: dict[str, torch.Tensor]) -> None:
+def test_glcl_global_variants__embed_the_spec_views(
+    variant: str, n_views: int, acdc_batch: dict[str, torch.Tensor]
+) -> None:
     m = METHODS["glcl"](METHODS["glcl"].Config(**_small("glcl", global_loss=variant)), 1, 4)
     seen: list[int] = []
     m.g1.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
@@ -333,7 +354,9 @@ def test_glcl_backbone_state__encoder_and_first_l_decoder_blocks_only() -> None:
 def test_load_backbone__shape_mismatch_and_strict_errors_name_the_entry() -> None:
     ft = FINETUNE["supervised"](FINETUNE["supervised"].Config(**SMALL), 1, 4)
     other = METHODS["supervised"](METHODS["supervised"].Config(widths=(4, 16, 16), decoder_widths=(16, 8)), 1, 4)
-    with pytest.raises(ValueError, match=r"backbone state entry '(en|de)coder\.[\w.]+' has shape .* the network expects"):
+    with pytest.raises(
+        ValueError, match=r"backbone state entry '(en|de)coder\.[\w.]+' has shape .* the network expects"
+    ):
         ft.load_backbone(other.backbone_state())
     with pytest.raises(ValueError, match="missing"):
         ft.load_backbone({}, strict=True)
@@ -473,8 +496,11 @@ def test_pretrain_3d_patches__loss_falls(name: str, acdc_batch: dict[str, torch.
     # 3D option: stack 4 slices of the batch as a (1, 4, 48, 48) patch per "volume"
     torch.manual_seed(0)
     img = acdc_batch["image"].view(2, 4, 48, 48).unsqueeze(1)
-    batch = {"image": img, "label": acdc_batch["label"].view(2, 4, 48, 48),
-             "superpixels": acdc_batch["superpixels"].view(2, 4, 48, 48) + 1000 * torch.arange(4).view(1, 4, 1, 1)}
+    batch = {
+        "image": img,
+        "label": acdc_batch["label"].view(2, 4, 48, 48),
+        "superpixels": acdc_batch["superpixels"].view(2, 4, 48, 48) + 1000 * torch.arange(4).view(1, 4, 1, 1),
+    }
     cls = METHODS[name]
     m = cls(cls.Config(**_small(name, dims=3, widths=(4, 8), decoder_widths=(4,))), 1, 4)
     assert m.unet.dim == 3
@@ -518,8 +544,12 @@ def test_finetune__loss_falls_on_real_acdc_slices(name: str, acdc_batch: dict[st
 
 
 TEMPERATURE_FIELDS = [
-    ("glcl", "tau_global"), ("glcl", "tau_local"), ("ideal", "tau"), ("mixcl", "tau"),
-    ("lrc", "tau_local"), ("lrc", "tau_global"),
+    ("glcl", "tau_global"),
+    ("glcl", "tau_local"),
+    ("ideal", "tau"),
+    ("mixcl", "tau"),
+    ("lrc", "tau_local"),
+    ("lrc", "tau_global"),
 ]
 
 
@@ -552,8 +582,7 @@ def test_config__no_copied_validators_left() -> None:
 
 def test_pretrain_reads_labels__declared_by_the_method() -> None:
     reads = {name: cls.pretrain_reads_labels(cls.Config()) for name, cls in METHODS.items()}
-    assert reads == {"ideal": False, "glcl": False, "plcl": False, "mixcl": True, "lrc": False,
-                     "supervised": False}
+    assert reads == {"ideal": False, "glcl": False, "plcl": False, "mixcl": True, "lrc": False, "supervised": False}
     assert METHODS["lrc"].pretrain_reads_labels(METHODS["lrc"].Config(global_loss="supervised"))
 
 

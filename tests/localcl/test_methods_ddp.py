@@ -6,6 +6,7 @@ stages leave parts of the network unused), gradients are synchronised (identical
 ranks after a step on different data), workers draw different views (rank-offset generators), and
 the key queues stay identical on every rank after ``on_after_step``.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,12 +29,20 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(0)  # same initial weights on both ranks
         results: dict[str, torch.Tensor] = {}
         # GLCL global stage: G^D with negatives gathered from both workers
-        glcl = METHODS["glcl"](METHODS["glcl"].Config(**TINY, input_size=16, local_depth=1, partitions=2,
-                                                      volumes_per_batch=2, gather_distributed=True), 1, 4)
+        glcl = METHODS["glcl"](
+            METHODS["glcl"].Config(
+                **TINY, input_size=16, local_depth=1, partitions=2, volumes_per_batch=2, gather_distributed=True
+            ),
+            1,
+            4,
+        )
         ddp = torch.nn.parallel.DistributedDataParallel(glcl, find_unused_parameters=True)
         gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-        batch = {"image": torch.rand(4, 1, 16, 16, generator=gen), "volume": torch.tensor([0, 0, 1, 1]),
-                 "partition": torch.tensor([0, 1, 0, 1])}
+        batch = {
+            "image": torch.rand(4, 1, 16, 16, generator=gen),
+            "volume": torch.tensor([0, 0, 1, 1]),
+            "partition": torch.tensor([0, 1, 0, 1]),
+        }
         opt = torch.optim.SGD(glcl.stage_parameters("global"), lr=0.1)
         out = ddp(batch, step=0, stage="global")
         out["loss"].backward()

@@ -1,4 +1,5 @@
 """Metrics vs hand-computed cases (incl. anisotropic spacing) and a KD-tree brute-force reference."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,10 @@ from localcl.metrics import dice_score, evaluate_case, mean_over_classes, surfac
 
 def _ref_surface(a, b, spacing):
     """Independent reference: border voxels by 6-connected erosion, distances by KD-tree."""
+
     def border(m):
         return np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.asarray(spacing)
+
     pa, pb = border(a), border(b)
     dab = cKDTree(pb).query(pa)[0]
     dba = cKDTree(pa).query(pb)[0]

@@ -1,4 +1,5 @@
 """Segmentation losses vs float64 loop references, closed forms, ignored-pixel gradients, bad input."""
+
 from __future__ import annotations
 
 import math
@@ -93,7 +94,8 @@ def test_dice_ce__is_weighted_sum():
 
 
 @pytest.mark.parametrize(
-    "fn", [dice_loss, cross_entropy_loss, dice_ce_loss, lambda logits, t: dice_loss(logits, t, include_background=False)]
+    "fn",
+    [dice_loss, cross_entropy_loss, dice_ce_loss, lambda logits, t: dice_loss(logits, t, include_background=False)],
 )
 def test_seg_losses__ignored_pixels_get_exactly_zero_gradient(fn):
     logits, target = _case(seed=5, ignore_frac=0.4)

@@ -4,6 +4,7 @@ key-momentum schedule, shuffle-BN, stream combination, CPS + CutMix, pseudo-labe
 Each option defaults to the specification's behaviour; the tests pin both the default (bit for
 bit) and what the option changes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,10 @@ SMALL = {"widths": (8, 16, 16), "decoder_widths": (16, 8)}
 
 def _batch(b: int = 8, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(b, 1, size, size, generator=g),
-            "label": torch.randint(0, 4, (b, size, size), generator=g)}
+    return {
+        "image": torch.rand(b, 1, size, size, generator=g),
+        "label": torch.randint(0, 4, (b, size, size), generator=g),
+    }
 
 
 # ------------------------------------------------------------------ momentum schedule
@@ -161,8 +164,15 @@ def test_ideal_finetune__spec_defaults_unchanged() -> None:
     assert (cfg.inference, cfg.unlabelled_augment, cfg.cutmix, cfg.pl_threshold) == ("mean", "none", False, 0.0)
 
 
-@pytest.mark.parametrize("kw", [{"cutmix": True}, {"pl_threshold": 0.6}, {"unlabelled_augment": "glcl"},
-                                {"cutmix": True, "pl_threshold": 0.5, "unlabelled_augment": "glcl"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"cutmix": True},
+        {"pl_threshold": 0.6},
+        {"unlabelled_augment": "glcl"},
+        {"cutmix": True, "pl_threshold": 0.5, "unlabelled_augment": "glcl"},
+    ],
+)
 def test_ideal_finetune__options_train_and_loss_falls(kw: dict) -> None:
     m = _ft(**kw, augment="none", lambda_max=1.0, ramp_fraction=0.0)
     bl, bu = _batch(4, 32, 0), {"image": _batch(4, 32, 1)["image"]}

@@ -1,4 +1,5 @@
 """U-Net backbones: shapes of every tap, separable parts, configurable depth, bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,9 +35,13 @@ def test_unet2d__reference_layer_structure():
     convs3 = [mod for mod in m.encoder.levels[0].modules() if isinstance(mod, nn.Conv2d)]
     assert [c.kernel_size for c in convs3] == [(3, 3), (3, 3)]
     # decoder: 2 3x3 convs per block, the last block has one; each block starts with a 2x2 conv
-    n_convs = [sum(isinstance(x, nn.Conv2d) and x.kernel_size == (3, 3) for x in b.convs.modules()) for b in m.decoder.blocks]
+    n_convs = [
+        sum(isinstance(x, nn.Conv2d) and x.kernel_size == (3, 3) for x in b.convs.modules()) for b in m.decoder.blocks
+    ]
     assert n_convs == [2, 2, 2, 2, 1]
-    assert all(any(isinstance(x, nn.Conv2d) and x.kernel_size == (2, 2) for x in b.up.modules()) for b in m.decoder.blocks)
+    assert all(
+        any(isinstance(x, nn.Conv2d) and x.kernel_size == (2, 2) for x in b.up.modules()) for b in m.decoder.blocks
+    )
     head = [x for x in m.seg_head.modules() if isinstance(x, nn.Conv2d)]
     assert [(h.out_channels, h.kernel_size) for h in head] == [(16, (3, 3)), (16, (3, 3)), (4, (3, 3))]
     assert head[-1].bias is not None

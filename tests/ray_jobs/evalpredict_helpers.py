@@ -7,6 +7,7 @@ its segmentation head's last weights are scaled up and its bias zeroed, so the a
 the spatially varying features and the predictions contain every class with finite, non-trivial
 Dice/HD95/ASD. ``RUN/finetune/history.csv`` is a hand-written fixture for the loss-curve plot.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,10 +49,17 @@ def make_tiny_run(root: Path, stage: str = "finetune", seed: int = 0) -> Path:
         with torch.no_grad():
             last.weight.mul_(30.0)
             last.bias.zero_()
-    spec = {"stage": stage, "name": "supervised", "config": cfg.model_dump(mode="json"),
-            "in_channels": 1, "num_classes": 4, "size": SIZE, "spacing_mm": None,
-            "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0, "high_percentile": 99.0},
-            "label_names": LABEL_NAMES}
+    spec = {
+        "stage": stage,
+        "name": "supervised",
+        "config": cfg.model_dump(mode="json"),
+        "in_channels": 1,
+        "num_classes": 4,
+        "size": SIZE,
+        "spacing_mm": None,
+        "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0, "high_percentile": 99.0},
+        "label_names": LABEL_NAMES,
+    }
     run = root / f"run-{stage}"
     export_model(str(run / stage / "model"), net, spec)
     (run / stage / "history.csv").write_text(HISTORY)

@@ -1,4 +1,5 @@
 """ray_jobs.train.checkpoint: weights-only export/load of trained networks."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,16 @@ from ray_jobs.train import checkpoint as ck
 
 
 def _spec(**kw):
-    spec = {"stage": "finetune", "name": "supervised", "config": {}, "in_channels": 1,
-            "num_classes": 4, "size": [32, 32], "spacing_mm": None,
-            "label_names": {"0": "background", "1": "RV"}}
+    spec = {
+        "stage": "finetune",
+        "name": "supervised",
+        "config": {},
+        "in_channels": 1,
+        "num_classes": 4,
+        "size": [32, 32],
+        "spacing_mm": None,
+        "label_names": {"0": "background", "1": "RV"},
+    }
     spec.update(kw)
     return spec
 

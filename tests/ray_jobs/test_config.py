@@ -1,4 +1,5 @@
 """ray_jobs.config: validation before Ray starts, YAML inheritance, --set overrides."""
+
 from __future__ import annotations
 
 import math
@@ -28,20 +29,37 @@ needs_registry = pytest.mark.skipif(not _registry_ready(), reason="localcl.metho
 
 
 def _minimal(**over):
-    d = {"name": "t", "data": {"store": "/nonexistent.zarr", "size": [32, 32]},
-         "finetune": {"method": {"name": "supervised"}, "schedule": {"batch_size": 4}}}
+    d = {
+        "name": "t",
+        "data": {"store": "/nonexistent.zarr", "size": [32, 32]},
+        "finetune": {"method": {"name": "supervised"}, "schedule": {"batch_size": 4}},
+    }
     return C.deep_merge(d, over)
 
 
 def test_apply_overrides__values_parsed_as_yaml():
-    d = C.apply_overrides({}, ["data.size=[64, 48]", "checkpoint.max_failures=3",
-                               "data.spacing_mm=null", "name=abc", "logging.tensorboard=false"])
-    assert d == {"data": {"size": [64, 48], "spacing_mm": None}, "checkpoint": {"max_failures": 3},
-                 "name": "abc", "logging": {"tensorboard": False}}
+    d = C.apply_overrides(
+        {},
+        [
+            "data.size=[64, 48]",
+            "checkpoint.max_failures=3",
+            "data.spacing_mm=null",
+            "name=abc",
+            "logging.tensorboard=false",
+        ],
+    )
+    assert d == {
+        "data": {"size": [64, 48], "spacing_mm": None},
+        "checkpoint": {"max_failures": 3},
+        "name": "abc",
+        "logging": {"tensorboard": False},
+    }
 
 
-@pytest.mark.parametrize("item,match", [("data.size", "KEY=VALUE"), ("=3", "empty key"),
-                                        ("a..b=1", "empty key"), ("name.x=1", "not a section")])
+@pytest.mark.parametrize(
+    "item,match",
+    [("data.size", "KEY=VALUE"), ("=3", "empty key"), ("a..b=1", "empty key"), ("name.x=1", "not a section")],
+)
 def test_apply_overrides__malformed_item_names_it(item, match):
     with pytest.raises(ConfigError, match=match):
         C.apply_overrides({"name": "run"}, [item])
@@ -54,16 +72,19 @@ def test_deep_merge__nested_merge_and_null_replaces():
     assert base == {"a": {"x": 1, "y": {"z": 2}}, "b": {"k": 1}}  # not mutated
 
 
-@pytest.mark.parametrize("over,key", [
-    ({"bogus": 1}, "bogus: unknown key"),
-    ({"data": {"lable_budget": 2}}, "data.lable_budget: unknown key"),
-    ({"data": {"label_budget": 0}}, "data.label_budget"),
-    ({"data": {"size": [8, 8]}}, "data.size"),
-    ({"finetune": {"optim": {"lr": -1}}}, "finetune.optim.lr"),
-    ({"finetune": {"schedule": {"scheduler": "linear"}}}, "finetune.schedule.scheduler"),
-    ({"scaling": {"num_workers": -1}}, "scaling.num_workers"),
-    ({"name": "a/b"}, "name"),
-])
+@pytest.mark.parametrize(
+    "over,key",
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"data": {"lable_budget": 2}}, "data.lable_budget: unknown key"),
+        ({"data": {"label_budget": 0}}, "data.label_budget"),
+        ({"data": {"size": [8, 8]}}, "data.size"),
+        ({"finetune": {"optim": {"lr": -1}}}, "finetune.optim.lr"),
+        ({"finetune": {"schedule": {"scheduler": "linear"}}}, "finetune.schedule.scheduler"),
+        ({"scaling": {"num_workers": -1}}, "scaling.num_workers"),
+        ({"name": "a/b"}, "name"),
+    ],
+)
 def test_validate__bad_structure_names_the_key(over, key):
     with pytest.raises(ConfigError) as exc:
         C.validate(_minimal(**over))
@@ -73,8 +94,7 @@ def test_validate__bad_structure_names_the_key(over, key):
 def test_load_yaml__extends_and_cycle(tmp_path):
     (tmp_path / "base.yaml").write_text("name: base\ndata: {label_budget: 3, seed: 1}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ndata: {seed: 5}\n")
-    assert C.load_yaml(tmp_path / "child.yaml") == {"name": "base",
-                                                     "data": {"label_budget": 3, "seed": 5}}
+    assert C.load_yaml(tmp_path / "child.yaml") == {"name": "base", "data": {"label_budget": 3, "seed": 5}}
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
@@ -107,29 +127,30 @@ def test_validate__batch_must_split_over_workers():
 
 @needs_registry
 def test_validate__decoder_widths_and_input_size_follow_geometry():
-    cfg = C.validate(_minimal(data={"size": [48, 48]},
-                              pretrain={"method": {"name": "glcl", "widths": [8, 16, 32, 64]}},
-                              finetune={"method": {"widths": [8, 16, 32]}}))
+    cfg = C.validate(
+        _minimal(
+            data={"size": [48, 48]},
+            pretrain={"method": {"name": "glcl", "widths": [8, 16, 32, 64]}},
+            finetune={"method": {"widths": [8, 16, 32]}},
+        )
+    )
     assert list(cfg.method_config("finetune").decoder_widths) == [16, 8]
     assert list(cfg.method_config("pretrain").decoder_widths) == [32, 16, 8]
     assert cfg.method_config("pretrain").input_size == 48
     # explicit values are kept (and validated by the method's own Config)
     with pytest.raises(ConfigError, match="pretrain.method"):
-        C.validate(_minimal(pretrain={"method": {"name": "glcl", "widths": [8, 16, 32],
-                                                 "decoder_widths": [8]}}))
+        C.validate(_minimal(pretrain={"method": {"name": "glcl", "widths": [8, 16, 32], "decoder_widths": [8]}}))
 
 
 @needs_registry
 def test_validate__self_training_only_with_plcl_and_one_round_count():
     with pytest.raises(ConfigError, match="finetune.self_training: only the 'plcl' strategy"):
         C.validate(_minimal(finetune={"self_training": {"rounds": 2}}))
-    cfg = C.validate(_minimal(finetune={"method": {"name": "plcl"},
-                                        "self_training": {"rounds": 2, "crf": False}}))
+    cfg = C.validate(_minimal(finetune={"method": {"name": "plcl"}, "self_training": {"rounds": 2, "crf": False}}))
     mc = cfg.method_config("finetune")
     assert (mc.rounds, mc.crf) == (2, False)
     with pytest.raises(ConfigError, match="finetune.method.rounds: 3 contradicts"):
-        C.validate(_minimal(finetune={"method": {"name": "plcl", "rounds": 3},
-                                      "self_training": {"rounds": 2}}))
+        C.validate(_minimal(finetune={"method": {"name": "plcl", "rounds": 3}, "self_training": {"rounds": 2}}))
 
 
 @needs_registry
@@ -143,25 +164,25 @@ def test_validate__mlflow_uri_needs_mlflow(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda n, *a: None if n == "mlflow" else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlflow" else real(n, *a))
     with pytest.raises(ConfigError, match="logging.mlflow_uri: .*pip install 'localcl\\[mlflow\\]'"):
         C.validate(_minimal(logging={"mlflow_uri": "sqlite:///x.db"}))
 
 
 @needs_registry
 def test_validate__baseline_true_copies_finetune_backbone_and_schedule():
-    cfg = C.validate(_minimal(finetune={"method": {"widths": [4, 8]},
-                                        "schedule": {"epochs": 7}}, baseline=True))
+    cfg = C.validate(_minimal(finetune={"method": {"widths": [4, 8]}, "schedule": {"epochs": 7}}, baseline=True))
     assert cfg.baseline.method.name == "supervised"
     assert list(cfg.method_config("baseline").widths) == [4, 8]
     assert cfg.baseline.schedule.epochs == 7
 
 
 @needs_registry
-@pytest.mark.parametrize("path", sorted(p for d in C.STAGE_DIRS
-                                         for p in (REPO / "ray_jobs" / "configs" / d).glob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for d in C.STAGE_DIRS for p in (REPO / "ray_jobs" / "configs" / d).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_shipped_config__validates(path):
     cfg = C.load_config(path)
     assert cfg.hash() == C.validate(cfg.to_dict()).hash()  # round-trips through YAML/JSON
@@ -178,15 +199,19 @@ def test_config_hash__ignores_run_dir_and_logging():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS")
-    return subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args,key", [
-    (("run", "--config", "demo", "--set", "data.size=[8, 8]"), "data.size"),
-    (("pretrain", "--config", "demo", "--set", "pretrain.optim.nme=adam"), "pretrain.optim.nme"),
-    (("finetune", "--config", "no_such_file.yaml"), "--config"),
-])
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (("run", "--config", "demo", "--set", "data.size=[8, 8]"), "data.size"),
+        (("pretrain", "--config", "demo", "--set", "pretrain.optim.nme=adam"), "pretrain.optim.nme"),
+        (("finetune", "--config", "no_such_file.yaml"), "--config"),
+    ],
+)
 def test_cli__bad_config_fails_before_ray_with_one_line(args, key, tmp_path):
     proc = _cli(*args, "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 2

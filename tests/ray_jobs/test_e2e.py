@@ -7,6 +7,7 @@ Data: a store ingested once per module from a small subset of ``../shared/data/a
 patient (2 volumes each), trained on 64x64 slices at 5 mm with a 3-level U-Net of widths
 (8, 16, 32). Bad configs failing before Ray starts are tested in ``test_config.py``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,14 +45,25 @@ def acdc_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 def base_config(store: str, **over: Any) -> dict[str, Any]:
     cfg = {
         "name": "e2e",
-        "data": {"store": store, "label_budget": 3, "seed": 0, "size": [64, 64],
-                 "spacing_mm": [5.0, 5.0], "splits": {"pool": "train", "val": "val", "test": "val"},
-                 "max_unlabelled": 6, "max_val_cases": 1, "max_test_cases": 2},
-        "pretrain": {"method": {"name": "ideal", **TINY, "queue_size": 256, "proj_dim": 16},
-                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
-        "finetune": {"method": {"name": "ideal", **TINY},
-                     "schedule": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 4,
-                                  "unlabelled_batch_size": 4}},
+        "data": {
+            "store": store,
+            "label_budget": 3,
+            "seed": 0,
+            "size": [64, 64],
+            "spacing_mm": [5.0, 5.0],
+            "splits": {"pool": "train", "val": "val", "test": "val"},
+            "max_unlabelled": 6,
+            "max_val_cases": 1,
+            "max_test_cases": 2,
+        },
+        "pretrain": {
+            "method": {"name": "ideal", **TINY, "queue_size": 256, "proj_dim": 16},
+            "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+        },
+        "finetune": {
+            "method": {"name": "ideal", **TINY},
+            "schedule": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 4, "unlabelled_batch_size": 4},
+        },
         "baseline": None,
         "evaluate": {"overlay_cases": 1},
         "scaling": {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
@@ -85,8 +97,10 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     # the kill waits until the epoch-1 checkpoint is registered by the controller (it registers
     # reports asynchronously; a worker dying before that restarts from the checkpoint before)
     snapshot = tmp_path / "run" / "finetune" / "e2e-finetune" / "checkpoint_manager_snapshot.json"
-    hooks = {"events": str(events), "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag),
-                                             "snapshot": str(snapshot)}}
+    hooks = {
+        "events": str(events),
+        "kill": {"rank": 1, "epoch": 2, "step": 0, "flag": str(flag), "snapshot": str(snapshot)},
+    }
     import glob
     import tempfile
 
@@ -106,15 +120,26 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     assert [int(r["start_epoch"]) for r in hist] == [1, 2, 2]
     # best_val_dice: the running max of val_dice (the score of best.pt), across the restart too
     dice = [float(r["val_dice"]) for r in hist]
-    assert [float(r["best_val_dice"]) for r in hist] == [max(dice[:i + 1]) for i in range(len(dice))]
+    assert [float(r["best_val_dice"]) for r in hist] == [max(dice[: i + 1]) for i in range(len(dice))]
     assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in hist)
 
     root = Path(run_dir)
-    for rel in ["config.yaml", "model_card.json", "MODEL_CARD.md", "pretrain/history.csv",
-                "pretrain/model/model.pt", "pretrain/model/model.json", "finetune/model/model.pt",
-                "eval/method/per_case.json", "eval/method/per_case.csv", "eval/method/summary.json",
-                "eval/method/summary.md", "eval/method/plots/dice_boxplot.png",
-                "eval/method/plots/loss_finetune.png", "eval/method/plots/loss_pretrain.png"]:
+    for rel in [
+        "config.yaml",
+        "model_card.json",
+        "MODEL_CARD.md",
+        "pretrain/history.csv",
+        "pretrain/model/model.pt",
+        "pretrain/model/model.json",
+        "finetune/model/model.pt",
+        "eval/method/per_case.json",
+        "eval/method/per_case.csv",
+        "eval/method/summary.json",
+        "eval/method/summary.md",
+        "eval/method/plots/dice_boxplot.png",
+        "eval/method/plots/loss_finetune.png",
+        "eval/method/plots/loss_pretrain.png",
+    ]:
         assert (root / rel).is_file(), rel
     assert list((root / "eval/method/plots").glob("overlay_*.png"))
     assert list((root / "finetune/tensorboard").glob("events.out.tfevents.*"))
@@ -130,7 +155,8 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
     assert card["metrics"]["method"]["n_cases"] == 2
     assert card["code"]["git_sha"]
     assert out["eval"]["method"]["mean"]["dice"] == pytest.approx(
-        card["metrics"]["method"]["mean_foreground"]["dice"]["mean"])
+        card["metrics"]["method"]["mean_foreground"]["dice"]["mean"]
+    )
 
     # MLflow (rank 0 through Ray's setup_mlflow): the fine-tune epochs 1..3 are logged once,
     # across the run before the kill and the one after the restart
@@ -152,8 +178,14 @@ def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluste
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _registered_checkpoints(snapshot: Path) -> int:
@@ -168,16 +200,21 @@ def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, 
     epoch's checkpoint; the same command again continues from it (rows before the kill keep
     start_epoch 1, later rows were trained by the second driver) and finishes."""
     address = ray_cluster.get_runtime_context().gcs_address
-    cfg = base_config(acdc_store, name="cli", pretrain=None,
-                      **{"finetune.method": {"name": "supervised", **TINY},
-                         "finetune.schedule": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 4},
-                         "checkpoint.max_failures": 0})
+    cfg = base_config(
+        acdc_store,
+        name="cli",
+        pretrain=None,
+        **{
+            "finetune.method": {"name": "supervised", **TINY},
+            "finetune.schedule": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 4},
+            "checkpoint.max_failures": 0,
+        },
+    )
     cfg_path = tmp_path / "cli.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS="")
-    args = ["finetune", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir),
-            "--no-progress"]
+    args = ["finetune", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir), "--no-progress"]
     proc = _cli(args, env)
     # resumable state = a checkpoint registered in Ray Train's snapshot (the checkpoint folder
     # alone appears before the controller records it)
@@ -208,9 +245,18 @@ def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, 
 # --------------------------------------------------------------------------- every method
 METHOD_CASES = {
     "ideal": ({"name": "ideal", "queue_size": 64, "proj_dim": 8}, {"name": "ideal"}, None),
-    "glcl": ({"name": "glcl", "volumes_per_batch": 2, "global_hidden": 16, "global_dim": 8,
-              "local_dim": 8, "local_depth": 1},
-             {"name": "supervised"}, None),
+    "glcl": (
+        {
+            "name": "glcl",
+            "volumes_per_batch": 2,
+            "global_hidden": 16,
+            "global_dim": 8,
+            "local_dim": 8,
+            "local_depth": 1,
+        },
+        {"name": "supervised"},
+        None,
+    ),
     "mixcl": ({"name": "mixcl"}, {"name": "supervised"}, None),
     "lrc": ({"name": "lrc"}, {"name": "supervised"}, None),
     "plcl": (None, {"name": "plcl", "require_all_classes": False}, {"rounds": 2, "crf": False}),
@@ -222,8 +268,9 @@ METHOD_CASES = {
 COVERED = {"ideal", "supervised"}
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in COVERED else m
-                                    for m in sorted(METHOD_CASES)])
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m in COVERED else m for m in sorted(METHOD_CASES)]
+)
 def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tmp_path, method):
     """Each pretraining method (GLCL: both stages) and fine-tuning strategy (PLCL: 2
     self-training rounds after a supervised round 0) runs through the real loop in Ray Train
@@ -235,11 +282,16 @@ def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tm
     pre, ft, st = METHOD_CASES[method]
     d = base_config(acdc_store, name=f"m-{method}")
     d["scaling"]["num_workers"] = 0
-    d["pretrain"] = None if pre is None else {
-        "method": {**pre, **TINY}, "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}
-    d["finetune"] = {"method": {**ft, **TINY}, "self_training": st,
-                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4,
-                                  "unlabelled_batch_size": 4}}
+    d["pretrain"] = (
+        None
+        if pre is None
+        else {"method": {**pre, **TINY}, "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}
+    )
+    d["finetune"] = {
+        "method": {**ft, **TINY},
+        "self_training": st,
+        "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "unlabelled_batch_size": 4},
+    }
     cfg = validate(d)
     run_dir = tmp_path / "run"
     stages = [s for s in ("pretrain", "finetune") if d[s] is not None]

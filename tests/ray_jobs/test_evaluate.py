@@ -1,4 +1,5 @@
 """Tests of evaluation (ray_jobs.evaluation.job), ``localcl evaluate`` and the model card."""
+
 from __future__ import annotations
 
 import csv
@@ -47,10 +48,20 @@ def _perturbed_predictions(src: Path, dst: Path) -> None:
 def test_summarise__nan_aware_mean_std_and_mean_foreground() -> None:
     names = {0: "background", 1: "A", 2: "B"}
     recs = [
-        evaluation_scoring.case_record("c1", {1: {"dice": 0.5, "hd95": 2.0, "asd": 1.0}, 2: {"dice": 0.0, "hd95": math.nan, "asd": math.nan}},
-                      names, (4, 4, 4), (1, 1, 1)),
-        evaluation_scoring.case_record("c2", {1: {"dice": 1.0, "hd95": 0.0, "asd": 0.0}, 2: {"dice": 0.8, "hd95": 4.0, "asd": 2.0}},
-                      names, (4, 4, 4), (1, 1, 1)),
+        evaluation_scoring.case_record(
+            "c1",
+            {1: {"dice": 0.5, "hd95": 2.0, "asd": 1.0}, 2: {"dice": 0.0, "hd95": math.nan, "asd": math.nan}},
+            names,
+            (4, 4, 4),
+            (1, 1, 1),
+        ),
+        evaluation_scoring.case_record(
+            "c2",
+            {1: {"dice": 1.0, "hd95": 0.0, "asd": 0.0}, 2: {"dice": 0.8, "hd95": 4.0, "asd": 2.0}},
+            names,
+            (4, 4, 4),
+            (1, 1, 1),
+        ),
     ]
     assert recs[0]["mean_fg"]["dice"] == pytest.approx(0.25)
     assert recs[0]["mean_fg"]["hd95"] == pytest.approx(2.0)  # the NaN class is skipped
@@ -119,7 +130,9 @@ def test_score_folders__numbers_match_localcl_metrics(phantom: tuple[Path, str],
     assert s["classes"]["RV"]["hd95"]["n_missing"] == 1
 
 
-def test_evaluate_cli__pred_ref_prints_table(phantom: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_cli__pred_ref_prints_table(
+    phantom: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     src = phantom[0]
     _perturbed_predictions(src, tmp_path / "pred")
     rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(src / "labelsTr"), "--no-plots"])
@@ -137,8 +150,9 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     return err
 
 
-def test_evaluate_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str], tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_cli__bad_inputs_give_one_line_errors(
+    phantom: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     src = phantom[0]
     ref = src / "labelsTr"
     # a non-NIfTI file among the predictions
@@ -174,7 +188,8 @@ def test_evaluate_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str]
 
 # --------------------------------------------------------------------------- store + Ray Train
 def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
-        phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path) -> None:
+    phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path
+) -> None:
     pre = make_tiny_run(tmp_path, stage="pretrain")
     with pytest.raises(UserError, match="pretrain model has no segmentation head"):
         evaluation_job.evaluate_store(str(pre / "pretrain" / "model"), phantom[1], str(tmp_path / "o"))
@@ -185,21 +200,29 @@ def test_evaluate_store__pretrain_model_and_bad_split_rejected_before_ray(
 
 
 @pytest.mark.ray
-def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom: tuple[Path, str], tiny_run: Path,
-                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_store__two_workers_report_matches_metrics(
+    ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import storage
     from ray_jobs.evaluation.inference import predict_case
     from ray_jobs.train.checkpoint import load_model
 
     out = tmp_path / "eval"
     monkeypatch.chdir(tmp_path)  # a relative --out must reach the workers as an absolute path
-    summary = evaluation_job.evaluate_store(str(tiny_run), phantom[1], "eval", split="all", num_workers=2,
-                               save_predictions=True)
+    summary = evaluation_job.evaluate_store(
+        str(tiny_run), phantom[1], "eval", split="all", num_workers=2, save_predictions=True
+    )
     st = storage.open_store(phantom[1])
     assert summary["n_cases"] == 6 and summary["cases"] == sorted(st.cases)
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert {"per_case.json", "per_case.csv", "summary.json", "summary.md", "plots/dice_boxplot.png",
-            "plots/loss_finetune.png"} <= files
+    assert {
+        "per_case.json",
+        "per_case.csv",
+        "summary.json",
+        "summary.md",
+        "plots/dice_boxplot.png",
+        "plots/loss_finetune.png",
+    } <= files
     assert len([f for f in files if f.startswith("plots/overlay_")]) == 3
     assert len([f for f in files if f.startswith("predictions/")]) == 6
     # every number equals localcl.metrics on the driver's own prediction of the same case
@@ -217,12 +240,31 @@ def test_evaluate_store__two_workers_report_matches_metrics(ray_cluster, phantom
     assert summary["source"]["n_workers"] == 2
 
 
-def test_evaluate_cli__store_local_mode(ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_cli__store_local_mode(
+    ray_cluster,
+    phantom: tuple[Path, str],
+    tiny_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """``--workers 0``: Ray Train local mode; default --out is RUN_DIR/eval/method-<split>."""
     monkeypatch.chdir(tiny_run.parent)  # relative paths work: made absolute before Ray starts
-    rc = main(["evaluate", "--checkpoint", str(Path(tiny_run.name) / "finetune" / "model"), "--store",
-               phantom[1], "--split", "val", "--workers", "0", "--overlays", "1"])
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(Path(tiny_run.name) / "finetune" / "model"),
+            "--store",
+            phantom[1],
+            "--split",
+            "val",
+            "--workers",
+            "0",
+            "--overlays",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     report = tiny_run / "eval" / "method-val"
@@ -240,10 +282,23 @@ def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, s
     from storage.phantom import make_phantom_dataset
 
     cfg = Config(name="card-test")
-    summary = evaluation_scoring.summarise([evaluation_scoring.case_record("c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1))])
-    card = build_model_card(run_name="card-test", method="ideal", strategy="supervised", store=phantom[1],
-                            label_budget=1, labelled_cases=["patient001_frame01"], config=cfg.to_dict(),
-                            metrics={"method": summary})
+    summary = evaluation_scoring.summarise(
+        [
+            evaluation_scoring.case_record(
+                "c", {1: {"dice": 0.8, "hd95": 3.0, "asd": 1.0}}, {1: "LV"}, (1, 1, 1), (1, 1, 1)
+            )
+        ]
+    )
+    card = build_model_card(
+        run_name="card-test",
+        method="ideal",
+        strategy="supervised",
+        store=phantom[1],
+        label_budget=1,
+        labelled_cases=["patient001_frame01"],
+        config=cfg.to_dict(),
+        metrics={"method": summary},
+    )
     assert card["config_hash"] == cfg.hash()
     assert card["data"]["store_fingerprint"] == store_fingerprint(phantom[1])  # stable
     assert card["code"]["git_sha"] is None or len(card["code"]["git_sha"]) == 40
@@ -282,8 +337,7 @@ def test_loss_curves__draw_loss_terms_and_validation_dice_on_its_own_axis() -> N
     from ray_jobs.evaluation import plots as P
 
     hist = pd.read_csv(io.StringIO(FINETUNE_HISTORY))
-    assert P.curve_series(hist) == {"losses": ["loss", "sup", "pl"], "dice": ["val_dice"],
-                                    "distances": ["val_hd95"]}
+    assert P.curve_series(hist) == {"losses": ["loss", "sup", "pl"], "dice": ["val_dice"], "distances": ["val_hd95"]}
     fig = P.loss_curves_figure(hist, "ideal-acdc finetune")
     try:
         loss_ax, dice_ax, mm_ax = fig.axes
@@ -312,8 +366,9 @@ def test_write_report__loss_plot_titles_name_the_run(tmp_path: Path, monkeypatch
     titles: list[str] = []
     real = P.loss_curves_png
     monkeypatch.setattr(P, "loss_curves_png", lambda h, t: titles.append(t) or real(h, t))
-    rec = evaluation_scoring.case_record("c1", {1: {"dice": 0.8, "hd95": 2.0, "asd": 1.0}}, {0: "bg", 1: "fg"},
-                                         (4, 4, 2), (1.0, 1.0, 1.0))
+    rec = evaluation_scoring.case_record(
+        "c1", {1: {"dice": 0.8, "hd95": 2.0, "asd": 1.0}}, {0: "bg", 1: "fg"}, (4, 4, 2), (1.0, 1.0, 1.0)
+    )
     evaluation_scoring.write_report(str(tmp_path / "eval"), [rec], histories={"finetune": str(stage / "history.csv")})
     assert titles == ["ideal-acdc finetune"]
     assert evaluation_scoring.history_run_name("s3://bucket/runs/r1/finetune/history.csv") == "r1"
@@ -327,8 +382,11 @@ def test_plots__png_output_and_input_checks() -> None:
     from ray_jobs.evaluation import plots as P
 
     png_magic = b"\x89PNG\r\n\x1a\n"
-    hist = pd.read_csv(io.StringIO("epoch,loss,loss_dice,lr,time_s,val_dice,val_hd95\n"
-                                   "0,2.0,1.2,0.001,3,0.3,20\n1,1.1,0.7,0.001,6,0.5,12\n"))
+    hist = pd.read_csv(
+        io.StringIO(
+            "epoch,loss,loss_dice,lr,time_s,val_dice,val_hd95\n0,2.0,1.2,0.001,3,0.3,20\n1,1.1,0.7,0.001,6,0.5,12\n"
+        )
+    )
     assert P.loss_curves_png(hist, "finetune").startswith(png_magic)
     assert P.loss_curves_png(hist[["epoch", "loss"]], "pretrain").startswith(png_magic)
     with pytest.raises(ValueError, match="epoch"):
@@ -356,7 +414,9 @@ def test_write_report__fsspec_uri_and_histories_beside_the_model() -> None:
     for stage, uri in hist.items():
         assert uri.startswith("memory://") and uri.endswith(f"evaltest-run/{stage}/history.csv")
     names = {0: "background", 3: "LV"}
-    recs = [evaluation_scoring.case_record("a", {3: {"dice": 0.5, "hd95": 1.0, "asd": 0.5}}, names, (2, 2, 2), (1, 1, 1))]
+    recs = [
+        evaluation_scoring.case_record("a", {3: {"dice": 0.5, "hd95": 1.0, "asd": 0.5}}, names, (2, 2, 2), (1, 1, 1))
+    ]
     s = evaluation_scoring.write_report(f"{run}/eval/method", recs, label_names=names, histories=hist)
     assert set(s["files"]) >= {"plots/loss_pretrain.png", "plots/loss_finetune.png", "plots/dice_boxplot.png"}
     for f in s["files"]:

@@ -9,6 +9,7 @@ dead run's CPUs stay reserved for good: the next trials of a campaign wait forev
 hung ``localcl tune --resume``). ``start_local_ray`` puts the instance's own address in its
 workers' environment.
 """
+
 from __future__ import annotations
 
 import time
@@ -59,8 +60,11 @@ def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_
                 Path(started).touch()
                 time.sleep(600)
 
-            TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
-                         run_config=RunConfig(storage_path=storage, name="killed")).fit()
+            TorchTrainer(
+                loop,
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(storage_path=storage, name="killed"),
+            ).fit()
 
     total = ray.cluster_resources()["CPU"]
     trial = Trial.remote()
@@ -77,4 +81,5 @@ def test_train_run_whose_controller_dies__releases_its_cpus(ray_cluster, second_
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == total, (
-        f"the dead run's placement group still holds CPUs: {ray.available_resources()}")
+        f"the dead run's placement group still holds CPUs: {ray.available_resources()}"
+    )

@@ -1,6 +1,7 @@
 """NoRepeatSampler: no configuration of a finite space twice, second chances for early-stopped
 configurations, the end of the search when all are used; and the bench_tune replay against a
 real Tune run of the same searcher and scheduler."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,9 +26,16 @@ TAUS = [0.1, 0.2, 0.5]
 
 def _campaign(tmp_path: Path, **kw: Any) -> campaign_spec.Campaign:
     d: dict[str, Any] = dict(
-        name="nr", method="ideal", trials=9, seed=0, root=str(tmp_path / "campaigns"), startup_trials=2,
-        space={"finetune.optim.lr": {"type": "categorical", "choices": LRS},
-               "pretrain.method.tau": {"type": "categorical", "choices": TAUS}},
+        name="nr",
+        method="ideal",
+        trials=9,
+        seed=0,
+        root=str(tmp_path / "campaigns"),
+        startup_trials=2,
+        space={
+            "finetune.optim.lr": {"type": "categorical", "choices": LRS},
+            "pretrain.method.tau": {"type": "categorical", "choices": TAUS},
+        },
         scheduler={"type": "none"},
     )
     d.update(kw)
@@ -52,10 +60,14 @@ def _run(c: campaign_spec.Campaign, n: int, seed: int) -> tuple[optuna.Study, li
 def test_make_sampler__wraps_finite_tpe_and_random_only(tmp_path: Path) -> None:
     assert isinstance(campaign_search.make_sampler(_campaign(tmp_path), 0), NoRepeatSampler)
     assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, sampler="random"), 0), NoRepeatSampler)
-    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, repeat_configs=True), 0), optuna.samplers.TPESampler)
+    assert isinstance(
+        campaign_search.make_sampler(_campaign(tmp_path, repeat_configs=True), 0), optuna.samplers.TPESampler
+    )
     assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, sampler="grid"), 0), optuna.samplers.GridSampler)
     continuous = {"finetune.optim.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}}
-    assert isinstance(campaign_search.make_sampler(_campaign(tmp_path, space=continuous), 0), optuna.samplers.TPESampler)
+    assert isinstance(
+        campaign_search.make_sampler(_campaign(tmp_path, space=continuous), 0), optuna.samplers.TPESampler
+    )
     # full_epochs (the second-chance threshold) is ASHA's max_t
     s = campaign_search.make_sampler(_campaign(tmp_path, scheduler={"type": "asha", "max_t": 7}), 0)
     assert isinstance(s, NoRepeatSampler) and s._full_epochs == 7
@@ -72,8 +84,11 @@ def test_no_repeat__every_config_once_then_exhausted(tmp_path: Path, sampler: st
 
 def test_no_repeat__tpe_alone_repeats_its_incumbent(tmp_path: Path) -> None:
     """Why the wrapper exists: plain TPE proposes configurations again on this space."""
-    repeats = [len(seen) - len(set(seen)) for seed in range(5)
-               for _, seen in [_run(_campaign(tmp_path, repeat_configs=True), 9, seed)]]
+    repeats = [
+        len(seen) - len(set(seen))
+        for seed in range(5)
+        for _, seen in [_run(_campaign(tmp_path, repeat_configs=True), 9, seed)]
+    ]
     assert sum(repeats) > 0, repeats
 
 
@@ -154,8 +169,12 @@ def test_no_repeat__second_chances_furthest_and_best_first(tmp_path: Path) -> No
 
 
 def test_no_repeat__minimize_ranks_second_chances_lowest_first(tmp_path: Path) -> None:
-    c = _campaign(tmp_path, sampler="random", scheduler={"type": "asha", "max_t": 9},
-                  objective={"metrics": ["val_loss"], "modes": ["min"]})
+    c = _campaign(
+        tmp_path,
+        sampler="random",
+        scheduler={"type": "asha", "max_t": 9},
+        objective={"metrics": ["val_loss"], "modes": ["min"]},
+    )
     sampler = campaign_search.make_sampler(c, 0)
     study = optuna.create_study(direction="minimize", sampler=sampler)
     grid = [dict(zip(("finetune.optim.lr", "pretrain.method.tau"), p)) for p in itertools.product(LRS, TAUS)]
@@ -214,22 +233,30 @@ def test_bench_replay__matches_a_real_tune_run(ray_cluster: Any, tmp_path: Path)
     np.random.seed(seed)
     grid = rtune.Tuner(
         trainable,
-        tune_config=rtune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=budget,
-                                     max_concurrent_trials=1),
+        tune_config=rtune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=budget, max_concurrent_trials=1
+        ),
         run_config=rtune.RunConfig(name="replay-check", storage_path=str(tmp_path), verbose=0),
     ).fit()
     # trial order = Tune's creation order: the counter in each trial's directory name
     # ("trainable_<id>_<n>_<params>")
     rows = sorted((grid[i] for i in range(len(grid))), key=lambda r: int(Path(r.path).name.split("_")[2]))
-    seq = [(int(r.metrics["training_iteration"]), float(r.metrics["val_dice"]),
-            (float(r.config["finetune.optim.lr"]), float(r.config["pretrain.method.tau"]))) for r in rows]
+    seq = [
+        (
+            int(r.metrics["training_iteration"]),
+            float(r.metrics["val_dice"]),
+            (float(r.config["finetune.optim.lr"]), float(r.config["pretrain.method.tau"])),
+        )
+        for r in rows
+    ]
     assert seq == expected
     assert len(rows) < budget  # Tune stopped asking: the searcher said FINISHED
 
 
 def test_searcher__finished_when_space_used_but_not_before_enqueued_trials(tmp_path: Path) -> None:
-    c = _campaign(tmp_path, sampler="random",
-                  space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 1e-2]}})
+    c = _campaign(
+        tmp_path, sampler="random", space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 1e-2]}}
+    )
     storage = optuna.storages.InMemoryStorage()
     searcher, _ = campaign_search.build_search(c, storage, seed=0)
     got = []

@@ -1,4 +1,5 @@
 """Tests of slice-wise inference (ray_jobs.evaluation.inference) and ``localcl predict``."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,7 +30,7 @@ class IntensityOracle(nn.Module):
         self.scale = nn.Parameter(torch.tensor(50.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, K, H, W)
-        return -((x - self.centres.view(1, -1, 1, 1)) * self.scale) ** 2
+        return -(((x - self.centres.view(1, -1, 1, 1)) * self.scale) ** 2)
 
 
 class ProbOracle(IntensityOracle):
@@ -184,8 +185,9 @@ def _scaled_rotated_copy(src: Path, dst: Path) -> nib.Nifti1Image:
     return cast(nib.Nifti1Image, nib.load(dst))
 
 
-def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(phantom: tuple[Path, str], tiny_run: Path,
-                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(
+    phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from ray_jobs.train.checkpoint import load_model
 
     src = phantom[0] / "imagesTr"
@@ -217,13 +219,30 @@ def test_predict_cli__nifti_folder_keeps_shape_affine_and_header(phantom: tuple[
         np.testing.assert_array_equal(data, want)
 
 
-def test_predict_cli__store_input_matches_nifti_input(phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path) -> None:
+def test_predict_cli__store_input_matches_nifti_input(
+    phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path
+) -> None:
     """A store and its source NIfTI folder (MSD root -> imagesTr) give the same label maps."""
     src, uri = phantom
-    assert main(["predict", "--checkpoint", str(tiny_run), uri, str(tmp_path / "from_store"),
-                 "--cases", "patient001_frame01", "patient003_frame02"]) == 0
-    assert main(["predict", "--checkpoint", str(tiny_run / "finetune" / "model"), str(src),
-                 str(tmp_path / "from_nifti")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tiny_run),
+                uri,
+                str(tmp_path / "from_store"),
+                "--cases",
+                "patient001_frame01",
+                "patient003_frame02",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["predict", "--checkpoint", str(tiny_run / "finetune" / "model"), str(src), str(tmp_path / "from_nifti")])
+        == 0
+    )
     made = sorted(p.name for p in (tmp_path / "from_store").iterdir())
     assert made == ["patient001_frame01.nii.gz", "patient003_frame02.nii.gz"]
     assert len(list((tmp_path / "from_nifti").iterdir())) == 6
@@ -243,8 +262,9 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     return err
 
 
-def test_predict_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_predict_cli__bad_inputs_give_one_line_errors(
+    phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     src, uri = phantom
     out = str(tmp_path / "out")
     err = _cli_error(["predict", "--checkpoint", str(tmp_path / "missing"), str(src), out], capsys)
@@ -258,7 +278,9 @@ def test_predict_cli__bad_inputs_give_one_line_errors(phantom: tuple[Path, str],
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "scan.dcm").write_bytes(b"DICM")
-    assert "scan.dcm: not a NIfTI file" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(junk), out], capsys)
+    assert "scan.dcm: not a NIfTI file" in _cli_error(
+        ["predict", "--checkpoint", str(tiny_run), str(junk), out], capsys
+    )
     assert "no such file" in _cli_error(["predict", "--checkpoint", str(tiny_run), str(tmp_path / "nope"), out], capsys)
     err = _cli_error(["predict", "--checkpoint", str(tiny_run), uri, out, "--cases", "patient042_frame01"], capsys)
     assert "patient042_frame01" in err
@@ -292,7 +314,7 @@ def test_predict_cli__real_acdc_scan_keeps_geometry(acdc_dir: Path, tiny_run: Pa
     data = np.asarray(lab.dataobj)
     x0, y0 = (154 - 48) // 2, (224 - 48) // 2
     outside = data.copy()
-    outside[x0:x0 + 48, y0:y0 + 48] = 0
+    outside[x0 : x0 + 48, y0 : y0 + 48] = 0
     assert not outside.any()
 
 

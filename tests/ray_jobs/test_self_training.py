@@ -3,6 +3,7 @@ an oracle teacher that returns the reference label on the training grid must giv
 reference exactly for the identity geometry, and exactly the nearest round trip of the
 reference (training grid -> native grid, cropped area -> background) with resampling +
 cropping."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ class OracleTeacher(nn.Module):
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         b = image.shape[0]
-        lab = self.labels[self.pos:self.pos + b].clamp_min(0)
+        lab = self.labels[self.pos : self.pos + b].clamp_min(0)
         self.pos += b
         return torch.nn.functional.one_hot(lab, self.k).permute(0, 3, 1, 2).float()
 
@@ -53,11 +54,19 @@ def test_pseudo_label_volume__oracle_teacher_reproduces_reference_in_crop(phanto
     meta, ref = st.meta(case), st.label(case).astype(np.int64)
     img = st.image(case)
     it = meta["intensity"]
-    grid = torch.stack([preprocess_slice(img[:, :, z], meta["spacing"], it["p1"], it["p99"], size,
-                                         spacing_mm, {"label": ref[:, :, z]})["label"]
-                        for z in range(ref.shape[2])])
-    spec = {"size": list(size), "spacing_mm": spacing_mm,
-            "normalisation": {"low_percentile": 1.0, "high_percentile": 99.0}}
+    grid = torch.stack(
+        [
+            preprocess_slice(
+                img[:, :, z], meta["spacing"], it["p1"], it["p99"], size, spacing_mm, {"label": ref[:, :, z]}
+            )["label"]
+            for z in range(ref.shape[2])
+        ]
+    )
+    spec = {
+        "size": list(size),
+        "spacing_mm": spacing_mm,
+        "normalisation": {"low_percentile": 1.0, "high_percentile": 99.0},
+    }
     teacher = OracleTeacher(grid, 4)
     out = pseudo_label_volume(teacher, spec, st, case, crf=False, crf_kwargs={}, batch_size=2)
     assert out.shape == ref.shape and out.dtype == np.uint8
@@ -67,10 +76,10 @@ def test_pseudo_label_volume__oracle_teacher_reproduces_reference_in_crop(phanto
     else:  # exactly the nearest round trip of the reference (crop/pad area -> background)
         from storage.preprocess import restore_slice
 
-        back = restore_slice(grid.clamp_min(0), ref.shape[:2], meta["spacing"][:2], spacing_mm,
-                             nearest=True)
+        back = restore_slice(grid.clamp_min(0), ref.shape[:2], meta["spacing"][:2], spacing_mm, nearest=True)
         np.testing.assert_array_equal(out, back.numpy().transpose(1, 2, 0).astype(np.uint8))
         assert (out == ref).mean() > 0.8 and set(np.unique(out)) <= set(range(4))
+
 
 def test_pseudo_label_name__carries_round_and_config_hash():
     class Cfg:

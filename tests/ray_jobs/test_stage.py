@@ -1,4 +1,5 @@
 """ray_jobs.train.stage: the LoopSpec contract between the driver and the Ray Train workers."""
+
 from __future__ import annotations
 
 import pickle
@@ -20,17 +21,27 @@ SMALL = {"widths": [8, 16, 16]}
 
 
 def _cfg() -> C.Config:
-    return C.validate({
-        "name": "t", "data": {"store": "/nonexistent.zarr", "size": [32, 32]},
-        "pretrain": {"method": {"name": "lrc", **SMALL, "tau_local": 0.2}, "schedule": {"batch_size": 4}},
-        "finetune": {"method": {"name": "supervised", **SMALL}, "schedule": {"batch_size": 4}},
-    })
+    return C.validate(
+        {
+            "name": "t",
+            "data": {"store": "/nonexistent.zarr", "size": [32, 32]},
+            "pretrain": {"method": {"name": "lrc", **SMALL, "tau_local": 0.2}, "schedule": {"batch_size": 4}},
+            "finetune": {"method": {"name": "supervised", **SMALL}, "schedule": {"batch_size": 4}},
+        }
+    )
 
 
 def _plan() -> Plan:
-    return Plan(store="memory://store.zarr", num_classes=4, label_names={"0": "bg", "1": "a", "2": "b", "3": "c"},
-                labelled=["p1"], unlabelled=["p2", "p3"], pretrain_cases=["p1", "p2", "p3"], val=["v1"],
-                test=["t1"])
+    return Plan(
+        store="memory://store.zarr",
+        num_classes=4,
+        label_names={"0": "bg", "1": "a", "2": "b", "3": "c"},
+        labelled=["p1"],
+        unlabelled=["p2", "p3"],
+        pretrain_cases=["p1", "p2", "p3"],
+        val=["v1"],
+        test=["t1"],
+    )
 
 
 def test_loop_spec__built_once_with_the_validated_objects() -> None:
@@ -74,8 +85,15 @@ def test_loop_spec__rejects_bad_fields_on_the_driver() -> None:
 @pytest.mark.parametrize("dumps, loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, pickle.loads)])
 def test_loop_spec__round_trips_through_pickle(dumps, loads) -> None:
     """Ray ships the spec to the workers pickled: what arrives equals what the driver built."""
-    spec = loop_spec(_cfg(), _plan(), "finetune", init={"kind": "state", "dir": "/m"}, pseudo="pseudo_r1_ab",
-                     round=1, hooks={"events": "/tmp/e"}).model_copy(update={"stage_name": "finetune"})
+    spec = loop_spec(
+        _cfg(),
+        _plan(),
+        "finetune",
+        init={"kind": "state", "dir": "/m"},
+        pseudo="pseudo_r1_ab",
+        round=1,
+        hooks={"events": "/tmp/e"},
+    ).model_copy(update={"stage_name": "finetune"})
     back = loads(dumps(spec))
     assert back == spec
     assert type(back.method_cfg) is type(spec.method_cfg) and back.config.hash() == spec.config.hash()
@@ -105,8 +123,17 @@ def test_stage__no_untyped_loop_dict_left() -> None:
     assert stage.LoopSpec.model_config["frozen"] is True
 
 
-HOUSE_CHECK = next((p for p in (REPO.parent / "shared" / "tools" / "house_check.py",
-                                REPO.parents[1] / "shared" / "tools" / "house_check.py") if p.is_file()), None)
+HOUSE_CHECK = next(
+    (
+        p
+        for p in (
+            REPO.parent / "shared" / "tools" / "house_check.py",
+            REPO.parents[1] / "shared" / "tools" / "house_check.py",
+        )
+        if p.is_file()
+    ),
+    None,
+)
 
 
 @pytest.mark.skipif(HOUSE_CHECK is None, reason="../shared/tools/house_check.py not available")

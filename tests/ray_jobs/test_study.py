@@ -1,6 +1,7 @@
 """`localcl study`: config validation (before Ray), cell planning, label hygiene of the plans,
 the report arithmetic, and a real micro study (2 methods x 1 budget x 1 seed) on a small ACDC
 subset in Ray Train local mode that writes the tables and the curve and resumes cell by cell."""
+
 from __future__ import annotations
 
 import copy
@@ -27,21 +28,30 @@ TINY = {"widths": [8, 16, 32]}
 
 def micro(store: str = "store.zarr", **over: Any) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "name": "micro", "baseline": "supervised", "seeds": [0], "require_all_methods": False,
+        "name": "micro",
+        "baseline": "supervised",
+        "seeds": [0],
+        "require_all_methods": False,
         "budgets": [{"name": "1vol", "cases": ["patient099_frame01"], "label": "1 volume"}],
-        "base": {"data": {"store": store, "size": [64, 64], "spacing_mm": [5.0, 5.0],
-                          "splits": {"pool": "train", "val": None, "test": "val"}},
-                 "evaluate": {"plots": False}, "scaling": {"num_workers": 0},
-                 "logging": {"tensorboard": False, "progress": False}},
+        "base": {
+            "data": {
+                "store": store,
+                "size": [64, 64],
+                "spacing_mm": [5.0, 5.0],
+                "splits": {"pool": "train", "val": None, "test": "val"},
+            },
+            "evaluate": {"plots": False},
+            "scaling": {"num_workers": 0},
+            "logging": {"tensorboard": False, "progress": False},
+        },
         "stage_defaults": {
-            "pretrain": {"method": dict(TINY),
-                         "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
-            "finetune": {"method": dict(TINY),
-                         "schedule": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4}}},
+            "pretrain": {"method": dict(TINY), "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
+            "finetune": {"method": dict(TINY), "schedule": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 4}},
+        },
         "methods": {
             "supervised": {"finetune": {"method": {"name": "supervised"}}},
-            "lrc": {"pretrain": {"method": {"name": "lrc"}},
-                    "finetune": {"method": {"name": "supervised"}}}},
+            "lrc": {"pretrain": {"method": {"name": "lrc"}}, "finetune": {"method": {"name": "supervised"}}},
+        },
     }
     for key, value in over.items():
         node = d
@@ -73,21 +83,27 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     assert c.hash() != study_spec.cell_config(cpu, "ideal", cpu.budgets[1], 1, store="s.zarr", init="/x").hash()
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("methods.nope", {"finetune": {"method": {"name": "supervised"}}}, "methods.nope: not a method"),
-    ("baseline", "ideal", "baseline: 'ideal' is not one of methods"),
-    ("base.data.splits.val", "val", "base.data.splits.val: must be null"),
-    ("base.name", "x", "base.name: set per method"),
-    ("seeds", [], "seeds"),
-    ("seeds", [1, 1], "seeds"),
-    ("budgets", [{"name": "b", "patients": 2, "cases": ["a"]}], "exactly one of 'patients' or 'cases'"),
-    ("budgets", [{"name": "a b", "patients": 2}], "budgets.0.name"),
-    ("methods.supervised", {"finetune": {"method": {"name": "supervised", "widthz": 3}}},
-     "methods.supervised: invalid config: finetune.method: Value error, unknown config key(s) ['widthz']"),
-    ("methods.lrc.pretrain.schedule", {"epochs": 0}, "methods.lrc: invalid config: pretrain.schedule.epochs"),
-    ("methods.lrc.oops", {}, "methods.lrc.oops: unknown key"),
-    ("stage_defaults.baseline", {}, "stage_defaults.baseline: not a stage"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("methods.nope", {"finetune": {"method": {"name": "supervised"}}}, "methods.nope: not a method"),
+        ("baseline", "ideal", "baseline: 'ideal' is not one of methods"),
+        ("base.data.splits.val", "val", "base.data.splits.val: must be null"),
+        ("base.name", "x", "base.name: set per method"),
+        ("seeds", [], "seeds"),
+        ("seeds", [1, 1], "seeds"),
+        ("budgets", [{"name": "b", "patients": 2, "cases": ["a"]}], "exactly one of 'patients' or 'cases'"),
+        ("budgets", [{"name": "a b", "patients": 2}], "budgets.0.name"),
+        (
+            "methods.supervised",
+            {"finetune": {"method": {"name": "supervised", "widthz": 3}}},
+            "methods.supervised: invalid config: finetune.method: Value error, unknown config key(s) ['widthz']",
+        ),
+        ("methods.lrc.pretrain.schedule", {"epochs": 0}, "methods.lrc: invalid config: pretrain.schedule.epochs"),
+        ("methods.lrc.oops", {}, "methods.lrc.oops: unknown key"),
+        ("stage_defaults.baseline", {}, "stage_defaults.baseline: not a stage"),
+    ],
+)
 def test_load_study__bad_config_names_the_key(key, value, needle):
     d = micro()
     node = d
@@ -142,36 +158,60 @@ def test_pretrain_reads_labels__matches_the_methods_steps():
 
 # --------------------------------------------------------------------------- report maths
 def _rec(method: str, budget: str, seed: int, dice: float, **kw: Any) -> dict[str, Any]:
-    return {"method": method, "budget": budget, "seed": seed,
-            "budget_label": {"a": "1 volume", "b": "3 patients"}[budget],
-            "labelled_volumes": 2, "labelled_patients": {"a": 0.5, "b": 3.0}[budget],
-            "pretrain": None if method == "supervised" else method, "strategy": "supervised",
-            "dice": dice, "hd95": kw.get("hd95", 10.0), "asd": 2.0, "dice_RV": dice - 0.1,
-            "dice_MYO": dice, "dice_LV": dice + 0.1, "hd95_RV": 12.0, "n_cases": 20,
-            "finetune_steps": kw.get("steps", 160), "labelled_views": kw.get("steps", 160) * 8,
-            "unlabelled_views": 0, "pretrain_steps": 0 if method.startswith("supervised") else 120}
+    return {
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "budget_label": {"a": "1 volume", "b": "3 patients"}[budget],
+        "labelled_volumes": 2,
+        "labelled_patients": {"a": 0.5, "b": 3.0}[budget],
+        "pretrain": None if method == "supervised" else method,
+        "strategy": "supervised",
+        "dice": dice,
+        "hd95": kw.get("hd95", 10.0),
+        "asd": 2.0,
+        "dice_RV": dice - 0.1,
+        "dice_MYO": dice,
+        "dice_LV": dice + 0.1,
+        "hd95_RV": 12.0,
+        "n_cases": 20,
+        "finetune_steps": kw.get("steps", 160),
+        "labelled_views": kw.get("steps", 160) * 8,
+        "unlabelled_views": 0,
+        "pretrain_steps": 0 if method.startswith("supervised") else 120,
+    }
 
 
 def test_aggregate__sd_over_seeds_and_paired_delta():
-    recs = [_rec("supervised", "a", 0, 0.50), _rec("supervised", "a", 1, 0.60),
-            _rec("lrc", "a", 0, 0.55), _rec("lrc", "a", 1, 0.58),
-            _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.65)]
+    recs = [
+        _rec("supervised", "a", 0, 0.50),
+        _rec("supervised", "a", 1, 0.60),
+        _rec("lrc", "a", 0, 0.55),
+        _rec("lrc", "a", 1, 0.58),
+        _rec("supervised", "b", 0, 0.70),
+        _rec("lrc", "b", 0, 0.65),
+    ]
     agg = {(r["method"], r["budget"]): r for r in study_report.aggregate(recs, "supervised")}
     base, lrc = agg[("supervised", "a")], agg[("lrc", "a")]
-    assert base["dice"] == pytest.approx(0.55) and base["dice_sd"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert base["dice"] == pytest.approx(0.55) and base["dice_sd"] == pytest.approx(0.1 / 2**0.5)
     assert base["delta"] is None
     # paired by seed: (0.55 - 0.50, 0.58 - 0.60) -> mean 0.015, sd |0.05 + 0.02| / sqrt(2)
-    assert lrc["delta"] == pytest.approx(0.015) and lrc["delta_sd"] == pytest.approx(0.07 / 2 ** 0.5)
+    assert lrc["delta"] == pytest.approx(0.015) and lrc["delta_sd"] == pytest.approx(0.07 / 2**0.5)
     assert lrc["n_paired"] == 2 and lrc["dice_LV"] == pytest.approx(0.665)
     one = agg[("lrc", "b")]
     assert one["delta"] == pytest.approx(-0.05) and one["delta_sd"] is None and one["dice_sd"] == 0.0
 
 
 def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
-    st = study_spec.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]},
-                                     {"name": "b", "patients": 3}]))
-    recs = [_rec("supervised", "a", 0, 0.50), _rec("lrc", "a", 0, 0.45),
-            _rec("supervised", "b", 0, 0.70), _rec("lrc", "b", 0, 0.75)]
+    st = study_spec.load_study(
+        micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]}, {"name": "b", "patients": 3}])
+    )
+    recs = [
+        _rec("supervised", "a", 0, 0.50),
+        _rec("lrc", "a", 0, 0.45),
+        _rec("supervised", "b", 0, 0.70),
+        _rec("lrc", "b", 0, 0.75),
+    ]
     md = study_report.results_markdown(st, recs, total=6)
     assert "4 of 6 cells (**partial**" in md
     assert "| **supervised** (baseline) | — | supervised | — | 160 (1280 / 0) | 0 | 0.500 | 0.700 |" in md
@@ -186,9 +226,13 @@ def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
 
 
 def test_aggregate__compare_to_pairs_each_method_with_its_compute_matched_baseline():
-    recs = [_rec("supervised", "a", 0, 0.50), _rec("supervised_320", "a", 0, 0.58, steps=320),
-            _rec("plcl", "a", 0, 0.60, steps=320), _rec("lrc", "a", 0, 0.52),
-            _rec("ideal", "a", 0, 0.56, steps=320)]
+    recs = [
+        _rec("supervised", "a", 0, 0.50),
+        _rec("supervised_320", "a", 0, 0.58, steps=320),
+        _rec("plcl", "a", 0, 0.60, steps=320),
+        _rec("lrc", "a", 0, 0.52),
+        _rec("ideal", "a", 0, 0.56, steps=320),
+    ]
     agg = {r["method"]: r for r in study_report.aggregate(recs, "supervised", {"plcl": "supervised_320"})}
     assert agg["plcl"]["compared_to"] == "supervised_320" and agg["plcl"]["delta"] == pytest.approx(0.02)
     assert agg["plcl"]["steps_match"] is True
@@ -198,8 +242,9 @@ def test_aggregate__compare_to_pairs_each_method_with_its_compute_matched_baseli
 
 
 def test_verdict__noise_band_and_not_compute_matched_flag():
-    methods = dict(micro()["methods"], ideal={"pretrain": {"method": {"name": "ideal"}},
-                                              "finetune": {"method": {"name": "ideal"}}})
+    methods = dict(
+        micro()["methods"], ideal={"pretrain": {"method": {"name": "ideal"}}, "finetune": {"method": {"name": "ideal"}}}
+    )
     st = study_spec.load_study(micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]}], methods=methods))
     recs = [_rec("supervised", "a", s, 0.50 + 0.01 * s) for s in range(3)]
     recs += [_rec("lrc", "a", s, 0.50 + 0.01 * s + d) for s, d in enumerate((0.02, -0.01, 0.00))]
@@ -211,14 +256,22 @@ def test_verdict__noise_band_and_not_compute_matched_flag():
 
 
 def test_check_study__extra_baseline_cells_and_compare_to_are_validated():
-    ok = micro(methods={"supervised": {"finetune": {"method": {"name": "supervised"}}},
-                        "supervised_2x": {"finetune": {"method": {"name": "supervised"}}}},
-               compare_to={"supervised_2x": "supervised"})
+    ok = micro(
+        methods={
+            "supervised": {"finetune": {"method": {"name": "supervised"}}},
+            "supervised_2x": {"finetune": {"method": {"name": "supervised"}}},
+        },
+        compare_to={"supervised_2x": "supervised"},
+    )
     st = study_spec.load_study(ok)
     study_spec.check_study(st)
     assert [c.method for c in study_cells.cells(st)][:2] == ["supervised", "supervised_2x"]
-    bad = micro(methods={"supervised": {"finetune": {"method": {"name": "supervised"}}},
-                         "supervised_x": {"finetune": {"method": {"name": "ideal"}}}})
+    bad = micro(
+        methods={
+            "supervised": {"finetune": {"method": {"name": "supervised"}}},
+            "supervised_x": {"finetune": {"method": {"name": "ideal"}}},
+        }
+    )
     with pytest.raises(ConfigError, match="extra baseline"):
         study_spec.check_study(study_spec.load_study(bad))
     bad2 = micro(compare_to={"lrc": "glcl"})
@@ -238,8 +291,9 @@ def tiny_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_plans__budgets_fixed_and_pretraining_label_free(tiny_store, tmp_path):
-    st = study_spec.load_study(micro(tiny_store, budgets=[
-        {"name": "1vol", "cases": ["patient099_frame01"]}, {"name": "3pat", "patients": 3}]))
+    st = study_spec.load_study(
+        micro(tiny_store, budgets=[{"name": "1vol", "cases": ["patient099_frame01"]}, {"name": "3pat", "patients": 3}])
+    )
     data = study_cells.open_data(st, str(tmp_path), log=lambda m: None)
     assert data.test == ["patient002_frame01", "patient002_frame02"] and data.num_classes == 4
     three = study_cells.budget_cases(data, st.budgets[1], 0, "train")
@@ -272,8 +326,7 @@ def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_stor
     assert out["done"] == out["total"] == 2
     with open(os.path.join(sdir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [
-        ("supervised", "1vol", "0"), ("lrc", "1vol", "0")]
+    assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [("supervised", "1vol", "0"), ("lrc", "1vol", "0")]
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and r["labelled_volumes"] == "1"
         assert float(r["labelled_patients"]) == 0.5 and r["unlabelled_volumes"] == "0"
@@ -292,7 +345,8 @@ def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_stor
         hist = list(csv.DictReader(f))
     assert len(hist) == 2 and not any(h.get("val_dice") for h in hist)  # no model selection
     assert json.loads((cell / "cell.json").read_text())["pretrained_from"].endswith(
-        os.path.join("pretrain", "lrc-s0", "pretrain", "model"))
+        os.path.join("pretrain", "lrc-s0", "pretrain", "model")
+    )
 
     mtime = (cell / "cell.json").stat().st_mtime_ns
     with pytest.raises(UserError, match="pass --resume"):
@@ -338,8 +392,10 @@ def test_file_lock__second_holder_waits_for_the_first(tmp_path):
 
     path = str(tmp_path / "x.lock")
     msgs: list[str] = []
-    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); t = time.time(); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print(time.time() - t)")
+    code = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); t = time.time(); "
+        "fcntl.flock(f, fcntl.LOCK_EX); print(time.time() - t)"
+    )
     with study_cells._FileLock(path, msgs.append, "pretrain x"):
         child = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)

@@ -6,6 +6,7 @@ with a private ``--temp-dir`` and free ports), so it never collides with the ses
 (the ``ray start`` process and its descendants, plus any orphan whose command line names the
 private temp dir), never ``ray stop``.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def _write_run_config(directory: Path, **over: object) -> Path:
         "run_dir": str(directory / "runs" / "submit-test"),
         "data": {"store": str(directory / "store.zarr"), "label_budget": 1, "size": [32, 32]},
         "pretrain": None,
-        "finetune": {"method": {"name": "supervised"},
-                     "schedule": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2}},
+        "finetune": {
+            "method": {"name": "supervised"},
+            "schedule": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2},
+        },
         "scaling": {"num_workers": 0},
     }
     data.update(over)
@@ -65,8 +68,18 @@ def ray_head():
 def test_submit__preflight_job_runs_and_jobs_reads_status_and_logs(ray_head, tmp_path, capsys):
     cfg = _write_run_config(tmp_path)
     code, out, err = _run_cli(
-        capsys, "submit", "finetune", "--config", str(cfg), "--address", ray_head,
-        "--set", "finetune.optim.lr=0.005", "--metadata", "team=cardiac", "--preflight",
+        capsys,
+        "submit",
+        "finetune",
+        "--config",
+        str(cfg),
+        "--address",
+        ray_head,
+        "--set",
+        "finetune.optim.lr=0.005",
+        "--metadata",
+        "team=cardiac",
+        "--preflight",
         "--follow",
     )
     assert code == 0, err
@@ -105,10 +118,11 @@ def test_jobs__stop_running_job(ray_head, capsys):
 
     # A plain long job submitted with Ray's own client: `localcl jobs` manages any job.
     job_id = cluster_jobs.submit_job_retrying(
-        JobSubmissionClient(ray_head), entrypoint="python -c 'import time; print(\"sleeping\", flush=True); time.sleep(120)'")
+        JobSubmissionClient(ray_head),
+        entrypoint="python -c 'import time; print(\"sleeping\", flush=True); time.sleep(120)'",
+    )
     cluster_jobs.wait_for(JobSubmissionClient(ray_head), job_id, {"RUNNING"}, timeout=60)
-    code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head,
-                              "--wait", "--timeout", "60")
+    code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head, "--wait", "--timeout", "60")
     assert code == 0, err
     assert out.strip().splitlines() == [f"{job_id}: stop requested", f"{job_id}: STOPPED"]
     code, out, err = _run_cli(capsys, "jobs", "stop", job_id, "--address", ray_head)
@@ -130,8 +144,9 @@ def test_jobs__unknown_id_is_a_one_line_error(ray_head, capsys):
 def test_submit__unreachable_address_is_a_one_line_error(tmp_path, capsys):
     cfg = _write_run_config(tmp_path)
     port = free_port()  # bound then released: nothing listens there
-    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
-                              "--address", f"http://127.0.0.1:{port}")
+    code, out, err = _run_cli(
+        capsys, "submit", "finetune", "--config", str(cfg), "--address", f"http://127.0.0.1:{port}"
+    )
     assert code == 2 and out == ""
     assert err.count("\n") == 1
     assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in err
@@ -144,20 +159,28 @@ def test_submit__invalid_config_rejected_before_contacting_the_cluster(tmp_path,
         raise AssertionError("connect() must not be called for an invalid config")
 
     monkeypatch.setattr(cluster_jobs, "connect", no_network)
-    cfg = _write_run_config(tmp_path, finetune={"method": {"name": "supervised"},
-                                                "schedule": {"epochs": 0}})
-    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
-                              "--address", "http://127.0.0.1:9")
+    cfg = _write_run_config(tmp_path, finetune={"method": {"name": "supervised"}, "schedule": {"epochs": 0}})
+    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg), "--address", "http://127.0.0.1:9")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "epochs" in err
 
     cfg = _write_run_config(tmp_path)
-    code, out, err = _run_cli(capsys, "submit", "finetune", "--config", str(cfg),
-                              "--address", "http://127.0.0.1:9", "--set", "finetune.optim.lr=-1")
+    code, out, err = _run_cli(
+        capsys,
+        "submit",
+        "finetune",
+        "--config",
+        str(cfg),
+        "--address",
+        "http://127.0.0.1:9",
+        "--set",
+        "finetune.optim.lr=-1",
+    )
     assert code == 2 and "lr" in err
 
-    code, out, err = _run_cli(capsys, "submit", "pretrain", "--config", str(tmp_path / "missing.yaml"),
-                              "--address", "http://127.0.0.1:9")
+    code, out, err = _run_cli(
+        capsys, "submit", "pretrain", "--config", str(tmp_path / "missing.yaml"), "--address", "http://127.0.0.1:9"
+    )
     assert code == 2 and "missing" in err
 
 
@@ -171,8 +194,9 @@ def test_submit__bad_options_name_the_option(tmp_path, capsys, monkeypatch):
         (["--working-dir", str(tmp_path / "nope")], "--working-dir: not a directory"),
     ]
     for extra, message in cases:
-        code, _, err = _run_cli(capsys, "submit", "finetune", "--config", cfg,
-                                "--address", "http://127.0.0.1:9", *extra)
+        code, _, err = _run_cli(
+            capsys, "submit", "finetune", "--config", cfg, "--address", "http://127.0.0.1:9", *extra
+        )
         assert code == 2 and message in err, (extra, err)
 
 
@@ -195,9 +219,15 @@ def test_resolve_address__validates_scheme_and_falls_back_to_env(monkeypatch):
 def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     cfg = _write_run_config(tmp_path)
-    s = cluster_submit.build_submission("finetune", cfg, ["finetune.optim.lr=0.01"],
-                             entrypoint_num_cpus=1, entrypoint_num_gpus=0.5,
-                             metadata={"owner": "me"}, env={"AWS_REGION": "eu-west-1"})
+    s = cluster_submit.build_submission(
+        "finetune",
+        cfg,
+        ["finetune.optim.lr=0.01"],
+        entrypoint_num_cpus=1,
+        entrypoint_num_gpus=0.5,
+        metadata={"owner": "me"},
+        env={"AWS_REGION": "eu-west-1"},
+    )
     assert s.runtime_env["working_dir"] == str(REPO)
     for excluded in (".venv/", ".git/", "runs/"):
         assert excluded in s.runtime_env["excludes"]
@@ -261,8 +291,10 @@ def test_job_entry__materialises_shipped_config_and_refuses_without_it(tmp_path,
 
 
 def test_format_table__aligns_columns():
-    rows = [cluster_jobs.JobRow("localcl-run-1", "RUNNING", "run", "2026-01-01 00:00:00", "0:00:05", "python -m x"),
-            cluster_jobs.JobRow("raysubmit_abc", "SUCCEEDED", "-", "-", "-", "echo hi")]
+    rows = [
+        cluster_jobs.JobRow("localcl-run-1", "RUNNING", "run", "2026-01-01 00:00:00", "0:00:05", "python -m x"),
+        cluster_jobs.JobRow("raysubmit_abc", "SUCCEEDED", "-", "-", "-", "echo hi"),
+    ]
     lines = cluster_jobs.format_table(rows).splitlines()
     assert lines[0].split()[:2] == ["SUBMISSION_ID", "STATUS"]
     starts = {line.index(tok) for line, tok in zip(lines[1:], ["RUNNING", "SUCCEEDED"])}
@@ -272,7 +304,8 @@ def test_format_table__aligns_columns():
 def test_job_entry__expand_env_substitutes_braced_vars_and_names_missing_ones():
     env = {"OPTUNA_STORAGE": "postgresql://u:p&q@db:5432/optuna", "X": "1"}
     assert job_entry.expand_env("storage: ${OPTUNA_STORAGE}\nprice: $5 ${X}\n", env) == (
-        "storage: postgresql://u:p&q@db:5432/optuna\nprice: $5 1\n")
+        "storage: postgresql://u:p&q@db:5432/optuna\nprice: $5 1\n"
+    )
     with pytest.raises(UserError, match="not set: A, B"):
         job_entry.expand_env("${B} ${A} ${X}", env)
 
@@ -307,8 +340,9 @@ def test_job_entry__auto_resume_detects_an_existing_campaign_study(tmp_path):
 
 
 def test_portable_config_text__campaign_inlines_base_config(tmp_path):
-    campaign, path = cluster_submit.validate_config("tune", REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml",
-                                         ["trials=3"])
+    campaign, path = cluster_submit.validate_config(
+        "tune", REPO / "ray_jobs" / "configs" / "tune" / "ideal.yaml", ["trials=3"]
+    )
     shipped = yaml.safe_load(cluster_submit.portable_config_text(campaign, path))
     assert shipped["base_config"] is None and shipped["trials"] == 3
     assert shipped["base"] == campaign.resolved_base()

@@ -5,6 +5,7 @@ a real SQLite Optuna study, resource planning, the report of a study. Ray tests 
 ``ray_cluster``): a real 6-trial campaign on ACDC slices, a SIGKILLed driver resumed, and the
 best configuration re-run.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,8 +119,10 @@ def test_campaign__grid_sampler_needs_finite_space(tmp_path: Path) -> None:
     c = _campaign(
         tmp_path,
         sampler="grid",
-        space={"finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 3e-3]},
-               "data.label_budget": {"type": "int", "low": 1, "high": 3}},
+        space={
+            "finetune.optim.lr": {"type": "categorical", "choices": [1e-3, 3e-3]},
+            "data.label_budget": {"type": "int", "low": 1, "high": 3},
+        },
     )
     assert campaign_search.grid_size(c) == 6
 
@@ -255,16 +258,24 @@ def _write_campaign(tmp_path: Path, **changes: Any) -> Path:
 @pytest.mark.parametrize(
     "space, needle",
     [
-        ({"pretrain.method.temprature": {"type": "float", "low": 0.1, "high": 0.2}},
-         "space['pretrain.method.temprature']: unknown parameter for method 'ideal'; pretrain.method has: "),
+        (
+            {"pretrain.method.temprature": {"type": "float", "low": 0.1, "high": 0.2}},
+            "space['pretrain.method.temprature']: unknown parameter for method 'ideal'; pretrain.method has: ",
+        ),
         ({"pretrain.method.tau": {"type": "float", "low": 0.5, "high": 0.2}}, "low (0.5) > high (0.2)"),
         ({"pretrain.method.match": {"type": "categorical", "choices": []}}, "non-empty 'choices'"),
-        ({"pretrain.method.match": {"type": "categorical", "choices": ["argmax", "bogus"]}},
-         "space['pretrain.method.match']: value 'bogus' is invalid for method 'ideal'"),
-        ({"finetune.schedule.epochs": {"type": "int", "low": 0, "high": 3}},
-         "space['finetune.schedule.epochs']: value 0 is invalid"),
-        ({"finetune.optimizer.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}},
-         "space['finetune.optimizer.lr']: unknown parameter"),
+        (
+            {"pretrain.method.match": {"type": "categorical", "choices": ["argmax", "bogus"]}},
+            "space['pretrain.method.match']: value 'bogus' is invalid for method 'ideal'",
+        ),
+        (
+            {"finetune.schedule.epochs": {"type": "int", "low": 0, "high": 3}},
+            "space['finetune.schedule.epochs']: value 0 is invalid",
+        ),
+        (
+            {"finetune.optimizer.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}},
+            "space['finetune.optimizer.lr']: unknown parameter",
+        ),
         ({}, "search space is empty"),
     ],
 )
@@ -292,7 +303,9 @@ def test_load_campaign__other_errors_name_the_field(tmp_path: Path) -> None:
         campaign_spec.load_campaign(tmp_path / "missing.yaml")
 
 
-def test_cli_tune__bad_space_is_one_line_error_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tune__bad_space_is_one_line_error_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ray_jobs.cli import main
 
     path = _write_campaign(tmp_path, space={"pretrain.method.tau": {"type": "log_float", "low": 0.0, "high": 0.5}})
@@ -302,7 +315,9 @@ def test_cli_tune__bad_space_is_one_line_error_before_any_trial(tmp_path: Path, 
     assert not (tmp_path / "campaigns").exists()  # nothing created: no study, no trial
 
 
-def test_cli_tune__unreachable_storage_is_error_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_tune__unreachable_storage_is_error_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ray_jobs.cli import main
 
     path = _write_campaign(tmp_path, storage="postgresql://user:pw@127.0.0.1:1/optuna")
@@ -373,7 +388,9 @@ def test_cli_tune_dashboard__serves_the_study_on_loopback(tmp_path: Path) -> Non
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray_jobs.cli", "tune", "dashboard", str(c.campaign_dir), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         body = None
@@ -407,8 +424,13 @@ def _ray_env(tmpdir: str) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
-    env.update(RAY_TMPDIR=tmpdir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(
+        RAY_TMPDIR=tmpdir,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -475,7 +497,9 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
                 states[t.state.name] += 1
             if states["COMPLETE"] + states["FAIL"] >= 2 and states["RUNNING"] >= 1:
                 break
-        assert proc.poll() is None, f"driver ended before it could be killed: {(tmp / 'driver1.log').read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"driver ended before it could be killed: {(tmp / 'driver1.log').read_text()[-3000:]}"
+        )
         assert states.get("RUNNING", 0) >= 1, states
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-campaign
         proc.wait(timeout=30)
@@ -565,9 +589,22 @@ def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, A
     raytmp = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
     try:
         res = subprocess.run(
-            [sys.executable, "-m", "ray_jobs.cli", "run", "--config", str(c.campaign_dir / "report" / "best_config.yaml"),
-             "--run-dir", str(run_dir), "--no-eval", "--no-progress"],
-            env=_ray_env(raytmp), capture_output=True, text=True, timeout=1800,
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.cli",
+                "run",
+                "--config",
+                str(c.campaign_dir / "report" / "best_config.yaml"),
+                "--run-dir",
+                str(run_dir),
+                "--no-eval",
+                "--no-progress",
+            ],
+            env=_ray_env(raytmp),
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
     finally:
         _end_leftovers(raytmp)
@@ -605,8 +642,13 @@ def test_build_search__tpe_seeded_and_asha_on_finetune_epochs(tmp_path: Path) ->
 
 
 def test_build_search__multi_objective_nsga2_without_pruning(tmp_path: Path) -> None:
-    c = campaign_spec.load_campaign(_write_campaign(
-        tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
+    c = campaign_spec.load_campaign(
+        _write_campaign(
+            tmp_path,
+            objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]},
+            scheduler={"type": "auto"},
+        )
+    )
     searcher, scheduler = campaign_search.build_search(c, optuna.storages.InMemoryStorage(), seed=0)
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler) and scheduler is None
     assert searcher._ot_study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
@@ -617,8 +659,13 @@ def test_build_search__multi_objective_nsga2_without_pruning(tmp_path: Path) -> 
 
 
 def test_write_report__multi_objective_pareto_and_best_dice(tmp_path: Path) -> None:
-    c = campaign_spec.load_campaign(_write_campaign(
-        tmp_path, objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]}, scheduler={"type": "auto"}))
+    c = campaign_spec.load_campaign(
+        _write_campaign(
+            tmp_path,
+            objective={"metrics": ["val_dice", "val_hd95"], "modes": ["max", "min"]},
+            scheduler={"type": "auto"},
+        )
+    )
     c.campaign_dir.mkdir(parents=True)
     storage = campaign_search.open_storage(c.storage_url)
     campaign_search.prepare_study(c, storage, resume=False)

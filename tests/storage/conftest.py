@@ -1,4 +1,5 @@
 """Fixtures for storage tests: a small real-ACDC store and synthetic MSD datasets."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def acdc_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, dtype: type | None = None) -> Path:
     """Save ``data`` as NIfTI (gzip if the name ends in .gz)."""
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype) if dtype else np.asarray(data),
-                          np.diag([1.5, 1.5, 5.0, 1.0]) if affine is None else affine)
+    img = nib.Nifti1Image(
+        np.asarray(data, dtype=dtype) if dtype else np.asarray(data),
+        np.diag([1.5, 1.5, 5.0, 1.0]) if affine is None else affine,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
     return path
@@ -42,7 +45,9 @@ def make_pair(root: Path, case: str, shape=(12, 10, 6), seed: int = 0, labels=(0
     return img, lab
 
 
-def make_msd(root: Path, cases: list[str], labels: dict[str, str] | None = None, extra_entries: list | None = None) -> Path:
+def make_msd(
+    root: Path, cases: list[str], labels: dict[str, str] | None = None, extra_entries: list | None = None
+) -> Path:
     """A small MSD dataset with ``cases`` (valid pairs) and a dataset.json listing them."""
     for i, c in enumerate(cases):
         make_pair(root, c, seed=i)
@@ -95,9 +100,13 @@ def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.
 
     import boto3
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": moto_endpoint}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+    }.items():
         monkeypatch.setenv(k, v)
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") or "bucket"
     bucket = f"b-{bucket}"

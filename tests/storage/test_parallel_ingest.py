@@ -1,6 +1,7 @@
 """Ray fan-out of ingest (storage.parallel) from a local tree: real ACDC cases + one malformed
 file, quarantine, resume after a partial/interrupted ingest, the per-task memory budget, the
 bounded in-flight window, and the ``localcl ingest --ray`` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def test_parallel_ingest__malformed_file_is_quarantined_others_ingested(ray_clus
     st = storage.open_store(uri)
     assert st.cases == sorted(CASES) and st.labelled_cases == sorted(CASES)
     for c in CASES:  # same voxels as nibabel, same metadata as the serial ingest writes
-        np.testing.assert_allclose(st.image(c), nib.load(str(acdc_dir / "imagesTr" / f"{c}.nii.gz")).get_fdata(), atol=1e-4)
-        np.testing.assert_array_equal(st.label(c), np.asarray(nib.load(str(acdc_dir / "labelsTr" / f"{c}.nii.gz")).dataobj))
+        np.testing.assert_allclose(
+            st.image(c), nib.load(str(acdc_dir / "imagesTr" / f"{c}.nii.gz")).get_fdata(), atol=1e-4
+        )
+        np.testing.assert_array_equal(
+            st.label(c), np.asarray(nib.load(str(acdc_dir / "labelsTr" / f"{c}.nii.gz")).dataobj)
+        )
     serial = str(tmp_path / "serial.zarr")
     storage.ingest(src, serial, cases=[CASES[0]], progress=False)
     a, b = st.meta(CASES[0]), storage.open_store(serial).meta(CASES[0])
@@ -102,8 +107,11 @@ def test_parallel_ingest__task_memory_larger_than_any_node_is_refused(ray_cluste
 
 
 def test_parallel_ingest__bad_arguments_name_the_parameter(tmp_path):
-    for kw, name in (({"batch_size": 0}, "batch_size"), ({"memory_per_task": 10}, "memory_per_task"),
-                     ({"max_in_flight": 0}, "max_in_flight")):
+    for kw, name in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"memory_per_task": 10}, "memory_per_task"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+    ):
         with pytest.raises(ValueError, match=name):
             parallel_ingest(tmp_path, str(tmp_path / "s.zarr"), **kw)
     with pytest.raises(storage.InputError, match="dataset.json"):

@@ -1,4 +1,5 @@
 """Tests of the synthetic cardiac phantom (storage.phantom)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,9 +28,7 @@ def _load(ds: Path, case: str) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
 
 def _digest(ds: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(ds)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(ds.rglob("*"))
-        if p.is_file()
+        str(p.relative_to(ds)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ds.rglob("*")) if p.is_file()
     }
 
 
@@ -127,8 +126,7 @@ def test_make_phantom_dataset__deterministic_per_seed(tmp_path: Path, phantom: P
     assert not np.allclose(a, b)
     # adding patients does not change the earlier ones
     more = make_phantom_dataset(tmp_path / "more", n_cases=8, seed=3)
-    assert (_digest(more)["labelsTr/patient002_frame02.nii.gz"]
-            == _digest(phantom)["labelsTr/patient002_frame02.nii.gz"])
+    assert _digest(more)["labelsTr/patient002_frame02.nii.gz"] == _digest(phantom)["labelsTr/patient002_frame02.nii.gz"]
 
 
 def test_make_phantom_dataset__custom_shape_and_spacing(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ endpoint in the environment only): the streaming reader (one ranged GET per slic
 samplers' prefetch + bounded cache, and ingest (Ray, from an S3 prefix and a local tree, with a
 malformed file) -> ``localcl run`` (pretrain + fine-tune, store *and* checkpoints on S3) ->
 evaluation, plus resume of an S3-sourced ingest without downloading anything."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def test_remote_shard_reader__equals_zarr_with_one_get_per_slice(tmp_path: Path,
     for z in range(st.num_slices("c1")):
         np.testing.assert_allclose(st.read_slice("c1", z), ref[:, :, z], atol=1e-4)
     assert counting.ranges == st.num_slices("c1")  # the index was read once, at open
-    np.testing.assert_allclose(st.read_patch("c1", (-2, 3, 1), (6, 9, 3)),
-                               np.pad(ref, ((2, 0), (0, 2), (0, 0)))[0:6, 3:12, 1:4], atol=1e-4)
+    np.testing.assert_allclose(
+        st.read_patch("c1", (-2, 3, 1), (6, 9, 3)), np.pad(ref, ((2, 0), (0, 2), (0, 0)))[0:6, 3:12, 1:4], atol=1e-4
+    )
     assert counting.ranges == st.num_slices("c1") + 3  # one batched call, one range per chunk
     monkeypatch.setenv("LOCALCL_ZARR_ONLY", "1")
     zarr_st = storage.open_store(uri)
@@ -99,13 +101,22 @@ def test_env_storage_options__s3_settings_from_the_environment_only(monkeypatch)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("HOME_SECRET_NOT_AWS", "x")
-    assert env_storage_options("s3://b/x") == {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9",
-                                               "client_kwargs": {"region_name": "eu-west-1"}}
+    assert env_storage_options("s3://b/x") == {
+        "key": "k",
+        "secret": "s",
+        "endpoint_url": "http://127.0.0.1:9",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the S3-specific one wins
     assert env_storage_options("s3://b/x")["endpoint_url"] == "http://127.0.0.1:10"
     assert env_storage_options("/local/run") == {} and env_storage_options("memory://x") == {}
-    assert set(forwarded_env()) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"}
+    assert set(forwarded_env()) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL_S3",
+    }
 
 
 def test_discover_remote__msd_prefix_pairs_and_reports_problems(tmp_path: Path, synth, s3_env) -> None:
@@ -128,8 +139,13 @@ def test_discover_remote__msd_prefix_pairs_and_reports_problems(tmp_path: Path, 
     with pytest.raises(storage.InputError, match="no objects"):
         discover_remote(f"s3://{s3_env}/nothing-here")
     flat, _ = discover_remote(f"s3://{s3_env}/ds", unlabelled=True)
-    assert sorted(c.case_id for c in flat.cases) == ["imagesTr__c0", "imagesTr__c1", "labelsTr__c0",
-                                                     "labelsTr__c1", "labelsTr__orphan"]
+    assert sorted(c.case_id for c in flat.cases) == [
+        "imagesTr__c0",
+        "imagesTr__c1",
+        "labelsTr__c0",
+        "labelsTr__c1",
+        "labelsTr__orphan",
+    ]
 
 
 def _upload_acdc(acdc_dir: Path, bucket: str) -> str:
@@ -152,7 +168,9 @@ def _upload_acdc(acdc_dir: Path, bucket: str) -> str:
     return f"s3://{prefix}"
 
 
-def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_cluster, acdc_dir, tmp_path, s3_env, monkeypatch, capsys):
+def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(
+    ray_cluster, acdc_dir, tmp_path, s3_env, monkeypatch, capsys
+):
     import fsspec
 
     from ray_jobs.cli import main
@@ -177,8 +195,15 @@ def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_clu
     specs = [_spec(c, versions) for c in dataset.cases if c.case_id in labelled]
     with monkeypatch.context() as m:
         m.setattr(storage.remote, "fetch_to_local", lambda *a, **k: pytest.fail("downloaded"))
-        out = ingest_specs(specs, store, label_names=dataset.label_names, storage_options=None,
-                           source_options=None, max_bytes=None, chunk_xy=None)
+        out = ingest_specs(
+            specs,
+            store,
+            label_names=dataset.label_names,
+            storage_options=None,
+            source_options=None,
+            max_bytes=None,
+            chunk_xy=None,
+        )
     assert [r["status"] for r in out] == ["skipped"] * len(labelled)
     again = parallel_ingest(src, store, progress=False, memory_per_task=256 * 2**20)
     assert [r.case_id for r in again.skipped] == labelled and [r.case_id for r in again.failed] == [BAD]
@@ -187,9 +212,23 @@ def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_clu
     tree.mkdir(parents=True)
     for f in (1, 2):
         (tree / f"{UNLABELLED[0]}_frame{f:02d}.nii.gz").write_bytes(
-            (acdc_dir / "imagesTr" / f"{UNLABELLED[0]}_frame{f:02d}.nii.gz").read_bytes())
-    assert main(["ingest", str(tmp_path / "unlabelled"), store, "--unlabelled", "--ray", "--no-progress",
-                 "--task-memory", "256"]) == 0
+            (acdc_dir / "imagesTr" / f"{UNLABELLED[0]}_frame{f:02d}.nii.gz").read_bytes()
+        )
+    assert (
+        main(
+            [
+                "ingest",
+                str(tmp_path / "unlabelled"),
+                store,
+                "--unlabelled",
+                "--ray",
+                "--no-progress",
+                "--task-memory",
+                "256",
+            ]
+        )
+        == 0
+    )
     st.refresh()
     assert len(st.cases) == 10 and len(st.labelled_cases) == 8
     assert [q["case"] for q in quarantine(store)] == [BAD]
@@ -198,12 +237,24 @@ def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_clu
     # 4. pretrain + fine-tune + evaluate: store and run directory (checkpoints) on S3
     cfg = {
         "name": "s3e2e",
-        "data": {"store": store, "label_budget": 3, "seed": 0, "size": [64, 64], "spacing_mm": [5.0, 5.0],
-                 "splits": {"pool": "train", "val": "val", "test": "val"}, "max_val_cases": 1, "max_test_cases": 2},
-        "pretrain": {"method": {"name": "ideal", "widths": [8, 16, 32], "queue_size": 256, "proj_dim": 16},
-                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
-        "finetune": {"method": {"name": "supervised", "widths": [8, 16, 32]},
-                     "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4}},
+        "data": {
+            "store": store,
+            "label_budget": 3,
+            "seed": 0,
+            "size": [64, 64],
+            "spacing_mm": [5.0, 5.0],
+            "splits": {"pool": "train", "val": "val", "test": "val"},
+            "max_val_cases": 1,
+            "max_test_cases": 2,
+        },
+        "pretrain": {
+            "method": {"name": "ideal", "widths": [8, 16, 32], "queue_size": 256, "proj_dim": 16},
+            "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+        },
+        "finetune": {
+            "method": {"name": "supervised", "widths": [8, 16, 32]},
+            "schedule": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+        },
         "baseline": None,
         "evaluate": {"overlay_cases": 1},
         "scaling": {"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
@@ -216,8 +267,15 @@ def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_clu
     run_dir = f"s3://{s3_env}/runs/s3e2e"
     assert main(["run", "--config", str(cfg_path), "--run-dir", run_dir, "--no-progress"]) == 0
     root = f"{s3_env}/runs/s3e2e"
-    for rel in ("config.yaml", "model_card.json", "pretrain/history.csv", "pretrain/model/model.pt",
-                "finetune/model/model.pt", "eval/method/summary.json", "eval/method/per_case.json"):
+    for rel in (
+        "config.yaml",
+        "model_card.json",
+        "pretrain/history.csv",
+        "pretrain/model/model.pt",
+        "finetune/model/model.pt",
+        "eval/method/summary.json",
+        "eval/method/per_case.json",
+    ):
         assert fs.exists(f"{root}/{rel}"), rel
     ckpts = [p for p in fs.find(f"{root}/pretrain") if "/checkpoint_" in p]
     assert ckpts, "pretraining checkpoints were not written to S3"
@@ -226,4 +284,3 @@ def test_s3__ingest_from_prefix_and_tree_then_pretrain_finetune_evaluate(ray_clu
     per_case = json.loads(fs.cat_file(f"{root}/eval/method/per_case.json"))
     assert sorted(r["case"] for r in per_case) == ["patient002_frame01", "patient002_frame02"]
     assert "testing" not in fs.cat_file(f"{root}/config.yaml").decode()
-

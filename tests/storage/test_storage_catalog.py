@@ -1,4 +1,5 @@
 """Catalog (splits, budgets) and the ``localcl info`` command."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,10 @@ def test_catalog__acdc_splits_from_splits_json(acdc_dir: Path, acdc_store: str) 
     assert cat.splits["train"] == sorted(set(raw["train_cases"]) & present)
     assert cat.splits["val"] == sorted(set(raw["val_cases"]) & present) == ["patient028_frame01", "patient028_frame02"]
     assert cat.patient_of("patient099_frame02") == "patient099"
-    assert cat.patients(["patient038_frame01", "patient038_frame02", "patient099_frame01"]) == ["patient038", "patient099"]
+    assert cat.patients(["patient038_frame01", "patient038_frame02", "patient099_frame01"]) == [
+        "patient038",
+        "patient099",
+    ]
 
 
 def test_catalog__acdc_budget_uses_ssl4mis_list_for_seed_0(acdc_store: str) -> None:

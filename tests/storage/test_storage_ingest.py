@@ -1,4 +1,5 @@
 """Ingest: idempotence, resume after a killed ingest, and every bad-input class of issue 2."""
+
 from __future__ import annotations
 
 import gzip
@@ -77,8 +78,13 @@ _KILL_SCRIPT = textwrap.dedent("""
 def test_ingest__killed_midway_leaves_no_half_case_and_resumes(tmp_path: Path, acdc_dir: Path) -> None:
     cases = ["patient099_frame01", "patient099_frame02", "patient038_frame01", "patient038_frame02"]
     uri = str(tmp_path / "s.zarr")
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(acdc_dir), uri, ",".join(cases)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(acdc_dir), uri, ",".join(cases)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr  # really killed
     st = storage.open_store(uri)
     assert st.cases == sorted(cases)[:2]  # the two written before the kill, nothing else
@@ -93,7 +99,9 @@ def test_ingest__killed_midway_leaves_no_half_case_and_resumes(tmp_path: Path, a
     half = sorted(cases)[2]
     ref = nib.load(str(acdc_dir / "imagesTr" / f"{half}.nii.gz")).get_fdata()
     np.testing.assert_allclose(st.image(half), ref, atol=1e-4)
-    np.testing.assert_array_equal(st.label(half), np.asarray(nib.load(str(acdc_dir / "labelsTr" / f"{half}.nii.gz")).dataobj))
+    np.testing.assert_array_equal(
+        st.label(half), np.asarray(nib.load(str(acdc_dir / "labelsTr" / f"{half}.nii.gz")).dataobj)
+    )
 
 
 def test_ingest__ingest_case_is_usable_alone(tmp_path: Path, synth) -> None:
@@ -174,10 +182,18 @@ def _bad_file(kind: str, tmp: Path, synth) -> tuple[Path, str, str]:
         synth.write_nifti(p, d)
         return p, "image", "1 NaN and 1 Inf intensities"
     if kind == "zero_affine":
-        return _raw_nifti(tmp / "zero_affine.nii", np.ones((4, 4, 3), np.float32), np.zeros((3, 4))), "image", "singular or zero affine"
+        return (
+            _raw_nifti(tmp / "zero_affine.nii", np.ones((4, 4, 3), np.float32), np.zeros((3, 4))),
+            "image",
+            "singular or zero affine",
+        )
     if kind == "singular_affine":
         rows = np.array([[1.5, 0, 0, 0], [0, 1.5, 0, 0], [1.5, 0, 0, 0]])  # row 2 == row 0: det 0
-        return _raw_nifti(tmp / "singular.nii", np.ones((4, 4, 3), np.float32), rows), "image", "singular or zero affine"
+        return (
+            _raw_nifti(tmp / "singular.nii", np.ones((4, 4, 3), np.float32), rows),
+            "image",
+            "singular or zero affine",
+        )
     if kind == "huge_header":
         hdr = nib.Nifti1Header()
         hdr.set_data_dtype(np.int16)
@@ -194,8 +210,19 @@ def _bad_file(kind: str, tmp: Path, synth) -> tuple[Path, str, str]:
     raise AssertionError(kind)
 
 
-FILE_CLASSES = ["truncated_gzip", "corrupt_gzip", "not_nifti", "not_gzip", "empty", "4d", "nan",
-                "zero_affine", "singular_affine", "huge_header", "float_label"]
+FILE_CLASSES = [
+    "truncated_gzip",
+    "corrupt_gzip",
+    "not_nifti",
+    "not_gzip",
+    "empty",
+    "4d",
+    "nan",
+    "zero_affine",
+    "singular_affine",
+    "huge_header",
+    "float_label",
+]
 
 
 @pytest.mark.parametrize("kind", FILE_CLASSES)
@@ -304,13 +331,18 @@ def test_ingest__bad_new_version_does_not_damage_stored_case(tmp_path: Path, syn
     np.testing.assert_array_equal(storage.open_store(uri).image("c0"), before)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("{not json", "malformed dataset.json"),
-    (json.dumps({"labels": ["bg", "fg"], "training": []}), "'labels' must be a non-empty object"),
-    (json.dumps({"labels": {"0": "bg"}, "training": {"a": 1}}), "'training' must be a list"),
-    (json.dumps([1, 2]), "top level must be an object"),
-])
-def test_ingest_cli__malformed_dataset_json_is_one_line_exit_2(tmp_path: Path, content: str, fragment: str, capsys) -> None:
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "malformed dataset.json"),
+        (json.dumps({"labels": ["bg", "fg"], "training": []}), "'labels' must be a non-empty object"),
+        (json.dumps({"labels": {"0": "bg"}, "training": {"a": 1}}), "'training' must be a list"),
+        (json.dumps([1, 2]), "top level must be an object"),
+    ],
+)
+def test_ingest_cli__malformed_dataset_json_is_one_line_exit_2(
+    tmp_path: Path, content: str, fragment: str, capsys
+) -> None:
     root = tmp_path / "ds"
     root.mkdir()
     (root / "dataset.json").write_text(content)

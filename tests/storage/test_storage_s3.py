@@ -1,4 +1,5 @@
 """A store on S3 (moto server on 127.0.0.1): ingest, read, samplers through fsspec/FsspecStore."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,12 @@ def s3_options(monkeypatch):  # type: ignore[no-untyped-def]
     pytest.importorskip("s3fs")
     import boto3
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(k, v)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -27,8 +32,12 @@ def s3_options(monkeypatch):  # type: ignore[no-untyped-def]
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="lcl-test")
-    yield {"key": "testing", "secret": "testing", "endpoint_url": endpoint,
-           "client_kwargs": {"region_name": "us-east-1"}}
+    yield {
+        "key": "testing",
+        "secret": "testing",
+        "endpoint_url": endpoint,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
     server.stop()
 
 

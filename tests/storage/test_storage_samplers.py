@@ -1,5 +1,6 @@
 """Samplers on real ACDC: determinism, disjoint rank x worker shards (fork and spawn),
 preprocessing, oversampling, class filter, derived maps, views, partition batches, patches."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -61,8 +62,13 @@ def test_slice_dataset__shards_disjoint_across_ranks_and_workers(acdc_store: str
     for rank in ranks:
         ds = SliceDataset(acdc_store, cases, size=(48, 48), seed=5, rank=rank, world_size=world)
         ds.set_epoch(0)
-        loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=mp.get_context(context),
-                            worker_init_fn=_record_worker)
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            num_workers=2,
+            multiprocessing_context=mp.get_context(context),
+            worker_init_fn=_record_worker,
+        )
         got = []
         for batch in loader:
             for i in range(len(batch["case_index"])):
@@ -142,9 +148,11 @@ def test_slice_dataset__spacing_mm_resamples(acdc_store: str) -> None:
 def test_slice_dataset__fg_oversample_and_class_filter(acdc_store: str) -> None:
     st = storage.open_store(acdc_store)
     cases = st.cases
+
     def fg_fraction(ds: SliceDataset) -> float:
         plan = ds.plan(0)
         return float(np.mean([any(v > 0 for v in st.meta(cases[c])["slice_labels"][z]) for c, z in plan]))
+
     base = SliceDataset(acdc_store, cases, size=(8, 8), samples_per_epoch=400, seed=1)
     over = SliceDataset(acdc_store, cases, size=(8, 8), samples_per_epoch=400, seed=1, fg_oversample=1.0)
     assert fg_fraction(over) == 1.0 and fg_fraction(base) < 1.0
@@ -171,8 +179,8 @@ def test_slice_dataset__derived_superpixels_and_views(tmp_path, synth) -> None:
 
     def regions(s: np.ndarray) -> np.ndarray:  # deterministic region map: quadrant id
         out = np.zeros(s.shape, np.int64)
-        out[s.shape[0] // 2:, :] += 1
-        out[:, s.shape[1] // 2:] += 2
+        out[s.shape[0] // 2 :, :] += 1
+        out[:, s.shape[1] // 2 :] += 2
         return out
 
     done = storage.cache_derived(uri, "superpixels", regions)
@@ -202,8 +210,9 @@ def test_partition_batch_dataset__one_slice_per_partition(acdc_store: str) -> No
     st = storage.open_store(acdc_store)
     cases = st.cases
     m, s = 3, 4
-    ds = PartitionBatchDataset(acdc_store, cases, size=(32, 32), volumes_per_batch=m, partitions=s,
-                               batches_per_epoch=4, seed=7)
+    ds = PartitionBatchDataset(
+        acdc_store, cases, size=(32, 32), volumes_per_batch=m, partitions=s, batches_per_epoch=4, seed=7
+    )
     batches = list(ds)
     assert len(batches) == 4
     for b in batches:
@@ -219,8 +228,12 @@ def test_partition_batch_dataset__one_slice_per_partition(acdc_store: str) -> No
             for p in range(s):
                 assert p * length <= int(zs[p]) < (p + 1) * length
     assert [b["slice_index"].tolist() for b in batches] == [b["slice_index"].tolist() for b in ds]
-    r0 = PartitionBatchDataset(acdc_store, cases, size=(8, 8), volumes_per_batch=2, batches_per_epoch=5, rank=0, world_size=2)
-    r1 = PartitionBatchDataset(acdc_store, cases, size=(8, 8), volumes_per_batch=2, batches_per_epoch=5, rank=1, world_size=2)
+    r0 = PartitionBatchDataset(
+        acdc_store, cases, size=(8, 8), volumes_per_batch=2, batches_per_epoch=5, rank=0, world_size=2
+    )
+    r1 = PartitionBatchDataset(
+        acdc_store, cases, size=(8, 8), volumes_per_batch=2, batches_per_epoch=5, rank=1, world_size=2
+    )
     assert len(r0) == 3 and len(r1) == 2
     with pytest.raises(ValueError, match="volumes_per_batch=9"):
         list(PartitionBatchDataset(acdc_store, cases, size=(8, 8), volumes_per_batch=9))
@@ -241,7 +254,7 @@ def test_patch_dataset__patches_match_volume_and_pad(acdc_store: str) -> None:
         inside = slice(-z0, -z0 + nz)
         got = item["image"][0].numpy()  # (D, H, W) = (z, x, y)
         np.testing.assert_allclose(got[inside], np.transpose(img, (2, 0, 1))[inside], atol=1e-5)
-        assert (got[: -z0] == 0).all() and (item["label"][: -z0] == -1).all()
+        assert (got[:-z0] == 0).all() and (item["label"][:-z0] == -1).all()
         lab = st.read_patch(case, (x0, y0, z0), (64, 48, 20), array="label")
         np.testing.assert_array_equal(item["label"].numpy()[inside], np.transpose(lab, (2, 0, 1))[inside])
     fg = PatchDataset(acdc_store, cases, size=(32, 32, 4), samples_per_epoch=20, seed=1, fg_oversample=1.0)
@@ -271,8 +284,9 @@ def test_resize2d__matches_torch_interpolate(out) -> None:
 
     rng = np.random.default_rng(1)
     x = rng.random((276, 384)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(x.astype(np.float64))[None, None], size=out, mode="bilinear",
-                        align_corners=False)[0, 0].numpy()
+    ref = F.interpolate(
+        torch.from_numpy(x.astype(np.float64))[None, None], size=out, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
     np.testing.assert_allclose(resize2d(x, out, nearest=False), ref, atol=1e-5)
     lab = rng.integers(0, 5000, x.shape)
     ref_n = F.interpolate(torch.from_numpy(lab.astype(np.float64))[None, None], size=out, mode="nearest-exact")[0, 0]
@@ -293,7 +307,9 @@ def test_slice_dataset__label_array_reads_derived_pseudo_labels(tmp_path, synth)
     pseudo[:6, :, 2] = 1
     pseudo[6:, :5, 2] = 2  # slice 2 holds classes {0, 1, 2}; the others only 0
     st.put_derived("c0", "pseudo_r1", pseudo)
-    ds = SliceDataset(uri, ["c0", "c1"], size=(12, 10), label_array="pseudo_r1", require_all_classes=True, num_classes=3)
+    ds = SliceDataset(
+        uri, ["c0", "c1"], size=(12, 10), label_array="pseudo_r1", require_all_classes=True, num_classes=3
+    )
     assert ds.eligible()[0].tolist() == [[0, 2]]
     (item,) = list(ds)
     np.testing.assert_array_equal(item["label"].numpy(), pseudo[:, :, 2])

@@ -1,4 +1,5 @@
 """VolumeStore: voxel-exact round trip on real ACDC, partial reads, layout, errors, fsspec."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,16 @@ import storage
 from storage.errors import StoreError
 from storage.store import chunk_layout
 
-ACDC_CASES = ("patient099_frame01", "patient099_frame02", "patient038_frame01", "patient038_frame02",
-              "patient050_frame01", "patient050_frame02", "patient028_frame01", "patient028_frame02")
+ACDC_CASES = (
+    "patient099_frame01",
+    "patient099_frame02",
+    "patient038_frame01",
+    "patient038_frame02",
+    "patient050_frame01",
+    "patient050_frame02",
+    "patient028_frame01",
+    "patient028_frame02",
+)
 
 
 def test_store__round_trip_matches_nibabel(acdc_dir: Path, acdc_store: str) -> None:
@@ -60,7 +69,7 @@ def test_store__partial_reads_equal_full_volume(acdc_store: str) -> None:
     x, y, z = img.shape
     patch = st.read_patch(case, (-3, y - 5, -1), (8, 9, z + 2), array="label")
     expect = np.zeros((8, 9, z + 2), np.uint8)
-    expect[3:, :5, 1:z + 1] = lab[:5, y - 5:, :]
+    expect[3:, :5, 1 : z + 1] = lab[:5, y - 5 :, :]
     np.testing.assert_array_equal(patch, expect)
     assert not st.read_patch(case, (x + 1, 0, 0), (2, 2, 2)).any()
     with pytest.raises(IndexError, match="z=99"):
@@ -207,8 +216,10 @@ def test_fastread__equals_zarr_for_every_slice(acdc_store: str, tmp_path: Path, 
                 got = st.read_slice(case, z, name)
                 assert got.dtype == arr.dtype
                 np.testing.assert_array_equal(got, arr[:, :, z])
-    np.testing.assert_array_equal(st.read_patch(st.cases[0], (5, 7, 1), (20, 30, 3)),
-                                  zarr.open_array(store=acdc_store, path=f"cases/{st.cases[0]}/image", mode="r")[5:25, 7:37, 1:4])
+    np.testing.assert_array_equal(
+        st.read_patch(st.cases[0], (5, 7, 1), (20, 30, 3)),
+        zarr.open_array(store=acdc_store, path=f"cases/{st.cases[0]}/image", mode="r")[5:25, 7:37, 1:4],
+    )
     # a label with empty slices: zarr skips writing all-zero chunks, the reader fills them
     img, lab = synth.make_pair(tmp_path / "src", "e", shape=(6, 5, 4))
     data = np.asarray(nib.load(str(lab)).dataobj).copy()
@@ -242,9 +253,16 @@ def test_fastread__tiled_chunks_with_edge_tiles_equal_zarr(tmp_path: Path, synth
         arr = zarr.open_array(store=uri, path=f"cases/t/{name}", mode="r")
         for z in range(shape[2]):
             np.testing.assert_array_equal(st.read_slice("t", z, name), arr[:, :, z])
-        for start, size in [((0, 0, 0), shape), ((4, 6, 1), (7, 5, 3)), ((-2, 9, 4), (6, 4, 3)), ((12, 10, 0), (1, 1, 1))]:
+        for start, size in [
+            ((0, 0, 0), shape),
+            ((4, 6, 1), (7, 5, 3)),
+            ((-2, 9, 4), (6, 4, 3)),
+            ((12, 10, 0), (1, 1, 1)),
+        ]:
             full = np.zeros(size, arr.dtype)
             lo = [max(s, 0) for s in start]
             hi = [min(s + n, d) for s, n, d in zip(start, size, shape)]
-            full[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = arr[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            full[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = arr[
+                tuple(slice(a, b) for a, b in zip(lo, hi))
+            ]
             np.testing.assert_array_equal(st.read_patch("t", start, size, name), full)
