@@ -1,4 +1,5 @@
 # E2: IDEAL two-stream fine-tuning variants; logs Dice of stream1, stream2, prob-mean, logit-mean
+import json
 import os
 import sys
 

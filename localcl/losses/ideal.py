@@ -23,8 +23,10 @@ positive ``s⁺(s)``:
   query cells that fall outside the key view (index ``-1``) are left out of ``V``.
 
 Negatives ``Q``: the FIFO :class:`DenseQueue` of globally pooled, normalised keys of past images
-(``negatives="queue"``, default, DenseCL) or the dense keys of the *other* images of the batch
-(``negatives="batch"``). Optional global term: ``L = (1-λ) L_global + λ L_dense`` with the MoCo
+(``negatives="queue"``, default, DenseCL), the dense keys of the *other* images of the batch
+(``negatives="batch"``), or every dense key of the batch but the positive, the other cells of the
+same image included (``negatives="dense"``, option: without within-image negatives nothing stops
+all cells of an image collapsing to one code). Optional global term: ``L = (1-λ) L_global + λ L_dense`` with the MoCo
 loss of pooled query vs pooled key over the same queue (``λ = 1`` default, [R]).
 
 Fine-tuning consistency (:func:`bidirectional_consistency`):
@@ -176,7 +178,7 @@ def ideal_dense_loss(
     bq: torch.Tensor | None = None,
     bk: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
-    negatives: Literal["queue", "batch"] = "queue",
+    negatives: Literal["queue", "batch", "dense"] = "queue",
     queue: torch.Tensor | DenseQueue | None = None,
     tau: float = 0.2,
     lam: float = 1.0,
@@ -190,7 +192,8 @@ def ideal_dense_loss(
         match: "argmax" (needs ``bq``, ``bk``) or "geometric" (needs ``index``).
         bq, bk: (B, C, h, w), (B, C, h', w') backbone features for the argmax matching.
         index: (B, h*w) int64 key-cell index per query cell, ``-1`` = no correspondence.
-        negatives: "queue" (default; needs ``queue``) or "batch" (other images' dense keys).
+        negatives: "queue" (default; needs ``queue``), "batch" (other images' dense keys) or
+            "dense" (every key cell of the batch but the positive, same image included).
         queue: (|Q|, D) keys or a :class:`DenseQueue`.
         tau: temperature > 0 (0.2, DenseCL; [R]).
         lam: weight λ ∈ [0, 1] of the dense term; ``λ < 1`` adds ``(1-λ)`` x the global MoCo
@@ -205,8 +208,8 @@ def ideal_dense_loss(
         raise ValueError(f"r and t must be (B, D, h, w) with equal B and D, got {tuple(r.shape)}, {tuple(t.shape)}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    if negatives not in ("queue", "batch"):
-        raise ValueError(f"negatives must be 'queue' or 'batch', got {negatives!r}")
+    if negatives not in ("queue", "batch", "dense"):
+        raise ValueError(f"negatives must be 'queue', 'batch' or 'dense', got {negatives!r}")
     B, D, h, w = r.shape
     Sq, Sk = h * w, t.shape[2] * t.shape[3]
     dev = r.device
@@ -241,14 +244,18 @@ def ideal_dense_loss(
         cand = torch.cat([keys, qk.to(keys.dtype)], 0)
         cand_ids = torch.cat([torch.arange(B * Sk, device=dev), torch.full((qk.shape[0],), -2, device=dev)])
         # keys are never negatives (group 0 like the anchors); queue rows are (group 1)
-        a_grp = torch.zeros(B * Sq, dtype=torch.long, device=dev)
+        a_grp: torch.Tensor | None = torch.zeros(B * Sq, dtype=torch.long, device=dev)
         c_grp = torch.cat(
             [torch.zeros(B * Sk, dtype=torch.long, device=dev), torch.ones(qk.shape[0], dtype=torch.long, device=dev)]
         )
-    else:
+    elif negatives == "batch":
         qk = None
         cand, cand_ids = keys, torch.arange(B * Sk, device=dev)
         a_grp, c_grp = img_q, img_k  # negatives: keys of other images
+    else:  # "dense": every key cell but the positive
+        qk = None
+        cand, cand_ids = keys, torch.arange(B * Sk, device=dev)
+        a_grp = c_grp = None
     dense = info_nce(
         anchors,
         cand,
@@ -271,7 +278,7 @@ def ideal_dense_loss(
         ids_c = torch.cat([torch.arange(B, device=dev), torch.full((qk.shape[0],), -2, device=dev)])
         ga = torch.zeros(B, dtype=torch.long, device=dev)
         gcg = torch.cat([ga, torch.ones(qk.shape[0], dtype=torch.long, device=dev)])
-    else:  # negatives: the other images' pooled keys
+    else:  # "batch" / "dense": the other images' pooled keys
         gc, ids_c = gk, torch.arange(B, device=dev)
         ga = gcg = torch.arange(B, device=dev)
     glob = info_nce(
@@ -292,7 +299,7 @@ class IDEALDenseLoss(nn.Module):
     """Module form of :func:`ideal_dense_loss` that owns its :class:`DenseQueue`.
 
     Args:
-        tau: 0.2. lam: 1.0. match: "argmax" | "geometric". negatives: "queue" | "batch".
+        tau: 0.2. lam: 1.0. match: "argmax" | "geometric". negatives: "queue" | "batch" | "dense".
         queue_size: 16384. dim: 128. chunk_size: 256.
         queue_init: ``"warm"`` (default): the queue starts empty and the first forward pushes
             that batch's pooled keys before computing the loss (so step 0 has negatives);
@@ -308,7 +315,7 @@ class IDEALDenseLoss(nn.Module):
         tau: float = 0.2,
         lam: float = 1.0,
         match: Literal["argmax", "geometric"] = "argmax",
-        negatives: Literal["queue", "batch"] = "queue",
+        negatives: Literal["queue", "batch", "dense"] = "queue",
         queue_size: int = 16384,
         dim: int = 128,
         chunk_size: int | None = 256,
@@ -320,8 +327,8 @@ class IDEALDenseLoss(nn.Module):
             raise ValueError(f"queue_init must be 'warm' or 'random', got {queue_init!r}")
         if match not in ("argmax", "geometric"):
             raise ValueError(f"match must be 'argmax' or 'geometric', got {match!r}")
-        if negatives not in ("queue", "batch"):
-            raise ValueError(f"negatives must be 'queue' or 'batch', got {negatives!r}")
+        if negatives not in ("queue", "batch", "dense"):
+            raise ValueError(f"negatives must be 'queue', 'batch' or 'dense', got {negatives!r}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         self.tau, self.lam, self.match, self.negatives, self.chunk_size = (

@@ -267,6 +267,14 @@ class FinetuneStrategy(_Seeded):
     def predict(self, image: Tensor) -> Tensor:
         raise NotImplementedError
 
+    #: Names of the strategy's separate predictors (e.g. IDEAL's two decoder streams) that
+    #: :meth:`predict` combines; evaluation scores each one as well. Empty: a single predictor.
+    streams: tuple[str, ...] = ()
+
+    def predict_stream(self, image: Tensor, name: str) -> Tensor:
+        """Class probabilities (B, K, H, W) of one of :attr:`streams` alone."""
+        raise KeyError(f"{type(self).__name__} has no prediction stream {name!r} (streams: {list(self.streams)})")
+
     def forward(  # type: ignore[override]
         self,
         batch_l: Mapping[str, Tensor] | Tensor,

@@ -90,7 +90,8 @@ class IDEALConfig(BaseMethodConfig):
         head_layers: 2 (1×1 conv stack, default) or 1 (single 1×1 conv).
         feature_level: encoder level of the dense grid, 1..L (None = bottleneck).
         match: "argmax" (DenseCL backbone similarity) or "geometric" (tracked transforms).
-        negatives: "queue" (default) or "batch" (other images' dense keys).
+        negatives: "queue" (default), "batch" (other images' dense keys) or "dense" (every key
+            cell of the batch but the positive, the same image's other cells included).
         crop_area, rotation_deg, scale, flip_p: view geometry (random_geometric).
         batch_size: slices per step (32; read by ``ray_jobs``). optimizer lr: 1e-3 (Adam).
     """
@@ -105,7 +106,7 @@ class IDEALConfig(BaseMethodConfig):
     head_layers: Literal[1, 2] = 2
     feature_level: int | None = None
     match: Literal["argmax", "geometric"] = "argmax"
-    negatives: Literal["queue", "batch"] = "queue"
+    negatives: Literal["queue", "batch", "dense"] = "queue"
     crop_area: tuple[float, float] = (0.4, 1.0)
     rotation_deg: float = 15.0
     scale: tuple[float, float] = (0.9, 1.1)
@@ -315,6 +316,14 @@ class IDEALFinetune(FinetuneStrategy):
 
     def predict(self, image: Tensor) -> Tensor:
         return combine_streams(*self.stream_logits(image), self.cfg.inference)
+
+    streams = ("stream1", "stream2")
+
+    def predict_stream(self, image: Tensor, name: str) -> Tensor:
+        """Softmax of one decoder stream alone (``stream1``: the U-Net's, ``stream2``: the second)."""
+        if name not in self.streams:
+            return super().predict_stream(image, name)
+        return combine_streams(*self.stream_logits(image), name)
 
 
 def combine_streams(l1: Tensor, l2: Tensor, inference: str) -> Tensor:

@@ -85,6 +85,25 @@ def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(x).float(), dim=1)
 
 
+class StreamView(nn.Module):
+    """One prediction stream of a multi-stream model (``model.streams``, e.g. IDEAL's two
+    decoders) as a model of its own: ``predict(x) = model.predict_stream(x, name)``, so
+    :func:`predict_volume` can segment with that stream alone."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        probs: torch.Tensor = self.model.predict_stream(x, self.name)  # type: ignore[operator]
+        return probs
+
+
+def stream_views(model: nn.Module) -> dict[str, StreamView]:
+    """``{stream name: StreamView}`` of a model that declares ``streams``; ``{}`` otherwise."""
+    return {name: StreamView(model, name) for name in getattr(model, "streams", ())}
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

@@ -47,12 +47,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import storage
 from ray_jobs.errors import UserError
-from ray_jobs.evaluation.inference import predict_volume, stored_intensity_range
+from ray_jobs.evaluation.inference import predict_volume, stored_intensity_range, stream_views
 from ray_jobs.evaluation.scoring import (
     absolute,
     case_record,
     choose_overlay_cases,
     find_histories,
+    mean_fg_dice,
     overlay_payload,
     resolve_model_dir,
     score_case,
@@ -110,7 +111,18 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
             batch_size=cfg["batch_size"],
         )
         scores = score_case(pred, ref, meta["spacing"], fg, where=case)
-        records.append(case_record(case, scores, names, ref.shape, meta["spacing"]))
+        rec = case_record(case, scores, names, ref.shape, meta["spacing"])
+        for stream, view in stream_views(model).items():  # each stream alone: Dice only
+            sp = predict_volume(
+                view,
+                spec,
+                image,
+                meta["spacing"],
+                intensity_range=stored_intensity_range(spec, meta),
+                batch_size=cfg["batch_size"],
+            )
+            rec.setdefault("streams", {})[stream] = mean_fg_dice(sp, ref, fg)
+        records.append(rec)
         if cfg["save_predictions"]:
             write_bytes(
                 join_uri(cfg["out"], "predictions", f"{case}.nii.gz"),

@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from localcl.metrics import evaluate_case
+from localcl.metrics import dice_score, evaluate_case
 from ray_jobs.errors import UserError, storage_errors_as_user_errors
 from ray_jobs.evaluation import plots as P
 from storage.nifti import list_nifti, load_nifti
@@ -47,6 +47,12 @@ def score_case(
         raise UserError(f"{where}: prediction shape {tuple(pred.shape)} != reference shape {tuple(ref.shape)}")
     res = evaluate_case(pred, ref, tuple(float(s) for s in spacing[: ref.ndim]), list(labels))
     return {int(k): {m: float(v[m]) for m in METRICS} for k, v in res.items()}
+
+
+def mean_fg_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean over ``labels`` of the Dice of ``pred == k`` vs ``ref == k`` (as ``mean_fg`` of
+    :func:`case_record`, without the surface metrics): scores each stream of a multi-stream model."""
+    return float(np.mean([dice_score(pred == k, ref == k) for k in labels])) if len(labels) else float("nan")
 
 
 def case_record(
@@ -101,6 +107,8 @@ def summarise(records: Sequence[Mapping[str, Any]], source: Mapping[str, Any] | 
         for name, c in sorted(classes.items(), key=lambda kv: kv[1]["label"])
     }
     fg = {m: _stats(r["mean_fg"][m] for r in records) for m in METRICS}
+    names = sorted({k for r in records for k in r.get("streams", {})})
+    streams = {k: _stats(r["streams"].get(k, float("nan")) for r in records if "streams" in r) for k in names}
     return {
         "n_cases": len(records),
         "cases": [r["case"] for r in records],
@@ -108,6 +116,8 @@ def summarise(records: Sequence[Mapping[str, Any]], source: Mapping[str, Any] | 
         "mean_foreground": fg,
         # shortcut for tables: mean over cases of the per-case foreground mean
         "mean": {m: fg[m]["mean"] for m in METRICS},
+        # multi-stream models (IDEAL): mean foreground Dice of each stream alone
+        **({"streams": streams} if streams else {}),
         "source": dict(source or {}),
     }
 
@@ -135,6 +145,8 @@ def summary_markdown(summary: Mapping[str, Any], title: str = "Evaluation") -> s
     lines.append(
         f"| **mean foreground** | | **{_fmt(fg['dice'], 3)}** | {_fmt(fg['hd95'], 2)} | {_fmt(fg['asd'], 2)} |"
     )
+    for name, st in (summary.get("streams") or {}).items():
+        lines.append(f"| {name} alone (mean foreground) | | {_fmt(st, 3)} | | |")
     src = summary.get("source") or {}
     if src:
         lines += ["", *[f"- {k}: `{v}`" for k, v in src.items() if not isinstance(v, (dict, list))]]

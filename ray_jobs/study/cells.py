@@ -359,6 +359,8 @@ def make_record(
             continue
         for m in ("dice", "hd95"):
             rec[f"{m}_{name}"] = _num((c.get(m) or {}).get("mean"))
+    for name, st in (summary.get("streams") or {}).items():  # multi-stream models: each alone
+        rec[f"{name}_dice"] = _num((st or {}).get("mean"))
     rec.update({k: round(float(v), 1) for k, v in times.items()})
     rec.update(config_hash=cfg.hash(), labelled_cases=list(labelled), pretrained_from=pretrain)
     if history:

@@ -50,7 +50,7 @@ def aggregate(
         }
         for k in ("finetune_steps", "labelled_views", "unlabelled_views", "pretrain_steps"):
             row[k] = rows[0].get(k)
-        keys = [k for k, v in rows[0].items() if k.startswith(("dice", "hd95", "asd"))]
+        keys = [k for k, v in rows[0].items() if k.startswith(("dice", "hd95", "asd", "stream"))]
         for k in keys:
             vals = np.array([r.get(k) for r in rows if r.get(k) is not None], float)
             row[k] = float(vals.mean()) if vals.size else None
@@ -190,12 +190,69 @@ def results_markdown(study: StudyConfig, records: Sequence[Mapping[str, Any]], t
             if r is not None:
                 lines.append(f"- {p['method']}: {_pm(r, 'dice')} here vs {p['dice'][1]:.3f} published")
     lines += ["", "Protocol differences to the published numbers:", ""] + [f"- {n}" for n in PROTOCOL_NOTES]
+    lines += streams_lines(study, agg) + diagnostics_lines(records)
     verdict = verdict_lines(study, agg)
     if verdict:
         lines += ["", "Against the baseline:", ""] + verdict
     if study.notes:
         lines += ["", "Settings of this study:", ""] + [f"- {n}" for n in study.notes]
     return "\n".join(lines) + "\n"
+
+
+def streams_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Table of the methods whose model has several prediction streams (IDEAL): the Dice of
+    the combined prediction next to each stream alone, mean ± sd over seeds."""
+    rows = [r for r in agg if any(k.startswith("stream") and k.endswith("_dice") for k in r)]
+    if not rows:
+        return []
+    names = sorted({k[: -len("_dice")] for r in rows for k in r if k.startswith("stream") and k.endswith("_dice")})
+    out = [
+        "",
+        "Per prediction stream (mean foreground Dice of each decoder alone, and of the combined "
+        "prediction the model exports):",
+        "",
+        "| method | budget | combined | " + " | ".join(names) + " |",
+        "|" + "---|" * (3 + len(names)),
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['budget_label']} | {_pm(r, 'dice')} | "
+            + " | ".join(_pm(r, f"{n}_dice") for n in names)
+            + " |"
+        )
+    return out
+
+
+def diagnostics_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Table of the encoder diagnostics the cells carry (``encoder``, ``encoder_random``; see
+    :mod:`ray_jobs.study.diagnostics`), one row per (encoder, budget)."""
+    seen: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for r in records:
+        for key in ("encoder_random", "encoder"):
+            d = r.get(key)
+            if isinstance(d, Mapping):
+                seen.setdefault((str(d["encoder"]), str(r["budget_label"])), d)
+    if not seen:
+        return []
+    out = [
+        "",
+        "Encoder diagnostics (frozen encoder; linear probe = 1x1 conv on the hypercolumn trained on "
+        "the budget, mean foreground Dice on the evaluation volumes; health on the budget's slices, "
+        "averaged over conv layers: weight norm, activation std, dead-unit fraction, BatchNorm "
+        "drift d_logvar between running and batch statistics):",
+        "",
+        "| encoder | budget | probe Dice | weight norm | act std (min) | dead units | BN drift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(seen, key=lambda k: (k[1], k[0] != "random", k[0]))
+    for enc, budget in order:
+        d = seen[(enc, budget)]
+        out.append(
+            f"| {enc} | {budget} | {_f(d.get('probe_dice'))} | {_f(d.get('weight_norm'), 2)} | "
+            f"{_f(d.get('act_std'), 3)} ({_f(d.get('act_std_min'), 3)}) | "
+            f"{100 * float(d.get('dead_frac') or 0):.1f} % | {_f(d.get('bn_dlogvar'), 2)} |"
+        )
+    return out
 
 
 def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -62,6 +62,7 @@ from ray_jobs.study.cells import (
     resolve_cell,
     write_json,
 )
+from ray_jobs.study.diagnostics import encoder_diagnostics
 from ray_jobs.study.report import finished_records, write_report
 from ray_jobs.study.spec import StudyConfig, load_study
 from ray_jobs.train import pipeline
@@ -93,6 +94,27 @@ def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
     os.makedirs(study_dir, exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(study.model_dump(mode="json"), f, sort_keys=False)
+
+
+def _diagnostics(
+    study: StudyConfig,
+    study_dir: str,
+    cfg: Any,
+    data: Any,
+    budget: str,
+    labelled: Sequence[str],
+    init: str | None,
+) -> dict[str, Any]:
+    """``{"encoder": diagnosis of the cell's pretrained encoder (None without pretraining),
+    "encoder_random": the random encoder's}`` on the cell's budget (cached per encoder)."""
+    args = (study_dir, cfg, data.store, data.num_classes, budget, labelled, data.test)
+    mcfg = cfg.method_config("finetune")
+    rand_key = f"random:{tuple(mcfg.widths)}:{mcfg.norm}:{cfg.data.seed}:{tuple(cfg.data.size)}"
+    out: dict[str, Any] = {"encoder_random": encoder_diagnostics(*args, None, rand_key), "encoder": None}
+    if init is not None:
+        pre = read_json(os.path.join(os.path.dirname(os.path.dirname(init)), "pretrain.json")) or {}
+        out["encoder"] = encoder_diagnostics(*args, init, str(pre.get("config_hash", "?")))
+    return out
 
 
 def run_study(
@@ -159,6 +181,7 @@ def run_study(
         t1 = time.perf_counter()
         ev = pipeline.evaluate_models(cfg, plan, cell_dir, log=quiet)
         t_ev = time.perf_counter() - t1
+        diag = _diagnostics(study, study_dir, cfg, data, cell.budget.name, labelled, init) if study.diagnostics else {}
         pipeline.write_run_card(
             cfg,
             plan,
@@ -181,6 +204,7 @@ def run_study(
             times={"finetune_s": t_ft, "evaluate_s": t_ev, "pretrain_s": pre_times.get(init or "", 0.0)},
             history=res.get("history"),
         )
+        rec.update(diag)
         write_json(os.path.join(cell_dir, "cell.json"), rec)
         records.append(rec)
         new += 1

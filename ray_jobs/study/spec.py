@@ -121,6 +121,9 @@ class StudyConfig(Strict):
     label_seed: int = Field(0, ge=0)
     pretrain_per_seed: bool = False
     require_all_methods: bool = True
+    # linear probe + health of every pretrained encoder and of the random one, per budget
+    # (ray_jobs.study.diagnostics), in the report
+    diagnostics: bool = True
     notes: list[str] = Field(default_factory=list)  # stated reductions, printed in results.md
 
     @field_validator("seeds")
@@ -138,6 +141,7 @@ class StudyConfig(Strict):
         d = self.model_dump(mode="json")
         d.pop("study_dir", None)
         d.pop("notes", None)
+        d.pop("diagnostics", None)  # reporting only: cells do not change
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

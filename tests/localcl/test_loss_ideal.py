@@ -53,6 +53,13 @@ def _ref_dense(r, t, match, negatives, queue, tau):
             pos = math.exp(float(q @ _n(t[b, :, m // wk, m % wk])) / tau)
             if negatives == "queue":
                 negs = [_n(k) for k in queue]
+            elif negatives == "dense":  # every key cell of the batch but the positive
+                negs = [
+                    _n(t[o, :, k // wk, k % wk])
+                    for o in range(B)
+                    for k in range(t.shape[2] * wk)
+                    if (o, k) != (b, m)
+                ]
             else:
                 negs = [_n(t[o, :, k // wk, k % wk]) for o in range(B) if o != b for k in range(t.shape[2] * wk)]
             den = pos + sum(math.exp(float(q @ k) / tau) for k in negs)
@@ -60,7 +67,7 @@ def _ref_dense(r, t, match, negatives, queue, tau):
     return sum(terms) / len(terms)
 
 
-@pytest.mark.parametrize("negatives", ["queue", "batch"])
+@pytest.mark.parametrize("negatives", ["queue", "batch", "dense"])
 def test_ideal_dense__argmax_matching_matches_loop_reference(negatives: str) -> None:
     g = torch.Generator().manual_seed(0)
     r = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g)

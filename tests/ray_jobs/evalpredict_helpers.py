@@ -34,24 +34,29 @@ def make_phantom_store(root: Path) -> tuple[Path, str]:
     return src, uri
 
 
-def make_tiny_run(root: Path, stage: str = "finetune", seed: int = 0) -> Path:
-    """Export a tiny supervised U-Net as ``root/run-<stage>/<stage>/model``; returns the run dir."""
+def make_tiny_run(
+    root: Path, stage: str = "finetune", seed: int = 0, method: str = "supervised", **method_cfg: object
+) -> Path:
+    """Export a tiny U-Net of ``method`` (``supervised``, or ``ideal``: two decoder streams) as
+    ``root/run-<stage>/<stage>/model``; returns the run dir."""
     from localcl.methods import FINETUNE, METHODS
     from ray_jobs.train.checkpoint import export_model
 
     registry = FINETUNE if stage == "finetune" else METHODS
-    cls = registry["supervised"]
-    cfg = cls.Config(widths=(4, 8), decoder_widths=(4,))
+    cls = registry[method]
+    cfg = cls.Config(widths=(4, 8), decoder_widths=(4,), **method_cfg)
     torch.manual_seed(seed)
     net = cls(cfg, in_channels=1, num_classes=4).eval()
     if stage == "finetune":
-        last = net.unet.seg_head.net[-1]
-        with torch.no_grad():
-            last.weight.mul_(30.0)
-            last.bias.zero_()
+        heads = [net.unet.seg_head] + ([net.seg_head2] if hasattr(net, "seg_head2") else [])
+        for head in heads:
+            last = head.net[-1]
+            with torch.no_grad():
+                last.weight.mul_(30.0)
+                last.bias.zero_()
     spec = {
         "stage": stage,
-        "name": "supervised",
+        "name": method,
         "config": cfg.model_dump(mode="json"),
         "in_channels": 1,
         "num_classes": 4,
@@ -60,7 +65,7 @@ def make_tiny_run(root: Path, stage: str = "finetune", seed: int = 0) -> Path:
         "normalisation": {"kind": "percentile_minmax", "low_percentile": 1.0, "high_percentile": 99.0},
         "label_names": LABEL_NAMES,
     }
-    run = root / f"run-{stage}"
+    run = root / (f"run-{stage}" if method == "supervised" else f"run-{method}-{stage}")
     export_model(str(run / stage / "model"), net, spec)
     (run / stage / "history.csv").write_text(HISTORY)
     return run

@@ -274,6 +274,34 @@ def test_evaluate_cli__store_local_mode(
     assert len(list((report / "plots").glob("overlay_*.png"))) == 1
 
 
+def test_evaluate_store__scores_each_stream_of_a_two_stream_model(
+    ray_cluster, phantom: tuple[Path, str], tmp_path: Path
+) -> None:
+    """IDEAL's two decoders are scored alone as well as combined. The model exports
+    ``inference: stream1``, so its combined prediction IS stream 1: both Dice must agree per
+    case, and stream 2 (another decoder) must differ."""
+    run = make_tiny_run(tmp_path, method="ideal", inference="stream1")
+    s = evaluation_job.evaluate_store(
+        str(run / "finetune" / "model"), phantom[1], str(tmp_path / "ev"), split="val", num_workers=0, plots=False
+    )
+    assert set(s["streams"]) == {"stream1", "stream2"}
+    per_case = json.loads((tmp_path / "ev" / "per_case.json").read_text())
+    for rec in per_case:
+        assert rec["streams"]["stream1"] == pytest.approx(rec["mean_fg"]["dice"], abs=1e-9)
+    assert s["streams"]["stream1"]["mean"] == pytest.approx(s["mean"]["dice"], abs=1e-9)
+    assert any(abs(r["streams"]["stream2"] - r["streams"]["stream1"]) > 1e-3 for r in per_case)
+    assert "stream2 alone (mean foreground)" in (tmp_path / "ev" / "summary.md").read_text()
+
+
+def test_evaluate_store__single_stream_model_has_no_stream_scores(
+    ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path
+) -> None:
+    s = evaluation_job.evaluate_store(
+        str(tiny_run / "finetune" / "model"), phantom[1], str(tmp_path / "ev"), split="val", num_workers=0, plots=False
+    )
+    assert "streams" not in s
+
+
 # --------------------------------------------------------------------------- model card
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
     import storage

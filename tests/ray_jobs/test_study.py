@@ -344,9 +344,18 @@ def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_stor
     with open(cell / "finetune" / "history.csv") as f:
         hist = list(csv.DictReader(f))
     assert len(hist) == 2 and not any(h.get("val_dice") for h in hist)  # no model selection
-    assert json.loads((cell / "cell.json").read_text())["pretrained_from"].endswith(
-        os.path.join("pretrain", "lrc-s0", "pretrain", "model")
-    )
+    rec = json.loads((cell / "cell.json").read_text())
+    assert rec["pretrained_from"].endswith(os.path.join("pretrain", "lrc-s0", "pretrain", "model"))
+    # encoder diagnostics: the LRC encoder and the random one, probed on the cell's budget
+    enc, rnd = rec["encoder"], rec["encoder_random"]
+    assert (enc["encoder"], rnd["encoder"]) == ("lrc-s0", "random") and enc["budget"] == "1vol"
+    for d in (enc, rnd):
+        assert 0.0 <= d["probe_dice"] <= 1.0 and 0.0 <= d["dead_frac"] <= 1.0 and d["weight_norm"] > 0
+    assert enc["weight_norm"] != rnd["weight_norm"]  # the pretrained weights were loaded
+    sup_rec = json.loads(Path(sdir, "cells", "supervised", "1vol-s0", "cell.json").read_text())
+    assert sup_rec["encoder"] is None and sup_rec["encoder_random"] == rnd  # cached per budget
+    assert Path(sdir, "diagnostics", "lrc-s0-1vol.json").exists()
+    assert "Encoder diagnostics" in md and "| lrc-s0 | 1 volume |" in md and "| random | 1 volume |" in md
 
     mtime = (cell / "cell.json").stat().st_mtime_ns
     with pytest.raises(UserError, match="pass --resume"):
