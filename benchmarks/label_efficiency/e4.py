@@ -18,5 +18,7 @@ torch.save(m.backbone_state(), path)
 lab = h.subset(D["train"], D["b3"])
 ft = make_ft("supervised", seed=0)
 ft.load_backbone(torch.load(path), strict=False)
-pr = linear_probe(ft.unet.encoder, lab["image"], lab["label"], VAL["image"], VAL["label"], 4, steps=300, group=VAL["case"])
+pr = linear_probe(
+    ft.unet.encoder, lab["image"], lab["label"], VAL["image"], VAL["label"], 4, steps=300, group=VAL["case"]
+)
 print(tag, "probe", round(pr["dice"], 4), "ce", round(pr["train_ce"], 3), flush=True)

@@ -55,10 +55,7 @@ def _ref_dense(r, t, match, negatives, queue, tau):
                 negs = [_n(k) for k in queue]
             elif negatives == "dense":  # every key cell of the batch but the positive
                 negs = [
-                    _n(t[o, :, k // wk, k % wk])
-                    for o in range(B)
-                    for k in range(t.shape[2] * wk)
-                    if (o, k) != (b, m)
+                    _n(t[o, :, k // wk, k % wk]) for o in range(B) for k in range(t.shape[2] * wk) if (o, k) != (b, m)
                 ]
             else:
                 negs = [_n(t[o, :, k // wk, k % wk]) for o in range(B) if o != b for k in range(t.shape[2] * wk)]
