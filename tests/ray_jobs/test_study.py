@@ -67,10 +67,19 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     from localcl.methods import METHODS
 
     cpu, paper = study_spec.load_study("acdc_cpu"), study_spec.load_study("ray_jobs/configs/study/acdc_paper.yaml")
-    for st, seeds in ((cpu, 2), (paper, 3)):
-        assert set(st.methods) == set(METHODS) and st.baseline == "supervised"
+    for st, extra in ((cpu, {"supervised_2x"}), (paper, set())):
+        assert set(st.methods) == set(METHODS) | extra and st.baseline == "supervised"
         assert [b.name for b in st.budgets] == ["1vol", "3pat", "7pat"]
-        assert len(st.seeds) == seeds and len(study_cells.cells(st)) == len(METHODS) * 3 * seeds
+        assert len(st.seeds) == 3 and len(study_cells.cells(st)) == (len(METHODS) + len(extra)) * 3 * 3
+    # compute-matched: PLCL (round 0 + 1 round) against the baseline at its step count
+    assert cpu.compare_to == {"plcl": "supervised_2x"}
+    steps = {
+        m: study_cells.compute_of(study_spec.cell_config(cpu, m, cpu.budgets[1], 0, store="s.zarr", init="/x"))
+        for m in ("supervised", "supervised_2x", "plcl", "ideal")
+    }
+    assert steps["plcl"]["finetune_steps"] == steps["supervised_2x"]["finetune_steps"] == 960
+    assert steps["ideal"]["finetune_steps"] == steps["supervised"]["finetune_steps"] == 480
+    assert steps["ideal"]["pretrain_steps"] == 800
     assert cpu.budgets[0].cases == ["patient099_frame01"] and cpu.budgets[1].patients == 3
     c = study_spec.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
     assert c.data.size == (96, 96) and c.data.seed == 1 and c.data.splits.val is None
@@ -223,6 +232,33 @@ def test_results_markdown__partial_flag_published_rows_and_plain_verdict():
     assert "- lrc vs `supervised`: below at 1 volume (-0.100)" in md2 and "partial" not in md2
     png = study_report.curve_png(st, recs)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_results_markdown__per_stream_and_encoder_diagnostics_tables():
+    """Stream Dice are aggregated over seeds like any metric; the diagnostics table has one row
+    per (encoder, budget), the random encoder first."""
+    st = study_spec.load_study(micro())
+    diag = {"probe_dice": 0.43, "weight_norm": 3.2, "act_std": 0.5, "act_std_min": 0.1, "dead_frac": 0.05}
+    rand = {**diag, "encoder": "random", "probe_dice": 0.27, "bn_dlogvar": 0.4}
+    recs = [{**_rec("supervised", "a", s, 0.5), "encoder": None, "encoder_random": rand} for s in (0, 1)] + [
+        {
+            **_rec("lrc", "a", s, 0.6),
+            "stream1_dice": 0.55 + 0.1 * s,
+            "stream2_dice": 0.5,
+            "encoder": {**diag, "encoder": "lrc-s0", "bn_dlogvar": 0.9},
+            "encoder_random": rand,
+        }
+        for s in (0, 1)
+    ]
+    md = study_report.results_markdown(st, recs, total=4)
+    assert "| method | budget | combined | stream1 | stream2 |" in md
+    assert "| lrc | 1 volume | 0.600 ± 0.000 | 0.600 ± 0.071 | 0.500 ± 0.000 |" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| random |", "| lrc-s0 |"))]
+    assert rows == [
+        "| random | 1 volume | 0.270 | 3.20 | 0.500 (0.100) | 5.0 % | 0.40 |",
+        "| lrc-s0 | 1 volume | 0.430 | 3.20 | 0.500 (0.100) | 5.0 % | 0.90 |",
+    ]
+    assert "Per prediction stream" not in study_report.results_markdown(st, recs[:2], total=4)
 
 
 def test_aggregate__compare_to_pairs_each_method_with_its_compute_matched_baseline():
