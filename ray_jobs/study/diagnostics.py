@@ -74,7 +74,11 @@ def _encoder(cfg: Config, num_classes: int, model_dir: str | None, seed: int) ->
     if model_dir is not None:
         pre, _ = load_model(model_dir)
         net.load_backbone(pre.backbone_state(), strict=False)  # type: ignore[operator]
-    return net.unet.encoder  # type: ignore[return-value]
+    unet = net.unet
+    assert isinstance(unet, torch.nn.Module)
+    encoder = unet.encoder
+    assert isinstance(encoder, torch.nn.Module)
+    return encoder
 
 
 def summarise_health(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
