@@ -13,15 +13,17 @@ Public API (see ``docs/interfaces.md``)::
 
 from __future__ import annotations
 
-from storage.errors import InputError, StorageError, StoreError
+from storage.errors import CorruptDataError, InputError, StorageError, StorageUnavailableError, StoreError
 from storage.ingest import CaseResult, IngestReport, discover, ingest, ingest_case
 from storage.store import VolumeStore, open_store
 
 __all__ = [
     "CaseResult",
+    "CorruptDataError",
     "IngestReport",
     "InputError",
     "StorageError",
+    "StorageUnavailableError",
     "StoreError",
     "VolumeStore",
     "cache_derived",

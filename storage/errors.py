@@ -28,3 +28,17 @@ class InputError(StorageError):
 
 class StoreError(StorageError):
     """The store itself is missing, not a localcl store, or lacks the requested case/array."""
+
+
+class CorruptDataError(StorageError):
+    """Bytes read from a store fail their checksum (a chunk's CRC32C or the shard index's).
+
+    The message names the store, the case, the array and the slice (``z``) so the damaged object
+    can be found and re-ingested. Never retried: reading the same bytes again gives the same
+    mismatch.
+    """
+
+
+class StorageUnavailableError(StorageError):
+    """Object storage did not answer for the whole retry budget (``LOCALCL_STORAGE_RETRY_S``,
+    see :mod:`storage.retry`); the message names the URL and the last connection error."""

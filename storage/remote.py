@@ -26,11 +26,11 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-import numcodecs.blosc
 import numpy as np
 
-from storage.errors import InputError
-from storage.fastread import MISSING, ShardReader, parse_layout
+from storage.errors import InputError, StorageError
+from storage.fastread import ShardReader, parse_layout
+from storage.retry import with_retry
 from storage.sources import CaseSource, SourceDataset, parse_label_names, safe_case_id, strip_nifti_suffix
 
 #: Environment variables that configure object-storage access (forwarded to Ray workers).
@@ -266,41 +266,57 @@ def discover_remote(
 class RemoteShardReader(ShardReader):
     """:class:`storage.fastread.ShardReader` over fsspec: one ranged GET per chunk.
 
-    The shard index is fetched once (suffix range of ``16 * n_chunks + 4`` bytes); a region
-    read issues all its chunk ranges in one ``fs.cat_ranges`` call.
+    The shard index is fetched once (suffix range of ``16 * n_chunks + 4`` bytes, its CRC32C
+    verified); a region read issues all its chunk ranges in one ``fs.cat_ranges`` call and
+    verifies every chunk's CRC32C before decoding it (same checks as the local reader). Every
+    request is retried through connection errors by :func:`storage.retry.with_retry`.
     """
 
     def __init__(
         self,
         fs: Any,
         shard_path: str,
-        shape: tuple[int, int, int],
-        chunk: tuple[int, int, int],
+        shape: tuple[int, ...],
+        chunk: tuple[int, ...],
         dtype: np.dtype,
         fill_value: Any,
         index: np.ndarray,
+        chunk_crc: bool = False,
+        verify: bool = True,
+        where: str | None = None,
     ) -> None:
-        super().__init__(shard_path, shape, chunk, dtype, fill_value, index)
+        super().__init__(shard_path, shape, chunk, dtype, fill_value, index, chunk_crc, verify, where)
         self.fs = fs
+        self.url = _unstrip(fs, shard_path)
 
     @classmethod
-    def open_remote(cls, fs: Any, array_path: str) -> RemoteShardReader | None:
+    def open_remote(
+        cls, fs: Any, array_path: str, verify: bool = True, where: str | None = None
+    ) -> RemoteShardReader | None:
         """Reader for the array at ``array_path`` (no protocol) of ``fs``; ``None`` when the
-        layout is not the one :mod:`storage.store` writes (the caller falls back to zarr)."""
+        layout is not the one :mod:`storage.store` writes (the caller falls back to zarr).
+        Raises :class:`~storage.errors.CorruptDataError` when the shard index fails its checksum
+        and :class:`~storage.errors.StorageUnavailableError` when storage stays unreachable."""
+        url = _unstrip(fs, array_path)
+        shard = f"{array_path}/c/0/0/0"
         try:
-            meta = json.loads(fs.cat_file(f"{array_path}/zarr.json"))
+            meta = json.loads(with_retry(lambda: fs.cat_file(f"{array_path}/zarr.json"), url))
             layout = parse_layout(meta)
             if layout is None:
                 return None
-            shape, chunk, grid, dtype = layout
-            n = int(np.prod(grid))
-            shard = f"{array_path}/c/0/0/0"
-            size = fs.size(shard)
-            raw = fs.cat_file(shard, start=size - (16 * n + 4), end=size - 4)
-            index = np.frombuffer(raw, dtype="<u8").reshape(*grid, 2)
-            return cls(fs, shard, shape, chunk, dtype, meta.get("fill_value", 0), index)  # type: ignore[arg-type]
+            n = int(np.prod(layout.grid))
+            size = with_retry(lambda: fs.size(shard), url)
+            raw = with_retry(lambda: fs.cat_file(shard, start=size - (16 * n + 4), end=size), url)
+        except StorageError:
+            raise
         except (OSError, KeyError, ValueError, TypeError):
             return None
+        where = where or url
+        index = cls.parse_index(raw, layout.grid, verify, where)
+        return cls(
+            fs, shard, layout.shape, layout.chunk, layout.dtype, meta.get("fill_value", 0), index, layout.chunk_crc,
+            verify, where,
+        )
 
     def read(self, x: tuple[int, int], y: tuple[int, int], z: tuple[int, int]) -> np.ndarray:
         """The in-bounds region ``[x0, x1) x [y0, y1) x [z0, z1)`` as a fresh array."""
@@ -311,14 +327,14 @@ class RemoteShardReader(ShardReader):
         for iz in range(z0, z1):
             for ix in range(x0 // cx, (x1 - 1) // cx + 1):
                 for iy in range(y0 // cy, (y1 - 1) // cy + 1):
-                    offset, nbytes = (int(v) for v in self.index[ix, iy, iz])
-                    missing = offset == MISSING and nbytes == MISSING
-                    wanted.append((ix, iy, iz, missing))
-                    if not missing:
-                        starts.append(offset)
-                        ends.append(offset + nbytes)
+                    rng = self.chunk_range(ix, iy, iz)
+                    wanted.append((ix, iy, iz, rng is None))
+                    if rng is not None:
+                        starts.append(rng[0])
+                        ends.append(rng[0] + rng[1])
+        paths = [self.shard_path] * len(starts)
         blobs = iter(
-            self.fs.cat_ranges([self.shard_path] * len(starts), starts, ends, on_error="raise") if starts else []
+            with_retry(lambda: self.fs.cat_ranges(paths, starts, ends, on_error="raise"), self.url) if starts else []
         )
         for ix, iy, iz, missing in wanted:
             ax0, ax1 = max(x0, ix * cx), min(x1, (ix + 1) * cx)
@@ -327,7 +343,7 @@ class RemoteShardReader(ShardReader):
             if missing:
                 dst[...] = self.fill_value
                 continue
-            tile = np.frombuffer(numcodecs.blosc.decompress(next(blobs)), dtype=self.dtype).reshape(self.chunk[:2])
+            tile = self.decode(next(blobs), ix, iy, iz)
             dst[...] = tile[ax0 - ix * cx : ax1 - ix * cx, ay0 - iy * cy : ay1 - iy * cy]
         return out
 
@@ -337,5 +353,5 @@ def fetch_to_local(url: str, dest_dir: str, storage_options: Mapping[str, Any] |
     parallel ingest so that only the volume(s) being ingested ever sit on a worker's disk."""
     fs, path = url_to_fs(url, storage_options)
     local = os.path.join(dest_dir, posixpath.basename(path))
-    fs.get_file(path, local)
+    with_retry(lambda: fs.get_file(path, local), url)
     return local
