@@ -17,6 +17,7 @@ config covers one request, not a minute-long outage), so this is a small loop.
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -71,16 +72,31 @@ def transient_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def server_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is an S3 error response that means "try later": HTTP 5xx (503 Service
+    Unavailable from a restarting server or load balancer) or ``SlowDown``/``RequestTimeout``."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return (isinstance(status, int) and status >= 500) or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a connection error or timeout.
-    A :class:`~storage.errors.StorageError` (corrupt data, missing case) never is."""
+    """Whether ``exc`` (or an exception it was raised from) is a connection error, a timeout or
+    a "try later" response (:func:`server_unavailable`). A
+    :class:`~storage.errors.StorageError` (corrupt data, missing case) never is, nor is a TLS
+    error (a certificate problem does not heal by waiting)."""
     if isinstance(exc, StorageError):
         return False
     kinds = transient_types()
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, kinds):
+        if isinstance(cur, ssl.SSLError) or type(cur).__name__ == "SSLError":
+            return False
+        if isinstance(cur, kinds) or server_unavailable(cur):
             return True
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
