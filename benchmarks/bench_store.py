@@ -5,7 +5,10 @@ Measures, on the real ACDC copy (or any MSD dataset given with --src):
 - random 2D slices/s and random 3D patches/s from
     nibabel : load the .nii.gz and take the slice/patch, per sample (what a naive loader does),
     store   : ``storage.open_store(...).read_slice / read_patch`` with its direct local shard
-              reader (the default), and through zarr's own read path for reference,
+              reader (the default, CRC32C of every chunk verified), and through zarr's own
+              read path for reference,
+    noverify: the same store opened with ``verify=False`` (checksums not checked): the
+              verification cost is the throughput ratio of the two,
     tiled   : a second store ingested with ``--chunk-xy 64`` (tiles; patches decode less),
     cache   : the store with a bounded per-process LRU slice cache (``cache_bytes`` = 25 % and
               100 % of the decoded images) after one warm-up epoch, on a fresh random draw,
@@ -136,6 +139,7 @@ def main() -> None:
         stz._reader(c, "image")  # resolve (to None) now, while zarr-only is set
     del os.environ["LOCALCL_ZARR_ONLY"]
     stt = storage.open_store(uri_t)
+    stn = storage.open_store(uri, verify=False)
 
     decoded = sum(int(np.prod(meta[c]["shape"])) * 4 for c in ids)
     caches = {}
@@ -163,6 +167,9 @@ def main() -> None:
         "store slice": (lambda i: st.read_slice(pick[i], zs[i]), n),
         "store pipe": (lambda i: prep(pick[i], st.read_slice(pick[i], zs[i])), n),
         "store patch": (lambda i: st.read_patch(pick[i], starts[i], PATCH), n),
+        "noverify slice": (lambda i: stn.read_slice(pick[i], zs[i]), n),
+        "noverify pipe": (lambda i: prep(pick[i], stn.read_slice(pick[i], zs[i])), n),
+        "noverify patch": (lambda i: stn.read_patch(pick[i], starts[i], PATCH), n),
         "zarr slice": (lambda i: stz.read_slice(pick[i], zs[i]), n),
         "zarr patch": (lambda i: stz.read_patch(pick[i], starts[i], PATCH), n),
         "tiled slice": (lambda i: stt.read_slice(pick[i], zs[i]), n),
@@ -197,6 +204,16 @@ def main() -> None:
     print(f"\n{'samples/s':<26}{'nibabel':>9}{'store':>9}{'RAM':>9}{'store/nib':>11}{'store/RAM':>11}")
     for name, a, b, c in rows:
         print(f"{name:<26}{r[a]:>9.1f}{r[b]:>9.1f}{r[c]:>9.1f}{r[b] / r[a]:>10.1f}x{r[b] / r[c]:>10.2f}x")
+    print("\nchecksum verification (CRC32C per chunk), same store, verify=True vs verify=False:")
+    for name, on, off in (
+        ("2D slice, raw", "store slice", "noverify slice"),
+        ("2D slice, pipeline", "store pipe", "noverify pipe"),
+        (f"3D patch {'x'.join(map(str, PATCH))}", "store patch", "noverify patch"),
+    ):
+        print(
+            f"  {name:<24}{r[on]:>9.1f} vs {r[off]:>9.1f} samples/s: verified/unverified = {r[on] / r[off]:.3f} "
+            f"(cost {100 * (1 - r[on] / r[off]):+.1f} %)"
+        )
     print(
         f"\nmemory: RAM baseline holds {ram_bytes / 2**20:.0f} MiB of decoded volumes; the plain store "
         "reader holds no volume"

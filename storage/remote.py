@@ -314,8 +314,16 @@ class RemoteShardReader(ShardReader):
         where = where or url
         index = cls.parse_index(raw, layout.grid, verify, where)
         return cls(
-            fs, shard, layout.shape, layout.chunk, layout.dtype, meta.get("fill_value", 0), index, layout.chunk_crc,
-            verify, where,
+            fs,
+            shard,
+            layout.shape,
+            layout.chunk,
+            layout.dtype,
+            meta.get("fill_value", 0),
+            index,
+            layout.chunk_crc,
+            verify,
+            where,
         )
 
     def read(self, x: tuple[int, int], y: tuple[int, int], z: tuple[int, int]) -> np.ndarray:

@@ -562,9 +562,7 @@ class VolumeStore:
         if reader is not None and tuple(reader.shape) == tuple(arr.shape):
             data = np.asarray(reader.read(*((s.start, s.stop) for s in src)))
         else:
-            data = self._zarr_read(
-                lambda: arr[tuple(src)], case, array, f"slices z={src[2].start}..{src[2].stop - 1}"
-            )
+            data = self._zarr_read(lambda: arr[tuple(src)], case, array, f"slices z={src[2].start}..{src[2].stop - 1}")
         if data.shape == tuple(int(s) for s in size):
             return data
         out = np.full(tuple(int(s) for s in size), pad_value, dtype=arr.dtype)

@@ -56,8 +56,8 @@ def _kuberay_schema(kind: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the real manifests
 
 
-def test_overlays__cpu_local_and_gpu_cloud_exist():
-    assert {"cpu-local", "gpu-cloud"} <= set(OVERLAYS)
+def test_overlays__cpu_local_gpu_cloud_and_gpu_spot_exist():
+    assert {"cpu-local", "gpu-cloud", "gpu-spot"} <= set(OVERLAYS)
 
 
 def test_yamllint__repository_yaml_under_k8s_is_clean():
@@ -128,6 +128,47 @@ def test_gpu_cloud__gpu_workers_autoscale_and_head_runs_no_work(rendered):
         )
 
 
+SPOT_LABELS = {
+    "cloud.google.com/gke-spot": "true",
+    "eks.amazonaws.com/capacityType": "SPOT",
+    "kubernetes.azure.com/scalesetpriority": "spot",
+}
+
+
+def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period(rendered, tmp_path):
+    from ray_jobs.cluster import submit as cluster_submit
+
+    docs = rendered["gpu-spot"]
+    rc = _one(docs, "RayCluster")["spec"]
+    assert "affinity" not in rc["headGroupSpec"]["template"]["spec"]  # the head stays on regular nodes
+    (wg,) = rc["workerGroupSpecs"]
+    assert wg["groupName"] == "gpu-spot-workers"
+    assert (wg["minReplicas"], wg["replicas"], wg["maxReplicas"]) == (1, 1, 4)
+    pod = wg["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    tolerations = pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    for key in ("cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority"):
+        assert {"key": key, "operator": "Equal", "value": SPOT_LABELS[key], "effect": "NoSchedule"} in tolerations
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 3  # ORed: any one cloud's spot label, each with a GPU
+    for term, (key, value) in zip(terms, SPOT_LABELS.items()):
+        assert {"key": key, "operator": "In", "values": [value]} in term["matchExpressions"]
+        assert {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]} in term["matchExpressions"]
+    for job in ("pretrain", "finetune", "campaign"):
+        spec = _one(docs, "RayJob", f"localcl-{job}")["spec"]
+        assert spec["backoffLimit"] == 5 and spec["rayClusterSpec"] == rc
+    data = _one(docs, "ConfigMap", "localcl-configs")["data"]
+    assert "# elastic: [1, 4] once scaling.num_workers accepts a range" in data["acdc-ideal.yaml"]
+    assert data["campaign-ideal.yaml"] == _one(rendered["gpu-cloud"], "ConfigMap", "localcl-configs")["data"][
+        "campaign-ideal.yaml"
+    ]
+    path = tmp_path / "acdc-ideal.yaml"
+    path.write_text(data["acdc-ideal.yaml"])
+    cfg, _ = cluster_submit.validate_config("pretrain", path)
+    assert cfg.checkpoint.max_failures == 20 and cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu
+
+
 def test_cpu_local__patches_reach_the_rayjobs_and_no_gpu_is_requested(rendered):
     docs = rendered["cpu-local"]
     rc = _one(docs, "RayCluster")["spec"]
@@ -176,7 +217,7 @@ def test_configmap__configs_validate_with_the_project_validators(rendered, tmp_p
             else:
                 for job in ("pretrain", "finetune"):
                     cfg, _ = cluster_submit.validate_config(job, path)
-                    assert cfg.scaling.use_gpu is (name == "gpu-cloud")
+                    assert cfg.scaling.use_gpu is (name != "cpu-local")
 
 
 def test_dockerfile__base_image_pinned_to_the_ray_pin():

@@ -102,8 +102,8 @@ def test_integrity__every_bit_flip_in_a_local_shard_is_caught(tmp_path: Path) ->
                 shard.write_bytes(flipped(good, offset))
                 st.refresh()
                 tried += 1
-                direct += expect_corrupt(lambda: st.read_slice(CASE, zz, name), uri, name, z)
-                plain += expect_zarr_checksum_error(lambda: arr[:, :, zz])
+                direct += expect_corrupt(lambda zz=zz, name=name: st.read_slice(CASE, zz, name), uri, name, z)
+                plain += expect_zarr_checksum_error(lambda arr=arr, zz=zz: arr[:, :, zz])
         shard.write_bytes(good)
         st.refresh()
         for z in range(SHAPE[2]):  # restored: reads are exact again
@@ -135,8 +135,8 @@ def test_integrity__bit_flips_in_s3_shards_are_caught_by_the_remote_reader_and_z
                 fs.pipe_file(key, flipped(good, offset))
                 st.refresh()
                 tried += 1
-                direct += expect_corrupt(lambda: st.read_slice(CASE, zz, name), uri, name, z)
-                plain += expect_zarr_checksum_error(lambda: arr[:, :, zz])
+                direct += expect_corrupt(lambda zz=zz, name=name: st.read_slice(CASE, zz, name), uri, name, z)
+                plain += expect_zarr_checksum_error(lambda arr=arr, zz=zz: arr[:, :, zz])
         fs.pipe_file(key, good)
         st.refresh()
         np.testing.assert_array_equal(st.read_slice(CASE, 1, name), arrays[name][:, :, 1])
