@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import google_crc32c
 import numcodecs.blosc
@@ -170,7 +168,14 @@ class ShardReader:
         where = where or array_dir
         index = cls.parse_index(raw, layout.grid, verify, where)
         return cls(
-            path, layout.shape, layout.chunk, layout.dtype, meta.get("fill_value", 0), index, layout.chunk_crc, verify,
+            path,
+            layout.shape,
+            layout.chunk,
+            layout.dtype,
+            meta.get("fill_value", 0),
+            index,
+            layout.chunk_crc,
+            verify,
             where,
         )
 

@@ -91,7 +91,7 @@ def join_uri(root: str, *parts: str) -> str:
 def uri_exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether a local path or URI exists (a file or a directory)."""
     fs, path = url_to_fs(uri, storage_options)
-    return bool(fs.exists(path))
+    return bool(with_retry(lambda: fs.exists(path), uri))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -136,7 +136,7 @@ def discover_remote(
     fs, root = url_to_fs(src, storage_options)
     root = root.rstrip("/")
     try:
-        listing = fs.find(root, detail=True)
+        listing = with_retry(lambda: fs.find(root, detail=True), src)
     except FileNotFoundError:
         listing = {}
     info = {
@@ -173,7 +173,7 @@ def discover_remote(
             "missing: an MSD/nnU-Net dataset needs dataset.json (use --unlabelled for a plain prefix of NIfTI files)",
         )
     try:
-        spec = json.loads(fs.cat_file(f"{root}/dataset.json"))
+        spec = json.loads(with_retry(lambda: fs.cat_file(f"{root}/dataset.json"), ds_url))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(ds_url, f"malformed dataset.json: {exc}") from None
     if not isinstance(spec, dict):
@@ -248,7 +248,7 @@ def discover_remote(
     splits = None
     if f"{root}/splits.json" in listing:
         try:
-            splits = json.loads(fs.cat_file(f"{root}/splits.json"))
+            splits = json.loads(with_retry(lambda: fs.cat_file(f"{root}/splits.json"), src))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{src.rstrip('/')}/splits.json", f"malformed splits.json: {exc}") from None
     ds = SourceDataset(

@@ -160,9 +160,10 @@ def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period
         assert spec["backoffLimit"] == 5 and spec["rayClusterSpec"] == rc
     data = _one(docs, "ConfigMap", "localcl-configs")["data"]
     assert "# elastic: [1, 4] once scaling.num_workers accepts a range" in data["acdc-ideal.yaml"]
-    assert data["campaign-ideal.yaml"] == _one(rendered["gpu-cloud"], "ConfigMap", "localcl-configs")["data"][
-        "campaign-ideal.yaml"
-    ]
+    assert (
+        data["campaign-ideal.yaml"]
+        == _one(rendered["gpu-cloud"], "ConfigMap", "localcl-configs")["data"]["campaign-ideal.yaml"]
+    )
     path = tmp_path / "acdc-ideal.yaml"
     path.write_text(data["acdc-ideal.yaml"])
     cfg, _ = cluster_submit.validate_config("pretrain", path)
