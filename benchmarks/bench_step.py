@@ -66,7 +66,9 @@ def make_batch(b: int, s: int, dev: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(dev) for k, v in out.items()}
 
 
-def make_step(row: str, v: Variant, batch: dict[str, torch.Tensor], widths: list[int], dev: torch.device) -> Callable[[], None]:
+def make_step(
+    row: str, v: Variant, batch: dict[str, torch.Tensor], widths: list[int], dev: torch.device
+) -> Callable[[], None]:
     """A closure running one optimiser step of ``row`` ("finetune/<name>" or
     "pretrain/<name>/<stage>") with the switches of ``v``; variant "plain": the plain eager
     supervised step of the same U-Net widths instead."""
@@ -81,7 +83,10 @@ def make_step(row: str, v: Variant, batch: dict[str, torch.Tensor], widths: list
         ft = FINETUNE[name if kind == "finetune" else "supervised"]
         m: Any = apply_runtime(ft(ft.Config(**net), 1, 4).to(dev), opts)
         opt = torch.optim.Adam(m.parameters(), 1e-3)
-        bl, bu = {"image": batch["image"], "label": batch["label"]}, {"image": batch["image"], "pseudo_label": batch["label"]}
+        bl, bu = (
+            {"image": batch["image"], "label": batch["label"]},
+            {"image": batch["image"], "pseudo_label": batch["label"]},
+        )
 
         def run() -> None:
             with amp:
@@ -95,7 +100,9 @@ def make_step(row: str, v: Variant, batch: dict[str, torch.Tensor], widths: list
 
         return run
     cls = METHODS[name]
-    extra = {"input_size": s, "partitions": 2, "volumes_per_batch": batch["image"].shape[0] // 2} if name == "glcl" else {}
+    extra = (
+        {"input_size": s, "partitions": 2, "volumes_per_batch": batch["image"].shape[0] // 2} if name == "glcl" else {}
+    )
     pm: Any = apply_runtime(cls(cls.Config(**net, **extra), 1, 4).to(dev), opts)
     stage = rest[0]
     popt = torch.optim.Adam(pm.stage_parameters(stage), 1e-3)
@@ -203,7 +210,9 @@ def main() -> None:
     variants.append(Variant("all", a.threads, True, True, a.compile))
     rows = a.rows or all_rows()
     names = [v.name for v in variants]
-    print(f"device={dev} size={a.size} batch={a.batch} widths={a.widths} steps={a.steps} reps={a.reps} load={os.getloadavg()[0]:.1f}")
+    print(
+        f"device={dev} size={a.size} batch={a.batch} widths={a.widths} steps={a.steps} reps={a.reps} load={os.getloadavg()[0]:.1f}"
+    )
     print("samples/s (median of interleaved rounds) and ratio to 'project'; last column: 'all' / 'plain'")
     print(f"{'row':26s}" + "".join(f"{n:>15s}" for n in names) + f"{'all/plain':>10s}")
     results: list[dict[str, Any]] = []

@@ -123,7 +123,9 @@ class ScheduleConfig(Strict):
     scheduler: Literal["constant", "cosine", "poly"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, fp32 on CPU; bf16 on CPU too
+    amp: Literal["auto", "off", "bf16", "fp16"] = (
+        "auto"  # auto: bf16 on CUDA if supported, fp32 on CPU; bf16 on CPU too
+    )
 
 
 class MethodConfig(BaseModel):

@@ -13,7 +13,9 @@ WIDTHS = [4, 8, 16, 32]
 NET = {"widths": WIDTHS, "decoder_widths": [16, 8, 4]}
 
 
-def _train(opts: RuntimeOptions, bf16: bool = False, name: str = "supervised", steps: int = 3) -> tuple[list[float], torch.Tensor]:
+def _train(
+    opts: RuntimeOptions, bf16: bool = False, name: str = "supervised", steps: int = 3
+) -> tuple[list[float], torch.Tensor]:
     """Losses of ``steps`` fine-tuning steps and the flattened final weights (fixed seeds)."""
     torch.manual_seed(0)
     cls = FINETUNE[name]
@@ -42,7 +44,9 @@ def test_runtime__defaults_change_nothing(reference: tuple[list[float], torch.Te
     assert losses == reference[0] and torch.equal(w, reference[1])
 
 
-def test_runtime__channels_last_reaches_the_convolutions_and_matches(reference: tuple[list[float], torch.Tensor]) -> None:
+def test_runtime__channels_last_reaches_the_convolutions_and_matches(
+    reference: tuple[list[float], torch.Tensor],
+) -> None:
     cls = FINETUNE["supervised"]
     m = apply_runtime(cls(cls.Config(**NET), 1, 4), RuntimeOptions(channels_last=True))
     convs = [p for p in m.parameters() if p.dim() == 4 and p.shape[-1] > 1]
