@@ -198,7 +198,7 @@ class LoggingSection(Strict):
 
 
 class RuntimeSection(Strict):
-    """Execution switches of the training step (:mod:`localcl.runtime`); they change speed, not
+    """Execution switches of the training step (``localcl.runtime``); they change speed, not
     the maths, so they are not part of the config hash. ``threads``: intra-op threads of each
     worker (null: torch's default); ``channels_last``: NHWC convolutions; ``compile``:
     ``torch.compile`` of the method's networks (the first steps pay the compilation)."""
