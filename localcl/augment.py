@@ -453,9 +453,7 @@ def apply_flips(x: Tensor, flips: Tensor) -> Tensor:
     if flips.dim() != 2 or flips.shape[0] != x.shape[0]:
         raise ValueError(f"flips must have shape (B={x.shape[0]}, ndim), got {tuple(flips.shape)}")
     nd = flips.shape[1]
-    out = []
-    for i in range(x.shape[0]):
-        xi = x[i]
-        dims = [xi.dim() - nd + a for a in range(nd) if bool(flips[i, a])]
-        out.append(xi.flip(dims) if dims else xi)
-    return torch.stack(out, 0)
+    flags = flips.to(x.device).view(x.shape[0], nd, *([1] * (x.dim() - 1)))
+    for a in range(nd):  # one batched flip per axis instead of a Python loop over items
+        x = torch.where(flags[:, a], x.flip(x.dim() - nd + a), x)
+    return x

@@ -349,10 +349,10 @@ def _hard_targets(logits: Tensor, threshold: float) -> Tensor:
 
 
 def _pseudo_ce(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean CE over pixels with ``target >= 0`` (0 with a zero gradient when there are none)."""
-    if not bool((target >= 0).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=-1)
+    """Mean CE over pixels with ``target >= 0`` (0 with a zero gradient when there are none);
+    no host sync: the count stays on the device."""
+    total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp_min(1)
 
 
 def cutmix_box(

@@ -123,7 +123,9 @@ class ScheduleConfig(Strict):
     scheduler: Literal["constant", "cosine", "poly"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported
+    amp: Literal["auto", "off", "bf16", "fp16"] = (
+        "auto"  # auto: bf16 on CUDA if supported, fp32 on CPU; bf16 on CPU too
+    )
 
 
 class MethodConfig(BaseModel):
@@ -195,6 +197,17 @@ class LoggingSection(Strict):
         return v
 
 
+class RuntimeSection(Strict):
+    """Execution switches of the training step (``localcl.runtime``); they change speed, not
+    the maths, so they are not part of the config hash. ``threads``: intra-op threads of each
+    worker (null: torch's default); ``channels_last``: NHWC convolutions; ``compile``:
+    ``torch.compile`` of the method's networks (the first steps pay the compilation)."""
+
+    threads: int | None = Field(None, ge=1)
+    channels_last: bool = False
+    compile: bool = False
+
+
 class Config(Strict):
     """A whole run (every stage); each CLI verb uses the sections it needs."""
 
@@ -209,6 +222,7 @@ class Config(Strict):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @field_validator("name")
     @classmethod
@@ -292,9 +306,10 @@ class Config(Strict):
         return text
 
     def hash(self) -> str:
-        """SHA-256 (first 16 hex) of the canonical JSON of everything but run bookkeeping."""
+        """SHA-256 (first 16 hex) of the canonical JSON of everything but run bookkeeping and the
+        ``runtime`` execution switches."""
         d = self.to_dict()
-        for k in ("run_dir", "logging"):
+        for k in ("run_dir", "logging", "runtime"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -22,8 +22,9 @@ worker trusts it: the run config and the method config arrive validated). It
    the epoch after the checkpoint's;
 5. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
    the method) from ``(seed, rank, epoch)`` and calls ``sampler.set_epoch(epoch)``, so a resumed
-   epoch draws exactly what an uninterrupted run would; runs the steps (autocast bf16/fp16 on CUDA
-   only); in fine-tuning, computes the validation Dice; then every rank calls
+   epoch draws exactly what an uninterrupted run would; runs the steps (autocast per
+   :func:`localcl.runtime.autocast_dtype`: bf16/fp16 on CUDA, bf16 on CPU only with
+   ``schedule.amp: bf16``; the ``runtime`` switches are applied to the method first); in fine-tuning, computes the validation Dice; then every rank calls
    ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
 
 Fine-tuning extras: ``spec.pseudo`` (PLCL self-training round ``spec.round``, see
@@ -59,6 +60,7 @@ from torch import nn
 
 from localcl.methods import FINETUNE, METHODS
 from localcl.methods.base import FinetuneStrategy, PretrainMethod
+from localcl.runtime import RuntimeOptions, apply_runtime, autocast_dtype
 from ray_jobs.train.checkpoint import load_model, load_state
 from ray_jobs.train.hooks import KeptDir, event, push_progress, should_kill
 from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
@@ -70,7 +72,6 @@ __all__ = [
     "STATE_FILE",
     "VAL_METRICS",
     "StepModule",
-    "amp_dtype",
     "build_loaders",
     "build_method",
     "epoch_seed",
@@ -146,17 +147,6 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 def _cycle(loader: Any) -> Iterator[Any]:
     while True:
         yield from loader
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: None on CPU (AMP is CUDA-only here) or when ``mode == "off"``."""
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 # --------------------------------------------------------------------------- data
@@ -276,6 +266,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
         if spec.pseudo:
             pseudo_key = method.pseudo_label_key
     method.to(device)
+    apply_runtime(method, RuntimeOptions(**cfg.runtime.model_dump()))
     step_module = StepModule(method)
     if world > 1:
         model = ray.train.torch.prepare_model(step_module, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -293,7 +284,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_factor(s, total_steps, warm, schedule.scheduler, schedule.min_lr_ratio)
     )
-    dtype = amp_dtype(schedule.amp, device)
+    dtype = autocast_dtype(schedule.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     start_epoch, global_step, history, best = 1, 0, [], {"score": -math.inf, "epoch": 0}

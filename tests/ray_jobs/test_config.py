@@ -196,6 +196,19 @@ def test_config_hash__ignores_run_dir_and_logging():
     assert a.hash() == b.hash() != c.hash()
 
 
+@needs_registry
+def test_config_runtime__parsed_off_by_default_and_not_hashed():
+    a = C.validate(_minimal())
+    assert (a.runtime.threads, a.runtime.channels_last, a.runtime.compile) == (None, False, False)
+    b = C.validate(_minimal(runtime={"threads": 2, "channels_last": True, "compile": True}))
+    assert b.runtime.threads == 2 and b.runtime.channels_last and b.runtime.compile
+    assert a.hash() == b.hash()
+    with pytest.raises(ConfigError, match="runtime"):
+        C.validate(_minimal(runtime={"threads": 0}))
+    with pytest.raises(ConfigError, match="runtime"):
+        C.validate(_minimal(runtime={"channel_last": True}))
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS")
