@@ -165,7 +165,9 @@ def test_s3_outage__read_waits_for_storage_to_return(relay: Relay, s3_env: str, 
     assert again.cases == ["c0"] and again.read_slice("c0", 1)[0, 0] == 1
     open_s = time.monotonic() - t0
     print(f"\noutage 2 s: slice read took {slice_s:.1f} s, store open + read {open_s:.1f} s")
-    assert 1.8 < slice_s < 10 and 1.8 < open_s < 10
+    # lower bound: the reads did wait for the outage; the upper bound is loose (a loaded machine
+    # makes a plain store open take seconds by itself)
+    assert 1.8 < slice_s < 30 and 1.8 < open_s < 30
 
 
 def test_s3_outage__longer_than_the_budget_raises_storage_unavailable(relay: Relay, s3_env: str, monkeypatch) -> None:
