@@ -303,7 +303,7 @@ class Config(Strict):
                         + (
                             f"scaling.num_workers={workers}"
                             if not sc.elastic
-                            else f"{workers} workers (scaling.num_workers={list(sc.num_workers)}: the global "
+                            else f"{workers} workers (scaling.num_workers=[{sc.min_workers}, {sc.max_workers}]: the global "
                             "batch is split over every world size of the elastic range)"
                         )
                     )

@@ -29,7 +29,7 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray.train
@@ -116,7 +116,7 @@ def rng_file(rank: int) -> str:
 
 def capture_rng(method: Any) -> dict[str, Any]:
     """torch/CUDA, numpy, python and the method's generator states, as weights-only types."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))  # legacy: a tuple
     py_state = random.getstate()
     out: dict[str, Any] = {
         "torch": torch.get_rng_state(),
