@@ -113,7 +113,8 @@ class ScheduleConfig(Strict):
 
     One epoch = ``steps_per_epoch`` optimiser steps on a global batch of ``batch_size`` slices
     (each of the ``W`` workers draws ``batch_size / W``). A checkpoint is written and metrics
-    are reported at the end of each epoch, so an epoch is the unit of resume.
+    are reported at the end of each epoch, and every ``checkpoint.every_steps`` steps inside it
+    (:mod:`ray_jobs.train.loop_state`), so a resume redoes at most that many steps.
     """
 
     epochs: int = Field(10, ge=1)

@@ -19,12 +19,17 @@ worker trusts it: the run config and the method config arrive validated). It
    or a driver re-fit with the same run name): model (EMA/momentum branches and queues are
    registered buffers/sub-modules of the method, so they are in its state_dict), optimiser,
    scheduler, AMP scaler, best model so far, history and the global step; training continues at
-   the epoch after the checkpoint's;
+   the checkpoint's loop position (the next epoch, or the step inside an epoch after a step
+   checkpoint: samplers skip the consumed plan prefix and the RNGs are restored, see
+   :mod:`ray_jobs.train.loop_state`);
 5. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
    the method) from ``(seed, rank, epoch)`` and calls ``sampler.set_epoch(epoch)``, so a resumed
    epoch draws exactly what an uninterrupted run would; runs the steps (autocast bf16/fp16 on CUDA
-   only); in fine-tuning, computes the validation Dice; then every rank calls
-   ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
+   only); every ``checkpoint.every_steps`` steps (and once at the step boundary after Ray
+   reports a preemption, with ``checkpoint.on_preemption``) writes a step checkpoint; in
+   fine-tuning, computes the validation Dice; then every rank calls
+   ``ray.train.report(metrics, checkpoint)`` (each rank's checkpoint holds its RNG states, rank
+   0's also the training state).
 
 Fine-tuning extras: ``spec.pseudo`` (PLCL self-training round ``spec.round``, see
 :mod:`ray_jobs.train.self_training`) makes the unlabelled sampler read that derived array as
@@ -33,8 +38,9 @@ called before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's me
 through ``ray.air.integrations.mlflow.setup_mlflow``. Every history row carries
 ``start_epoch``, the epoch this worker group started at (1, or the resumed epoch).
 
-Checkpoint directory (rank 0): ``state.pt`` (model/optimiser/scheduler/scaler state, epoch,
-global step, sampler epoch, seed, history, best score) and ``best.pt`` (the model state_dict with
+Checkpoint directory: ``rng_rank<r>.pt`` from every rank; from rank 0 ``state.pt``
+(model/optimiser/scheduler/scaler state, last completed epoch, global step, sampler epoch,
+seed, history, best score, ``loop`` position) and ``best.pt`` (the model state_dict with
 the best validation Dice, or the last epoch's when there is no validation). Both are read with
 ``torch.load(weights_only=True)``.
 """
