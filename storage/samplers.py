@@ -8,9 +8,16 @@ Common contract
   rank or worker produced it. Call ``set_epoch(epoch)`` before each epoch (workers copy the
   dataset when they start, so with ``persistent_workers=True`` the new epoch would not reach
   them: keep the default ``persistent_workers=False``).
-- **Disjoint sharding**: global index ``i`` belongs to rank ``i % world_size``; within a rank,
-  to DataLoader worker ``(i // world_size) % num_workers``. Union over all (rank, worker) pairs
-  is the plan, intersections are empty. ``len(ds)`` is this rank's share. These are
+- **Disjoint sharding**: global index ``i`` belongs to rank ``(i - start) % world_size``; the
+  rank's ``j``-th index goes to DataLoader worker ``(j // loader_batch) % num_workers``, so a
+  ``DataLoader(batch_size=loader_batch)`` yields the rank's indices in order whatever
+  ``num_workers``. Union over all (rank, worker) pairs is the plan, intersections are empty.
+  ``len(ds)`` is this rank's share.
+- **Resume inside an epoch**: ``set_epoch(epoch, start=n)`` skips the first ``n`` plan items.
+  A worker group of ``W`` ranks each drawing batches of ``b`` consumes exactly the plan prefix
+  ``[0, steps * b * W)``, so ``start = steps * b * W`` resumes after ``steps`` steps, and the
+  rest of the epoch is re-sharded over the new ``world_size`` (elastic training) with nothing
+  dropped or drawn twice. These are
   ``IterableDataset``s, so Ray Train's ``prepare_data_loader`` adds no second sampler.
 - **Fork/spawn safe**: the store is opened lazily in the process that iterates (and re-opened
   after a fork); the dataset pickles without any zarr/fsspec handle.
@@ -95,6 +102,8 @@ class _StoreDataset(IterableDataset):
         self.cache_bytes = int(cache_bytes if cache_bytes is not None else (REMOTE_CACHE_BYTES if remote else 0))
         self.prefetch = int(prefetch if prefetch is not None else (REMOTE_PREFETCH if remote else 0))
         self.epoch = 0
+        self.start = 0  # plan items of this epoch already consumed (set_epoch)
+        self.loader_batch = 1  # DataLoader batch size: worker shards are whole batches
         self._store: VolumeStore | None = None
         self._pid: int | None = None
         self._metas: list[dict[str, Any]] | None = None
@@ -121,9 +130,13 @@ class _StoreDataset(IterableDataset):
             self._metas = [self.store.meta(c) for c in self.cases]
         return self._metas
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the plan of ``epoch`` (call on every rank before iterating)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the plan of ``epoch`` from plan item ``start`` on (call on every rank before
+        iterating; ``start > 0`` resumes inside the epoch, see the module docstring)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.epoch = int(epoch)
+        self.start = int(start)
 
     # -- sharding -------------------------------------------------------------------------
     def _num_samples(self) -> int:
@@ -131,12 +144,15 @@ class _StoreDataset(IterableDataset):
 
     def __len__(self) -> int:
         n = self._num_samples()
-        return len(range(self.rank, n, self.world_size))
+        return len(range(self.start + self.rank, n, self.world_size))
 
     def shard_indices(self, worker_id: int = 0, num_workers: int = 1) -> range | list[int]:
         """Global plan indices of (this rank, ``worker_id`` of ``num_workers``)."""
-        mine = range(self.rank, self._num_samples(), self.world_size)
-        return mine[worker_id::num_workers]
+        mine = range(self.start + self.rank, self._num_samples(), self.world_size)
+        b = max(int(self.loader_batch), 1)
+        if b == 1 or num_workers == 1:
+            return mine[worker_id::num_workers]
+        return [mine[j] for j in range(len(mine)) if (j // b) % num_workers == worker_id]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         info = get_worker_info()

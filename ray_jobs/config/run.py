@@ -10,8 +10,8 @@ A run config has these top-level sections (all optional except where a verb need
     finetune:   {method: {name, ...Config fields}, optim, schedule, self_training}  (or null)
     baseline:   true -> also fine-tune FINETUNE["supervised"] from scratch on the same budget
     evaluate:   split, ...
-    scaling:    num_workers, use_gpu, resources_per_worker, placement
-    checkpoint: num_to_keep, max_failures
+    scaling:    num_workers (int or elastic [min, max]), resize_interval_s, use_gpu, ...
+    checkpoint: num_to_keep, max_failures, every_steps, on_preemption
     logging:    tensorboard, mlflow_uri, progress
 
 ``method`` blocks are validated by the method's own pydantic ``Config``
@@ -113,7 +113,8 @@ class ScheduleConfig(Strict):
 
     One epoch = ``steps_per_epoch`` optimiser steps on a global batch of ``batch_size`` slices
     (each of the ``W`` workers draws ``batch_size / W``). A checkpoint is written and metrics
-    are reported at the end of each epoch, so an epoch is the unit of resume.
+    are reported at the end of each epoch, and every ``checkpoint.every_steps`` steps inside it
+    (:mod:`ray_jobs.train.loop_state`), so a resume redoes at most that many steps.
     """
 
     epochs: int = Field(10, ge=1)
@@ -167,15 +168,59 @@ def _one_cpu_per_worker() -> dict[str, float]:
 
 
 class ScalingSection(Strict):
-    num_workers: int = Field(2, ge=0)  # 0: Ray Train local mode (runs in the driver, no DDP)
+    """``num_workers``: an int (0: Ray Train local mode, the loop runs in the driver, no DDP) or
+    an elastic range ``[min, max]`` (1 <= min <= max): Ray Train starts with as many workers as
+    the cluster can place, at least ``min``, restarts with the survivors when a node is lost
+    and grows back towards ``max`` (checked every ``resize_interval_s`` seconds). The global
+    batch stays ``schedule.batch_size`` whatever the world size (see docs/training.md)."""
+
+    num_workers: int | tuple[int, int] = 2
+    resize_interval_s: float = Field(60.0, ge=0)  # elastic: how often Ray Train considers growing
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=_one_cpu_per_worker)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers_ok(cls, v: Any) -> int | tuple[int, int]:
+        if isinstance(v, bool):
+            raise ValueError("must be an int >= 0 or a range [min, max]")
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError(f"must be >= 0 (0: local mode), got {v}")
+            return v
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"an elastic range is two ints [min, max], got {list(v)}")
+            lo, hi = int(v[0]), int(v[1])
+            if not 1 <= lo <= hi:
+                raise ValueError(f"an elastic range [min, max] needs 1 <= min <= max, got [{lo}, {hi}]")
+            return (lo, hi)
+        raise ValueError(f"must be an int >= 0 or a range [min, max], got {v!r}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
 
 class CheckpointSection(Strict):
+    """``every_steps``: also checkpoint after every N optimiser steps inside an epoch (null: at
+    epoch ends only), bounding the work a fault loses to N steps; ``on_preemption``: write a
+    checkpoint at the next step boundary when Ray reports a node of the worker group is being
+    drained/preempted (``ray.train.get_preemption_info``, a per-step collective)."""
+
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)  # worker-group restarts; -1: unlimited
+    every_steps: int | None = Field(None, ge=1)
+    on_preemption: bool = False
 
 
 class LoggingSection(Strict):
@@ -265,11 +310,18 @@ class Config(Strict):
                     f"directly"
                 )
             bs = stage.schedule.batch_size
-            workers = max(self.scaling.num_workers, 1)
-            if bs % workers:
-                raise ConfigError(
-                    f"{section}.schedule.batch_size: {bs} is not divisible by scaling.num_workers={workers}"
-                )
+            sc = self.scaling
+            for workers in range(max(sc.min_workers, 1), max(sc.max_workers, 1) + 1):
+                if bs % workers:
+                    raise ConfigError(
+                        f"{section}.schedule.batch_size: {bs} is not divisible by "
+                        + (
+                            f"scaling.num_workers={workers}"
+                            if not sc.elastic
+                            else f"{workers} workers (scaling.num_workers=[{sc.min_workers}, {sc.max_workers}]: the global "
+                            "batch is split over every world size of the elastic range)"
+                        )
+                    )
         if self.baseline is not None and self.baseline.method.name != "supervised":
             raise ConfigError("baseline.method.name: the baseline must be 'supervised'")
         if self.scaling.use_gpu and "GPU" in self.scaling.resources_per_worker:
@@ -311,6 +363,13 @@ class Config(Strict):
         d = self.to_dict()
         for k in ("run_dir", "logging", "runtime"):
             d.pop(k, None)
+        # fault-tolerance knobs (do not change what is trained; hashes of older runs stay valid)
+        for section, key in (
+            ("checkpoint", "every_steps"),
+            ("checkpoint", "on_preemption"),
+            ("scaling", "resize_interval_s"),
+        ):
+            d.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,6 +1,8 @@
 """Worker-side helpers of the training loop that are not training: progress pushes, the
 local-mode checkpoint directory, and the test/diagnostic hooks (``LoopSpec.hooks``: an
-``events`` file and a ``kill`` spec that SIGKILLs one worker once)."""
+``events`` file and a ``kill`` spec ``{rank, epoch, step, flag[, snapshot[, global_step]]}``
+that SIGKILLs one worker once, after step ``step`` (0-based) of ``epoch``, optionally once the
+checkpoint of the previous epoch, or of ``global_step``, is registered)."""
 
 from __future__ import annotations
 
@@ -39,20 +41,22 @@ def should_kill(spec: dict[str, Any], rank: int, epoch: int, step: int) -> bool:
     flag = Path(spec["flag"])
     if flag.exists():
         return False
-    if spec.get("snapshot"):  # die only once the previous epoch's checkpoint is registered
-        _wait_registered(Path(spec["snapshot"]), epoch - 1, timeout=float(spec.get("timeout", 300)))
+    if spec.get("snapshot"):  # die only once the previous epoch's (or a step) checkpoint is registered
+        key, value = ("global_step", int(spec["global_step"])) if "global_step" in spec else ("epoch", epoch - 1)
+        _wait_registered(Path(spec["snapshot"]), key, value, timeout=float(spec.get("timeout", 300)))
     flag.write_text(f"killed rank {rank} epoch {epoch} step {step}\n")
     return True
 
 
-def _wait_registered(snapshot: Path, epoch: int, timeout: float) -> None:
-    """Block until Ray Train's ``checkpoint_manager_snapshot.json`` lists a checkpoint of
-    ``epoch`` (the controller registers reported checkpoints asynchronously)."""
+def _wait_registered(snapshot: Path, key: str, value: int, timeout: float) -> None:
+    """Block until Ray Train's ``checkpoint_manager_snapshot.json`` lists a checkpoint whose
+    metric ``key`` (``epoch`` or ``global_step``) is >= ``value`` (the controller registers
+    reported checkpoints asynchronously)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
-            if any((r.get("metrics") or {}).get("epoch", 0) >= epoch for r in results):
+            if any((r.get("metrics") or {}).get(key, 0) >= value for r in results):
                 return
         except (OSError, ValueError):
             pass

@@ -128,6 +128,27 @@ def _storage(run_dir: str, stage: str) -> tuple[str, Any]:
     return f"{path.rstrip('/')}/{stage}", pafs
 
 
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """Ray Train's ``ScalingConfig`` of ``cfg.scaling``: an elastic ``[min, max]`` becomes
+    ``num_workers=(min, max)`` with ``elastic_resize_monitor_interval_s=resize_interval_s``
+    (Train V2: the worker group starts with what fits, at least ``min``, restarts with the
+    survivors after a node loss and grows back towards ``max``)."""
+    sc = cfg.scaling
+    resources = dict(sc.resources_per_worker)
+    if sc.use_gpu:
+        resources.setdefault("GPU", 1)
+    kwargs: dict[str, Any] = {}
+    if sc.elastic:  # Train V2 only (ray.train.ScalingConfig is typed as V1's)
+        kwargs["elastic_resize_monitor_interval_s"] = sc.resize_interval_s
+    return ray.train.ScalingConfig(
+        num_workers=sc.num_workers,  # type: ignore[arg-type]
+        use_gpu=sc.use_gpu,
+        resources_per_worker=resources if sc.num_workers else None,
+        placement_strategy=sc.placement,
+        **kwargs,
+    )
+
+
 def fit_stage(
     cfg: Config,
     spec: LoopSpec,
@@ -143,9 +164,6 @@ def fit_stage(
     callbacks (e.g. Tune's ``TuneReportCallback``)."""
     storage_path, storage_fs = _storage(run_dir, stage)
     sc = cfg.scaling
-    resources = dict(sc.resources_per_worker)
-    if sc.use_gpu:
-        resources.setdefault("GPU", 1)
     queue = None
     if progress and cfg.logging.progress:
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
@@ -158,12 +176,7 @@ def fit_stage(
         train_func,
         train_loop_config={"spec": spec.model_copy(update=update)},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=resources if sc.num_workers else None,
-            placement_strategy=sc.placement,
-        ),
+        scaling_config=scaling_config(cfg),
         # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2) it
         # is ray.train.v2's, which takes worker_runtime_env
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]

@@ -19,13 +19,18 @@ worker trusts it: the run config and the method config arrive validated). It
    or a driver re-fit with the same run name): model (EMA/momentum branches and queues are
    registered buffers/sub-modules of the method, so they are in its state_dict), optimiser,
    scheduler, AMP scaler, best model so far, history and the global step; training continues at
-   the epoch after the checkpoint's;
+   the checkpoint's loop position (the next epoch, or the step inside an epoch after a step
+   checkpoint: samplers skip the consumed plan prefix and the RNGs are restored, see
+   :mod:`ray_jobs.train.loop_state`);
 5. per epoch: re-derives every RNG (torch/CUDA, numpy, python, and any ``torch.Generator`` owned by
    the method) from ``(seed, rank, epoch)`` and calls ``sampler.set_epoch(epoch)``, so a resumed
    epoch draws exactly what an uninterrupted run would; runs the steps (autocast per
    :func:`localcl.runtime.autocast_dtype`: bf16/fp16 on CUDA, bf16 on CPU only with
-   ``schedule.amp: bf16``; the ``runtime`` switches are applied to the method first); in fine-tuning, computes the validation Dice; then every rank calls
-   ``ray.train.report(metrics, checkpoint)`` and rank 0 alone attaches the checkpoint.
+   ``schedule.amp: bf16``; the ``runtime`` switches are applied to the method first); every
+   ``checkpoint.every_steps`` steps (and once at the step boundary after Ray reports a
+   preemption, with ``checkpoint.on_preemption``) writes a step checkpoint; in fine-tuning,
+   computes the validation Dice; then every rank calls ``ray.train.report(metrics, checkpoint)``
+   (each rank's checkpoint holds its RNG states, rank 0's also the training state).
 
 Fine-tuning extras: ``spec.pseudo`` (PLCL self-training round ``spec.round``, see
 :mod:`ray_jobs.train.self_training`) makes the unlabelled sampler read that derived array as
@@ -34,8 +39,9 @@ called before training. With ``logging.mlflow_uri`` rank 0 logs every epoch's me
 through ``ray.air.integrations.mlflow.setup_mlflow``. Every history row carries
 ``start_epoch``, the epoch this worker group started at (1, or the resumed epoch).
 
-Checkpoint directory (rank 0): ``state.pt`` (model/optimiser/scheduler/scaler state, epoch,
-global step, sampler epoch, seed, history, best score) and ``best.pt`` (the model state_dict with
+Checkpoint directory: ``rng_rank<r>.pt`` from every rank; from rank 0 ``state.pt``
+(model/optimiser/scheduler/scaler state, last completed epoch, global step, sampler epoch,
+seed, history, best score, ``loop`` position) and ``best.pt`` (the model state_dict with
 the best validation Dice, or the last epoch's when there is no validation). Both are read with
 ``torch.load(weights_only=True)``.
 """
@@ -46,7 +52,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -62,8 +67,20 @@ from localcl.methods import FINETUNE, METHODS
 from localcl.methods.base import FinetuneStrategy, PretrainMethod
 from localcl.runtime import RuntimeOptions, apply_runtime, autocast_dtype
 from ray_jobs.train.checkpoint import load_model, load_state
-from ray_jobs.train.hooks import KeptDir, event, push_progress, should_kill
+from ray_jobs.train.hooks import event, push_progress, should_kill
+from ray_jobs.train.loop_state import (
+    LoopPosition,
+    capture_rng,
+    load_rng,
+    preemption_pending,
+    report_checkpoint,
+    restore_rng,
+    resume_position,
+    step_checkpoint_due,
+    train_state,
+)
 from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
+from ray_jobs.train.tracking import setup_mlflow
 from ray_jobs.train.validation import validation_dice
 from storage import samplers
 
@@ -219,6 +236,7 @@ def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
 
 
 def _loader(ds: Any, batch: int | None, workers: int) -> torch.utils.data.DataLoader:
+    ds.loader_batch = batch or 1  # loader workers shard whole batches: steps consume a plan prefix
     return torch.utils.data.DataLoader(
         ds, batch_size=batch, shuffle=False, drop_last=batch is not None, num_workers=workers, persistent_workers=False
     )
@@ -287,46 +305,61 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     dtype = autocast_dtype(schedule.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    start_epoch, global_step, history, best = 1, 0, [], {"score": -math.inf, "epoch": 0}
+    pos, rng, history, best = LoopPosition(world_size=world), None, [], {"score": -math.inf, "epoch": 0}
     best_state: dict[str, torch.Tensor] | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             best_state = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
+            pos = resume_position(st)  # mid-epoch after a step checkpoint (loop_state)
+            rng = load_rng(d, rank) if pos.step and pos.world_size == world else None
         method.load_state_dict(st["model"])
         optim.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
-        start_epoch, global_step = int(st["epoch"]) + 1, int(st["global_step"])
         history = list(st["history"])
         best = dict(st["best"])
 
-    first_epoch = start_epoch
+    start_epoch, global_step, first_epoch = pos.epoch, pos.global_step, pos.epoch
     data = build_loaders(spec, rank, world)
     nw = cfg.data.loader_workers
     main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
     u_loader = _loader(data["unlabelled"], data["per_worker_u"], nw) if data["unlabelled"] is not None else None
-    hooks = spec.hooks
+    hooks, ck = spec.hooks, cfg.checkpoint
     queue = spec.progress_queue if rank == 0 else None
-    mlflow = _setup_mlflow(spec) if cfg.logging.mlflow_uri else None
+    mlflow = setup_mlflow(spec) if cfg.logging.mlflow_uri else None
     event(hooks, rank, "start", start_epoch)
+    if pos.step:
+        event(hooks, rank, "resume_step", global_step)
 
     for epoch in range(start_epoch, schedule.epochs + 1):
         event(hooks, rank, "epoch", epoch)
+        mid = pos.step > 0 and epoch == pos.epoch  # resumed from a step checkpoint of this epoch
+        first_step = pos.step if mid else 0
         reseed(method, epoch_seed(cfg.data.seed, rank, epoch))
-        for ds in (data["main"], data["unlabelled"]):
-            if ds is not None and hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
+        if mid and rng is not None:  # same world size: this rank's RNGs at that step
+            restore_rng(method, rng)
+        elif mid:  # resized: RNGs derived from (seed, rank, epoch, step)
+            reseed(method, epoch_seed(cfg.data.seed, rank, epoch * 2**20 + first_step))
+        start = dict(pos.consumed) if mid else {}
+        per_step = {
+            "main": (1 if data["batched"] else data["per_worker"]) * world,
+            "unlabelled": data.get("per_worker_u", 0) * world,
+        }
+        for name in ("main", "unlabelled"):  # skip what the worker group drew before the checkpoint
+            if data[name] is not None:
+                data[name].set_epoch(epoch, start=start.get(name, 0))
         method.train()
         it_l = iter(main_loader)
         it_u = _cycle(u_loader) if u_loader is not None else None
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = dict(pos.sums) if mid else {}
         t0 = time.perf_counter()
         last_push = 0.0
-        n_seen = 0
-        for i in range(schedule.steps_per_epoch):
+        n_seen = pos.n_seen if mid else 0
+        preempt_saved = False
+        for i in range(first_step, schedule.steps_per_epoch):
             try:
                 batch = next(it_l)
             except StopIteration:  # a sampler shorter than asked: restart it
@@ -365,6 +398,31 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+            preempted = ck.on_preemption and not preempt_saved and preemption_pending()
+            if step_checkpoint_due(ck.every_steps, i + 1, schedule.steps_per_epoch) or preempted:
+                preempt_saved = preempt_saved or preempted
+                done = LoopPosition(
+                    epoch,
+                    i + 1,
+                    global_step,
+                    world,
+                    {k: start.get(k, 0) + (i + 1 - first_step) * n for k, n in per_step.items()},
+                    dict(sums),
+                    n_seen,
+                )
+                state = train_state(
+                    method, optim, sched, scaler, epoch - 1, global_step, cfg.data.seed, history, best, done
+                )
+                m = {"epoch_in_progress": epoch, "step": i + 1, "global_step": global_step, "preempted": int(preempted)}
+                report_checkpoint(
+                    m,
+                    state,
+                    best_state,
+                    capture_rng(method),
+                    rank,
+                    spec.local_ckpt_root,
+                    f"epoch{epoch:04d}-step{i + 1:05d}",
+                )
             if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
                 os.kill(os.getpid(), signal.SIGKILL)
             now = time.perf_counter()
@@ -415,69 +473,11 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             mlflow.log_metrics(
                 {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch
             )
-        checkpoint = None
-        # Ray Train local mode (num_workers=0) keeps the reported directory itself as the
-        # checkpoint (nothing is copied to storage), so it must outlive this epoch there.
-        keep_dir = spec.local_ckpt_root
-        if keep_dir:
-            os.makedirs(keep_dir, exist_ok=True)
-        with (
-            KeptDir(tempfile.mkdtemp(prefix=f"epoch{epoch:04d}-", dir=keep_dir))
-            if keep_dir
-            else tempfile.TemporaryDirectory()
-        ) as tmp:
-            if rank == 0:
-                state = {
-                    "model": method.state_dict(),
-                    "optimizer": optim.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "epoch": epoch,
-                    "global_step": global_step,
-                    "sampler_epoch": epoch,
-                    "seed": cfg.data.seed,
-                    "history": history,
-                    "best": best,
-                }
-                torch.save(state, Path(tmp) / STATE_FILE)
-                torch.save(best_state, Path(tmp) / BEST_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        nxt = LoopPosition(epoch + 1, 0, global_step, world)
+        state = train_state(method, optim, sched, scaler, epoch, global_step, cfg.data.seed, history, best, nxt)
+        report_checkpoint(
+            metrics, state, best_state, capture_rng(method), rank, spec.local_ckpt_root, f"epoch{epoch:04d}"
+        )
         event(hooks, rank, "reported", epoch)
     if mlflow is not None:
         mlflow.end_run()
-
-
-def _setup_mlflow(spec: LoopSpec) -> Any:
-    """MLflow run of this stage through Ray's integration
-    (``ray.air.integrations.mlflow.setup_mlflow``): rank 0 gets the ``mlflow`` module (other
-    ranks a no-op), experiment ``cfg.name`` (created if missing), run name ``<stage>[-<method
-    stage>][-r<round>]``, the flattened config logged as parameters. A worker-group restart
-    opens a new MLflow run (tagged with the same ``ray_run``) whose steps continue the epochs."""
-    # deferred: the MLflow integration imports mlflow (the optional ``mlflow`` extra)
-    from ray.air.integrations.mlflow import setup_mlflow
-
-    cfg, section, mstage = spec.config, spec.section, spec.method_stage
-    run = (spec.stage_name or section) + (f"-{mstage}" if mstage and mstage != "main" else "")
-    if spec.round:
-        run += f"-r{spec.round}"
-    flat = _flatten({k: v for k, v in cfg.to_dict().items() if k not in ("logging", "run_dir")})
-    return setup_mlflow(
-        config=flat,
-        tracking_uri=cfg.logging.mlflow_uri,
-        experiment_name=cfg.name,
-        run_name=run,
-        create_experiment_if_not_exists=True,
-        tags={"ray_run": run, "config_hash": cfg.hash(), "section": section},
-    )
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out

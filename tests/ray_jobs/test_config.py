@@ -251,3 +251,39 @@ def test_epoch_seed__distinct_per_rank_and_epoch_and_stable():
     assert len(set(seeds.values())) == len(seeds)
     assert epoch_seed(0, 1, 3) == seeds[(1, 3)]
     assert all(0 <= s < 2**31 for s in seeds.values())
+
+
+def test_scaling_num_workers__int_or_elastic_range_with_clear_errors() -> None:
+    validate = C.validate
+
+    base = {"finetune": {"method": {"name": "supervised"}, "schedule": {"batch_size": 4}}}
+    cfg = validate({**base, "scaling": {"num_workers": [1, 2], "resize_interval_s": 5}})
+    sc = cfg.scaling
+    assert (sc.num_workers, sc.min_workers, sc.max_workers, sc.elastic) == ((1, 2), 1, 2, True)
+    assert validate({**base, "scaling": {"num_workers": 2}}).scaling.elastic is False
+    # fault-tolerance knobs leave the config hash (what is trained) unchanged
+    assert validate({**base, "checkpoint": {"every_steps": 5, "on_preemption": True}}).hash() == validate(base).hash()
+    for bad, msg in (
+        ([2, 1], "1 <= min <= max"),
+        ([0, 2], "1 <= min <= max"),
+        ([1, 2, 3], "two ints"),
+        ("two", "an int >= 0 or a range"),
+        (-1, ">= 0"),
+    ):
+        with pytest.raises(ConfigError, match="scaling.num_workers") as err:
+            validate({**base, "scaling": {"num_workers": bad}})
+        assert msg in str(err.value)
+    with pytest.raises(ConfigError, match="3 workers .*elastic range"):
+        validate({**base, "scaling": {"num_workers": [1, 3]}})
+
+
+def test_scaling_config__elastic_range_maps_to_ray_train_v2() -> None:
+    from ray_jobs.train.trainer import scaling_config
+
+    validate = C.validate
+
+    base = {"finetune": {"method": {"name": "supervised"}, "schedule": {"batch_size": 4}}}
+    sc = scaling_config(validate({**base, "scaling": {"num_workers": [1, 2], "resize_interval_s": 5}}))
+    assert sc.num_workers == (1, 2) and sc.elasticity_enabled
+    assert (sc.min_workers, sc.max_workers, sc.elastic_resize_monitor_interval_s) == (1, 2, 5)
+    assert scaling_config(validate({**base, "scaling": {"num_workers": 2}})).num_workers == 2

@@ -316,3 +316,37 @@ def test_slice_dataset__label_array_reads_derived_pseudo_labels(tmp_path, synth)
     ds_all = SliceDataset(uri, ["c0", "c1"], size=(12, 10), label_array="pseudo_r1")
     for it in ds_all:
         assert bool((it["label"] == -1).all()) == (int(it["case_index"]) == 1)
+
+
+def _consumed(ds: SliceDataset, workers: int, batch: int, steps: int) -> list[int]:
+    """Plan indices a DataLoader(batch_size=batch, num_workers=workers) yields in ``steps``
+    steps: batch j comes from loader worker j % workers (PyTorch's in-order round robin)."""
+    per_worker = [list(ds.shard_indices(w, workers)) for w in range(workers)]
+    out: list[int] = []
+    for j in range(steps):
+        w, k = j % workers, j // workers
+        out += per_worker[w][k * batch : (k + 1) * batch]
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_slice_dataset__set_epoch_start_resumes_on_another_world_size(acdc_store: str, workers: int) -> None:
+    """Resume inside an epoch: 2 ranks x batch 2 run 3 steps (global batch 4); the rest of the
+    epoch is re-sharded over 1 rank with batch 4. Every plan item is drawn exactly once."""
+    cases = storage.open_store(acdc_store).cases
+    steps, gb = 6, 4
+    n = steps * gb
+    before: list[int] = []
+    for rank in range(2):
+        ds = SliceDataset(acdc_store, cases, size=(8, 8), samples_per_epoch=n, rank=rank, world_size=2)
+        ds.loader_batch = 2
+        ds.set_epoch(1)
+        before += _consumed(ds, workers, 2, 3)
+    assert sorted(before) == list(range(3 * gb))  # 3 steps used exactly the plan prefix
+    ds1 = SliceDataset(acdc_store, cases, size=(8, 8), samples_per_epoch=n, rank=0, world_size=1)
+    ds1.loader_batch = 4
+    ds1.set_epoch(1, start=3 * gb)
+    after = _consumed(ds1, workers, 4, 3)
+    assert len(ds1) == 3 * gb and sorted(before + after) == list(range(n))
+    with pytest.raises(ValueError, match="start"):
+        ds1.set_epoch(1, start=-1)
