@@ -159,7 +159,6 @@ def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period
         spec = _one(docs, "RayJob", f"localcl-{job}")["spec"]
         assert spec["backoffLimit"] == 5 and spec["rayClusterSpec"] == rc
     data = _one(docs, "ConfigMap", "localcl-configs")["data"]
-    assert "# elastic: [1, 4] once scaling.num_workers accepts a range" in data["acdc-ideal.yaml"]
     assert (
         data["campaign-ideal.yaml"]
         == _one(rendered["gpu-cloud"], "ConfigMap", "localcl-configs")["data"]["campaign-ideal.yaml"]
@@ -167,7 +166,9 @@ def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period
     path = tmp_path / "acdc-ideal.yaml"
     path.write_text(data["acdc-ideal.yaml"])
     cfg, _ = cluster_submit.validate_config("pretrain", path)
-    assert cfg.checkpoint.max_failures == 20 and cfg.scaling.num_workers == 4 and cfg.scaling.use_gpu
+    assert cfg.checkpoint.max_failures == 20 and cfg.scaling.use_gpu
+    assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
+    assert cfg.pretrain is not None and cfg.pretrain.schedule.batch_size % 12 == 0  # splits over 1..4
 
 
 def test_cpu_local__patches_reach_the_rayjobs_and_no_gpu_is_requested(rendered):
