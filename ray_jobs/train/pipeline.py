@@ -355,3 +355,11 @@ def dump_json(uri: str, obj: Any) -> None:
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` to a local path or fsspec URI, creating the parent folder."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
