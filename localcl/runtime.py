@@ -38,7 +38,7 @@ def apply_runtime(module: nn.Module, opts: RuntimeOptions) -> nn.Module:
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     if opts.channels_last:
-        module.to(memory_format=torch.channels_last)
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch accepts it; the stubs do not
     if opts.compile:
         for child in module.children():
             if any(True for _ in child.parameters()):

@@ -12,20 +12,17 @@ The run config's names are re-exported here (``from ray_jobs.config import Confi
 
 from __future__ import annotations
 
+from ray_jobs.config.execution import CheckpointSection, LoggingSection, RuntimeSection, ScalingSection
 from ray_jobs.config.overrides import apply_overrides, deep_merge, get_path, overrides_to_tree, set_path
 from ray_jobs.config.run import (
     CONFIG_ROOT,
     STAGE_DIRS,
-    CheckpointSection,
     Config,
     DataConfig,
     EvaluateConfig,
-    LoggingSection,
     MethodConfig,
     ModelConfig,
     OptimConfig,
-    RuntimeSection,
-    ScalingSection,
     ScheduleConfig,
     SelfTrainingConfig,
     SplitsConfig,
