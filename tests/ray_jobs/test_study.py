@@ -92,6 +92,20 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     assert c.hash() != study_spec.cell_config(cpu, "ideal", cpu.budgets[1], 1, store="s.zarr", init="/x").hash()
 
 
+def test_ablation_ideal_scratch__acdc_cpu_without_ideal_pretraining():
+    """benchmarks/label_efficiency/ablation_ideal_scratch.yaml is acdc_cpu with IDEAL fine-tuned
+    from random initialisation: the same cells and settings otherwise (docs/results/acdc.md)."""
+    repo = Path(__file__).resolve().parents[2]
+    abl = study_spec.load_study(repo / "benchmarks" / "label_efficiency" / "ablation_ideal_scratch.yaml")
+    cpu = study_spec.load_study("acdc_cpu")
+    assert set(abl.methods) == {"supervised", "ideal"} and abl.seeds == cpu.seeds
+    assert "pretrain" not in study_spec.method_sections(abl, "ideal")
+    for key in ("supervised", "ideal"):
+        a = study_spec.cell_config(abl, key, abl.budgets[1], 0, store="s.zarr", init=None)
+        c = study_spec.cell_config(cpu, key, cpu.budgets[1], 0, store="s.zarr", init=None)
+        assert a.finetune == c.finetune and a.data == c.data
+
+
 @pytest.mark.parametrize(
     "key,value,needle",
     [
