@@ -268,19 +268,25 @@ class Config(Strict):
         return text
 
     def hash(self) -> str:
-        """SHA-256 (first 16 hex) of the canonical JSON of everything but run bookkeeping and the
-        ``runtime`` execution switches."""
-        d = self.to_dict()
-        for k in ("run_dir", "logging", "runtime"):
-            d.pop(k, None)
-        # fault-tolerance knobs (do not change what is trained; hashes of older runs stay valid)
-        for section, key in (
-            ("checkpoint", "every_steps"),
-            ("checkpoint", "on_preemption"),
-            ("scaling", "resize_interval_s"),
-        ):
-            d.get(section, {}).pop(key, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """:func:`config_hash` of this config."""
+        return config_hash(self.to_dict())
+
+
+# run bookkeeping and execution switches: they do not change what is trained
+HASH_EXCLUDED = ("run_dir", "logging", "runtime")
+# fault-tolerance knobs, for the same reason (and so that hashes of older runs stay valid)
+HASH_EXCLUDED_KEYS = (("checkpoint", "every_steps"), ("checkpoint", "on_preemption"), ("scaling", "resize_interval_s"))
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 (first 16 hex) of the canonical JSON (sorted keys) of a resolved config dict
+    (``Config.to_dict()``) minus :data:`HASH_EXCLUDED` sections and :data:`HASH_EXCLUDED_KEYS`.
+    The one definition of a run's identity: run directories, model cards and study cells use it."""
+    d = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    for section, key in HASH_EXCLUDED_KEYS:
+        if isinstance(d.get(section), Mapping):
+            d[section] = {k: v for k, v in d[section].items() if k != key}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def validate_method(registry: Mapping[str, Any], name: str, params: dict[str, Any], where: str, section: str) -> Any:

@@ -14,9 +14,8 @@ API (called by the pipeline at the end of a run)::
 - ``store_fingerprint(store)``: SHA-256 over the sorted ``(case, source_sha256, shape, labelled)``
   of every complete case, i.e. it changes when a scan or label file changes, a case is added
   or removed, or labels are hidden; it does not depend on chunking or compression.
-- ``config_hash(config)``: SHA-256 (first 16 hex digits) of the canonical JSON (sorted keys) of
-  the config without run bookkeeping (``run_dir``, ``logging``), the same rule as
-  ``ray_jobs.config.Config.hash``.
+- the card's ``config_hash`` is :func:`ray_jobs.config.run.config_hash`, the rule of
+  ``Config.hash`` (one definition of a run's identity).
 - ``code_version()``: ``{"package": "localcl", "version": <installed version>, "git_sha": <HEAD
   of the checkout the code runs from, or null>, "git_dirty": bool | null}``.
 - ``metrics`` values are evaluation summaries (``summary.json`` of :mod:`ray_jobs.evaluation.job`);
@@ -37,17 +36,11 @@ from typing import Any
 import fsspec
 
 import storage
+from ray_jobs.config.run import config_hash
 
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
 CARD_FORMAT = 1
-_BOOKKEEPING = ("run_dir", "logging")
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """First 16 hex digits of SHA-256 of ``json.dumps(config minus run_dir/logging, sort_keys)``."""
-    d = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def store_fingerprint(store: Any, storage_options: Mapping[str, Any] | None = None) -> str:
