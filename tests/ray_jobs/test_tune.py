@@ -412,8 +412,8 @@ def test_cli_tune_dashboard__serves_the_study_on_loopback(tmp_path: Path) -> Non
 
 
 # ----------------------------------------------------------------------------- real campaigns (Ray)
-# One campaign of 6 trials (2 at once, 1 Ray Train worker each) on 8 real ACDC volumes at 48x48:
-# its driver is SIGKILLed after >= 2 trials finished while others run, then `--resume` finishes
+# One campaign of 4 trials (the shipped tiny campaign has 6; fewer keep the suite short), 2 at
+# once, 1 Ray Train worker each, on 8 real ACDC volumes at 48x48: its driver is SIGKILLed after >= 2 trials finished while others run, then `--resume` finishes
 # it. Drivers run as `localcl` subprocesses (a driver must be killable) with their own Ray
 # instance under a private RAY_TMPDIR, so every process they leave behind can be found and ended.
 
@@ -473,6 +473,7 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     d["base_config"] = str(TUNE_CONFIGS.parent / "run" / "ideal_cpu.yaml")
     d["base"]["data"].update(store=store, source=None)
     d["root"] = str(tmp / "campaigns")
+    d["trials"] = 4  # 2 finish, 2 are killed running and re-run: every resume path, fewer fits
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     campaign = campaign_spec.load_campaign(path)
