@@ -211,6 +211,8 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     env.update(LOCALCL_EVENTS_DIR=str(events), PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "ray_jobs.cli", spec.get("verb", "run"), "--config", str(work / "config.yaml")]
     cmd += ["--address", cluster.address, "--run-dir", run_dir, "--no-progress", *spec.get("cli_args", [])]
+    for kv in run.get("set", []):  # per-run overrides, e.g. data.seed=1
+        cmd += ["--set", kv]
     log_path = rdir / "cli.log"
     t0 = time.time()
     with open(log_path, "w") as log:

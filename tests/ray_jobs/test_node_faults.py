@@ -131,6 +131,45 @@ def run_driver(
     return report
 
 
+def test_loopback_namespace__has_only_lo_and_the_cluster_refuses_anything_else(tmp_path: Path) -> None:
+    """The namespace the fault tests run in has no interface but ``lo``; a LoopbackCluster
+    refuses to start where another interface exists (Ray would use the host's address)."""
+    from ray_jobs.cluster.loopback import LoopbackCluster, only_loopback
+
+    reason = loopback_namespace_available()
+    if reason:
+        pytest.skip(reason)
+    code = "from ray_jobs.cluster.loopback import only_loopback; print(only_loopback())"
+    proc = subprocess.run(
+        loopback_namespace_argv([sys.executable, "-c", code]),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "True", proc.stderr
+    if not only_loopback():
+        cluster = LoopbackCluster(temp_dir=str(tmp_path / "ray"))
+        with pytest.raises(RuntimeError, match="only loopback"):
+            cluster.start()
+        assert cluster.nodes == {}
+
+
+def test_parse_events__attempts_world_resume_and_steps(tmp_path: Path) -> None:
+    from node_faults_driver import parse_events
+
+    path = tmp_path / "pretrain.events"
+    lines = ["1 start 1", "0 start 1", "0 world 2", "1 world 2"]
+    lines += [f"{r} step {s}" for s in (1, 2, 3) for r in (0, 1)]
+    lines += ["0 start 1", "0 world 1", "0 resume_step 2", "0 step 3", "0 preempted 3", "0 step 4"]
+    path.write_text("\n".join(lines) + "\n")
+    first, second = parse_events(path)
+    assert (first["world"], first["resume_step"], first["steps"]) == (2, None, [1, 2, 3])
+    assert (second["world"], second["resume_step"], second["steps"], second["preempted"]) == (1, 2, [3, 4], [3])
+    assert steps_redone([first, second], 4) == 1
+    assert parse_events(tmp_path / "missing.events") == []
+
+
 def steps_redone(attempts: list[dict[str, Any]], total: int) -> int:
     """Optimiser steps trained more than once over a stage's attempts; checks that together
     they trained every step 1..total."""
