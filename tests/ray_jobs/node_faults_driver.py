@@ -139,19 +139,26 @@ def make_store(s3: S3, work: Path, n_cases: int) -> str:
     return uri
 
 
-def inject(fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    """Wait for the first step checkpoint of the stage whose snapshot is ``snapshot``, then
-    inject ``fault``; returns its timeline."""
+def inject(
+    fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """Inject ``fault`` into the pretraining stage: a SIGKILL once its first step checkpoint is
+    registered (``snapshot``), a drain as soon as its worker group has started (``events``:
+    the drain must reach Ray Train while the stage still trains); returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
     while proc.poll() is None:
-        done = [m for m in registered(s3, snapshot) if "step" in m]
-        if done:
-            out["first_checkpoint"] = done[0]
-            break
-        time.sleep(0.1)
+        if fault["kind"] == "sigterm":
+            if any(a["world"] for a in parse_events(events)):
+                break
+        else:
+            done = [m for m in registered(s3, snapshot) if "step" in m]
+            if done:
+                out["first_checkpoint"] = done[0]
+                break
+        time.sleep(0.05)
     else:
-        out["error"] = "the CLI ended before the first step checkpoint"
+        out["error"] = "the CLI ended before the fault could be injected"
         return out
     out["waited_s"] = round(time.time() - t0, 1)
     node = fault["node"]
@@ -164,7 +171,7 @@ def inject(fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, proc: sub
         drain_s = int(fault.get("drain_s", GRACE_S))
         cluster.drain_node(node, deadline_s=drain_s, message="pod deletion (preStop)")
         out["drained_at"] = time.time()
-        end = time.time() + drain_s
+        end = time.time() + drain_s + 1.0  # past the deadline the drain CLI computed
         while time.time() < end and proc.poll() is None:
             pre = [m for m in registered(s3, snapshot) if m.get("preempted")]
             if pre:
@@ -220,7 +227,7 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         fault_out: dict[str, Any] | None = None
         try:
             if run.get("fault"):
-                fault_out = inject(run["fault"], cluster, s3, snapshot, proc)
+                fault_out = inject(run["fault"], cluster, s3, snapshot, events / "pretrain.events", proc)
                 if run["fault"].get("rejoin"):
                     rejoin(cluster, run["fault"]["node"], events / "pretrain.events", proc, fault_out)
             rc = proc.wait(timeout=max(10.0, spec["deadline"] - time.time()))
@@ -273,6 +280,11 @@ def main(spec_path: str) -> int:
     finally:
         report["cluster_events"] = cluster.events
         report["node_logs"] = {n: cluster.log_tail(n, 1500) for n in cluster.nodes}
+        if spec.get("keep_ray_logs"):  # Ray's session logs (controller, workers) for diagnosis
+            import shutil
+
+            logs = Path(cluster.temp_dir) / "session_latest" / "logs"
+            shutil.copytree(logs, work / "ray_logs", ignore_dangling_symlinks=True, dirs_exist_ok=True)
         cluster.close()
         s3.stop()
         Path(spec["out"]).write_text(json.dumps(report, indent=1, default=str))
