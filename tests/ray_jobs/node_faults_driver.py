@@ -14,9 +14,8 @@
    fault timeline, the per-stage worker-group attempts read from the events files (world size,
    resume point, global steps trained) and the fine-tuning history read back from S3.
 
-Faults (``run["fault"]``): ``{"kind": "sigkill", "node": "b", "rejoin": true}``: SIGKILL the
-node (process tree), and with ``rejoin`` start a replacement node of that name once the
-stage has restarted without it; ``{"kind": "sigterm", "node": "b", "drain_s": 20}``: what a
+Faults (``run["fault"]``): ``{"kind": "sigkill", "node": "b"}``: SIGKILL the node (its
+process tree) once the first pretraining step checkpoint is registered; ``{"kind": "sigterm", "node": "b", "drain_s": 20}``: what a
 Kubernetes pod deletion with the gpu-spot overlay's preStop hook does: drain the node for
 preemption with a ``drain_s`` deadline and sleep until it (recording when the preemption
 checkpoint is registered), then SIGTERM the node's process group, and SIGKILL it if it is
@@ -196,14 +195,6 @@ def inject(
     return out
 
 
-def rejoin(cluster: Any, node: str, events: Path, proc: subprocess.Popen[bytes], out: dict[str, Any]) -> None:
-    """Start a replacement for ``node`` once the stage has restarted without it."""
-    while proc.poll() is None and len(parse_events(events)) < 2:
-        time.sleep(0.2)
-    cluster.add_node(node)
-    out["rejoined_at"] = time.time()
-
-
 def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, work: Path) -> dict[str, Any]:
     name = run["name"]
     rdir = work / name
@@ -228,8 +219,6 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         try:
             if run.get("fault"):
                 fault_out = inject(run["fault"], cluster, s3, snapshot, events / "pretrain.events", proc)
-                if run["fault"].get("rejoin"):
-                    rejoin(cluster, run["fault"]["node"], events / "pretrain.events", proc, fault_out)
             rc = proc.wait(timeout=max(10.0, spec["deadline"] - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -247,6 +236,56 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         "t0": t0,
     }
     return out
+
+
+def cluster_selftest(out: str) -> int:
+    """``--cluster-selftest OUT``: head + node ``a``, an actor on ``a``, SIGKILL ``a``; writes
+    whether the actor's process died with its node, how long the GCS took to declare the node
+    dead, and which of the cluster's processes outlived ``close()``."""
+    import psutil
+    import ray
+
+    from ray_jobs.cluster.loopback import LoopbackCluster
+
+    def ours(marker: str) -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    report: dict[str, Any] = {}
+    cluster = LoopbackCluster(env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+    try:
+        cluster.start(("a",))
+        os.environ.update(cluster.env())
+        ray.init(address=cluster.address, log_to_driver=False)
+        report["driver_on_head"] = ray.get_runtime_context().get_node_id() == cluster.nodes["head"].node_id
+
+        @ray.remote(num_cpus=1, resources={"node_a": 1})
+        class Probe:
+            def where(self) -> tuple[int, int, str]:
+                return os.getpid(), os.getpgid(0), ray.get_runtime_context().get_node_id()
+
+        pid, pgid, node = ray.get(Probe.remote().where.remote(), timeout=60)
+        report["actor_on_a"] = node == cluster.nodes["a"].node_id
+        report["actor_own_group"] = pgid != cluster.nodes["a"].pgid
+        cluster.kill_node("a", signal.SIGKILL)
+        time.sleep(1.0)
+        report["actor_died_with_node"] = not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        report["dead_after_s"] = cluster.wait_dead("a", timeout=60)
+        ray.shutdown()
+    except Exception:
+        report["error"] = traceback.format_exc()
+    finally:
+        cluster.close()
+        time.sleep(0.5)
+        report["left_after_close"] = ours(cluster.temp_dir)
+        Path(out).write_text(json.dumps(report, default=str))
+    return 0
 
 
 def main(spec_path: str) -> int:
@@ -292,4 +331,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--cluster-selftest":
+        sys.exit(cluster_selftest(sys.argv[2]))
     sys.exit(main(sys.argv[1]))

@@ -169,6 +169,35 @@ def test_loopback_namespace__has_only_lo_and_the_cluster_refuses_anything_else(t
         assert cluster.nodes == {}
 
 
+def test_loopback_cluster__sigkill_ends_the_whole_node_and_close_leaves_nothing(tmp_path: Path) -> None:
+    """The fixture the fault tests rely on, on a head + one worker node (about 40 s): the
+    driver attaches to the head, Ray puts an actor's process in a process group of its own,
+    ``kill_node`` (SIGKILL) still ends it with its node, the GCS declares the node dead within
+    seconds, and ``close`` leaves no process of the cluster behind."""
+    reason = loopback_namespace_available()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "selftest.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        loopback_namespace_argv([sys.executable, str(DRIVER), "--cluster-selftest", str(out)]),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=300,
+    )
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report.get("error") is None, report["error"]
+    assert report["driver_on_head"] and report["actor_on_a"]
+    assert report["actor_own_group"]  # why a node is killed through its process tree
+    assert report["actor_died_with_node"]
+    assert report["dead_after_s"] < 15
+    assert report["left_after_close"] == []
+
+
 def test_parse_events__attempts_world_resume_and_steps(tmp_path: Path) -> None:
     from node_faults_driver import parse_events
 
