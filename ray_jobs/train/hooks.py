@@ -2,16 +2,37 @@
 local-mode checkpoint directory, and the test/diagnostic hooks (``LoopSpec.hooks``: an
 ``events`` file and a ``kill`` spec ``{rank, epoch, step, flag[, snapshot[, global_step]]}``
 that SIGKILLs one worker once, after step ``step`` (0-based) of ``epoch``, optionally once the
-checkpoint of the previous epoch, or of ``global_step``, is registered)."""
+checkpoint of the previous epoch, or of ``global_step``, is registered).
+
+Events are lines ``<rank> <what> <value>``: ``start <epoch>`` and ``world <W>`` when a worker
+group starts, ``resume_step <global step>`` when it resumes inside an epoch, ``step <global
+step>`` after every optimiser step, ``preempted <global step>`` after a preemption checkpoint,
+``epoch``/``reported <epoch>``. Outside tests, ``LOCALCL_EVENTS_DIR=/dir`` in the driver's
+environment writes them to ``/dir/<section>[-<method stage>].events`` (a path every worker
+can write: a local directory on a one-machine cluster) for any CLI run (:func:`env_hooks`);
+the fault tests read the work a fault cost from them."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KeptDir", "event", "push_progress", "should_kill"]
+__all__ = ["EVENTS_DIR_ENV", "KeptDir", "env_hooks", "event", "push_progress", "should_kill"]
+
+EVENTS_DIR_ENV = "LOCALCL_EVENTS_DIR"
+
+
+def env_hooks(section: str, method_stage: str | None = None) -> dict[str, Any]:
+    """``{"events": $LOCALCL_EVENTS_DIR/<section>[-<method_stage>].events}`` when that variable
+    is set in this (the driver's) environment, else ``{}``."""
+    root = os.environ.get(EVENTS_DIR_ENV)
+    if not root:
+        return {}
+    name = section if method_stage in (None, "main") else f"{section}-{method_stage}"
+    return {"events": os.path.join(root, f"{name}.events")}
 
 
 class KeptDir:

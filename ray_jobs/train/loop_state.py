@@ -4,7 +4,9 @@ A checkpoint is written at the end of every epoch and, with ``checkpoint.every_s
 after every ``N``-th optimiser step inside an epoch (a *step checkpoint*), so the work at risk
 when a worker or a node dies is at most ``N`` steps. With ``checkpoint.on_preemption`` a worker
 also writes one at the next step boundary once Ray reports that a node of the worker group is
-being drained/preempted (:func:`preemption_pending`).
+being drained/preempted (:func:`preemption_pending`), and then trains no further
+(:func:`wait_for_restart`): Ray Train restarts the whole worker group from the latest
+checkpoint once the node is gone, so any step after that checkpoint would be lost.
 
 Checkpoint directory: rank 0 writes ``state.pt`` (model, optimiser, scheduler, scaler, history,
 best score; ``epoch`` = the last *completed* epoch, as before) and ``best.pt``; ``state.pt``
@@ -27,9 +29,10 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import ray.train
@@ -49,7 +52,13 @@ __all__ = [
     "rng_file",
     "step_checkpoint_due",
     "train_state",
+    "wait_for_restart",
 ]
+
+# Ray Train's own fallback when a drain names no deadline (``DEFAULT_PREEMPTION_DEADLINE_S``)
+PREEMPTION_DEFAULT_DEADLINE_S = 120.0
+# how long past the deadline a worker waits for the restart before it gives up and fails
+PREEMPTION_WAIT_MARGIN_S = 60.0
 
 
 @dataclass
@@ -97,17 +106,37 @@ def step_checkpoint_due(every_steps: int | None, step_done: int, steps_per_epoch
     return bool(every_steps) and step_done % int(every_steps or 1) == 0 and step_done < steps_per_epoch
 
 
-def preemption_pending() -> bool:
-    """Whether Ray reports that a node of this worker group is being drained or preempted
-    (``ray.train.get_preemption_info()``). A collective: every rank must call it at the same
-    step boundary. False where Ray Train offers no preemption API (local mode)."""
+def preemption_pending() -> Any | None:
+    """Ray's ``PreemptionInfo`` (``deadline_ms``, ``preempted_node_to_ranks``) when a node of this
+    worker group is being drained or preempted (``ray.train.get_preemption_info()``), else
+    None. A collective: every rank must call it at the same step boundary, and all get the same
+    answer. None where Ray Train offers no preemption API (local mode)."""
     get = getattr(ray.train, "get_preemption_info", None)
     if get is None:
-        return False
+        return None
     try:
-        return get() is not None
+        return get()
     except (RuntimeError, NotImplementedError):  # local mode / outside a worker group
-        return False
+        return None
+
+
+def wait_for_restart(info: Any, poll_s: float = 0.5, margin_s: float = PREEMPTION_WAIT_MARGIN_S) -> NoReturn:
+    """After the preemption checkpoint: train no further and wait for Ray Train to tear the
+    worker group down. Ray Train restarts the whole group from the latest checkpoint when the
+    preempted node's workers die, or at the drain deadline (``info.deadline_ms``; without one,
+    :data:`PREEMPTION_DEFAULT_DEADLINE_S` after now), on the nodes that are not draining: every
+    step trained after the checkpoint would be lost, and the survivors would stall in the next
+    all-reduce anyway. Raises ``RuntimeError`` (a worker failure: Ray Train restarts from
+    that same checkpoint) if the group is still running ``margin_s`` seconds past the
+    deadline."""
+    deadline_ms = getattr(info, "deadline_ms", None)
+    deadline = deadline_ms / 1000.0 if deadline_ms else time.time() + PREEMPTION_DEFAULT_DEADLINE_S
+    while time.time() < deadline + margin_s:
+        time.sleep(poll_s)
+    raise RuntimeError(
+        f"preemption checkpoint written, but the worker group was not restarted within {margin_s:.0f} s "
+        f"of the drain deadline ({info})"
+    )
 
 
 def rng_file(rank: int) -> str:

@@ -32,6 +32,7 @@ from localcl.methods.base import BaseMethodConfig
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
 from ray_jobs.train.checkpoint import build_model, export_model, read_spec
+from ray_jobs.train.hooks import env_hooks
 from ray_jobs.train.names import BEST_FILE, STAGE_DIRS, STATE_FILE, VAL_METRICS
 from storage.remote import join_uri
 
@@ -171,7 +172,8 @@ def loop_spec(
     model: Mapping[str, Any] | None = None,
 ) -> LoopSpec:
     """The :class:`LoopSpec` of fitting ``section`` of ``cfg`` on ``plan`` (validated here,
-    once). ``model`` overrides the model.json spec (default :func:`model_spec`)."""
+    once). ``model`` overrides the model.json spec (default :func:`model_spec`); ``hooks``
+    default to :func:`ray_jobs.train.hooks.env_hooks` (``LOCALCL_EVENTS_DIR``)."""
     return LoopSpec(
         config=cfg,
         section=section,
@@ -186,7 +188,7 @@ def loop_spec(
         model=dict(model) if model is not None else model_spec(cfg, plan, section),
         use_unlabelled=section == "finetune",
         init=Init(**init) if isinstance(init, Mapping) else init,
-        hooks=dict(hooks or {}),
+        hooks=dict(hooks) if hooks is not None else env_hooks(section, method_stage),
         method_stage=method_stage,
         pseudo=pseudo,
         round=round,

@@ -78,6 +78,7 @@ from ray_jobs.train.loop_state import (
     resume_position,
     step_checkpoint_due,
     train_state,
+    wait_for_restart,
 )
 from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
 from ray_jobs.train.tracking import setup_mlflow
@@ -331,6 +332,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     queue = spec.progress_queue if rank == 0 else None
     mlflow = setup_mlflow(spec) if cfg.logging.mlflow_uri else None
     event(hooks, rank, "start", start_epoch)
+    event(hooks, rank, "world", world)
     if pos.step:
         event(hooks, rank, "resume_step", global_step)
 
@@ -358,7 +360,6 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
         t0 = time.perf_counter()
         last_push = 0.0
         n_seen = pos.n_seen if mid else 0
-        preempt_saved = False
         for i in range(first_step, schedule.steps_per_epoch):
             try:
                 batch = next(it_l)
@@ -398,9 +399,9 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-            preempted = ck.on_preemption and not preempt_saved and preemption_pending()
-            if step_checkpoint_due(ck.every_steps, i + 1, schedule.steps_per_epoch) or preempted:
-                preempt_saved = preempt_saved or preempted
+            event(hooks, rank, "step", global_step)
+            preempted = preemption_pending() if ck.on_preemption else None
+            if step_checkpoint_due(ck.every_steps, i + 1, schedule.steps_per_epoch) or preempted is not None:
                 done = LoopPosition(
                     epoch,
                     i + 1,
@@ -413,7 +414,8 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                 state = train_state(
                     method, optim, sched, scaler, epoch - 1, global_step, cfg.data.seed, history, best, done
                 )
-                m = {"epoch_in_progress": epoch, "step": i + 1, "global_step": global_step, "preempted": int(preempted)}
+                flag = int(preempted is not None)
+                m = {"epoch_in_progress": epoch, "step": i + 1, "global_step": global_step, "preempted": flag}
                 report_checkpoint(
                     m,
                     state,
@@ -423,6 +425,9 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                     spec.local_ckpt_root,
                     f"epoch{epoch:04d}-step{i + 1:05d}",
                 )
+                if preempted is not None:  # the node goes: nothing after this checkpoint would be kept
+                    event(hooks, rank, "preempted", global_step)
+                    wait_for_restart(preempted)
             if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
                 os.kill(os.getpid(), signal.SIGKILL)
             now = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,13 @@ def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period
     assert (wg["minReplicas"], wg["replicas"], wg["maxReplicas"]) == (1, 1, 4)
     pod = wg["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 60
+    # preStop: drain this Ray node for preemption, then sleep until the drain deadline, all
+    # within the grace period (tests/ray_jobs/test_node_faults.py replays this sequence)
+    (hook,) = [c["lifecycle"]["preStop"]["exec"]["command"] for c in pod["containers"]]
+    script = hook[-1]
+    assert hook[:2] == ["/bin/sh", "-c"] and "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in script
+    deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", script).group(1))
+    assert script.rstrip().endswith(f"sleep {deadline}") and deadline + 15 <= pod["terminationGracePeriodSeconds"]
     tolerations = pod["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
     for key in ("cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority"):
@@ -167,6 +175,7 @@ def test_gpu_spot__workers_only_on_spot_gpu_pools_with_a_checkpoint_grace_period
     path.write_text(data["acdc-ideal.yaml"])
     cfg, _ = cluster_submit.validate_config("pretrain", path)
     assert cfg.checkpoint.max_failures == 20 and cfg.scaling.use_gpu
+    assert cfg.checkpoint.on_preemption and cfg.checkpoint.every_steps
     assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
     assert cfg.pretrain is not None and cfg.pretrain.schedule.batch_size % 12 == 0  # splits over 1..4
 

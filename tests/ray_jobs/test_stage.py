@@ -140,3 +140,13 @@ HOUSE_CHECK = next(
 def test_house_check__no_cycles_private_imports_or_long_files() -> None:
     out = subprocess.run([sys.executable, str(HOUSE_CHECK)], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_loop_spec__hooks_default_to_the_events_dir_of_the_environment(monkeypatch, tmp_path) -> None:
+    """``LOCALCL_EVENTS_DIR`` on the driver gives any CLI run per-stage events files (the node
+    fault tests read the steps each worker group trained from them); explicit hooks win."""
+    monkeypatch.setenv("LOCALCL_EVENTS_DIR", str(tmp_path))
+    assert loop_spec(_cfg(), _plan(), "pretrain").hooks == {"events": str(tmp_path / "pretrain.events")}
+    assert loop_spec(_cfg(), _plan(), "pretrain", hooks={}).hooks == {}
+    monkeypatch.delenv("LOCALCL_EVENTS_DIR")
+    assert loop_spec(_cfg(), _plan(), "finetune").hooks == {}

@@ -86,3 +86,36 @@ def test_worker_sigkill_mid_epoch__resumes_at_the_step_checkpoint(ray_cluster, t
     assert all(torch.equal(want[k], have[k]) for k in want), {k: d for k, d in diff.items() if d}
     assert [r["loss"] for r in got.history] == pytest.approx([r["loss"] for r in ref.history], abs=0, rel=0)
     assert [r["global_step"] for r in got.history] == [STEPS, 2 * STEPS]
+
+
+def test_preemption__outside_a_worker_group_nothing_is_pending() -> None:
+    from ray_jobs.train.loop_state import preemption_pending
+
+    assert preemption_pending() is None
+
+
+def test_wait_for_restart__fails_the_worker_once_past_the_drain_deadline() -> None:
+    """After a preemption checkpoint the worker trains no further; if Ray Train has not torn
+    the group down by the deadline + margin, the worker fails (Ray Train restarts it from
+    that same checkpoint) instead of hanging."""
+    import time
+    from types import SimpleNamespace
+
+    from ray_jobs.train.loop_state import wait_for_restart
+
+    t0 = time.time()
+    info = SimpleNamespace(deadline_ms=int((t0 + 0.3) * 1000), preempted_node_to_ranks={"n": [1]})
+    with pytest.raises(RuntimeError, match="not restarted within"):
+        wait_for_restart(info, poll_s=0.05, margin_s=0.2)
+    assert 0.45 <= time.time() - t0 < 3.0
+
+
+def test_env_hooks__events_dir_from_the_driver_environment(monkeypatch, tmp_path: Path) -> None:
+    from ray_jobs.train.hooks import EVENTS_DIR_ENV, env_hooks
+
+    monkeypatch.delenv(EVENTS_DIR_ENV, raising=False)
+    assert env_hooks("pretrain") == {}
+    monkeypatch.setenv(EVENTS_DIR_ENV, str(tmp_path))
+    assert env_hooks("pretrain") == {"events": str(tmp_path / "pretrain.events")}
+    assert env_hooks("pretrain", "global") == {"events": str(tmp_path / "pretrain-global.events")}
+    assert env_hooks("finetune", "main") == {"events": str(tmp_path / "finetune.events")}

@@ -1,0 +1,336 @@
+"""Driver of the node-fault tests; runs INSIDE a loopback-only network namespace.
+
+``test_node_faults.py`` starts ``python node_faults_driver.py SPEC.json`` under
+``ray_jobs.cluster.loopback.loopback_namespace_argv`` (``unshare -n``). This script then
+
+1. starts a moto S3 server on 127.0.0.1 and ingests a phantom store into ``s3://faults/``;
+2. starts a ``LoopbackCluster``: a head (no CPUs) and worker nodes ``a`` and ``b``
+   (1 CPU each);
+3. for every run of the spec, starts the real CLI (``python -m ray_jobs.cli <verb> --address
+   127.0.0.1:6379 --run-dir s3://faults/<run>``) with ``LOCALCL_EVENTS_DIR`` set, injects the
+   run's fault once the first pretraining step checkpoint is registered in Ray Train's
+   ``checkpoint_manager_snapshot.json``, and waits for the CLI;
+4. writes ``SPEC["out"]`` (JSON): per run the CLI's exit code, wall time and log tail, the
+   fault timeline, the per-stage worker-group attempts read from the events files (world size,
+   resume point, global steps trained) and the fine-tuning history read back from S3.
+
+Faults (``run["fault"]``): ``{"kind": "sigkill", "node": "b"}``: SIGKILL the node (its
+process tree) once the first pretraining step checkpoint is registered; ``{"kind": "sigterm", "node": "b", "drain_s": 20}``: what a
+Kubernetes pod deletion with the gpu-spot overlay's preStop hook does: drain the node for
+preemption with a ``drain_s`` deadline and sleep until it (recording when the preemption
+checkpoint is registered), then SIGTERM the node's process group, and SIGKILL it if it is
+still there ``GRACE_S`` = 30 s later.
+
+Every process it starts is ended on the way out (``LoopbackCluster.close``; the CLI runs in this
+process's group, which the test kills on a timeout).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "faults"
+GRACE_S = 30.0  # the pod's termination grace period after SIGTERM in these tests
+
+
+def parse_events(path: Path) -> list[dict[str, Any]]:
+    """Worker-group attempts of one stage from its events file, in order: ``world`` (workers),
+    ``start_epoch``, ``resume_step`` (global step resumed at, or None), ``steps`` (sorted global
+    steps trained), ``preempted`` (global steps of preemption checkpoints)."""
+    attempts: list[dict[str, Any]] = []
+    if not path.is_file():
+        return attempts
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        rank, what, value = int(parts[0]), parts[1], int(parts[2])
+        if what == "start" and rank == 0:
+            attempts.append({"start_epoch": value, "world": None, "resume_step": None, "steps": set(), "preempted": []})
+            continue
+        if not attempts:
+            continue
+        cur = attempts[-1]
+        if what == "world" and rank == 0:
+            cur["world"] = value
+        elif what == "resume_step" and rank == 0:
+            cur["resume_step"] = value
+        elif what == "step":
+            cur["steps"].add(value)
+        elif what == "preempted" and rank == 0:
+            cur["preempted"].append(value)
+    for a in attempts:
+        a["steps"] = sorted(a["steps"])
+    return attempts
+
+
+class S3:
+    """The moto endpoint and an s3fs file system on it."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+        os.environ.update(self.env)
+        import boto3
+        import s3fs
+
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        self.fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing")
+
+    def read_json(self, path: str) -> Any:
+        self.fs.invalidate_cache()
+        try:
+            with self.fs.open(path, "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+
+    def read_csv(self, path: str) -> list[dict[str, str]]:
+        self.fs.invalidate_cache()
+        try:
+            with self.fs.open(path, "r") as f:
+                return list(csv.DictReader(io.StringIO(f.read())))
+        except (FileNotFoundError, OSError):
+            return []
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def registered(s3: S3, snapshot: str) -> list[dict[str, Any]]:
+    """The metrics of the checkpoints Ray Train has registered (its snapshot on S3)."""
+    snap = s3.read_json(snapshot) or {}
+    return [dict(r.get("metrics") or {}) for r in snap.get("checkpoint_results") or []]
+
+
+def make_store(s3: S3, work: Path, n_cases: int) -> str:
+    import storage
+    from storage.phantom import make_phantom_dataset
+
+    src = make_phantom_dataset(work / "phantom", n_cases=n_cases, seed=1, shape=(48, 48, 4), spacing=(3.0, 3.0, 8.0))
+    uri = f"s3://{BUCKET}/store.zarr"
+    rep = storage.ingest(str(src), uri, progress=False)
+    assert rep.ok, rep.summary()
+    return uri
+
+
+def inject(
+    fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """Inject ``fault`` into the pretraining stage: a SIGKILL once its first step checkpoint is
+    registered (``snapshot``), a drain as soon as its worker group has started (``events``:
+    the drain must reach Ray Train while the stage still trains); returns the timeline."""
+    out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
+    t0 = time.time()
+    while proc.poll() is None:
+        if fault["kind"] == "sigterm":
+            if any(a["world"] for a in parse_events(events)):
+                break
+        else:
+            done = [m for m in registered(s3, snapshot) if "step" in m]
+            if done:
+                out["first_checkpoint"] = done[0]
+                break
+        time.sleep(0.05)
+    else:
+        out["error"] = "the CLI ended before the fault could be injected"
+        return out
+    out["waited_s"] = round(time.time() - t0, 1)
+    node = fault["node"]
+    if fault["kind"] == "sigkill":
+        out["registered_at_kill"] = [m.get("global_step") for m in registered(s3, snapshot)]
+        cluster.kill_node(node, signal.SIGKILL)
+        out["killed_at"] = time.time()
+        out["dead_after_s"] = round(cluster.wait_dead(node), 1)
+    elif fault["kind"] == "sigterm":
+        drain_s = int(fault.get("drain_s", GRACE_S))
+        cluster.drain_node(node, deadline_s=drain_s, message="pod deletion (preStop)")
+        out["drained_at"] = time.time()
+        end = time.time() + drain_s + 1.0  # past the deadline the drain CLI computed
+        while time.time() < end and proc.poll() is None:
+            pre = [m for m in registered(s3, snapshot) if m.get("preempted")]
+            if pre:
+                out["preemption_checkpoint"] = pre[0]
+                out["checkpoint_after_drain_s"] = round(time.time() - out["drained_at"], 1)
+                break
+            time.sleep(0.2)
+        while time.time() < end:  # the preStop hook sleeps until the drain deadline
+            time.sleep(0.2)
+        out["registered_at_sigterm"] = [m.get("global_step") for m in registered(s3, snapshot)]
+        cluster.kill_node(node, signal.SIGTERM)
+        out["sigterm_at"] = time.time()
+        if not cluster.wait_gone(node, timeout=GRACE_S):
+            cluster.kill_node(node, signal.SIGKILL)
+            out["needed_sigkill"] = True
+        out["node_gone_after_s"] = round(time.time() - out["sigterm_at"], 1)
+        out["ray_start_exit"] = cluster.nodes[node].proc.returncode
+        out["dead_after_s"] = round(cluster.wait_dead(node), 1)
+        out["death"] = cluster.node_states()[node]["death"]
+    else:
+        raise ValueError(f"unknown fault {fault['kind']}")
+    return out
+
+
+def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, work: Path) -> dict[str, Any]:
+    name = run["name"]
+    rdir = work / name
+    events = rdir / "events"
+    events.mkdir(parents=True, exist_ok=True)
+    run_dir = f"s3://{BUCKET}/{name}"
+    cfg_name = spec["config"]["name"]
+    snapshot = f"{BUCKET}/{name}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
+    env = cluster.env()
+    env.update(s3.env)
+    env.update(spec.get("driver_env") or {})
+    env.update(LOCALCL_EVENTS_DIR=str(events), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "ray_jobs.cli", spec.get("verb", "run"), "--config", str(work / "config.yaml")]
+    cmd += ["--address", cluster.address, "--run-dir", run_dir, "--no-progress", *spec.get("cli_args", [])]
+    for kv in run.get("set", []):  # per-run overrides, e.g. data.seed=1
+        cmd += ["--set", kv]
+    log_path = rdir / "cli.log"
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        fault_out: dict[str, Any] | None = None
+        try:
+            if run.get("fault"):
+                fault_out = inject(run["fault"], cluster, s3, snapshot, events / "pretrain.events", proc)
+            rc = proc.wait(timeout=max(10.0, spec["deadline"] - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = -9
+    out: dict[str, Any] = {
+        "name": name,
+        "returncode": rc,
+        "wall_s": round(time.time() - t0, 1),
+        "log_tail": log_path.read_text()[-6000:],
+        "fault": fault_out,
+        "attempts": {p.stem: parse_events(p) for p in sorted(events.glob("*.events"))},
+        "history": {
+            s: s3.read_csv(f"{BUCKET}/{name}/{s}/history.csv") for s in ("pretrain", "finetune", "finetune_baseline")
+        },
+        "t0": t0,
+    }
+    return out
+
+
+def cluster_selftest(out: str) -> int:
+    """``--cluster-selftest OUT``: head + node ``a``, an actor on ``a``, SIGKILL ``a``; writes
+    whether the actor's process died with its node, how long the GCS took to declare the node
+    dead, and which of the cluster's processes outlived ``close()``."""
+    import psutil
+    import ray
+
+    from ray_jobs.cluster.loopback import LoopbackCluster
+
+    def ours(marker: str) -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    report: dict[str, Any] = {}
+    cluster = LoopbackCluster(env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+    try:
+        cluster.start(("a",))
+        os.environ.update(cluster.env())
+        ray.init(address=cluster.address, log_to_driver=False)
+        report["driver_on_head"] = ray.get_runtime_context().get_node_id() == cluster.nodes["head"].node_id
+
+        @ray.remote(num_cpus=1, resources={"node_a": 1})
+        class Probe:
+            def where(self) -> tuple[int, int, str]:
+                return os.getpid(), os.getpgid(0), ray.get_runtime_context().get_node_id()
+
+        pid, pgid, node = ray.get(Probe.remote().where.remote(), timeout=60)
+        report["actor_on_a"] = node == cluster.nodes["a"].node_id
+        report["actor_own_group"] = pgid != cluster.nodes["a"].pgid
+        cluster.kill_node("a", signal.SIGKILL)
+        time.sleep(1.0)
+        report["actor_died_with_node"] = not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        report["dead_after_s"] = cluster.wait_dead("a", timeout=60)
+        ray.shutdown()
+    except Exception:
+        report["error"] = traceback.format_exc()
+    finally:
+        cluster.close()
+        time.sleep(0.5)
+        report["left_after_close"] = ours(cluster.temp_dir)
+        Path(out).write_text(json.dumps(report, default=str))
+    return 0
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    spec["deadline"] = time.time() + float(spec.get("timeout_s", 900))
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"runs": [], "error": None}
+    from ray_jobs.cluster.loopback import LoopbackCluster
+
+    s3 = S3()
+    cluster = LoopbackCluster(env=dict(spec.get("node_env") or {}, PYTHONPATH=str(REPO)), temp_dir=spec["temp_dir"])
+    try:
+        t0 = time.time()
+        import yaml
+
+        cfg = dict(spec["config"])
+        cfg["data"] = dict(cfg["data"], store=make_store(s3, work, int(spec.get("cases", 8))))
+        (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+        report["store_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        cluster.start(tuple(spec.get("workers", ("a", "b"))))
+        report["cluster_start_s"] = round(time.time() - t0, 1)
+        for run in spec["runs"]:
+            for name in spec.get("workers", ("a", "b")):  # every run starts on the full cluster
+                if cluster.nodes[name].proc.poll() is not None:
+                    cluster.add_node(name)
+            report["runs"].append(one_run(run, spec, cluster, s3, work))
+    except Exception:
+        report["error"] = traceback.format_exc()
+    finally:
+        report["cluster_events"] = cluster.events
+        report["node_logs"] = {n: cluster.log_tail(n, 1500) for n in cluster.nodes}
+        if spec.get("keep_ray_logs"):  # Ray's session logs (controller, workers) for diagnosis
+            import shutil
+
+            logs = Path(cluster.temp_dir) / "session_latest" / "logs"
+            shutil.copytree(logs, work / "ray_logs", ignore_dangling_symlinks=True, dirs_exist_ok=True)
+        cluster.close()
+        s3.stop()
+        Path(spec["out"]).write_text(json.dumps(report, indent=1, default=str))
+    return 0 if report["error"] is None else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--cluster-selftest":
+        sys.exit(cluster_selftest(sys.argv[2]))
+    sys.exit(main(sys.argv[1]))
