@@ -217,13 +217,24 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan
             num_samples=plan.remaining,
             max_concurrent_trials=rplan.max_concurrent,
         ),
-        run_config=tune.RunConfig(
-            name=f"run{plan.run_index}",
-            storage_path=str(campaign.campaign_dir / "tune"),
-            verbose=0,
-        ),
+        run_config=tune_run_config(campaign, plan.run_index),
     )
     tuner.fit()
+
+
+def tune_run_config(campaign: Campaign, run_index: int) -> tune.RunConfig:
+    """Tune's run config for driver run ``run_index``: ``<campaign>/tune/run<i>``, and
+    ``resources.trial_retries`` re-runs of a trial whose driver actor died (a lost or preempted
+    node). A re-run calls :func:`trial_fn` again with the same trial id, hence the same run
+    directory: :func:`ray_jobs.train.pipeline.run_stages` skips the finished stages and the
+    stage in flight resumes from its last Train checkpoint. Worker deaths inside a trial are
+    Ray Train's (``checkpoint.max_failures``), not Tune's."""
+    return tune.RunConfig(
+        name=f"run{run_index}",
+        storage_path=str(campaign.campaign_dir / "tune"),
+        failure_config=tune.FailureConfig(max_failures=campaign.resources.trial_retries),
+        verbose=0,
+    )
 
 
 def _absolute(cfg: dict[str, Any], base_dir: Path) -> dict[str, Any]:

@@ -187,6 +187,9 @@ class Resources(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    # times Tune re-runs a trial whose driver died (its node lost, preempted, OOM); the re-run
+    # resumes from the trial's run directory (finished stages skipped, Train checkpoints)
+    trial_retries: int = Field(2, ge=0)
 
 
 class Campaign(Strict):

@@ -84,6 +84,9 @@ def read_history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+# slow (69 s): the worker-SIGKILL resume runs in the default suite as
+# test_step_resume.py::test_worker_sigkill_mid_epoch__resumes_at_the_step_checkpoint
+@pytest.mark.slow
 def test_pipeline__pretrain_finetune_evaluate_survives_worker_sigkill(ray_cluster, acdc_store, tmp_path):
     """Rank 1 SIGKILLs itself at fine-tune epoch 2; the worker group restarts from the epoch-1
     checkpoint (epoch 1 is not redone) and the run ends with every artefact."""

@@ -206,6 +206,7 @@ def _synthetic_curves(bench: Any, epochs: int) -> dict[tuple[float, float], list
     return curves
 
 
+@pytest.mark.slow  # 46 s: validates the benchmark's replay, not the product; --runslow
 @pytest.mark.ray
 def test_bench_replay__matches_a_real_tune_run(ray_cluster: Any, tmp_path: Path) -> None:
     """bench_tune replays searches without Tune's controller; a real ``tune.Tuner`` with the same

@@ -682,3 +682,93 @@ def test_write_report__multi_objective_pareto_and_best_dice(tmp_path: Path) -> N
     assert "trial 1" in (out / "best_config.yaml").read_text().splitlines()[0]
     for name in ("pareto_front", "optimization_history_val_dice", "optimization_history_val_hd95", "param_importances"):
         assert (out / "plots" / f"{name}.png").is_file() and (out / "plots" / f"{name}.html").is_file(), name
+
+
+def test_tune_run_config__retries_trials_whose_driver_dies(tmp_path: Path) -> None:
+    c = _campaign(tmp_path)
+    rc = campaign_run.tune_run_config(c, 3)
+    assert rc.name == "run3" and rc.storage_path == str(c.campaign_dir / "tune")
+    assert c.resources.trial_retries == 2 and rc.failure_config.max_failures == 2
+    c0 = c.model_copy(update={"resources": c.resources.model_copy(update={"trial_retries": 0})})
+    assert campaign_run.tune_run_config(c0, 0).failure_config.max_failures == 0
+
+
+def _trial_drivers(raytmp: str) -> list[int]:
+    """Pids of the Tune trial actors (``ray::ImplicitFunc``) of the Ray instance under ``raytmp``."""
+    import os
+
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::ImplicitFunc") and f"RAY_TMPDIR={raytmp}".encode() in env.split(b"\0"):
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1800)
+def test_campaign__trial_whose_driver_dies_is_retried_from_its_run_dir(acdc_dir: Path, tmp_path: Path) -> None:
+    """What a lost node does to a campaign: the actor running a trial's pipeline dies (SIGKILL,
+    right after the trial's pretraining was exported). Tune re-runs the trial
+    (``resources.trial_retries``) in the same run directory, the pretraining is not redone,
+    and the campaign ends with every trial complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import storage
+
+    store = str(tmp_path / "acdc.zarr")
+    assert not storage.ingest(acdc_dir, store, cases=ACDC_CASES, progress=False, workers=1).failed
+    d = yaml.safe_load((TUNE_CONFIGS / "tiny_cpu.yaml").read_text())
+    d["base_config"] = str(TUNE_CONFIGS.parent / "run" / "ideal_cpu.yaml")
+    d["base"]["data"].update(store=store, source=None)
+    d.update(root=str(tmp_path / "campaigns"), trials=2, scheduler={"type": "none"})
+    d["resources"]["max_concurrent_trials"] = 1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    c = campaign_spec.load_campaign(path)
+    raytmp = tempfile.mkdtemp(prefix="lcltune", dir="/tmp")
+    log = open(tmp_path / "driver.log", "w")
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", str(path)]
+    proc = subprocess.Popen(cmd, env=_ray_env(raytmp), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed: Path | None = None
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            time.sleep(0.5)
+            done = sorted(c.campaign_dir.glob("trials/*/pretrain/model/model.json"))
+            pids = _trial_drivers(raytmp)
+            if done and pids:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = done[0].parents[2]
+        assert killed is not None, (tmp_path / "driver.log").read_text()[-3000:]
+        pre_history = (killed / "pretrain" / "history.csv").read_bytes()
+        rc = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _end_leftovers(raytmp)
+        log.close()
+    assert rc == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    study = optuna.load_study(study_name=c.name, storage=c.storage_url)
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials), [
+        (t.number, t.state.name) for t in trials
+    ]
+    retried = [t for t in trials if t.user_attrs["tune_trial_id"] == killed.name]
+    assert len(retried) == 1 and 0.0 <= retried[0].value <= 1.0
+    # the re-run skipped the exported pretraining and fine-tuned to the end
+    assert (killed / "pretrain" / "history.csv").read_bytes() == pre_history
+    assert (killed / "finetune" / "model" / "model.json").is_file()
