@@ -120,22 +120,19 @@ class ShardReader:
     def __init__(
         self,
         shard_path: str,
-        shape: tuple[int, ...],
-        chunk: tuple[int, ...],
-        dtype: np.dtype,
+        layout: Layout,
         fill_value: Any,
         index: np.ndarray,
-        chunk_crc: bool = False,
         verify: bool = True,
         where: str | None = None,
     ) -> None:
         self.shard_path = shard_path
-        self.shape = shape
-        self.chunk = chunk
-        self.dtype = dtype  # little-endian on-disk dtype
+        self.shape = layout.shape
+        self.chunk = layout.chunk
+        self.dtype = layout.dtype  # little-endian on-disk dtype
+        self.chunk_crc = layout.chunk_crc
         self.fill_value = fill_value
         self.index = index  # uint64 (gx, gy, gz, 2): offset, nbytes
-        self.chunk_crc = chunk_crc
         self.verify = verify
         self.where = where or shard_path
 
@@ -166,17 +163,8 @@ class ShardReader:
         except (OSError, KeyError, ValueError, TypeError):
             return None
         where = where or array_dir
-        index = cls.parse_index(raw, layout.grid, verify, where)
         return cls(
-            path,
-            layout.shape,
-            layout.chunk,
-            layout.dtype,
-            meta.get("fill_value", 0),
-            index,
-            layout.chunk_crc,
-            verify,
-            where,
+            path, layout, meta.get("fill_value", 0), cls.parse_index(raw, layout.grid, verify, where), verify, where
         )
 
     def chunk_range(self, ix: int, iy: int, iz: int) -> tuple[int, int] | None:

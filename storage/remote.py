@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import InputError, StorageError
-from storage.fastread import ShardReader, parse_layout
+from storage.fastread import Layout, ShardReader, parse_layout
 from storage.retry import with_retry
 from storage.sources import CaseSource, SourceDataset, parse_label_names, safe_case_id, strip_nifti_suffix
 
@@ -276,16 +276,13 @@ class RemoteShardReader(ShardReader):
         self,
         fs: Any,
         shard_path: str,
-        shape: tuple[int, ...],
-        chunk: tuple[int, ...],
-        dtype: np.dtype,
+        layout: Layout,
         fill_value: Any,
         index: np.ndarray,
-        chunk_crc: bool = False,
         verify: bool = True,
         where: str | None = None,
     ) -> None:
-        super().__init__(shard_path, shape, chunk, dtype, fill_value, index, chunk_crc, verify, where)
+        super().__init__(shard_path, layout, fill_value, index, verify, where)
         self.fs = fs
         self.url = _unstrip(fs, shard_path)
 
@@ -313,18 +310,7 @@ class RemoteShardReader(ShardReader):
             return None
         where = where or url
         index = cls.parse_index(raw, layout.grid, verify, where)
-        return cls(
-            fs,
-            shard,
-            layout.shape,
-            layout.chunk,
-            layout.dtype,
-            meta.get("fill_value", 0),
-            index,
-            layout.chunk_crc,
-            verify,
-            where,
-        )
+        return cls(fs, shard, layout, meta.get("fill_value", 0), index, verify, where)
 
     def read(self, x: tuple[int, int], y: tuple[int, int], z: tuple[int, int]) -> np.ndarray:
         """The in-bounds region ``[x0, x1) x [y0, y1) x [z0, z1)`` as a fresh array."""
