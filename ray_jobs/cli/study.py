@@ -73,6 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run only this seed's cells (repeatable); several "
         "drivers with different --only-seed can share one study directory",
     )
+    p.add_argument(
+        "--only-method",
+        dest="only_methods",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="run only this method's cells (a methods key, repeatable), e.g. to add or redo one "
+        "method of a finished study; the report covers every finished cell",
+    )
     p.set_defaults(func=run)
 
 
@@ -121,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         resume=True,
         max_cells=args.max_cells,
         only_seeds=args.only_seeds,
+        only_methods=args.only_methods,
         log=lambda m: print(m, flush=True),
     )
     print()

@@ -18,7 +18,15 @@ import storage
 from localcl.methods import METHODS
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
-from ray_jobs.study.spec import Budget, StudyConfig, cell_config, method_sections, pretrain_config, store_uri
+from ray_jobs.study.spec import (
+    Budget,
+    StudyConfig,
+    cell_config,
+    method_sections,
+    pretrain_config,
+    pretrain_owner,
+    store_uri,
+)
 from ray_jobs.train import pipeline
 from ray_jobs.train.stage import Plan, stage_done
 from storage.remote import join_uri, uri_exists
@@ -231,7 +239,7 @@ def _pretrain_key(study: StudyConfig, cell: Cell) -> tuple[Budget | None, int]:
 
 def pretrain_dir(study: StudyConfig, study_dir: str, cell: Cell) -> str:
     budget, seed = _pretrain_key(study, cell)
-    name = cell.method + (f"-{budget.name}" if budget else "") + f"-s{seed}"
+    name = pretrain_owner(study, cell.method) + (f"-{budget.name}" if budget else "") + f"-s{seed}"
     return os.path.join(study_dir, "pretrain", name)
 
 

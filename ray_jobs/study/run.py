@@ -125,17 +125,23 @@ def run_study(
     log: Callable[[str], None] = print,
     max_cells: int | None = None,
     only_seeds: Sequence[int] | None = None,
+    only_methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell, rewriting the report after each. Ray must be initialised.
     ``max_cells``: stop after that many newly finished cells (the report says 'partial').
     ``only_seeds``: run only the cells of these seeds, so several drivers can share one study
     directory (``--only-seed``; a shared pretraining is built by one of them under a file
-    lock, the others wait for it). The report is rebuilt from every finished ``cell.json``.
+    lock, the others wait for it). ``only_methods``: likewise for ``methods`` keys
+    (``--only-method``). The report is rebuilt from every finished ``cell.json``.
     Returns ``{"records": [...], "done": n, "total": N, "report": {...}}``."""
     if only_seeds is not None:
         unknown = sorted(set(only_seeds) - set(study.seeds))
         if unknown:
             raise UserError(f"--only-seed: {unknown} not in the study's seeds {study.seeds}")
+    if only_methods is not None:
+        unknown_m = sorted(set(only_methods) - set(study.methods))
+        if unknown_m:
+            raise UserError(f"--only-method: {unknown_m} not in the study's methods {sorted(study.methods)}")
     prepare_study_dir(study, study_dir, resume)
     t_start = time.perf_counter()
     data = open_data(study, study_dir, log)
@@ -154,6 +160,8 @@ def run_study(
             records.append(done)
             continue
         if only_seeds is not None and cell.seed not in only_seeds:
+            continue
+        if only_methods is not None and cell.method not in only_methods:
             continue
         if max_cells is not None and new >= max_cells:
             break

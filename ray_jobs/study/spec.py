@@ -275,8 +275,24 @@ def cell_config(study: StudyConfig, key: str, budget: Budget, seed: int, *, stor
     return _validate(d, f"methods.{key}")
 
 
+def pretrain_owner(study: StudyConfig, key: str) -> str:
+    """The method key whose pretraining run ``key``'s cells start from: the first key of
+    ``methods`` with an identical (merged) ``pretrain`` section. Identical sections are one run,
+    shared: e.g. ``plcl: {pretrain: {method: {name: lrc}}}`` starts PLCL from LRC's pretraining
+    instead of repeating it."""
+    own = method_sections(study, key).get("pretrain")
+    if own is None:
+        return key
+    for other in study.methods:
+        if method_sections(study, other).get("pretrain") == own:
+            return other
+    return key
+
+
 def pretrain_config(study: StudyConfig, key: str, *, store: str, budget: Budget | None, seed: int) -> Config:
-    """The validated run config of one pretraining (``budget`` only for label-aware methods)."""
+    """The validated run config of one pretraining (``budget`` only for label-aware methods);
+    named after :func:`pretrain_owner`, so methods sharing a pretraining share its config hash."""
+    key = pretrain_owner(study, key)
     d = deep_merge(study.base, {"pretrain": method_sections(study, key)["pretrain"]})
     parts = [study.name, key, "pre"] + ([budget.name] if budget else []) + [f"s{seed}"]
     d["name"] = "-".join(parts)

@@ -372,7 +372,11 @@ def test_run_study__micro_study_writes_report_and_resumes(ray_cluster, tiny_stor
     st = study_spec.load_study(micro(tiny_store))
     sdir = str(tmp_path / "study")
     logs: list[str] = []
-    out = study_run.run_study(st, sdir, log=logs.append)
+    # --only-method: the baseline's cell alone, the report marked partial
+    part = study_run.run_study(st, sdir, only_methods=["supervised"], log=logs.append)
+    assert (part["done"], part["total"]) == (1, 2) and json.loads(Path(sdir, "results.json").read_text())["partial"]
+    assert not Path(sdir, "cells", "lrc").exists() and not Path(sdir, "pretrain").exists()
+    out = study_run.run_study(st, sdir, resume=True, log=logs.append)
     assert out["done"] == out["total"] == 2
     with open(os.path.join(sdir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -441,6 +445,49 @@ def test_run_study__only_seed_must_be_a_study_seed(tmp_path):
     with pytest.raises(UserError, match=r"--only-seed: \[7\] not in the study's seeds \[0\]"):
         study_run.run_study(st, str(tmp_path / "d"), only_seeds=[7])
     assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_run_study__only_method_must_be_a_study_method(tmp_path):
+    st = study_spec.load_study(micro())
+    with pytest.raises(
+        UserError, match=r"--only-method: \['ideal'\] not in the study's methods \['lrc', 'supervised'\]"
+    ):
+        study_run.run_study(st, str(tmp_path / "d"), only_methods=["ideal"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_pretrain_owner__identical_pretrain_sections_share_one_run(tmp_path, capsys):
+    """PLCL given LRC's pretrain section starts from LRC's pretraining run (same directory, same
+    config hash, listed once) instead of repeating it; a different section gets its own run."""
+    from ray_jobs.cli import main
+
+    d = micro()
+    d["methods"]["plcl"] = {"pretrain": {"method": {"name": "lrc"}}, "finetune": {"method": {"name": "plcl"}}}
+    st = study_spec.load_study(d)
+    by = {c.method: c for c in study_cells.cells(st)}
+    assert (
+        study_spec.pretrain_owner(st, "plcl") == "lrc" and study_spec.pretrain_owner(st, "supervised") == "supervised"
+    )
+    assert (
+        study_cells.pretrain_dir(st, "/s", by["plcl"])
+        == study_cells.pretrain_dir(st, "/s", by["lrc"])
+        == "/s/pretrain/lrc-s0"
+    )
+    cfg = {k: study_spec.pretrain_config(st, k, store="s.zarr", budget=None, seed=0) for k in ("lrc", "plcl")}
+    assert cfg["plcl"].hash() == cfg["lrc"].hash() and cfg["plcl"].name == "micro-lrc-pre-s0"
+    _, init = study_cells.resolve_cell(st, "/s", by["plcl"], "s.zarr")
+    assert init == "/s/pretrain/lrc-s0/pretrain/model"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["study", "--config", str(path), "--dry-run", "--study-dir", "/s"]) == 0
+    assert "pretraining runs (1): pretrain/lrc-s0" in capsys.readouterr().out
+    d["methods"]["plcl"]["pretrain"]["method"]["tau_local"] = 0.5  # not identical: its own run
+    st2 = study_spec.load_study(d)
+    plcl2 = next(c for c in study_cells.cells(st2) if c.method == "plcl")
+    assert study_cells.pretrain_dir(st2, "/s", plcl2) == "/s/pretrain/plcl-s0"
+    # the shipped CPU study starts PLCL from LRC's pretraining
+    cpu = study_spec.load_study("acdc_cpu")
+    assert study_spec.pretrain_owner(cpu, "plcl") == "lrc"
 
 
 def test_file_lock__second_holder_waits_for_the_first(tmp_path):
