@@ -202,7 +202,8 @@ def run_self_training(
             lspec = loop_spec(scfg, plan, "baseline", init=init, hooks=hooks, model=spec)
             log(
                 f"{sdir}/round0 (supervised teacher): {cfg.scaling.num_workers} worker(s), "
-                f"{scfg.schedule_for('baseline').epochs} epoch(s)"
+                f"{scfg.schedule_for('baseline').epochs} epoch(s), from "
+                f"{init['dir'] if init else 'random initialisation'}"
             )
             res = fit_stage(scfg, lspec, run_dir, sdir, run_name=f"{cfg.name}-{sdir}-r0", progress=progress)
             export_checkpoint(spec, res.checkpoint_dir, r0_dir)

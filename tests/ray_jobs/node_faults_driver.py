@@ -142,7 +142,8 @@ def inject(
     fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
     """Inject ``fault`` into the pretraining stage: a SIGKILL once its first step checkpoint is
-    registered (``snapshot``), a drain as soon as its worker group has started (``events``:
+    registered (``snapshot``; with ``rejoin``, a replacement node of the same name is started
+    once the GCS has declared the killed one dead), a drain as soon as its worker group has started (``events``:
     the drain must reach Ray Train while the stage still trains); returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
@@ -166,6 +167,9 @@ def inject(
         cluster.kill_node(node, signal.SIGKILL)
         out["killed_at"] = time.time()
         out["dead_after_s"] = round(cluster.wait_dead(node), 1)
+        if fault.get("rejoin"):  # a replacement node of the same name joins (scale-up)
+            cluster.add_node(node)
+            out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
     elif fault["kind"] == "sigterm":
         drain_s = int(fault.get("drain_s", GRACE_S))
         cluster.drain_node(node, deadline_s=drain_s, message="pod deletion (preStop)")

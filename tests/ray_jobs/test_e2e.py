@@ -263,6 +263,8 @@ METHOD_CASES = {
     "mixcl": ({"name": "mixcl"}, {"name": "supervised"}, None),
     "lrc": ({"name": "lrc"}, {"name": "supervised"}, None),
     "plcl": (None, {"name": "plcl", "require_all_classes": False}, {"rounds": 2, "crf": False}),
+    # PLCL's round 0 from a pretrained U-Net (the CPU study starts it from LRC's pretraining)
+    "plcl_after_lrc": ({"name": "lrc"}, {"name": "plcl", "require_all_classes": False}, {"rounds": 1, "crf": False}),
     "supervised": (None, {"name": "supervised"}, None),
 }
 
@@ -298,15 +300,19 @@ def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tm
     cfg = validate(d)
     run_dir = tmp_path / "run"
     stages = [s for s in ("pretrain", "finetune") if d[s] is not None]
-    out = pipeline.run_stages(cfg, str(run_dir), stages, progress=False, log=lambda m: None)
+    logs: list[str] = []
+    out = pipeline.run_stages(cfg, str(run_dir), stages, progress=False, log=logs.append)
     model, spec = load_model(str(run_dir / "finetune" / "model"))
     assert spec["name"] == ft["name"] and spec["num_classes"] == 4
     if pre is not None:
         hist = read_history(run_dir / "pretrain" / "history.csv")
         n_stages = 2 if method == "glcl" else 1
         assert len(hist) == n_stages and all(float(r["loss"]) == float(r["loss"]) for r in hist)
-        assert read_spec(str(run_dir / "pretrain" / "model"))["name"] == method
-    if method == "lrc":
+        assert read_spec(str(run_dir / "pretrain" / "model"))["name"] == pre["name"]
+    if st is not None:  # round 0 starts from the pretrained model when there is one
+        (r0,) = [m for m in logs if "round0 (supervised teacher)" in m]
+        assert r0.endswith(str(run_dir / "pretrain" / "model") if pre else "from random initialisation"), r0
+    if pre is not None and pre["name"] == "lrc":
         import storage
 
         s = storage.open_store(acdc_store)
@@ -315,11 +321,11 @@ def test_pipeline__every_method_trains_in_local_mode(ray_cluster, acdc_store, tm
         import storage
 
         rounds = read_spec(str(run_dir / "finetune" / "model"))["self_training"]["rounds"]
-        assert [r["round"] for r in rounds] == [1, 2]
+        assert [r["round"] for r in rounds] == list(range(1, st["rounds"] + 1))
         s = storage.open_store(acdc_store)
         for r in rounds:
             assert all(s.has_array(c, r["pseudo"]) for c in out["plan"].unlabelled)
             lab = s.derived(out["plan"].unlabelled[0], r["pseudo"])
             assert list(lab.shape) == list(s.meta(out["plan"].unlabelled[0])["shape"]) and lab.max() < 4
         hist = read_history(run_dir / "finetune" / "history.csv")
-        assert sorted({int(r["round"]) for r in hist}) == [0, 1, 2]
+        assert sorted({int(r["round"]) for r in hist}) == list(range(st["rounds"] + 1))

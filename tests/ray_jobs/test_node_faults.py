@@ -266,6 +266,35 @@ def test_node_sigkill__run_continues_on_the_survivor(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_node_rejoin__the_run_grows_back_to_two_workers(tmp_path: Path) -> None:
+    """SIGKILL worker node ``b`` after the first pretraining step checkpoint, then start a
+    replacement node ``b`` once the GCS has declared the old one dead (an autoscaler bringing a
+    spot node back). With ``scaling.resize_interval_s: 2`` Ray Train's resize monitor grows the
+    worker group back to 2 workers, within the stage when the new node arrives in time, else at
+    the next stage's start; every restart resumes from the latest registered checkpoint, so the
+    work redone stays within one checkpoint interval per restart."""
+    epochs = 6  # a longer pretraining, so the grow can happen inside it
+    (hit,) = run_driver(
+        tmp_path,
+        [
+            {
+                "name": "rejoin",
+                "fault": {"kind": "sigkill", "node": "b", "rejoin": True},
+                "set": ["scaling.resize_interval_s=2", f"pretrain.schedule.epochs={epochs}"],
+            }
+        ],
+        timeout=600,
+    )["runs"]
+    pre = hit["attempts"]["pretrain"]
+    worlds = [a["world"] for a in pre] + [a["world"] for a in hit["attempts"]["finetune"]]
+    assert worlds[:2] == [2, 1], (worlds, hit["fault"])  # the kill, then the survivor alone
+    assert 2 in worlds[2:], (worlds, hit["fault"])  # grown back once the new node joined
+    assert hit["fault"]["rejoined_after_kill_s"] > 0
+    redone = steps_redone(pre, STEPS * epochs)
+    assert 0 <= redone <= EVERY * (len(pre) - 1), (redone, pre)
+
+
+@pytest.mark.slow
 def test_node_sigterm__checkpoint_at_the_next_step(tmp_path: Path) -> None:
     """Drain worker node ``b`` for preemption with a ``DRAIN_S`` deadline and SIGTERM its
     process group at the deadline (30 s grace), as Kubernetes does with the gpu-spot overlay's
