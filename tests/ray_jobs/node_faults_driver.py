@@ -143,7 +143,7 @@ def inject(
 ) -> dict[str, Any]:
     """Inject ``fault`` into the pretraining stage: a SIGKILL once its first step checkpoint is
     registered (``snapshot``; with ``rejoin``, a replacement node of the same name is started
-    once the GCS has declared the killed one dead), a drain as soon as its worker group has started (``events``:
+    once the stage runs on the survivors alone), a drain as soon as its worker group has started (``events``:
     the drain must reach Ray Train while the stage still trains); returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
@@ -167,7 +167,13 @@ def inject(
         cluster.kill_node(node, signal.SIGKILL)
         out["killed_at"] = time.time()
         out["dead_after_s"] = round(cluster.wait_dead(node), 1)
-        if fault.get("rejoin"):  # a replacement node of the same name joins (scale-up)
+        if fault.get("rejoin"):  # a replacement node of the same name joins (scale-up) ...
+            end = time.time() + 120.0
+            while time.time() < end and proc.poll() is None:  # ... once the stage runs shrunk
+                if any(a["world"] == 1 for a in parse_events(events)):
+                    break
+                time.sleep(0.1)
+            out["shrunk_after_kill_s"] = round(time.time() - out["killed_at"], 1)
             cluster.add_node(node)
             out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
     elif fault["kind"] == "sigterm":
