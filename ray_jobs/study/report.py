@@ -267,10 +267,10 @@ def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[
         rows = [r for r in agg if r["method"] == m and r.get("delta") is not None]
         if not rows:
             continue
-        groups: dict[str, list[str]] = {"above": [], "within noise of": [], "below": []}
+        groups: dict[str, list[str]] = {"above": [], "within noise": [], "below": []}
         for r in rows:
             se = 2 * r["delta_sd"] / math.sqrt(r["n_paired"]) if r.get("delta_sd") else 0.0
-            kind = "above" if r["delta"] > se else "below" if r["delta"] < -se else "within noise of"
+            kind = "above" if r["delta"] > se else "below" if r["delta"] < -se else "within noise"
             txt = f"{r['budget_label']} ({r['delta']:+.3f}" + (f" ± {se:.3f}" if se else "") + ")"
             groups[kind].append(txt + (" [not compute-matched]" if r.get("steps_match") is False else ""))
         ref = baseline_of(study, m)

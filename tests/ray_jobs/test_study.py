@@ -300,7 +300,7 @@ def test_verdict__noise_band_and_not_compute_matched_flag():
     recs += [_rec("lrc", "a", s, 0.50 + 0.01 * s + d) for s, d in enumerate((0.02, -0.01, 0.00))]
     recs += [_rec("ideal", "a", s, 0.60 + 0.01 * s, steps=320) for s in range(3)]
     md = study_report.results_markdown(st, recs, total=9)
-    assert "- lrc vs `supervised`: within noise of at 1 volume (+0.003 ± 0.018)" in md
+    assert "- lrc vs `supervised`: within noise at 1 volume (+0.003 ± 0.018)" in md
     assert "- ideal vs `supervised`: above at 1 volume (+0.100) [not compute-matched]" in md
     assert "(Δ +0.100, ≠ steps)" in md
 
