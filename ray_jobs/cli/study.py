@@ -85,6 +85,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# flags that pick which part of a study one driver runs, not what the study is
+_PARTITION_FLAGS = ("--only-seed", "--only-method", "--max-cells")
+
+
+def study_command(argv: list[str]) -> str:
+    """The command that reproduces the whole study (``study ...`` argv): the driver's own,
+    without ``--resume`` and without the flags that run only part of it (``--only-seed``,
+    ``--only-method``, ``--max-cells``, each with its value), so the report quotes the study,
+    not one of several drivers that built it."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume" or a.startswith(tuple(f + "=" for f in _PARTITION_FLAGS)):
+            continue
+        elif a in _PARTITION_FLAGS:
+            skip = True
+        else:
+            out.append(a)
+    return "localcl " + " ".join(shlex.quote(a) for a in out)
+
+
 def run(args: argparse.Namespace) -> int:
     # deferred: loads torch / Ray / zarr (seconds); `localcl --help` and the other verbs stay fast
     from ray_jobs.study import cells as study_cells
@@ -119,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     study_run.prepare_study_dir(st, study_dir, args.resume)
     _local_mode_threads(st)
-    cmd = "localcl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
+    cmd = study_command(sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
     if cmd and not os.path.exists(os.path.join(study_dir, "command.txt")):
         with open(os.path.join(study_dir, "command.txt"), "w") as f:
-            f.write(cmd.replace(" --resume", "") + "\n")
+            f.write(cmd + "\n")
     _init_ray_patiently(args.address)
     out = study_run.run_study(
         st,

@@ -117,6 +117,14 @@ def _diagnostics(
     return out
 
 
+def _refuse_unknown(flag: str, given: Sequence[Any] | None, known: Sequence[Any]) -> None:
+    """UserError when ``given`` (a ``--only-seed``/``--only-method`` list) names what the study
+    does not have, e.g. ``--only-seed: [7] not in the study's seeds [0]``."""
+    unknown = sorted(set(given or ()) - set(known))
+    if unknown:
+        raise UserError(f"{flag}: {unknown} not in the study's {flag.removeprefix('--only-')}s {list(known)}")
+
+
 def run_study(
     study: StudyConfig,
     study_dir: str,
@@ -134,14 +142,8 @@ def run_study(
     lock, the others wait for it). ``only_methods``: likewise for ``methods`` keys
     (``--only-method``). The report is rebuilt from every finished ``cell.json``.
     Returns ``{"records": [...], "done": n, "total": N, "report": {...}}``."""
-    if only_seeds is not None:
-        unknown = sorted(set(only_seeds) - set(study.seeds))
-        if unknown:
-            raise UserError(f"--only-seed: {unknown} not in the study's seeds {study.seeds}")
-    if only_methods is not None:
-        unknown_m = sorted(set(only_methods) - set(study.methods))
-        if unknown_m:
-            raise UserError(f"--only-method: {unknown_m} not in the study's methods {sorted(study.methods)}")
+    _refuse_unknown("--only-seed", only_seeds, study.seeds)
+    _refuse_unknown("--only-method", only_methods, sorted(study.methods))
     prepare_study_dir(study, study_dir, resume)
     t_start = time.perf_counter()
     data = open_data(study, study_dir, log)

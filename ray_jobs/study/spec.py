@@ -283,10 +283,8 @@ def pretrain_owner(study: StudyConfig, key: str) -> str:
     own = method_sections(study, key).get("pretrain")
     if own is None:
         return key
-    for other in study.methods:
-        if method_sections(study, other).get("pretrain") == own:
-            return other
-    return key
+    # ``key`` itself matches, so the search always ends
+    return next(other for other in study.methods if method_sections(study, other).get("pretrain") == own)
 
 
 def pretrain_config(study: StudyConfig, key: str, *, store: str, budget: Budget | None, seed: int) -> Config:

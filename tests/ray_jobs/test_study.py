@@ -456,6 +456,16 @@ def test_run_study__only_method_must_be_a_study_method(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_study_command__the_report_quotes_the_study_not_one_driver():
+    from ray_jobs.cli.study import study_command
+
+    argv = ["study", "--config", "acdc_cpu", "--set", "budgets=[{name: 3pat, patients: 3}]", "--only-seed", "1"]
+    argv += ["--only-method", "lrc", "--only-method=plcl", "--max-cells", "2", "--resume", "--dry-run"]
+    assert (
+        study_command(argv) == "localcl study --config acdc_cpu --set 'budgets=[{name: 3pat, patients: 3}]' --dry-run"
+    )
+
+
 def test_pretrain_owner__identical_pretrain_sections_share_one_run(tmp_path, capsys):
     """PLCL given LRC's pretrain section starts from LRC's pretraining run (same directory, same
     config hash, listed once) instead of repeating it; a different section gets its own run."""
