@@ -205,6 +205,7 @@ def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
                 rank=rank,
                 world_size=max(world, 1),
                 storage_options=so,
+                spacing_mm=common.get("spacing_mm"),  # the same pixel size as every other stage
             )
             return {"main": ds, "batched": True, "unlabelled": None, "per_worker": m * parts}
         derived = ("superpixels",) if kind == "slices+superpixels" else ()

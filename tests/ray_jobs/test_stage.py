@@ -150,3 +150,38 @@ def test_loop_spec__hooks_default_to_the_events_dir_of_the_environment(monkeypat
     assert loop_spec(_cfg(), _plan(), "pretrain", hooks={}).hooks == {}
     monkeypatch.delenv("LOCALCL_EVENTS_DIR")
     assert loop_spec(_cfg(), _plan(), "finetune").hooks == {}
+
+
+@pytest.mark.parametrize("method", [m for m in sorted(METHODS) if METHODS[m].stages])
+def test_build_loaders__every_sampler_resamples_to_the_runs_pixel_size(tmp_path: Path, method: str) -> None:
+    """Pretraining (every batch kind: slices, slices+superpixels, GLCL's partition batches) and
+    fine-tuning read slices at ``data.spacing_mm``: a stage at another pixel size would pretrain
+    on anatomy of a different scale than it is fine-tuned on (GLCL's partition sampler once did)."""
+    sys.path.insert(0, str(REPO / "tests" / "ray_jobs"))
+    from evalpredict_helpers import make_phantom_store
+
+    _, store = make_phantom_store(tmp_path)
+    extra = {"local_depth": 2, "volumes_per_batch": 2, "input_size": 32} if method == "glcl" else {}
+    cfg = C.validate(
+        {
+            "name": "t",
+            "data": {"store": store, "size": [32, 32], "spacing_mm": [2.5, 2.5], "label_budget": 1},
+            "pretrain": {"method": {"name": method, **SMALL, **extra}, "schedule": {"batch_size": 8}},
+            "finetune": {"method": {"name": "supervised", **SMALL}, "schedule": {"batch_size": 4}},
+        }
+    )
+    plan = Plan(
+        store=store,
+        num_classes=4,
+        label_names={"0": "bg", "1": "a", "2": "b", "3": "c"},
+        labelled=["patient001_frame01"],
+        unlabelled=["patient002_frame01", "patient003_frame01"],
+        pretrain_cases=["patient001_frame01", "patient002_frame01", "patient003_frame01"],
+        val=[],
+        test=[],
+    )
+    stages = METHODS[method].stages
+    for section, mstage in [("pretrain", s) for s in stages] + [("finetune", None)]:
+        data = worker.build_loaders(loop_spec(cfg, plan, section, method_stage=mstage), 0, 1)
+        sets = [d for d in (data["main"], data["unlabelled"]) if d is not None]
+        assert sets and all(d.spacing_mm == 2.5 for d in sets), (section, mstage, [type(d) for d in sets])
