@@ -25,9 +25,10 @@ lies inside the image. Defaults: τ = 0.1, α = β = 1, N_pix = 4,096 class-bala
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from localcl.augment import apply_flips, intensity_view, random_flips, random_geometric, warp_image, warp_labels
@@ -58,6 +59,11 @@ class MixCLConfig(BaseMethodConfig):
         crop_area, rotation_deg, scale, flip_p: 2D view geometry.
         gather_distributed: identity negatives from all workers.
         batch_size: slices per step (32; read by ``ray_jobs``).
+        labelled_per_batch: slices of every pretraining batch drawn from the label budget
+            (read by ``ray_jobs``; option, not in the spec). 0 (default): the whole batch is
+            drawn uniformly from the pretraining pool, where labelled slices are as rare as the
+            budget (3 labelled patients of 70: about 4 % of slices, so ``L_lab`` sees a labelled
+            slice in about a third of the batches of 8).
     """
 
     tau: Temperature = 0.1
@@ -74,6 +80,7 @@ class MixCLConfig(BaseMethodConfig):
     flip_p: UnitInterval = 0.5
     gather_distributed: bool = False
     batch_size: Count = 32
+    labelled_per_batch: Annotated[int, Field(ge=0)] = 0
 
 
 class MixCL(PretrainMethod):

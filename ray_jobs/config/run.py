@@ -221,7 +221,18 @@ class Config(Strict):
                 )
             bs = stage.schedule.batch_size
             sc = self.scaling
+            lpb = int(getattr(self.method_config(section), "labelled_per_batch", 0) or 0)
+            if lpb and lpb >= bs:
+                raise ConfigError(
+                    f"{section}.method.labelled_per_batch: {lpb} must be below "
+                    f"{section}.schedule.batch_size ({bs}): the rest of the batch comes from the pool"
+                )
             for workers in range(max(sc.min_workers, 1), max(sc.max_workers, 1) + 1):
+                if lpb % workers:
+                    raise ConfigError(
+                        f"{section}.method.labelled_per_batch: {lpb} is not divisible by {workers} "
+                        "worker(s) (every worker draws the same share of labelled slices)"
+                    )
                 if bs % workers:
                     raise ConfigError(
                         f"{section}.schedule.batch_size: {bs} is not divisible by "

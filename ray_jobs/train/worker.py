@@ -4,8 +4,9 @@
 ``spec`` the frozen :class:`ray_jobs.train.stage.LoopSpec` the driver built and validated (the
 worker trusts it: the run config and the method config arrive validated). It
 
-1. builds the storage samplers for this worker, sharded by ``(rank, W)``: the global batch of
-   ``B`` slices is split into ``B / W`` per worker; one epoch is ``steps_per_epoch`` steps;
+1. builds the storage samplers for this worker, sharded by ``(rank, W)``
+   (:mod:`ray_jobs.train.loaders`): the global batch of ``B`` slices is split into ``B / W`` per
+   worker; one epoch is ``steps_per_epoch`` steps;
 2. builds the method (``METHODS[name]`` to pretrain, ``FINETUNE[name]`` to fine-tune), wraps it in
    :class:`StepModule` so that the method's ``pretrain_step`` / ``finetune_step`` run inside the
    DDP ``forward`` (gradient synchronisation is armed there; calling the raw method would bypass
@@ -53,7 +54,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from localcl.methods.base import FinetuneStrategy, PretrainMethod
 from localcl.runtime import RuntimeOptions, apply_runtime, autocast_dtype
 from ray_jobs.train.checkpoint import load_model, load_state
 from ray_jobs.train.hooks import event, push_progress, should_kill
+from ray_jobs.train.loaders import build_loaders, cycle, join_batches, make_loader
 from ray_jobs.train.loop_state import (
     LoopPosition,
     capture_rng,
@@ -83,14 +85,12 @@ from ray_jobs.train.loop_state import (
 from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
 from ray_jobs.train.tracking import setup_mlflow
 from ray_jobs.train.validation import validation_dice
-from storage import samplers
 
 __all__ = [
     "BEST_FILE",
     "STATE_FILE",
     "VAL_METRICS",
     "StepModule",
-    "build_loaders",
     "build_method",
     "epoch_seed",
     "lr_factor",
@@ -160,88 +160,6 @@ def build_optimizer(params: list[nn.Parameter], oc: Any, lr: float) -> torch.opt
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _cycle(loader: Any) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
-# --------------------------------------------------------------------------- data
-def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
-    """Samplers for this worker. Returns ``{"main": Dataset, "unlabelled": Dataset|None}``."""
-    cfg, schedule = spec.config, spec.schedule
-    size = tuple(cfg.data.size)
-    uri, so = spec.store, cfg.data.storage_options or None
-    per_worker = schedule.batch_size // max(world, 1)
-    n_samples = per_worker * schedule.steps_per_epoch * max(world, 1)
-    seed = cfg.data.seed
-    common: dict[str, Any] = dict(size=size, seed=seed, rank=rank, world_size=max(world, 1), storage_options=so)
-    if cfg.data.spacing_mm is not None:
-        sy, sx = cfg.data.spacing_mm
-        if sy != sx:
-            raise ValueError("data.spacing_mm: the samplers resample to isotropic in-plane pixels")
-        common["spacing_mm"] = float(sy)
-    hidden = list(spec.unlabelled)  # outside the label budget: labels never reach training
-    if spec.section == "pretrain":
-        kind = METHODS[spec.method_name].pretrain_batch
-        cases = list(spec.pretrain_cases)
-        if kind == "partition":
-            parts = int(getattr(spec.method_cfg, "partitions", 4))
-            if per_worker % parts:
-                raise ValueError(
-                    f"pretrain.schedule.batch_size per worker ({per_worker}) must be a "
-                    f"multiple of the method's partitions ({parts})"
-                )
-            m = max(1, per_worker // parts)
-            ds = samplers.PartitionBatchDataset(
-                uri,
-                cases,
-                size,
-                volumes_per_batch=m,
-                partitions=parts,
-                batches_per_epoch=schedule.steps_per_epoch * max(world, 1),
-                seed=seed,
-                rank=rank,
-                world_size=max(world, 1),
-                storage_options=so,
-                spacing_mm=common.get("spacing_mm"),  # the same pixel size as every other stage
-            )
-            return {"main": ds, "batched": True, "unlabelled": None, "per_worker": m * parts}
-        derived = ("superpixels",) if kind == "slices+superpixels" else ()
-        ds_s = samplers.SliceDataset(
-            uri, cases, samples_per_epoch=n_samples, derived=derived, hide_labels=hidden, **common
-        )
-        return {"main": ds_s, "batched": False, "unlabelled": None, "per_worker": per_worker}
-    ds_l = samplers.SliceDataset(
-        uri, list(spec.labelled), samples_per_epoch=n_samples, fg_oversample=cfg.data.fg_oversample, **common
-    )
-    ds_u = None
-    ub = schedule.unlabelled_batch_size or schedule.batch_size
-    if spec.use_unlabelled and spec.unlabelled:
-        pseudo = spec.pseudo  # PLCL round r: labels come from the derived "pseudo_r{r}"
-        ds_u = samplers.SliceDataset(
-            uri,
-            list(spec.unlabelled),
-            samples_per_epoch=(ub // max(world, 1)) * schedule.steps_per_epoch * max(world, 1),
-            hide_labels=[] if pseudo else hidden,
-            label_array=pseudo or "label",
-            **{**common, "seed": seed + 1},
-        )
-    return {
-        "main": ds_l,
-        "batched": False,
-        "unlabelled": ds_u,
-        "per_worker": per_worker,
-        "per_worker_u": ub // max(world, 1),
-    }
-
-
-def _loader(ds: Any, batch: int | None, workers: int) -> torch.utils.data.DataLoader:
-    ds.loader_batch = batch or 1  # loader workers shard whole batches: steps consume a plan prefix
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=False, drop_last=batch is not None, num_workers=workers, persistent_workers=False
-    )
 
 
 # --------------------------------------------------------------------------- model
@@ -327,8 +245,9 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     start_epoch, global_step, first_epoch = pos.epoch, pos.global_step, pos.epoch
     data = build_loaders(spec, rank, world)
     nw = cfg.data.loader_workers
-    main_loader = _loader(data["main"], None if data["batched"] else data["per_worker"], nw)
-    u_loader = _loader(data["unlabelled"], data["per_worker_u"], nw) if data["unlabelled"] is not None else None
+    main_loader = make_loader(data["main"], None if data["batched"] else data["per_worker"], nw)
+    u_loader = make_loader(data["unlabelled"], data["per_worker_u"], nw) if data["unlabelled"] is not None else None
+    lab_loader = make_loader(data["labelled"], data["per_worker_lab"], nw) if data.get("labelled") is not None else None
     hooks, ck = spec.hooks, cfg.checkpoint
     queue = spec.progress_queue if rank == 0 else None
     mlflow = setup_mlflow(spec) if cfg.logging.mlflow_uri else None
@@ -350,13 +269,15 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
         per_step = {
             "main": (1 if data["batched"] else data["per_worker"]) * world,
             "unlabelled": data.get("per_worker_u", 0) * world,
+            "labelled": data.get("per_worker_lab", 0) * world,
         }
-        for name in ("main", "unlabelled"):  # skip what the worker group drew before the checkpoint
-            if data[name] is not None:
+        for name in ("main", "unlabelled", "labelled"):  # skip what the worker group drew before the checkpoint
+            if data.get(name) is not None:
                 data[name].set_epoch(epoch, start=start.get(name, 0))
         method.train()
         it_l = iter(main_loader)
-        it_u = _cycle(u_loader) if u_loader is not None else None
+        it_u = cycle(u_loader) if u_loader is not None else None
+        it_lab = cycle(lab_loader) if lab_loader is not None else None
         sums: dict[str, float] = dict(pos.sums) if mid else {}
         t0 = time.perf_counter()
         last_push = 0.0
@@ -367,6 +288,8 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
             except StopIteration:  # a sampler shorter than asked: restart it
                 it_l = iter(main_loader)
                 batch = next(it_l)
+            if it_lab is not None:  # pretraining: the label budget's share of the batch
+                batch = join_batches(batch, next(it_lab))
             batch = _to_device(batch, device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if section == "pretrain":

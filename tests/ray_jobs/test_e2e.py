@@ -260,7 +260,8 @@ METHOD_CASES = {
         {"name": "supervised"},
         None,
     ),
-    "mixcl": ({"name": "mixcl"}, {"name": "supervised"}, None),
+    # half of every pretraining batch from the label budget (the CPU study's MixCL setting)
+    "mixcl": ({"name": "mixcl", "labelled_per_batch": 4}, {"name": "supervised"}, None),
     "lrc": ({"name": "lrc"}, {"name": "supervised"}, None),
     "plcl": (None, {"name": "plcl", "require_all_classes": False}, {"rounds": 2, "crf": False}),
     # PLCL's round 0 from a pretrained U-Net (the CPU study starts it from LRC's pretraining)

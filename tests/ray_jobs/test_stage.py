@@ -10,10 +10,12 @@ from pathlib import Path
 import cloudpickle
 import pydantic
 import pytest
+import torch
 
 from localcl.methods import FINETUNE, METHODS
 from ray_jobs import config as C
-from ray_jobs.train import stage, worker
+from ray_jobs.errors import ConfigError
+from ray_jobs.train import loaders, stage, worker
 from ray_jobs.train.stage import Init, LoopSpec, Plan, loop_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,6 +184,48 @@ def test_build_loaders__every_sampler_resamples_to_the_runs_pixel_size(tmp_path:
     )
     stages = METHODS[method].stages
     for section, mstage in [("pretrain", s) for s in stages] + [("finetune", None)]:
-        data = worker.build_loaders(loop_spec(cfg, plan, section, method_stage=mstage), 0, 1)
+        data = loaders.build_loaders(loop_spec(cfg, plan, section, method_stage=mstage), 0, 1)
         sets = [d for d in (data["main"], data["unlabelled"]) if d is not None]
         assert sets and all(d.spacing_mm == 2.5 for d in sets), (section, mstage, [type(d) for d in sets])
+
+
+def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budget(tmp_path: Path) -> None:
+    """MixCL's ``labelled_per_batch``: each worker draws ``labelled_per_batch / W`` slices from
+    the label budget (labels visible) and the rest of its ``batch_size / W`` from the pool
+    (labels of unlabelled cases hidden); the loop joins the two into one batch."""
+    sys.path.insert(0, str(REPO / "tests" / "ray_jobs"))
+    from evalpredict_helpers import make_phantom_store
+
+    _, store = make_phantom_store(tmp_path)
+    d = {
+        "name": "t",
+        "data": {"store": store, "size": [32, 32], "label_budget": 1},
+        "pretrain": {
+            "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 4},
+            "schedule": {"batch_size": 8, "steps_per_epoch": 3},
+        },
+        "finetune": None,
+        "scaling": {"num_workers": 2},
+    }
+    cfg = C.validate(d)
+    lab, unl = ["patient001_frame01"], ["patient002_frame01", "patient003_frame01"]
+    plan = Plan(store, 4, {"0": "bg", "1": "a", "2": "b", "3": "c"}, lab, unl, lab + unl, [], [])
+    data = loaders.build_loaders(loop_spec(cfg, plan, "pretrain"), 1, 2)
+    assert (data["per_worker"], data["per_worker_lab"]) == (2, 2)
+    main, labelled = data["main"], data["labelled"]
+    main.set_epoch(1)
+    labelled.set_epoch(1)
+    got_l, got_m = list(iter(labelled)), list(iter(main))
+    assert len(got_l) == len(got_m) == 2 * 3  # per worker: its share x steps_per_epoch
+    assert all(labelled.cases[int(it["case_index"])] in lab for it in got_l)
+    assert all(int(it["label"].min()) >= 0 for it in got_l)  # the budget's labels are visible
+    hidden = [it for it in got_m if main.cases[int(it["case_index"])] in unl]
+    assert hidden and all(int(it["label"].max()) == -1 for it in hidden)
+    joined = loaders.join_batches({"image": torch.zeros(2, 1, 4, 4), "tag": "x"}, {"image": torch.ones(2, 1, 4, 4)})
+    assert set(joined) == {"image"} and joined["image"].shape == (4, 1, 4, 4)
+    assert float(joined["image"][:2].max()) == 0.0 and float(joined["image"][2:].min()) == 1.0
+
+    with pytest.raises(ConfigError, match="labelled_per_batch: 8 must be below"):
+        C.validate({**d, "pretrain": {**d["pretrain"], "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 8}}})
+    with pytest.raises(ConfigError, match="labelled_per_batch: 3 is not divisible by 2"):
+        C.validate({**d, "pretrain": {**d["pretrain"], "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 3}}})
