@@ -19,7 +19,9 @@ process tree) once the first pretraining step checkpoint is registered; ``{"kind
 Kubernetes pod deletion with the gpu-spot overlay's preStop hook does: drain the node for
 preemption with a ``drain_s`` deadline and sleep until it (recording when the preemption
 checkpoint is registered), then SIGTERM the node's process group, and SIGKILL it if it is
-still there ``GRACE_S`` = 30 s later.
+still there ``GRACE_S`` = 30 s later; ``{"kind": "sigterm", "node": "b", "drain": false}``: a bare
+SIGTERM (no drain: a node shut down outside Kubernetes' preStop path) once the first pretraining
+step checkpoint is registered, SIGKILL after ``GRACE_S``.
 
 Every process it starts is ended on the way out (``LoopbackCluster.close``; the CLI runs in this
 process's group, which the test kills on a timeout).
@@ -148,7 +150,7 @@ def inject(
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
     while proc.poll() is None:
-        if fault["kind"] == "sigterm":
+        if fault["kind"] == "sigterm" and fault.get("drain", True):
             if any(a["world"] for a in parse_events(events)):
                 break
         else:
@@ -176,6 +178,16 @@ def inject(
             out["shrunk_after_kill_s"] = round(time.time() - out["killed_at"], 1)
             cluster.add_node(node)
             out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
+    elif fault["kind"] == "sigterm" and not fault.get("drain", True):  # bare SIGTERM, no drain
+        out["registered_at_sigterm"] = [m.get("global_step") for m in registered(s3, snapshot)]
+        cluster.kill_node(node, signal.SIGTERM)
+        out["sigterm_at"] = time.time()
+        if not cluster.wait_gone(node, timeout=GRACE_S):
+            cluster.kill_node(node, signal.SIGKILL)
+            out["needed_sigkill"] = True
+        out["node_gone_after_s"] = round(time.time() - out["sigterm_at"], 1)
+        out["dead_after_s"] = round(cluster.wait_dead(node), 1)
+        out["death"] = cluster.node_states()[node]["death"]
     elif fault["kind"] == "sigterm":
         drain_s = int(fault.get("drain_s", GRACE_S))
         cluster.drain_node(node, deadline_s=drain_s, message="pod deletion (preStop)")

@@ -1,5 +1,6 @@
-"""Whole-node faults on a real multi-node Ray cluster: a SIGKILLed worker node and a SIGTERM
-preemption (drain, then SIGTERM, as Kubernetes deletes a spot pod with a preStop hook).
+"""Whole-node faults on a real multi-node Ray cluster: a SIGKILLed worker node, a SIGTERM
+preemption (drain, then SIGTERM, as Kubernetes deletes a spot pod with a preStop hook), a bare
+SIGTERM (no drain) and a node that rejoins.
 
 Each test runs ``node_faults_driver.py`` in a fresh network namespace with only loopback
 (``unshare -n``): a moto S3 server (store, run directory and checkpoints all on S3, nothing on
@@ -14,7 +15,8 @@ The job is tiny (phantom store of 8 cases at 48x48x4, 48x48 slices, widths 8-16-
 pretraining 3 x 8 steps of IDEAL, supervised fine-tuning 6 x 8 steps, no evaluation stage: the
 Dice compared is the final validation Dice of fine-tuning); each run still pays Ray Train's
 start-up per stage and the cluster's, so the fault tests are ``slow`` (measured on 2 cores:
-SIGKILL test 145 s, SIGTERM test 119 s, rejoin test 127 s on 2026-12-06).
+SIGKILL test 145 s, SIGTERM test 119 s, rejoin test 127 s on 2026-12-06; bare SIGTERM 262 s
+with two study drivers sharing the cores).
 """
 
 from __future__ import annotations
@@ -322,3 +324,27 @@ def test_node_sigterm__checkpoint_at_the_next_step(tmp_path: Path) -> None:
     assert steps_redone([first, second], PRETRAIN_STEPS) <= 1
     assert not fault.get("needed_sigkill"), fault  # the node stopped within the grace period
     assert (fault["death"] or "").startswith("Terminated due to preemption"), fault
+
+
+@pytest.mark.slow
+def test_node_bare_sigterm__run_continues_like_a_killed_node(tmp_path: Path) -> None:
+    """SIGTERM worker node ``b``'s process group without a drain, right after the first
+    pretraining step checkpoint is registered (a node shut down outside Kubernetes' preStop
+    path): Ray sees no preemption, so nothing is checkpointed on the way out; the raylet ends
+    its workers and pretraining restarts on node ``a`` alone from the latest registered
+    checkpoint, as after a SIGKILL, with at most one checkpoint interval plus one step redone
+    (the failure counts against ``checkpoint.max_failures``)."""
+    (hit,) = run_driver(
+        tmp_path,
+        [{"name": "bare-sigterm", "fault": {"kind": "sigterm", "node": "b", "drain": False}}],
+        timeout=600,
+    )["runs"]
+    fault = hit["fault"]
+    assert not fault.get("needed_sigkill"), fault  # SIGTERM alone ended the node
+    first, second = hit["attempts"]["pretrain"]
+    assert (first["world"], second["world"]) == (2, 1)
+    assert first["preempted"] == []  # no drain: no preemption checkpoint
+    assert resumed_at(second) == max(fault["registered_at_sigterm"]) > 0
+    assert 0 <= steps_redone([first, second], PRETRAIN_STEPS) <= EVERY + 1
+    assert [a["world"] for a in hit["attempts"]["finetune"]] == [1]
+    assert not (fault["death"] or "").startswith("Terminated due to preemption"), fault
