@@ -40,6 +40,8 @@ from ray_jobs.campaign.spec import load_campaign
 from ray_jobs.config import load_config, overrides_to_tree, resolve_config_path
 from ray_jobs.errors import UserError
 
+JOB_STOP_WAIT_S = 60  # RAY_JOB_STOP_WAIT_TIME_S of submitted jobs (ray_jobs.train.stop)
+
 JOBS = ("pretrain", "finetune", "run", "tune")
 """Job kinds that can be submitted; each is the ``localcl`` verb run on the cluster."""
 
@@ -253,6 +255,9 @@ def build_submission(
 
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's job supervisor reads this from the job's env: how long `jobs stop` waits after its
+    # SIGTERM before SIGKILL (default 3 s); the driver uses it to checkpoint the step in flight
+    env_vars.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(JOB_STOP_WAIT_S))
     env_vars["PYTHONUNBUFFERED"] = "1"
     for key, value in (env or {}).items():
         if not _ENV_KEY.match(key):

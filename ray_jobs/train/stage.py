@@ -108,6 +108,8 @@ class LoopSpec(BaseModel):
         stage_name: run-directory stage name (set by ``fit_stage``).
         progress_queue: ``ray.util.queue.Queue`` rank 0 feeds with progress (``fit_stage``).
         local_ckpt_root: where Ray Train local mode keeps its checkpoints (``fit_stage``).
+        stop_request: the stage's :class:`ray_jobs.train.stop.StopRequest` actor
+            (``fit_stage``; None: no graceful stop).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -132,6 +134,7 @@ class LoopSpec(BaseModel):
     stage_name: str = ""
     progress_queue: Any = None
     local_ckpt_root: str | None = None
+    stop_request: Any = None
 
     @property
     def schedule(self) -> Any:

@@ -25,6 +25,7 @@ import csv
 import io
 import os
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -45,6 +46,7 @@ from ray_jobs.cluster.local_head import free_port
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
 from ray_jobs.train.stage import STATE_FILE, LoopSpec
+from ray_jobs.train.stop import StageStopped, StopRequest, stop_on_sigterm
 from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
 
@@ -167,7 +169,8 @@ def fit_stage(
     queue = None
     if progress and cfg.logging.progress:
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage}
+    stop = StopRequest.remote()  # type: ignore[attr-defined]
+    update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage, "stop_request": stop}
     if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
         if storage_fs is not None:
             raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
@@ -193,7 +196,8 @@ def fit_stage(
     if renderer:
         renderer.start()
     try:
-        result = trainer.fit()
+        with stop_on_sigterm(stop, stage, log=lambda m: print(f"localcl: {m}", file=sys.stderr, flush=True)) as term:
+            result = trainer.fit()
     except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
         log_path = _write_failure(storage_path, storage_fs, exc)
         raise UserError(
@@ -202,6 +206,7 @@ def fit_stage(
             f"checkpoint in {storage_path}"
         ) from exc
     finally:
+        ray.kill(stop)
         if renderer:
             renderer.stop()
         if queue is not None:
@@ -209,6 +214,13 @@ def fit_stage(
                 queue.shutdown()
             except Exception:
                 pass
+    if term:  # the workers stopped at a step boundary after writing a checkpoint
+        where = dict(result.metrics or {})
+        raise StageStopped(
+            f"{stage}: stopped on SIGTERM at epoch {where.get('epoch_in_progress', '?')} step "
+            f"{where.get('step', '?')} (global step {where.get('global_step', '?')}) with a checkpoint in "
+            f"{storage_path}; re-run the same command to resume there"
+        )
     if result.checkpoint is None:
         raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
     if storage_fs is None and os.path.isdir(result.checkpoint.path):

@@ -83,6 +83,7 @@ from ray_jobs.train.loop_state import (
     wait_for_restart,
 )
 from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
+from ray_jobs.train.stop import StopWatch
 from ray_jobs.train.tracking import setup_mlflow
 from ray_jobs.train.validation import validation_dice
 
@@ -249,6 +250,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     u_loader = make_loader(data["unlabelled"], data["per_worker_u"], nw) if data["unlabelled"] is not None else None
     lab_loader = make_loader(data["labelled"], data["per_worker_lab"], nw) if data.get("labelled") is not None else None
     hooks, ck = spec.hooks, cfg.checkpoint
+    stop_watch = StopWatch(spec.stop_request, rank)
     queue = spec.progress_queue if rank == 0 else None
     mlflow = setup_mlflow(spec) if cfg.logging.mlflow_uri else None
     event(hooks, rank, "start", start_epoch)
@@ -325,7 +327,12 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
             event(hooks, rank, "step", global_step)
             preempted = preemption_pending() if ck.on_preemption else None
-            if step_checkpoint_due(ck.every_steps, i + 1, schedule.steps_per_epoch) or preempted is not None:
+            stopping = stop_watch.due(device)  # the driver got SIGTERM (jobs stop)
+            if (
+                step_checkpoint_due(ck.every_steps, i + 1, schedule.steps_per_epoch)
+                or preempted is not None
+                or stopping
+            ):
                 done = LoopPosition(
                     epoch,
                     i + 1,
@@ -339,7 +346,13 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                     method, optim, sched, scaler, epoch - 1, global_step, cfg.data.seed, history, best, done
                 )
                 flag = int(preempted is not None)
-                m = {"epoch_in_progress": epoch, "step": i + 1, "global_step": global_step, "preempted": flag}
+                m = {
+                    "epoch_in_progress": epoch,
+                    "step": i + 1,
+                    "global_step": global_step,
+                    "preempted": flag,
+                    "stopped": int(stopping),
+                }
                 report_checkpoint(
                     m,
                     state,
@@ -352,6 +365,9 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                 if preempted is not None:  # the node goes: nothing after this checkpoint would be kept
                     event(hooks, rank, "preempted", global_step)
                     wait_for_restart(preempted)
+                if stopping:  # the driver raises StageStopped; a re-run resumes here
+                    event(hooks, rank, "stopped", global_step)
+                    return
             if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
                 os.kill(os.getpid(), signal.SIGKILL)
             now = time.perf_counter()

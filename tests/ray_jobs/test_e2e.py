@@ -245,6 +245,68 @@ def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, 
     assert (run_dir / "model_card.json").is_file()
 
 
+def test_cli__address_driver_sigterm_stops_at_a_step_then_rerun_resumes(ray_cluster, acdc_store, tmp_path):
+    """SIGTERM to ``localcl finetune --address`` (what ``localcl jobs stop`` sends the job's
+    driver) mid-epoch: both workers stop after the same step and write a checkpoint there, the
+    driver exits naming the step without exporting the stage, and the same command again
+    resumes at exactly that step: no step is trained twice or skipped."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    epochs, steps = 3, 4
+    cfg = base_config(
+        acdc_store,
+        name="stop",
+        pretrain=None,
+        **{
+            "finetune.method": {"name": "supervised", **TINY},
+            "finetune.schedule": {"epochs": epochs, "steps_per_epoch": steps, "batch_size": 4},
+            "checkpoint.max_failures": 0,
+        },
+    )
+    cfg_path = tmp_path / "stop.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_dir, events = tmp_path / "run", tmp_path / "events"
+    events.mkdir()
+    env = dict(os.environ, RAY_ADDRESS="", LOCALCL_EVENTS_DIR=str(events))
+    args = ["finetune", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir), "--no-progress"]
+    ev = events / "finetune.events"
+
+    def lines() -> list[tuple[int, str, int]]:
+        out = []
+        for line in ev.read_text().splitlines() if ev.exists() else []:
+            r, what, v = line.split()
+            out.append((int(r), what, int(v)))
+        return out
+
+    proc = _cli(args, env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(w == "step" and v >= 2 for _, w, v in lines()):  # into epoch 1, before its end
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"driver ended before the second step:\n{proc.communicate()[0]}"
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, log
+    stopped = sorted({(r, v) for r, w, v in lines() if w == "stopped"})
+    assert [r for r, _ in stopped] == [0, 1], (stopped, log)  # both ranks, after the same step
+    at = stopped[0][1]
+    assert stopped[1][1] == at and 2 <= at < epochs * steps, stopped
+    assert f"stopped on SIGTERM at epoch {(at - 1) // steps + 1} step {(at - 1) % steps + 1}" in log, log
+    assert not (run_dir / "finetune" / "model" / "model.json").exists()
+    trained_before = [v for r, w, v in lines() if w == "step" and r == 0]
+    assert max(trained_before) == at  # nothing trained after the stop checkpoint
+
+    ev.write_text("")
+    proc2 = _cli(args, env)
+    log2, _ = proc2.communicate(timeout=300)
+    assert proc2.returncode == 0, log2
+    assert (0, "resume_step", at) in lines(), (lines(), log2)
+    again = [v for r, w, v in lines() if w == "step" and r == 0]
+    assert again == list(range(at + 1, epochs * steps + 1))  # the rest, each step once
+    hist = read_history(run_dir / "finetune" / "history.csv")
+    assert [int(r["epoch"]) for r in hist] == list(range(1, epochs + 1))
+
+
 # --------------------------------------------------------------------------- every method
 METHOD_CASES = {
     "ideal": ({"name": "ideal", "queue_size": 64, "proj_dim": 8}, {"name": "ideal"}, None),

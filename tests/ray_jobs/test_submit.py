@@ -234,6 +234,8 @@ def test_build_submission__working_dir_excludes_env_and_metadata(tmp_path, monke
     env = s.runtime_env["env_vars"]
     assert env["RAY_AUTH_MODE"] == "disabled" and env["AWS_REGION"] == "eu-west-1"
     assert env[cluster_submit.CONFIG_NAME_ENV] == "tiny.yaml"
+    # jobs stop: Ray waits this long after its SIGTERM, for the stop checkpoint (train/stop.py)
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == str(cluster_submit.JOB_STOP_WAIT_S) == "60"
     shipped = yaml.safe_load(env[cluster_submit.CONFIG_ENV])
     assert shipped["finetune"]["optim"]["lr"] == 0.01  # the override is baked in
     assert s.metadata["owner"] == "me" and s.metadata["localcl.job"] == "finetune"
