@@ -209,6 +209,19 @@ def test_pods__secrets_come_from_secret_refs(rendered):
     assert pw["valueFrom"]["secretKeyRef"] == {"name": "localcl-postgres", "key": "password"}
 
 
+def test_head__job_stop_waits_for_the_stop_checkpoint(rendered):
+    """Every overlay's head gives Ray's job supervisor (it runs there) the submitted jobs' stop
+    grace, so a RayJob deletion or ``jobs stop`` lets the driver write its stop checkpoint."""
+    from ray_jobs.cluster.submit import JOB_STOP_WAIT_S
+
+    for overlay, docs in rendered.items():
+        for rc in [_one(docs, "RayCluster")["spec"]] + [
+            d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"
+        ]:
+            env = {e["name"]: e for e in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+            assert env["RAY_JOB_STOP_WAIT_TIME_S"]["value"] == str(JOB_STOP_WAIT_S), overlay
+
+
 def test_configmap__configs_validate_with_the_project_validators(rendered, tmp_path):
     """The run configs and campaigns shipped to pods pass the same checks as `localcl submit`."""
     from ray_jobs.cluster import job_entry
