@@ -140,6 +140,23 @@ def make_store(s3: S3, work: Path, n_cases: int) -> str:
     return uri
 
 
+def sigterm_node(cluster: Any, node: str, s3: S3, snapshot: str) -> dict[str, Any]:
+    """SIGTERM ``node``'s process group, SIGKILL it if it is still there ``GRACE_S`` later;
+    returns the timeline (checkpoints registered at the signal, time to go, the GCS's death
+    record)."""
+    out: dict[str, Any] = {"registered_at_sigterm": [m.get("global_step") for m in registered(s3, snapshot)]}
+    cluster.kill_node(node, signal.SIGTERM)
+    out["sigterm_at"] = time.time()
+    if not cluster.wait_gone(node, timeout=GRACE_S):
+        cluster.kill_node(node, signal.SIGKILL)
+        out["needed_sigkill"] = True
+    out["node_gone_after_s"] = round(time.time() - out["sigterm_at"], 1)
+    out["ray_start_exit"] = cluster.nodes[node].proc.returncode
+    out["dead_after_s"] = round(cluster.wait_dead(node), 1)
+    out["death"] = cluster.node_states()[node]["death"]
+    return out
+
+
 def inject(
     fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
@@ -179,15 +196,7 @@ def inject(
             cluster.add_node(node)
             out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
     elif fault["kind"] == "sigterm" and not fault.get("drain", True):  # bare SIGTERM, no drain
-        out["registered_at_sigterm"] = [m.get("global_step") for m in registered(s3, snapshot)]
-        cluster.kill_node(node, signal.SIGTERM)
-        out["sigterm_at"] = time.time()
-        if not cluster.wait_gone(node, timeout=GRACE_S):
-            cluster.kill_node(node, signal.SIGKILL)
-            out["needed_sigkill"] = True
-        out["node_gone_after_s"] = round(time.time() - out["sigterm_at"], 1)
-        out["dead_after_s"] = round(cluster.wait_dead(node), 1)
-        out["death"] = cluster.node_states()[node]["death"]
+        out.update(sigterm_node(cluster, node, s3, snapshot))
     elif fault["kind"] == "sigterm":
         drain_s = int(fault.get("drain_s", GRACE_S))
         cluster.drain_node(node, deadline_s=drain_s, message="pod deletion (preStop)")
@@ -202,16 +211,7 @@ def inject(
             time.sleep(0.2)
         while time.time() < end:  # the preStop hook sleeps until the drain deadline
             time.sleep(0.2)
-        out["registered_at_sigterm"] = [m.get("global_step") for m in registered(s3, snapshot)]
-        cluster.kill_node(node, signal.SIGTERM)
-        out["sigterm_at"] = time.time()
-        if not cluster.wait_gone(node, timeout=GRACE_S):
-            cluster.kill_node(node, signal.SIGKILL)
-            out["needed_sigkill"] = True
-        out["node_gone_after_s"] = round(time.time() - out["sigterm_at"], 1)
-        out["ray_start_exit"] = cluster.nodes[node].proc.returncode
-        out["dead_after_s"] = round(cluster.wait_dead(node), 1)
-        out["death"] = cluster.node_states()[node]["death"]
+        out.update(sigterm_node(cluster, node, s3, snapshot))
     else:
         raise ValueError(f"unknown fault {fault['kind']}")
     return out
