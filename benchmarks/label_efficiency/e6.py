@@ -49,7 +49,9 @@ if not os.path.exists(path):
 lab = h.subset(D["train"], budget)
 ft = make_ft("supervised", seed=0)
 ft.load_backbone(torch.load(path), strict=False)
-pr = linear_probe(ft.unet.encoder, lab["image"], lab["label"], VAL["image"], VAL["label"], 4, steps=300, group=VAL["case"])
+pr = linear_probe(
+    ft.unet.encoder, lab["image"], lab["label"], VAL["image"], VAL["label"], 4, steps=300, group=VAL["case"]
+)
 print(tag, "probe", round(pr["dice"], 4), flush=True)
 for seed in seeds:
     ft = make_ft("supervised", seed=seed)
