@@ -15,8 +15,8 @@ The job is tiny (phantom store of 8 cases at 48x48x4, 48x48 slices, widths 8-16-
 pretraining 3 x 8 steps of IDEAL, supervised fine-tuning 6 x 8 steps, no evaluation stage: the
 Dice compared is the final validation Dice of fine-tuning); each run still pays Ray Train's
 start-up per stage and the cluster's, so the fault tests are ``slow`` (measured on 2 cores:
-SIGKILL test 145 s, SIGTERM test 119 s, rejoin test 127 s on 2026-12-06; bare SIGTERM 262 s
-with two study drivers sharing the cores).
+SIGKILL test 145 s, SIGTERM test 119-122 s, rejoin test 127 s, bare SIGTERM 104 s on
+2026-12-06).
 """
 
 from __future__ import annotations
