@@ -41,7 +41,9 @@ def cycle(loader: Any) -> Iterator[Any]:
 
 
 def build_loaders(spec: LoopSpec, rank: int, world: int) -> dict[str, Any]:
-    """Samplers for this worker. Returns ``{"main": Dataset, "unlabelled": Dataset|None}``."""
+    """Samplers for this worker (module docstring). Returns ``{"main": Dataset, "batched": bool,
+    "unlabelled": Dataset | None, "per_worker": int}``, plus ``"per_worker_u"`` in fine-tuning
+    and ``"labelled": Dataset | None, "per_worker_lab": int`` in slice pretraining."""
     cfg, schedule = spec.config, spec.schedule
     size = tuple(cfg.data.size)
     uri, so = spec.store, cfg.data.storage_options or None

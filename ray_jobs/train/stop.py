@@ -4,8 +4,9 @@ deletion of the submitter) ends a stage at the next step boundary with a checkpo
 How it travels:
 
 1. the driver (:func:`ray_jobs.train.trainer.fit_stage`) creates one :class:`StopRequest` actor
-   per stage and, while ``fit()`` runs in the main thread, a SIGTERM handler
-   (:func:`stop_on_sigterm`) that calls ``request()`` on it;
+   per stage when it runs in the main thread (:func:`new_stop_request`; elsewhere, e.g. in a
+   Tune trial, there is no handler to feed it and no actor), and, while ``fit()`` runs, a
+   SIGTERM handler (:func:`stop_on_sigterm`) that calls ``request()`` on it;
 2. every worker holds a :class:`StopWatch`: rank 0 asks the actor at most every ``poll_s``
    seconds, and the answer is broadcast to every rank at each step boundary (one 1-element
    collective per step), so all ranks stop after the same step;
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from ray_jobs.errors import UserError
 
-__all__ = ["StageStopped", "StopRequest", "StopWatch", "stop_on_sigterm"]
+__all__ = ["StageStopped", "StopRequest", "StopWatch", "new_stop_request", "stop_on_sigterm"]
 
 
 class StageStopped(UserError):
@@ -54,6 +55,14 @@ class StopRequest:
 
     def requested(self) -> bool:
         return self.at is not None
+
+
+def new_stop_request() -> Any | None:
+    """A :class:`StopRequest` actor for one stage, or None outside the main thread (where no
+    SIGTERM handler can be installed to set it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return StopRequest.remote()  # type: ignore[attr-defined]
 
 
 class StopWatch:
@@ -89,11 +98,11 @@ class StopWatch:
 
 @contextmanager
 def stop_on_sigterm(handle: Any, stage: str, log: Any = None) -> Iterator[dict[str, Any]]:
-    """While the block runs in the main thread, the first SIGTERM sets ``handle``'s flag
-    instead of ending the process; the yielded dict records ``{"at": time}`` when it did.
-    Elsewhere (a thread, e.g. a Tune trial) nothing is installed."""
+    """While the block runs, the first SIGTERM sets ``handle``'s flag instead of ending the
+    process; the yielded dict records ``{"at": time}`` when it did. ``handle`` None
+    (:func:`new_stop_request` outside the main thread): nothing is installed."""
     got: dict[str, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
+    if handle is None:
         yield got
         return
     previous = signal.getsignal(signal.SIGTERM)

@@ -46,7 +46,7 @@ from ray_jobs.cluster.local_head import free_port
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
 from ray_jobs.train.stage import STATE_FILE, LoopSpec
-from ray_jobs.train.stop import StageStopped, StopRequest, stop_on_sigterm
+from ray_jobs.train.stop import StageStopped, new_stop_request, stop_on_sigterm
 from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
 
@@ -169,7 +169,7 @@ def fit_stage(
     queue = None
     if progress and cfg.logging.progress:
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    stop = StopRequest.remote()  # type: ignore[attr-defined]
+    stop = new_stop_request()
     update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage, "stop_request": stop}
     if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
         if storage_fs is not None:
@@ -206,7 +206,8 @@ def fit_stage(
             f"checkpoint in {storage_path}"
         ) from exc
     finally:
-        ray.kill(stop)
+        if stop is not None:
+            ray.kill(stop)
         if renderer:
             renderer.stop()
         if queue is not None:

@@ -18,6 +18,8 @@ from ray_jobs.errors import ConfigError
 from ray_jobs.train import loaders, stage, worker
 from ray_jobs.train.stage import Init, LoopSpec, Plan, loop_spec
 
+from evalpredict_helpers import make_phantom_store
+
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"widths": [8, 16, 16]}
 
@@ -154,15 +156,23 @@ def test_loop_spec__hooks_default_to_the_events_dir_of_the_environment(monkeypat
     assert loop_spec(_cfg(), _plan(), "finetune").hooks == {}
 
 
+@pytest.fixture(scope="module")
+def phantom_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_phantom_store(tmp_path_factory.mktemp("phantom"))[1]
+
+
+def _phantom_plan(store: str) -> Plan:
+    """Patient 1 labelled, patients 2 and 3 unlabelled (ED frames), no val/test cases."""
+    lab, unl = ["patient001_frame01"], ["patient002_frame01", "patient003_frame01"]
+    return Plan(store, 4, {"0": "bg", "1": "a", "2": "b", "3": "c"}, lab, unl, lab + unl, [], [])
+
+
 @pytest.mark.parametrize("method", [m for m in sorted(METHODS) if METHODS[m].stages])
-def test_build_loaders__every_sampler_resamples_to_the_runs_pixel_size(tmp_path: Path, method: str) -> None:
+def test_build_loaders__every_sampler_resamples_to_the_runs_pixel_size(phantom_store: str, method: str) -> None:
     """Pretraining (every batch kind: slices, slices+superpixels, GLCL's partition batches) and
     fine-tuning read slices at ``data.spacing_mm``: a stage at another pixel size would pretrain
     on anatomy of a different scale than it is fine-tuned on (GLCL's partition sampler once did)."""
-    sys.path.insert(0, str(REPO / "tests" / "ray_jobs"))
-    from evalpredict_helpers import make_phantom_store
-
-    _, store = make_phantom_store(tmp_path)
+    store = phantom_store
     extra = {"local_depth": 2, "volumes_per_batch": 2, "input_size": 32} if method == "glcl" else {}
     cfg = C.validate(
         {
@@ -172,31 +182,19 @@ def test_build_loaders__every_sampler_resamples_to_the_runs_pixel_size(tmp_path:
             "finetune": {"method": {"name": "supervised", **SMALL}, "schedule": {"batch_size": 4}},
         }
     )
-    plan = Plan(
-        store=store,
-        num_classes=4,
-        label_names={"0": "bg", "1": "a", "2": "b", "3": "c"},
-        labelled=["patient001_frame01"],
-        unlabelled=["patient002_frame01", "patient003_frame01"],
-        pretrain_cases=["patient001_frame01", "patient002_frame01", "patient003_frame01"],
-        val=[],
-        test=[],
-    )
+    plan = _phantom_plan(store)
     stages = METHODS[method].stages
     for section, mstage in [("pretrain", s) for s in stages] + [("finetune", None)]:
         data = loaders.build_loaders(loop_spec(cfg, plan, section, method_stage=mstage), 0, 1)
-        sets = [d for d in (data["main"], data["unlabelled"]) if d is not None]
+        sets = [d for d in (data["main"], data["unlabelled"], data.get("labelled")) if d is not None]
         assert sets and all(d.spacing_mm == 2.5 for d in sets), (section, mstage, [type(d) for d in sets])
 
 
-def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budget(tmp_path: Path) -> None:
+def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budget(phantom_store: str) -> None:
     """MixCL's ``labelled_per_batch``: each worker draws ``labelled_per_batch / W`` slices from
     the label budget (labels visible) and the rest of its ``batch_size / W`` from the pool
     (labels of unlabelled cases hidden); the loop joins the two into one batch."""
-    sys.path.insert(0, str(REPO / "tests" / "ray_jobs"))
-    from evalpredict_helpers import make_phantom_store
-
-    _, store = make_phantom_store(tmp_path)
+    store = phantom_store
     d = {
         "name": "t",
         "data": {"store": store, "size": [32, 32], "label_budget": 1},
@@ -208,8 +206,8 @@ def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budge
         "scaling": {"num_workers": 2},
     }
     cfg = C.validate(d)
-    lab, unl = ["patient001_frame01"], ["patient002_frame01", "patient003_frame01"]
-    plan = Plan(store, 4, {"0": "bg", "1": "a", "2": "b", "3": "c"}, lab, unl, lab + unl, [], [])
+    plan = _phantom_plan(store)
+    lab, unl = plan.labelled, plan.unlabelled
     data = loaders.build_loaders(loop_spec(cfg, plan, "pretrain"), 1, 2)
     assert (data["per_worker"], data["per_worker_lab"]) == (2, 2)
     main, labelled = data["main"], data["labelled"]
@@ -229,3 +227,22 @@ def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budge
         C.validate({**d, "pretrain": {**d["pretrain"], "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 8}}})
     with pytest.raises(ConfigError, match="labelled_per_batch: 3 is not divisible by 2"):
         C.validate({**d, "pretrain": {**d["pretrain"], "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 3}}})
+
+
+def test_stop_request__none_outside_the_main_thread_and_then_no_handler() -> None:
+    """A stage fitted off the main thread (a Tune trial) gets no stop actor, so its workers do
+    no per-step stop collective, and SIGTERM keeps the handler it had."""
+    import signal
+    import threading
+
+    from ray_jobs.train.stop import StopWatch, new_stop_request, stop_on_sigterm
+
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(new_stop_request()))
+    t.start()
+    t.join()
+    assert got == [None]
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm(None, "finetune") as term:
+        assert signal.getsignal(signal.SIGTERM) is before and term == {}
+    assert not StopWatch(None, rank=0).due(torch.device("cpu"))
