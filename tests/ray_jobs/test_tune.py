@@ -23,7 +23,9 @@ from ray_jobs.campaign import run as campaign_run
 from ray_jobs.campaign import search as campaign_search
 from ray_jobs.campaign import spec as campaign_spec
 from ray_jobs.config import get_path
+from ray_jobs.config.run import Config
 from ray_jobs.errors import UserError
+from ray_jobs.study import spec as study_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -242,6 +244,23 @@ def test_load_campaign__shipped_campaigns_validate(path: Path) -> None:
     assert c.space and c.trials >= 6
     base = c.resolved_base()
     assert get_path(base, "pretrain.method.name") in (None, c.method)
+
+
+@pytest.mark.parametrize("name, key", [("ideal_acdc_cpu", "ideal"), ("lrc_acdc_cpu", "lrc")])
+def test_load_campaign__cpu_study_campaigns_train_what_the_study_cells_train(name: str, key: str) -> None:
+    # a value chosen by these campaigns is shipped in acdc_cpu.yaml, so each trial (its point
+    # aside) must pretrain and fine-tune exactly as the study's 3-patient cells of that method
+    c = campaign_spec.load_campaign(TUNE_CONFIGS / f"{name}.yaml")
+    trial = Config.model_validate(c.trial_config({})).model_dump(mode="json")
+    study = study_spec.load_study("acdc_cpu")
+    budget = next(b for b in study.budgets if b.name == "3pat")
+    cell = study_spec.cell_config(study, key, budget, 0, store="s", init=None).model_dump(mode="json")
+    pre = study_spec.pretrain_config(study, key, store="s", budget=None, seed=0).model_dump(mode="json")
+    assert trial["pretrain"] == pre["pretrain"]
+    assert {**trial["finetune"], "init": None} == cell["finetune"]
+    for k in ("label_budget", "seed", "size", "spacing_mm", "max_unlabelled", "splits"):
+        want = {**cell["data"]["splits"], "val": "val"} if k == "splits" else cell["data"][k]
+        assert trial["data"][k] == want, k
 
 
 def _write_campaign(tmp_path: Path, **changes: Any) -> Path:
