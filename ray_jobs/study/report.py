@@ -259,7 +259,7 @@ def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[
     """One plain sentence per method: the budgets where its Dice is above, within the seed noise
     of, or below its baseline's (paired by seed). Noise: twice the standard error of the paired
     differences, ``2 sd / sqrt(n)``; with one seed there is no noise estimate and the sign is
-    reported as it is."""
+    reported as it is, except that a difference printed as ``0.000`` is called tied."""
     out = []
     for m in study.methods:
         if m == study.baseline or is_extra_baseline(m):
@@ -267,11 +267,14 @@ def verdict_lines(study: StudyConfig, agg: Sequence[Mapping[str, Any]]) -> list[
         rows = [r for r in agg if r["method"] == m and r.get("delta") is not None]
         if not rows:
             continue
-        groups: dict[str, list[str]] = {"above": [], "within noise": [], "below": []}
+        groups: dict[str, list[str]] = {"above": [], "within noise": [], "tied": [], "below": []}
         for r in rows:
             se = 2 * r["delta_sd"] / math.sqrt(r["n_paired"]) if r.get("delta_sd") else 0.0
             kind = "above" if r["delta"] > se else "below" if r["delta"] < -se else "within noise"
-            txt = f"{r['budget_label']} ({r['delta']:+.3f}" + (f" ± {se:.3f}" if se else "") + ")"
+            if not se and abs(r["delta"]) < 0.0005:
+                kind = "tied"
+            txt = f"{r['budget_label']} ({abs(r['delta']) if kind == 'tied' else r['delta']:+.3f}"
+            txt += (f" ± {se:.3f}" if se else "") + ")"
             groups[kind].append(txt + (" [not compute-matched]" if r.get("steps_match") is False else ""))
         ref = baseline_of(study, m)
         s = f"- {m} vs `{ref}`: " + "; ".join(f"{k} at {', '.join(v)}" for k, v in groups.items() if v)

@@ -305,6 +305,16 @@ def test_verdict__noise_band_and_not_compute_matched_flag():
     assert "(Δ +0.100, ≠ steps)" in md
 
 
+def test_verdict__a_single_seed_difference_that_prints_as_zero_is_tied():
+    st = study_spec.load_study(
+        micro(budgets=[{"name": "a", "cases": ["patient099_frame01"]}, {"name": "b", "patients": 3}])
+    )
+    recs = [_rec("supervised", "a", 0, 0.5), _rec("lrc", "a", 0, 0.4998)]
+    recs += [_rec("supervised", "b", 0, 0.5), _rec("lrc", "b", 0, 0.4990)]
+    md = study_report.results_markdown(st, recs, total=4)
+    assert "- lrc vs `supervised`: tied at 1 volume (+0.000); below at 3 patients (-0.001) (paired over 1 seed)." in md
+
+
 def test_check_study__extra_baseline_cells_and_compare_to_are_validated():
     ok = micro(
         methods={
