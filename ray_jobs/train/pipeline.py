@@ -34,17 +34,23 @@ from storage.remote import join_uri, uri_exists
 
 
 def resolve_run_dir(cfg: Config, run_dir: str | None) -> str:
-    rd = run_dir or cfg.run_dir or os.path.join("runs", cfg.name)
-    if "://" not in rd:
-        rd = os.path.abspath(rd)
-    return rd
+    return absolute_uri(run_dir or cfg.run_dir or os.path.join("runs", cfg.name))
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (against the driver's working directory); URIs
+    with a scheme (``s3://``, ``memory://``) unchanged. Paths handed to Ray Train workers must
+    pass through here: the workers run in another working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) -> Plan:
     """Open (or ingest) the store and draw the label budget, the unlabelled pool and the
-    validation/test cases from the catalog."""
+    validation/test cases from the catalog. A relative local store path is made absolute here,
+    on the driver: Ray Train workers run in another working directory."""
     so = cfg.data.storage_options or None
     uri = cfg.data.store or join_uri(run_dir, "store.zarr")
+    uri = absolute_uri(uri)
     if not uri_exists(uri) or not has_cases(uri, so):
         if not cfg.data.source:
             raise UserError(f"data.store: {uri} does not exist and data.source is not set")
@@ -228,6 +234,7 @@ def run_stages(
                 or (join_uri(run_dir, "pretrain", "model") if cfg.pretrain is not None else None)
             )
             if src:
+                src = absolute_uri(src)
                 if not uri_exists(join_uri(src, "model.json")):
                     raise UserError(f"finetune.init: no exported model at {src} (run 'localcl pretrain' first)")
                 init = {"kind": "backbone", "dir": src}

@@ -229,6 +229,18 @@ def test_build_loaders__labelled_per_batch_draws_that_share_from_the_label_budge
         C.validate({**d, "pretrain": {**d["pretrain"], "method": {"name": "mixcl", **SMALL, "labelled_per_batch": 3}}})
 
 
+def test_prepare_data__a_relative_store_path_reaches_the_workers_absolute(phantom_store: str, monkeypatch) -> None:
+    # Ray Train workers run in the run's artifacts directory: `--set data.store=runs/x.zarr`
+    # must not be opened relative to it (it was: "store not found" from every worker)
+    from ray_jobs.train.pipeline import prepare_data
+
+    root = Path(phantom_store).parent
+    monkeypatch.chdir(root)
+    cfg = C.validate({"name": "t", "data": {"store": Path(phantom_store).name, "size": [32, 32]}})
+    plan = prepare_data(cfg, str(root / "run"), log=lambda m: None)
+    assert plan.store == phantom_store and Path(plan.store).is_absolute()
+
+
 def test_stop_request__none_outside_the_main_thread_and_then_no_handler() -> None:
     """A stage fitted off the main thread (a Tune trial) gets no stop actor, so its workers do
     no per-step stop collective, and SIGTERM keeps the handler it had."""
