@@ -69,7 +69,9 @@ from ray_jobs.train import pipeline
 
 
 def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
-    """Write STUDY_DIR/study.yaml; an existing study needs ``resume`` and the same config."""
+    """Write STUDY_DIR/study.yaml; an existing study needs ``resume`` and the same config, and
+    is left as it is. The file is replaced atomically: several drivers share a study directory
+    and read it while another one starts."""
     if "://" in study_dir:
         raise UserError(
             f"--study-dir {study_dir}: a study directory must be a local path "
@@ -91,9 +93,12 @@ def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
                 f"{study_dir} holds a study with a different config; --resume needs "
                 f"the same config (or choose another --study-dir)"
             )
+        return
     os.makedirs(study_dir, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(study.model_dump(mode="json"), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def _diagnostics(

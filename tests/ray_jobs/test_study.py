@@ -528,3 +528,21 @@ def test_file_lock__second_holder_waits_for_the_first(tmp_path):
         assert child.poll() is None  # still waiting for the lock
     waited = float(child.communicate(timeout=30)[0])
     assert waited >= 0.9 and msgs == []
+
+
+def test_prepare_study_dir__resume_leaves_study_yaml_alone_and_a_new_one_is_written_whole(tmp_path):
+    # drivers sharing a study directory read study.yaml while another driver starts: it was
+    # truncated and rewritten on every --resume, and a driver starting at that moment failed
+    # with "cannot read the existing study"
+    st = study_spec.load_study(micro())
+    d = str(tmp_path / "study")
+    study_run.prepare_study_dir(st, d, resume=False)
+    path = tmp_path / "study" / "study.yaml"
+    before = path.stat()
+    assert study_spec.load_study(yaml.safe_load(path.read_text())).hash() == st.hash()
+    study_run.prepare_study_dir(st, d, resume=True)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["study.yaml"]
+    with pytest.raises(UserError, match="holds a study already"):
+        study_run.prepare_study_dir(st, d, resume=False)
