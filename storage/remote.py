@@ -55,6 +55,13 @@ def is_url(uri: str | os.PathLike[str]) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (against this process's working directory); URIs
+    with a scheme (``s3://``, ``memory://``, ``file://``) unchanged. Paths handed to Ray Train
+    workers must pass through here: the workers run in another working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def forwarded_env() -> dict[str, str]:
     """The object-storage variables of :data:`FORWARDED_ENV` set in this process."""
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}

@@ -25,11 +25,10 @@ from ray_jobs.study.spec import (
     method_sections,
     pretrain_config,
     pretrain_owner,
-    store_uri,
 )
 from ray_jobs.train import pipeline
 from ray_jobs.train.stage import Plan, stage_done
-from storage.remote import join_uri, uri_exists
+from storage.remote import absolute_uri, join_uri, uri_exists
 
 
 @dataclass
@@ -67,7 +66,7 @@ def open_data(study: StudyConfig, study_dir: str, log: Callable[[str], None]) ->
     """Open the store (ingest ``base.data.source`` into STUDY_DIR/store.zarr once)."""
     dcfg = study.base.get("data") or {}
     so = dcfg.get("storage_options") or None
-    uri = store_uri(dcfg.get("store") or join_uri(study_dir, "store.zarr"))
+    uri = absolute_uri(dcfg.get("store") or join_uri(study_dir, "store.zarr"))
     if not uri_exists(uri) or not pipeline.has_cases(uri, so):
         if not dcfg.get("source"):
             raise UserError(f"base.data.store: {uri} does not exist and base.data.source is not set")
@@ -171,12 +170,18 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (another
+    driver of the study) sees the old file or the new one, never a half-written one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def cell_dir_of(study_dir: str, cell: Cell) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ray_jobs.errors import UserError
 from ray_jobs.study.cells import cell_dir_of, cells, read_json, resolve_cell, write_json
-from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, baseline_of, is_extra_baseline, store_uri
+from ray_jobs.study.spec import PROTOCOL_NOTES, PUBLISHED, StudyConfig, baseline_of, is_extra_baseline
+from storage.remote import absolute_uri
 
 
 # --------------------------------------------------------------------------- report
@@ -403,7 +404,10 @@ def finished_records(study: StudyConfig, study_dir: str, store: str) -> list[dic
     recs = []
     for cell in cells(study):
         r = read_json(os.path.join(cell_dir_of(study_dir, cell), "cell.json"))
-        if r is not None and r.get("config_hash") == resolve_cell(study, study_dir, cell, store_uri(store))[0].hash():
+        if (
+            r is not None
+            and r.get("config_hash") == resolve_cell(study, study_dir, cell, absolute_uri(store))[0].hash()
+        ):
             recs.append(r)
     return recs
 

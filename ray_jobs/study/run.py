@@ -60,6 +60,7 @@ from ray_jobs.study.cells import (
     quiet_log,
     read_json,
     resolve_cell,
+    write_atomic,
     write_json,
 )
 from ray_jobs.study.diagnostics import encoder_diagnostics
@@ -94,11 +95,7 @@ def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
                 f"the same config (or choose another --study-dir)"
             )
         return
-    os.makedirs(study_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(study.model_dump(mode="json"), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
 
 
 def _diagnostics(

@@ -310,7 +310,3 @@ def _validate(d: Mapping[str, Any], where: str) -> Config:
         return validate(d)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def store_uri(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)

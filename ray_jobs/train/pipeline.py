@@ -30,18 +30,11 @@ from ray_jobs.train.checkpoint import read_spec
 from ray_jobs.train.self_training import run_self_training
 from ray_jobs.train.stage import STAGE_DIRS, Plan, export_stage, loop_spec, stage_done
 from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
-from storage.remote import join_uri, uri_exists
+from storage.remote import absolute_uri, join_uri, uri_exists
 
 
 def resolve_run_dir(cfg: Config, run_dir: str | None) -> str:
     return absolute_uri(run_dir or cfg.run_dir or os.path.join("runs", cfg.name))
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a local path made absolute (against the driver's working directory); URIs
-    with a scheme (``s3://``, ``memory://``) unchanged. Paths handed to Ray Train workers must
-    pass through here: the workers run in another working directory."""
-    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) -> Plan:
@@ -49,8 +42,7 @@ def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     validation/test cases from the catalog. A relative local store path is made absolute here,
     on the driver: Ray Train workers run in another working directory."""
     so = cfg.data.storage_options or None
-    uri = cfg.data.store or join_uri(run_dir, "store.zarr")
-    uri = absolute_uri(uri)
+    uri = absolute_uri(cfg.data.store or join_uri(run_dir, "store.zarr"))
     if not uri_exists(uri) or not has_cases(uri, so):
         if not cfg.data.source:
             raise UserError(f"data.store: {uri} does not exist and data.source is not set")
