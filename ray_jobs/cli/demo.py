@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     table = (
         pipeline.summary_table(out.get("eval", {}))
         + f"\n\nmethod: {cfg.finetune.method.name} fine-tuning after {cfg.pretrain.method.name} "
-        f"pretraining; baseline: supervised from scratch; {cfg.data.label_budget} labelled "
-        f"patient(s); {len(out['plan'].test)} test volume(s)"
+        f"pretraining; baseline: supervised from scratch; {pipeline.describe_budget(cfg, out['plan'].labelled)}; "
+        f"{len(out['plan'].test)} test volume(s)"
     )
     # the table docs/getting-started.md quotes; scripts/check_demo_table.py compares the two
     pipeline.write_text(f"{run_dir}/demo_table.md", table + "\n")

@@ -69,6 +69,7 @@ class DataConfig(Strict):
     source: str | None = None  # MSD folder to ingest when the store does not exist yet
     storage_options: dict[str, Any] = Field(default_factory=dict)
     label_budget: int = Field(2, ge=1)  # labelled patients for fine-tuning
+    label_cases: list[str] | None = None  # exactly these labelled volumes (overrides label_budget)
     seed: int = Field(0, ge=0)
     size: tuple[int, int] = (192, 192)  # (H, W) crop/pad of each slice
     spacing_mm: tuple[float, float] | None = None  # in-plane resampling; null: native
@@ -84,6 +85,13 @@ class DataConfig(Strict):
     def _size_ok(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 16:
             raise ValueError("each side must be >= 16 pixels")
+        return v
+
+    @field_validator("label_cases")
+    @classmethod
+    def _label_cases_ok(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("label_cases must list at least one case, each once")
         return v
 
     @field_validator("spacing_mm")

@@ -14,7 +14,7 @@ import torch
 
 from localcl.methods import FINETUNE, METHODS
 from ray_jobs import config as C
-from ray_jobs.errors import ConfigError
+from ray_jobs.errors import ConfigError, UserError
 from ray_jobs.train import loaders, stage, worker
 from ray_jobs.train.stage import Init, LoopSpec, Plan, loop_spec
 
@@ -239,6 +239,27 @@ def test_prepare_data__a_relative_store_path_reaches_the_workers_absolute(phanto
     cfg = C.validate({"name": "t", "data": {"store": Path(phantom_store).name, "size": [32, 32]}})
     plan = prepare_data(cfg, str(root / "run"), log=lambda m: None)
     assert plan.store == phantom_store and Path(plan.store).is_absolute()
+
+
+def test_prepare_data__label_cases_picks_exactly_those_volumes_and_names_a_bad_one(phantom_store: str) -> None:
+    from ray_jobs.train.pipeline import describe_budget, prepare_data
+
+    base = {"name": "t", "data": {"store": phantom_store, "size": [32, 32]}}
+    by_patients = prepare_data(C.validate(base), "unused", log=lambda m: None)
+    one = by_patients.labelled[0]
+    cfg = C.validate({**base, "data": {**base["data"], "label_cases": [one]}})
+    plan = prepare_data(cfg, "unused", log=lambda m: None)
+    assert plan.labelled == [one]
+    # the volume's patient is out of the unlabelled pool (its other frame carries its labels' anatomy)
+    assert all(c.split("_")[0] != one.split("_")[0] for c in plan.unlabelled)
+    assert describe_budget(cfg, plan.labelled) == "1 labelled volume(s)"
+    assert describe_budget(C.validate(base), by_patients.labelled).endswith("labelled patient(s)")
+    val_case = plan.val[0]
+    bad = C.validate({**base, "data": {**base["data"], "label_cases": [val_case]}})
+    with pytest.raises(UserError, match=rf"data.label_cases: \['{val_case}'\] are not labelled cases of split 'train'"):
+        prepare_data(bad, "unused", log=lambda m: None)
+    with pytest.raises(ConfigError, match="each once"):
+        C.validate({**base, "data": {**base["data"], "label_cases": [one, one]}})
 
 
 def test_stop_request__none_outside_the_main_thread_and_then_no_handler() -> None:
