@@ -299,4 +299,6 @@ def prepare_data(campaign: Campaign, log: Any = print) -> dict[str, Any]:
     )
     if not plan.val:
         raise CampaignError("the campaign objective needs validation cases: data.splits.val is empty or null")
+    if pipeline.needs_superpixels(cfg):  # once here: a trial's placement group has no CPU for tasks
+        pipeline.ensure_superpixels(cfg, plan, log)
     return base

@@ -137,7 +137,7 @@ def run_section(
         log(f"{sdir}: already done ({model_dir}), skipping")
         return {"model_dir": model_dir, "history": None, "results": {}}
     method_cls = METHODS[cfg.pretrain.method.name] if section == "pretrain" and cfg.pretrain else None
-    if method_cls is not None and method_cls.pretrain_batch == "slices+superpixels":
+    if section == "pretrain" and needs_superpixels(cfg):
         ensure_superpixels(cfg, plan, log)
     mstages: list[str | None] = [None]
     if method_cls is not None:
@@ -177,13 +177,21 @@ def superpixel_task(uri: str, case: str, kwargs: dict[str, Any], so: Any) -> lis
     return list(storage.cache_derived(uri, "superpixels", fn, cases=[case], storage_options=so)["computed"])
 
 
+def needs_superpixels(cfg: Config) -> bool:
+    """Whether the run's pretraining reads super-pixel maps (LRC's ``slices+superpixels`` batches)."""
+    return cfg.pretrain is not None and METHODS[cfg.pretrain.method.name].pretrain_batch == "slices+superpixels"
+
+
 def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = print) -> list[str]:
     """Cache Felzenszwalb super-pixels (``localcl.losses.lrc.felzenszwalb_superpixels`` on the
     normalised native slice, via ``storage.cache_derived``, with the parameters the method
     declares in ``superpixel_params``) as the derived array ``superpixels`` of every
-    pretraining case that lacks it: one Ray task per case (1 CPU). Cached maps are reused
-    whatever their parameters (the store records ``fn`` in the array's attributes); delete the
-    array to recompute. Returns the cases computed."""
+    pretraining case that lacks it: one Ray task per case (1 CPU). Inside a placement group (a
+    Tune trial: its bundles hold the trial's workers, not CPUs for tasks, and a task would not
+    fit) the cases are computed in this process instead. Cached maps are reused whatever their
+    parameters (the store records ``fn`` in the array's attributes); delete the array to
+    recompute. ``localcl tune`` calls this in its driver before any trial starts. Returns the
+    cases computed."""
     so = cfg.data.storage_options or None
     st = storage.open_store(plan.store, storage_options=so)
     todo = [c for c in plan.pretrain_cases if not st.has_array(c, "superpixels")]
@@ -192,6 +200,8 @@ def ensure_superpixels(cfg: Config, plan: Plan, log: Callable[[str], None] = pri
     assert cfg.pretrain is not None
     kwargs = METHODS[cfg.pretrain.method.name].superpixel_params(cfg.method_config("pretrain"))
     log(f"superpixels: {len(todo)} case(s) (felzenszwalb {kwargs or 'defaults'})")
+    if ray.is_initialized() and ray.util.get_current_placement_group() is not None:
+        return [c for case in todo for c in superpixel_task(plan.store, case, kwargs, so)]
     task = ray.remote(num_cpus=1, runtime_env=worker_runtime_env() or None)(superpixel_task)  # type: ignore[arg-type]  # ray.remote annotates runtime_env as Dict; its option check accepts None
     done = ray.get([task.remote(plan.store, c, kwargs, so) for c in todo])
     return [c for part in done for c in part]

@@ -262,6 +262,47 @@ def test_prepare_data__label_cases_picks_exactly_those_volumes_and_names_a_bad_o
         C.validate({**base, "data": {**base["data"], "label_cases": [one, one]}})
 
 
+@pytest.mark.ray
+def test_ensure_superpixels__inside_a_trials_placement_group_computes_in_process(
+    phantom_store: str, ray_cluster, tmp_path: Path
+) -> None:
+    """A Tune trial runs in a placement group whose bundle holds the trial actor only (memory, no
+    CPU): a super-pixel task asking for 1 CPU cannot be placed there, and every trial of the
+    LRC campaign failed with 'cannot fit into any bundles'. Inside a placement group the maps
+    are computed in the caller's process."""
+    import shutil
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    import storage
+    from ray_jobs.train.pipeline import ensure_superpixels, needs_superpixels
+
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(phantom_store, store)
+    cfg = C.validate(
+        {
+            "name": "t",
+            "data": {"store": store, "size": [32, 32], "label_budget": 1},
+            "pretrain": {"method": {"name": "lrc", **SMALL}},
+            "finetune": {"method": {"name": "supervised", **SMALL}},
+        }
+    )
+    assert needs_superpixels(cfg)
+    plan = _phantom_plan(store)
+    pg = placement_group([{"memory": 64 * 2**20}])
+    ray_cluster.get(pg.ready(), timeout=60)
+    try:
+        in_trial = ray_cluster.remote(num_cpus=0)(lambda: ensure_superpixels(cfg, plan, log=lambda m: None))
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+        done = ray_cluster.get(in_trial.options(scheduling_strategy=strategy).remote(), timeout=300)
+    finally:
+        remove_placement_group(pg)
+    assert sorted(done) == sorted(plan.pretrain_cases)
+    st = storage.open_store(store)
+    assert all(st.has_array(c, "superpixels") for c in plan.pretrain_cases)
+
+
 def test_stop_request__none_outside_the_main_thread_and_then_no_handler() -> None:
     """A stage fitted off the main thread (a Tune trial) gets no stop actor, so its workers do
     no per-step stop collective, and SIGTERM keeps the handler it had."""
