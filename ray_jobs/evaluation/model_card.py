@@ -126,7 +126,8 @@ def build_model_card(
         method: pretraining method (``METHODS`` key) or ``None`` without pretraining.
         strategy: fine-tuning strategy (``FINETUNE`` key).
         store: the store object or its URI (fingerprinted unless ``fingerprint`` is given).
-        label_budget: number of labelled patients; ``labelled_cases`` the cases used.
+        label_budget: number of labelled patients (None when the run named its labelled volumes,
+            ``data.label_cases``); ``labelled_cases`` the cases used.
         config: the resolved config as a dict (stored verbatim, hashed with :func:`config_hash`).
         metrics: ``{model name: evaluation summary}``, e.g. ``{"method": ..., "baseline": ...}``.
         extra: anything else JSON-serialisable (e.g. timings).
@@ -171,7 +172,9 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- pretraining method: `{m.get('pretrain') or 'none (random initialisation)'}`",
         f"- fine-tuning strategy: `{m.get('finetune')}`",
         f"- data: `{d.get('store')}` (fingerprint `{(d.get('store_fingerprint') or '')[:16]}`)",
-        f"- label budget: {d.get('label_budget')} patient(s), {len(d.get('labelled_cases') or [])} labelled case(s)"
+        f"- label budget: "
+        + (f"{d['label_budget']} patient(s), " if d.get("label_budget") is not None else "")
+        + f"{len(d.get('labelled_cases') or [])} labelled case(s)"
         + (
             f": {', '.join(d['labelled_cases'][:8])}" + (" ..." if len(d["labelled_cases"]) > 8 else "")
             if d.get("labelled_cases")

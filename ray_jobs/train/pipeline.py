@@ -355,7 +355,7 @@ def write_run_card(
         method=cfg.pretrain.method.name if cfg.pretrain is not None else None,
         strategy=cfg.finetune.method.name if cfg.finetune is not None else None,
         store=plan.store,
-        label_budget=cfg.data.label_budget,
+        label_budget=cfg.data.label_budget if cfg.data.label_cases is None else None,
         labelled_cases=plan.labelled,
         config=cfg.to_dict(),
         metrics=metrics or {},

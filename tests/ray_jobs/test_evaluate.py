@@ -306,7 +306,12 @@ def test_evaluate_store__single_stream_model_has_no_stream_scores(
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
     import storage
     from ray_jobs.config import Config
-    from ray_jobs.evaluation.model_card import build_model_card, store_fingerprint, write_model_card
+    from ray_jobs.evaluation.model_card import (
+        build_model_card,
+        model_card_markdown,
+        store_fingerprint,
+        write_model_card,
+    )
     from storage.phantom import make_phantom_dataset
 
     cfg = Config(name="card-test")
@@ -342,6 +347,10 @@ def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, s
     assert loaded["method"] == {"pretrain": "ideal", "finetune": "supervised"}
     md = (tmp_path / "run" / "MODEL_CARD.md").read_text()
     assert "`ideal`" in md and "0.800 ± 0.000" in md and cfg.hash() in md
+    assert "- label budget: 1 patient(s), 1 labelled case(s): patient001_frame01" in md
+    # a run that named its labelled volumes (data.label_cases) has no patient count
+    named = model_card_markdown({**card, "data": {**card["data"], "label_budget": None}})
+    assert "- label budget: 1 labelled case(s): patient001_frame01" in named
 
 
 # --------------------------------------------------------------------------- plots
