@@ -172,7 +172,7 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- pretraining method: `{m.get('pretrain') or 'none (random initialisation)'}`",
         f"- fine-tuning strategy: `{m.get('finetune')}`",
         f"- data: `{d.get('store')}` (fingerprint `{(d.get('store_fingerprint') or '')[:16]}`)",
-        f"- label budget: "
+        "- label budget: "
         + (f"{d['label_budget']} patient(s), " if d.get("label_budget") is not None else "")
         + f"{len(d.get('labelled_cases') or [])} labelled case(s)"
         + (
