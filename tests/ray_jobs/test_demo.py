@@ -27,7 +27,7 @@ def test_getting_started__quotes_a_demo_table_for_both_models():
     table = load_script().quoted_table((REPO / "docs" / "getting-started.md").read_text())
     rows = [r for r in table.splitlines() if r.startswith("| method |") or r.startswith("| baseline |")]
     assert len(rows) == 2 and "..." not in table, table
-    assert "labelled patient(s)" in table
+    assert "1 labelled volume(s)" in table  # the shipped budget: data.label_cases, one volume
 
 
 def test_check_demo_table__match_stale_and_write(tmp_path: Path):
@@ -65,4 +65,4 @@ def test_cli_demo__tiny_run_prints_and_writes_the_table(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "demo" / "demo_table.md").read_text()
     assert table.strip() in proc.stdout
-    assert "| method |" in table and "| baseline |" in table and "2 labelled patient(s)" in table
+    assert "| method |" in table and "| baseline |" in table and "1 labelled volume(s)" in table
