@@ -154,6 +154,18 @@ class Catalog:
         idx = np.random.default_rng(seed).choice(len(patients), size=n_patients, replace=False)
         return self.cases_of([patients[i] for i in idx], within=pool_cases)
 
+    def named_budget(self, cases: Iterable[str], pool: str = "train") -> list[str]:
+        """A label budget given as exactly ``cases`` (sorted). Each must be a labelled case of
+        split ``pool``: ValueError names the first few that are not."""
+        if pool not in self.splits:
+            raise ValueError(f"pool {pool!r} is not a split; known splits: {sorted(self.splits)}")
+        usable = set(self.splits[pool]) & set(self.labelled)
+        cases = list(cases)
+        bad = [c for c in cases if c not in usable]
+        if bad:
+            raise ValueError(f"{bad[:3]} are not labelled cases of split {pool!r}")
+        return sorted(cases)
+
     def unlabelled_pool(self, budget_cases: Iterable[str], pool: str = "train") -> list[str]:
         """Cases of split ``pool`` outside the budget, and outside the budget's patients
         (labels hidden for semi-supervised training; includes truly unlabelled cases)."""

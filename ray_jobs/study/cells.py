@@ -108,11 +108,10 @@ def budget_cases(data: Data, budget: Budget, label_seed: int, pool: str) -> list
             return list(data.catalog.label_budget(budget.patients, seed=label_seed, pool=pool))
         except ValueError as exc:
             raise UserError(f"budgets.{budget.name}.patients: {exc}") from None
-    lab = set(data.catalog.labelled)
-    bad = [c for c in budget.cases or [] if c not in set(data.pool) or c not in lab]
-    if bad:
-        raise UserError(f"budgets.{budget.name}.cases: {bad[:3]} not labelled cases of split {pool!r}")
-    return sorted(budget.cases or [])
+    try:
+        return list(data.catalog.named_budget(budget.cases or [], pool=pool))
+    except ValueError as exc:
+        raise UserError(f"budgets.{budget.name}.cases: {exc}") from None
 
 
 def patient_equivalents(data: Data, cases: Sequence[str]) -> float:

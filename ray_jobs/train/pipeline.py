@@ -54,7 +54,7 @@ def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     for key, name in (("pool", sp.pool), ("val", sp.val), ("test", cfg.evaluate.split or sp.test)):
         if name is not None and name not in cat.splits:
             raise UserError(f"data.splits.{key}: split {name!r} not in the store (has {sorted(cat.splits)})")
-    labelled = budget_cases(cfg, cat, st.labelled_cases, uri)
+    labelled = budget_cases(cfg, cat, uri)
     unlabelled = cat.unlabelled_pool(labelled, pool=sp.pool)
     if cfg.data.max_unlabelled is not None:
         unlabelled = unlabelled[: cfg.data.max_unlabelled]
@@ -74,17 +74,16 @@ def prepare_data(cfg: Config, run_dir: str, log: Callable[[str], None] = print) 
     return Plan(uri, num_classes, names, labelled, unlabelled, pretrain_cases, val, test, str(fp))
 
 
-def budget_cases(cfg: Config, cat: Any, labelled_cases: Sequence[str], uri: str) -> list[str]:
+def budget_cases(cfg: Config, cat: Any, uri: str) -> list[str]:
     """The labelled volumes of the run: ``data.label_cases`` as given (each must be a labelled
     case of the pool split), else ``data.label_budget`` patients drawn by the catalog."""
     pool = cfg.data.splits.pool
     if cfg.data.label_cases is None:
         return list(cat.label_budget(cfg.data.label_budget, seed=cfg.data.seed, pool=pool))
-    usable = set(cat.splits[pool]) & set(labelled_cases)
-    bad = [c for c in cfg.data.label_cases if c not in usable]
-    if bad:
-        raise UserError(f"data.label_cases: {bad[:3]} are not labelled cases of split {pool!r} in {uri}")
-    return sorted(cfg.data.label_cases)
+    try:
+        return list(cat.named_budget(cfg.data.label_cases, pool=pool))
+    except ValueError as exc:
+        raise UserError(f"data.label_cases: {exc} in {uri}") from None
 
 
 def describe_budget(cfg: Config, labelled: Sequence[str]) -> str:

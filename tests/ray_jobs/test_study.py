@@ -370,7 +370,9 @@ def test_plans__budgets_fixed_and_pretraining_label_free(tiny_store, tmp_path):
     cell = study_cells.cell_plan(data, cfg, ["patient099_frame01"], use_unlabelled=False)
     assert cell.unlabelled == [] and cell.val == [] and cell.test == data.test
     bad = study_spec.Budget(name="x", cases=["patient002_frame01"])  # a val case is not in the pool
-    with pytest.raises(UserError, match=r"budgets.x.cases: \['patient002_frame01'\] not labelled"):
+    with pytest.raises(
+        UserError, match=r"budgets.x.cases: \['patient002_frame01'\] are not labelled cases of split 'train'"
+    ):
         study_cells.budget_cases(data, bad, 0, "train")
     with pytest.raises(UserError, match="budgets.y.patients: n_patients=9 exceeds"):
         study_cells.budget_cases(data, study_spec.Budget(name="y", patients=9), 0, "train")
