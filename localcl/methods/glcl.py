@@ -17,7 +17,8 @@ Two pre-training stages, run in order (``stages = ("global", "local")``):
    with ``t`` = :func:`localcl.augment.glcl_global_view` (100/192 crop, offset U[10, 70),
    bilinear resize, brightness/contrast, clip [0, 1.5]). Volumes are paired (v0, v1), (v2, v3), ...
    in order of appearance (clean batches, pitfall §1.10.1).
-2. ``"local"`` — ``e`` frozen **and in eval mode** (pitfall §1.10.2), decoder blocks
+2. ``"local"`` — ``e`` frozen **and in eval mode** (pitfall §1.10.2; ``local_encoder="frozen"``,
+   the spec) or trained with the local loss too (``local_encoder="trained"``, an option), decoder blocks
    ``d_1..d_l`` + ``g2`` (1×1 conv C_l, BN, ReLU → 1×1 conv C_l) + the shared 3×3-region linear
    map (9·C_l → 128) trained with L^R (default) or L^D
    (:class:`localcl.losses.glcl_local.GLCLLocalLoss`) on two intensity-only views
@@ -68,6 +69,10 @@ class GLCLConfig(BaseMethodConfig):
         local_batch: slices per local-stage step (12); read by ``ray_jobs``.
         iterations_global, iterations_local: 10,001 each.
         gather_distributed: G^R/G^D negatives from all workers (positives stay local).
+        local_encoder: "frozen" (the spec: stage 2 trains ``d_1..d_l``, ``g2`` and the region map
+            on a frozen, eval-mode encoder) or "trained" (option: the encoder is trained by the
+            local loss too, in train mode, so that stage 2 can restore the per-location
+            information the global loss does not need).
     """
 
     input_size: Count = 192
@@ -87,6 +92,7 @@ class GLCLConfig(BaseMethodConfig):
     iterations_global: Count = 10001
     iterations_local: Count = 10001
     gather_distributed: bool = False
+    local_encoder: Literal["frozen", "trained"] = "frozen"
 
     @model_validator(mode="after")
     def _geometry(self) -> GLCLConfig:
@@ -145,6 +151,8 @@ class GLCL(PretrainMethod):
             mods: list[nn.Module] = [self.unet.encoder, self.g1]
         else:
             mods = [*self.unet.decoder.blocks[: self.cfg.local_depth], self.g2, self.local_loss]
+            if self.cfg.local_encoder == "trained":
+                mods.insert(0, self.unet.encoder)
         return [p for m in mods for p in m.parameters()]
 
     def pretrain_step(self, batch: Mapping[str, Tensor], step: int = 0, stage: str | None = None) -> dict[str, Tensor]:
@@ -194,19 +202,22 @@ def glcl_global_step(model: GLCL, batch: Mapping[str, Tensor]) -> dict[str, Tens
 
 
 def glcl_local_step(model: GLCL, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Stage-2 step: frozen eval-mode encoder, two intensity views, L^R / L^D.
+    """Stage-2 step: frozen eval-mode encoder (or a trained one), two intensity views, L^R / L^D.
 
     Returns ``{"loss", "local"}``.
     """
     check_batch(batch, ("image",), "glcl local stage")
     cfg = model.cfg
     x = batch["image"]
-    model.unet.encoder.eval()  # frozen: no running-statistics updates either (pitfall §1.10.2)
     gen = model.generator
     v1, v2 = intensity_view(x, gen), intensity_view(x, gen)
-    with torch.no_grad():
+    if cfg.local_encoder == "trained":
         enc = model.unet.encoder(torch.cat([v1, v2], 0))
-    decs = model.unet.decoder([e.detach() for e in enc], num_blocks=cfg.local_depth)
+    else:
+        model.unet.encoder.eval()  # frozen: no running-statistics updates either (pitfall §1.10.2)
+        with torch.no_grad():
+            enc = [e.detach() for e in model.unet.encoder(torch.cat([v1, v2], 0))]
+    decs = model.unet.decoder(enc, num_blocks=cfg.local_depth)
     f = model.g2(decs[-1])
     f1, f2 = f.chunk(2, 0)
     if cfg.local_loss == "D":

@@ -323,6 +323,29 @@ def test_glcl_local_stage__encoder_frozen_including_batchnorm_statistics(acdc_ba
     assert {id(p) for p in m.stage_parameters("global")} >= enc_ids
 
 
+def test_glcl_local_stage__trained_encoder_option_updates_encoder_and_its_statistics(
+    acdc_batch: dict[str, torch.Tensor],
+) -> None:
+    m = METHODS["glcl"](METHODS["glcl"].Config(**_small("glcl", local_encoder="trained")), 1, 4)
+    enc = copy.deepcopy(m.unet.encoder.state_dict())
+    enc_ids = {id(p) for p in m.unet.encoder.parameters()}
+    params = m.stage_parameters("local")
+    assert enc_ids <= {id(p) for p in params}
+    frozen = {id(p) for p in METHODS["glcl"](METHODS["glcl"].Config(**_small("glcl")), 1, 4).stage_parameters("local")}
+    assert len(params) == len(frozen) + len(enc_ids)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    m.train()
+    out = m.pretrain_step(acdc_batch, 0, "local")
+    opt.zero_grad()
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.unet.encoder.parameters())
+    opt.step()
+    assert m.unet.encoder.training
+    changed = [k for k, v in m.unet.encoder.state_dict().items() if not torch.equal(v, enc[k])]
+    assert any(k.endswith("running_mean") for k in changed)
+    assert any(k.endswith("weight") for k in changed)
+
+
 @pytest.mark.parametrize("variant, n_views", [("D", 2), ("D-", 3), ("R", 2)])
 def test_glcl_global_variants__embed_the_spec_views(
     variant: str, n_views: int, acdc_batch: dict[str, torch.Tensor]
