@@ -145,28 +145,34 @@ class LoopbackCluster:
             self.add_node(name)
         return self
 
-    def add_node(self, name: str, wait: bool = True) -> Node:
+    def add_node(self, name: str, wait: bool = True, attempts: int = 3) -> Node:
         """Start worker node ``name`` (``--num-cpus worker_cpus``, resource ``node_<name>``,
         label ``localcl-node=<name>``) and, with ``wait``, return once it is registered alive.
-        A name may be reused after :meth:`kill_node` (a replacement node)."""
+        A name may be reused after :meth:`kill_node` (a replacement node).
+
+        ``ray start`` gives a raylet 30 s to register with the GCS (hard-coded in Ray) and exits
+        with "timed out during startup" on a loaded machine; with ``wait`` such a start is
+        killed and retried, up to ``attempts`` starts in all."""
         old = self.nodes.get(name)
         if old is not None and old.proc.poll() is None:
             raise ValueError(f"node {name} is running")
-        node = self._spawn(
-            name,
-            [
-                "--address",
-                self.address,
-                "--num-cpus",
-                str(self.worker_cpus),
-                "--resources",
-                json.dumps({f"node_{name}": 1}),
-            ],
-        )
-        self._event("add", name)
-        if wait:
-            self.wait_alive({name})
-        return node
+        args = ["--address", self.address, "--num-cpus", str(self.worker_cpus)]
+        args += ["--resources", json.dumps({f"node_{name}": 1})]
+        for attempt in range(1, attempts + 1):
+            node = self._spawn(name, args)
+            self._event("add", name)
+            if not wait:
+                return node
+            try:
+                self.wait_alive({name})
+                return node
+            except RuntimeError as exc:
+                if attempt == attempts or "timed out during startup" not in str(exc):
+                    raise
+                self._event("start timed out", name, attempt=attempt)
+                self.kill_node(name)  # whatever the failed start left running
+                time.sleep(5.0)  # a raylet that registered late is declared dead meanwhile (tests: 3 s)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal node ``name``. SIGKILL: the node vanishes: its process group (the ``ray
@@ -250,7 +256,9 @@ class LoopbackCluster:
     # ------------------------------------------------------------------ state
     def node_states(self) -> dict[str, dict[str, Any]]:
         """``{name: {"node_id", "alive", "resources", "death"}}`` of every node the GCS knows by label
-        (the State API; a dead node stays listed, ``alive`` False)."""
+        (the State API; a dead node stays listed, ``alive`` False). Where a name was reused (a
+        replacement node), the entry is the node this cluster last started under that name once
+        its id is known, else the live one."""
         from ray.util.state import list_nodes
 
         try:
@@ -266,7 +274,11 @@ class LoopbackCluster:
             if not name:
                 continue
             alive = n.get("state") == "ALIVE"
-            if name in out and out[name]["alive"] and not alive:
+            ours = self.nodes.get(name)
+            if name in out and ours is not None and ours.node_id:
+                if n["node_id"] != ours.node_id:
+                    continue  # an earlier node of the same name
+            elif name in out and out[name]["alive"] and not alive:
                 continue  # a replacement node of the same name is alive
             out[name] = {
                 "node_id": n["node_id"],

@@ -6,7 +6,8 @@
 1. starts a moto S3 server on 127.0.0.1 and ingests a phantom store into ``s3://faults/``;
 2. starts a ``LoopbackCluster``: a head (no CPUs) and worker nodes ``a`` and ``b``
    (1 CPU each);
-3. for every run of the spec, starts the real CLI (``python -m ray_jobs.cli <verb> --address
+3. for every run of the spec (one after another on the same cluster; a node lost in the
+   previous run is replaced first, :func:`refresh_node_view`), starts the real CLI (``python -m ray_jobs.cli <verb> --address
    127.0.0.1:6379 --run-dir s3://faults/<run>``) with ``LOCALCL_EVENTS_DIR`` set, injects the
    run's fault once the first pretraining step checkpoint is registered in Ray Train's
    ``checkpoint_manager_snapshot.json``, and waits for the CLI;
@@ -21,7 +22,8 @@ preemption with a ``drain_s`` deadline and sleep until it (recording when the pr
 checkpoint is registered), then SIGTERM the node's process group, and SIGKILL it if it is
 still there ``GRACE_S`` = 30 s later; ``{"kind": "sigterm", "node": "b", "drain": false}``: a bare
 SIGTERM (no drain: a node shut down outside Kubernetes' preStop path) once the first pretraining
-step checkpoint is registered, SIGKILL after ``GRACE_S``.
+step checkpoint is registered, SIGKILL after ``GRACE_S``. ``"rejoin": true`` on a SIGKILL: a
+replacement node of the same name joins once the stage runs on the survivor alone.
 
 Every process it starts is ended on the way out (``LoopbackCluster.close``; the CLI runs in this
 process's group, which the test kills on a timeout).
@@ -157,6 +159,29 @@ def sigterm_node(cluster: Any, node: str, s3: S3, snapshot: str) -> dict[str, An
     return out
 
 
+def refresh_node_view(cluster: Any) -> bool:
+    """Make Ray Train see a node that (re)joined now rather than up to 20 s later.
+
+    Ray Train's elastic scaling asks Ray's ``AutoscalingCoordinator`` (a detached actor, one
+    per cluster) how many workers fit; the coordinator re-reads the cluster's nodes only on its
+    tick, every 20 s (``TICK_INTERVAL_S``). On a real cluster a replacement node is therefore
+    used up to 20 s after it registers; here the driver forces the tick
+    (``get_reserved_resources(recompute=True)``) so that each run starts on the full cluster
+    and a rejoin is seen at once. False if no coordinator exists yet (nothing to refresh)."""
+    import ray
+
+    ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        try:
+            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return False
+        ray.get(coordinator.get_reserved_resources.remote("localcl-fault-driver", recompute=True), timeout=60)
+        return True
+    finally:
+        ray.shutdown()
+
+
 def inject(
     fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
@@ -195,6 +220,7 @@ def inject(
             out["shrunk_after_kill_s"] = round(time.time() - out["killed_at"], 1)
             cluster.add_node(node)
             out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
+            out["node_view_refreshed"] = refresh_node_view(cluster)
     elif fault["kind"] == "sigterm" and not fault.get("drain", True):  # bare SIGTERM, no drain
         out.update(sigterm_node(cluster, node, s3, snapshot))
     elif fault["kind"] == "sigterm":
@@ -332,9 +358,13 @@ def main(spec_path: str) -> int:
         cluster.start(tuple(spec.get("workers", ("a", "b"))))
         report["cluster_start_s"] = round(time.time() - t0, 1)
         for run in spec["runs"]:
+            replaced = False
             for name in spec.get("workers", ("a", "b")):  # every run starts on the full cluster
                 if cluster.nodes[name].proc.poll() is not None:
                     cluster.add_node(name)
+                    replaced = True
+            if replaced:
+                refresh_node_view(cluster)
             report["runs"].append(one_run(run, spec, cluster, s3, work))
     except Exception:
         report["error"] = traceback.format_exc()
