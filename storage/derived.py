@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import zarr
 
+from storage.errors import StoreError
 from storage.preprocess import normalise
-from storage.store import open_store
+from storage.store import VolumeStore, open_store
+
+CONCURRENT_WAIT_S = 600.0  # how long to wait for another writer of the same derived array
 
 
 def cache_derived(
@@ -18,6 +23,7 @@ def cache_derived(
     cases: Iterable[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    concurrent_wait_s: float = CONCURRENT_WAIT_S,
 ) -> dict[str, list[str]]:
     """Compute ``fn(slice) -> int map`` for every slice of every case and store it as ``name``.
 
@@ -25,7 +31,10 @@ def cache_derived(
     float32 (X, Y), and must return an integer array of shape (X, Y). Results are stacked to
     (X, Y, Z) and stored as uint16 when all values fit in 0..65535, else int32. Cases that
     already hold a complete ``name`` array are skipped (unless ``overwrite``), so an interrupted
-    run resumes where it stopped.
+    run resumes where it stopped. Several processes may cache the same store at once (two jobs
+    on one store): when another one creates ``name`` for a case between this one's check and its
+    write, this one waits up to ``concurrent_wait_s`` for that array to be complete and keeps it
+    (the same ``fn`` of the same image), listing the case as skipped.
 
     Returns ``{"computed": [...], "skipped": [...]}``.
     """
@@ -52,8 +61,26 @@ def cache_derived(
         if lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
             raise ValueError(f"fn values {lo}..{hi} do not fit in int32 (case {case!r})")
         vol = vol.astype(np.uint16 if lo >= 0 and hi <= 65535 else np.int32)
-        st.put_derived(
-            case, name, vol, {"fn": getattr(fn, "__qualname__", repr(fn)), "input": "(x-p1)/(p99-p1) native slice"}
-        )
+        attrs = {"fn": getattr(fn, "__qualname__", repr(fn)), "input": "(x-p1)/(p99-p1) native slice"}
+        try:
+            st.put_derived(case, name, vol, attrs)
+        except zarr.errors.ContainsArrayError:  # another process created it meanwhile
+            wait_complete(st, case, name, concurrent_wait_s)
+            done["skipped"].append(case)
+            continue
         done["computed"].append(case)
     return done
+
+
+def wait_complete(st: VolumeStore, case: str, name: str, timeout_s: float) -> None:
+    """Wait until derived array ``name`` of ``case`` is complete (written by another process);
+    a clear error naming the store, case and array if it is not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not st.has_array(case, name):
+        if time.monotonic() > deadline:
+            raise StoreError(
+                f"{st.uri}: derived array {name!r} of case {case!r} was created by another process "
+                f"and is still incomplete after {timeout_s:.0f} s (that writer may have died; run "
+                f"again: an incomplete array is recomputed)"
+            )
+        time.sleep(0.5)

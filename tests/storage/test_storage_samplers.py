@@ -206,6 +206,47 @@ def test_slice_dataset__derived_superpixels_and_views(tmp_path, synth) -> None:
         storage.cache_derived(uri, "bad", lambda s: s.astype(np.float32), overwrite=True)
 
 
+def test_cache_derived__another_writer_of_the_same_array_is_waited_for_and_kept(tmp_path, synth, monkeypatch) -> None:
+    """Two jobs caching super-pixels of one store at once: when the other process creates a
+    case's array between this one's check and its write (zarr's ContainsArrayError), this one
+    keeps the other's array once complete instead of failing; an array that never completes is
+    a clear error naming the case."""
+    import zarr
+
+    from storage.store import VolumeStore
+
+    src = synth.make_msd(tmp_path / "src", ["c0", "c1"])
+    uri = str(tmp_path / "s.zarr")
+    storage.ingest(src, uri, progress=False)
+    put = VolumeStore.put_derived
+
+    def fn(s: np.ndarray) -> np.ndarray:
+        return (s > 0.5).astype(np.int64)
+
+    def other_writer_first(self, case, name, array, attrs=None):  # noqa: ANN001
+        if case == "c1":  # the other process's write lands between the check and the create
+            put(self, case, name, array, {"writer": "other"})
+            raise zarr.errors.ContainsArrayError(f"An array exists at cases/{case}/{name}")
+        put(self, case, name, array, attrs)
+
+    monkeypatch.setattr(VolumeStore, "put_derived", other_writer_first)
+    assert storage.cache_derived(uri, "sp", fn) == {"computed": ["c0"], "skipped": ["c1"]}
+    assert zarr.open_group(uri, mode="r")["cases/c1/sp"].attrs["writer"] == "other"  # kept, not rewritten
+    monkeypatch.setattr(VolumeStore, "put_derived", put)
+    storage.cache_derived(uri, "sp_ref", fn)
+    st = storage.open_store(uri)
+    np.testing.assert_array_equal(st.derived("c1", "sp"), st.derived("c1", "sp_ref"))
+
+    def never_completes(self, case, name, array, attrs=None):  # noqa: ANN001
+        put(self, case, name, array, attrs)
+        zarr.open_group(uri, mode="a")[f"cases/{case}/{name}"].attrs["complete"] = False  # it died mid-write
+        raise zarr.errors.ContainsArrayError("exists")
+
+    monkeypatch.setattr(VolumeStore, "put_derived", never_completes)
+    with pytest.raises(storage.StoreError, match=r"'sp2' of case 'c0' .* still incomplete"):
+        storage.cache_derived(uri, "sp2", fn, concurrent_wait_s=0.2)
+
+
 def test_partition_batch_dataset__one_slice_per_partition(acdc_store: str) -> None:
     st = storage.open_store(acdc_store)
     cases = st.cases
