@@ -16,6 +16,10 @@
 - ``scaling.num_workers = 0`` is Ray Train local mode (the loop runs in the driver); its
   checkpoints are kept under ``RUN_DIR/<stage>/<run>/local_checkpoints`` since local mode does
   not copy them to storage.
+- Ray Train's controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's
+  default 2 s); it notices a started or finished worker group, and registers a reported
+  checkpoint, only when it polls. :func:`fit_stage` sets it to :data:`POLL_INTERVAL_S` unless
+  the environment already does (the driver's value is propagated to the controller).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,9 @@ from ray_jobs.train.stage import STATE_FILE, LoopSpec
 from ray_jobs.train.stop import StageStopped, new_stop_request, stop_on_sigterm
 from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
+
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = 0.5  # Ray Train's controller poll if the environment does not set it (Ray: 2 s)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -151,6 +158,16 @@ def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     )
 
 
+def default_poll_interval(environ: MutableMapping[str, str]) -> str:
+    """Set Ray Train's controller poll interval (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``) to
+    :data:`POLL_INTERVAL_S` unless ``environ`` sets it; returns the value in force. Ray Train
+    propagates the driver's value to its controller, which notices a started or finished worker
+    group, and registers a reported checkpoint, only when it polls: 0.5 s instead of Ray's 2 s
+    saves about 1 s per ``fit()`` (docs/benchmarks.md) and shortens the work a lost node takes
+    with it (docs/failure-semantics.md)."""
+    return environ.setdefault(POLL_ENV, str(POLL_INTERVAL_S))
+
+
 def fit_stage(
     cfg: Config,
     spec: LoopSpec,
@@ -175,6 +192,7 @@ def fit_stage(
         if storage_fs is not None:
             raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
         update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}", "local_checkpoints")
+    default_poll_interval(os.environ)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"spec": spec.model_copy(update=update)},

@@ -119,3 +119,18 @@ def test_env_hooks__events_dir_from_the_driver_environment(monkeypatch, tmp_path
     assert env_hooks("pretrain") == {"events": str(tmp_path / "pretrain.events")}
     assert env_hooks("pretrain", "global") == {"events": str(tmp_path / "pretrain-global.events")}
     assert env_hooks("finetune", "main") == {"events": str(tmp_path / "finetune.events")}
+
+
+def test_default_poll_interval__half_a_second_unless_the_environment_sets_it() -> None:
+    """Ray Train's controller registers a reported (step) checkpoint only when it polls its
+    workers; localcl polls every 0.5 s (Ray's default is 2 s) unless the user set the variable,
+    and Ray Train propagates the driver's value to the controller (it is in its list)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    from ray_jobs.train.trainer import POLL_ENV, POLL_INTERVAL_S, default_poll_interval
+
+    assert POLL_ENV in ENV_VARS_TO_PROPAGATE
+    env: dict[str, str] = {}
+    assert default_poll_interval(env) == str(POLL_INTERVAL_S) == env[POLL_ENV] == "0.5"
+    env = {POLL_ENV: "2"}
+    assert default_poll_interval(env) == "2" and env == {POLL_ENV: "2"}
