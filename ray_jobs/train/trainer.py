@@ -233,8 +233,13 @@ def fit_stage(
                 queue.shutdown()
             except Exception:
                 pass
-    if term:  # the workers stopped at a step boundary after writing a checkpoint
+    if term:  # the workers stopped at a step boundary after writing a checkpoint ...
         where = dict(result.metrics or {})
+        if not where.get("stopped"):  # ... or finished the stage before they saw the request
+            raise StageStopped(
+                f"{stage}: SIGTERM arrived as the stage finished: every step was trained and the "
+                f"last checkpoint is in {storage_path}; re-run the same command to resume from it"
+            )
         raise StageStopped(
             f"{stage}: stopped on SIGTERM at epoch {where.get('epoch_in_progress', '?')} step "
             f"{where.get('step', '?')} (global step {where.get('global_step', '?')}) with a checkpoint in "

@@ -286,6 +286,20 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     return out
 
 
+def ours(marker: str) -> list[int]:
+    """Pids of the processes (other than this one) whose command line names ``marker``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
 def cluster_selftest(out: str) -> int:
     """``--cluster-selftest OUT``: head + node ``a``, an actor on ``a``, SIGKILL ``a``; writes
     whether the actor's process died with its node, how long the GCS took to declare the node
@@ -294,16 +308,6 @@ def cluster_selftest(out: str) -> int:
     import ray
 
     from ray_jobs.cluster.loopback import LoopbackCluster
-
-    def ours(marker: str) -> list[int]:
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-                    found.append(p.pid)
-            except psutil.Error:
-                pass
-        return found
 
     report: dict[str, Any] = {}
     cluster = LoopbackCluster(env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
@@ -377,6 +381,8 @@ def main(spec_path: str) -> int:
             logs = Path(cluster.temp_dir) / "session_latest" / "logs"
             shutil.copytree(logs, work / "ray_logs", ignore_dangling_symlinks=True, dirs_exist_ok=True)
         cluster.close()
+        time.sleep(0.5)
+        report["left_after_close"] = ours(cluster.temp_dir)  # every node, worker and agent gone
         s3.stop()
         Path(spec["out"]).write_text(json.dumps(report, indent=1, default=str))
     return 0 if report["error"] is None else 1

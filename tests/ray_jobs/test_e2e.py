@@ -251,7 +251,10 @@ def test_cli__address_driver_sigterm_stops_at_a_step_then_rerun_resumes(ray_clus
     driver exits naming the step without exporting the stage, and the same command again
     resumes at exactly that step: no step is trained twice or skipped."""
     address = ray_cluster.get_runtime_context().gcs_address
-    epochs, steps = 3, 4
+    # enough steps after the SIGTERM (sent once step 2 is done) for the request to reach the
+    # workers (rank 0 asks every 0.5 s) before the stage ends: 4 steps per epoch were too few
+    # once the controller polled every 0.5 s (the workers wait less on each checkpoint report)
+    epochs, steps = 3, 10
     cfg = base_config(
         acdc_store,
         name="stop",
