@@ -60,6 +60,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["ideal_queue"] = ideal.loss_fn.queue.negatives().clone()
         results["ideal_filled"] = ideal.loss_fn.queue.filled.clone()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done before either tears gloo down (a rank that exits while its peer is
+        # still in a collective aborted once: "terminate called without an active exception")
+        tdist.barrier()
     finally:
         tdist.destroy_process_group()
 

@@ -593,6 +593,7 @@ def test_campaign__writes_study_and_report(killed_and_resumed: dict[str, Any]) -
         assert (out / "plots" / f"{name}.png").is_file() and (out / "plots" / f"{name}.html").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(2400)
 def test_best_config__rerun_gives_reported_score(killed_and_resumed: dict[str, Any]) -> None:
