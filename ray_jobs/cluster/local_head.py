@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 
 def free_port() -> int:
@@ -29,6 +29,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def marked_processes(marker: str) -> list[Any]:
+    """This user's processes (``psutil.Process``), other than this one, whose command line
+    contains ``marker`` (e.g. a Ray temp dir: every process of that Ray instance names it)."""
+    import psutil
+
+    me, found = os.getuid(), []
+    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
+        try:
+            uids = p.info["uids"]
+            if uids and uids.real == me and marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def stop_process_tree(pid: int, marker: str, grace: float = 5.0) -> None:
@@ -44,14 +60,7 @@ def stop_process_tree(pid: int, marker: str, grace: float = 5.0) -> None:
             victims[child.pid] = child
     except psutil.NoSuchProcess:
         pass
-    me = os.getuid()
-    for p in psutil.process_iter(["pid", "cmdline", "uids"]):
-        try:
-            uids = p.info["uids"]
-            if uids and uids.real == me and marker in " ".join(p.info["cmdline"] or []):
-                victims[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+    victims.update((p.pid, p) for p in marked_processes(marker))
     victims.pop(os.getpid(), None)
     for p in victims.values():
         try:

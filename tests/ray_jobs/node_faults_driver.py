@@ -288,16 +288,9 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
 
 def ours(marker: str) -> list[int]:
     """Pids of the processes (other than this one) whose command line names ``marker``."""
-    import psutil
+    from ray_jobs.cluster.local_head import marked_processes
 
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if marker in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-                found.append(p.pid)
-        except psutil.Error:
-            pass
-    return found
+    return [p.pid for p in marked_processes(marker)]
 
 
 def cluster_selftest(out: str) -> int:

@@ -134,3 +134,39 @@ def test_default_poll_interval__half_a_second_unless_the_environment_sets_it() -
     assert default_poll_interval(env) == str(POLL_INTERVAL_S) == env[POLL_ENV] == "0.5"
     env = {POLL_ENV: "2"}
     assert default_poll_interval(env) == "2" and env == {POLL_ENV: "2"}
+
+
+@pytest.mark.parametrize(
+    "metrics, message",
+    [
+        ({"stopped": 1, "epoch_in_progress": 2, "step": 1, "global_step": 5}, "stopped on SIGTERM at epoch 2 step 1"),
+        ({"epoch": 2, "global_step": 8}, "SIGTERM arrived as the stage finished: every step was trained"),
+    ],
+    ids=["stopped-at-a-step", "finished-first"],
+)
+def test_fit_stage__sigterm_names_where_the_stage_ended(
+    ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics: dict[str, Any], message: str
+) -> None:
+    """A SIGTERM during ``fit()`` ends the stage with ``StageStopped``: at the step the workers
+    stopped after (their last report has ``stopped: 1``), or, when they finished every step
+    before they saw the request, saying so instead of an unknown epoch and step."""
+    import os
+    import signal
+    import types
+
+    from ray_jobs.train import trainer
+    from ray_jobs.train.stop import StageStopped
+
+    class FinishedFit:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def fit(self) -> Any:
+            os.kill(os.getpid(), signal.SIGTERM)  # the driver's SIGTERM, handled by fit_stage
+            return types.SimpleNamespace(metrics=metrics, checkpoint=None)
+
+    monkeypatch.setattr(trainer, "TorchTrainer", FinishedFit)
+    spec = types.SimpleNamespace(model_copy=lambda update: None)
+    cfg = _cfg(str(tmp_path / "store.zarr"))
+    with pytest.raises(StageStopped, match=message):
+        trainer.fit_stage(cfg, spec, str(tmp_path / "run"), "pretrain", progress=False)  # type: ignore[arg-type]
