@@ -85,8 +85,9 @@ NODE_ENV = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
-# Ray Train (propagated from the driver to its controller): poll the workers every 0.5 s (it
-# registers reported checkpoints when it polls) and the drain state every 1 s
+# Ray Train (propagated from the driver to its controller): poll the workers every 0.25 s
+# (localcl's default is 0.5 s; it registers reported checkpoints when it polls) and the drain
+# state every 1 s
 DRIVER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
