@@ -3,7 +3,9 @@
 Two entry points, one report format:
 
 - :func:`evaluate_store` scores a fine-tuned model on a split of a store as a Ray Train
-  ``TorchTrainer`` job: worker ``r`` of ``W`` predicts the cases ``cases[r::W]`` with
+  ``TorchTrainer`` job (:func:`evaluate_many` scores several models on the same cases in one
+  job, paying its worker group's start-up once): worker ``r`` of ``W`` predicts the cases
+  ``cases[r::W]`` with
   :func:`ray_jobs.evaluation.inference.predict_case`, scores them with :func:`localcl.metrics.evaluate_case`,
   the per-case results are gathered (``all_gather_object`` on a gloo group, so it also works
   when the training backend is nccl) and rank 0 writes the report.
@@ -35,6 +37,7 @@ import json
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -82,7 +85,8 @@ def _gather_all(obj: Any) -> list[Any]:
 
 
 def _eval_worker(cfg: Mapping[str, Any]) -> None:
-    """Ray Train worker: predict and score ``cases[rank::world]``; rank 0 writes the report."""
+    """Ray Train worker: for each model of ``cfg["models"]`` in turn, predict and score
+    ``cases[rank::world]``; rank 0 writes that model's report."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     global _gather_group
@@ -91,8 +95,15 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
         device = rtt.get_device()
     except Exception:  # local mode without a torch backend
         device = torch.device("cuda" if torch.cuda.is_available() and cfg["use_gpu"] else "cpu")
-    model, spec = load_model(cfg["model_dir"], device=device)
     st = storage.open_store(cfg["store"], storage_options=cfg["storage_options"])
+    for target in cfg["models"]:
+        _eval_one(dict(cfg, **target), st, device, rank, world)
+
+
+def _eval_one(cfg: Mapping[str, Any], st: Any, device: torch.device, rank: int, world: int) -> None:
+    """One model of :func:`_eval_worker`: ``cfg`` is the job's settings with the model's own
+    (``model_dir``, ``out``, ``label_names``, ``histories``, ``source``, ``title``, ``run_name``)."""
+    model, spec = load_model(cfg["model_dir"], device=device)
     names = {int(k): v for k, v in cfg["label_names"].items()}
     fg = [k for k in sorted(names) if k != 0]
     mine = cfg["cases"][rank::world]
@@ -165,10 +176,37 @@ def split_cases(st: Any, split: str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model to score in an :func:`evaluate_many` job: an exported model directory (or a
+    run directory), the report directory ``out`` (local path or URI), the report's title
+    (default ``<method> on <split>``) and ``{stage: history.csv}`` to plot (default: found
+    beside the model directory)."""
+
+    checkpoint: str
+    out: str
+    title: str | None = None
+    histories: Mapping[str, str] | None = None
+
+
 def evaluate_store(
     checkpoint: str,
     store: str,
     out: str,
+    *,
+    histories: Mapping[str, str] | None = None,
+    title: str | None = None,
+    **job: Any,
+) -> dict[str, Any]:
+    """Evaluate one exported model on a store split as a Ray Train job; returns its
+    ``summary.json``. ``job``: the keyword arguments of :func:`evaluate_many` (``split``,
+    ``cases``, ``num_workers``, ...)."""
+    return evaluate_many([EvalTarget(checkpoint, out, title, histories)], store, **job)[0]
+
+
+def evaluate_many(
+    targets: Sequence[EvalTarget],
+    store: str,
     *,
     split: str = "val",
     cases: Sequence[str] | None = None,
@@ -181,32 +219,26 @@ def evaluate_store(
     plots: bool = True,
     overlay_cases: int = 3,
     save_predictions: bool = False,
-    histories: Mapping[str, str] | None = None,
     batch_size: int = 16,
-    title: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate an exported model on a store split as a Ray Train job; returns ``summary.json``.
+) -> list[dict[str, Any]]:
+    """Evaluate exported models on the same cases of a store in ONE Ray Train job (one worker
+    group, whose start-up is paid once: ``localcl run`` scores the method and the baseline
+    together); returns each target's ``summary.json``, in order.
 
-    Checks the inputs in the driver (model directory, store, split) before any worker starts.
-    Ray must be initialised (``ray.init``) by the caller. ``num_workers=0`` runs Ray Train's
-    local mode (in this process, no DDP). With several nodes, ``out`` must be a URI or a path
-    every node sees (rank 0 writes the report).
+    Checks the inputs in the driver (every model directory, the store, the split) before any
+    worker starts. Ray must be initialised (``ray.init``) by the caller. ``num_workers=0`` runs
+    Ray Train's local mode (in this process, no DDP). With several nodes, each target's ``out``
+    must be a URI or a path every node sees (rank 0 writes the reports).
 
     Args:
-        checkpoint: exported model directory (``RUN_DIR/finetune/model``) or a run directory.
+        targets: the models and their report directories (:class:`EvalTarget`).
         store: store path or URI. ``split``: catalog split, ``all`` or ``labelled``; or ``cases``.
         max_cases: evaluate only the first ``max_cases`` cases of the split.
-        histories: ``{stage: history.csv}`` to plot; default: found beside the model directory.
     """
+    if not targets:
+        raise ValueError("evaluate_many: no models to evaluate")
     # Ray workers do not share the driver's working directory: make local paths absolute
-    checkpoint, store, out = (absolute(str(p)) for p in (checkpoint, store, out))
-    model_dir = resolve_model_dir(checkpoint)
-    spec = read_spec(model_dir)
-    if spec["stage"] != "finetune":
-        raise UserError(
-            f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
-            "evaluate a fine-tuned model (RUN_DIR/finetune/model)"
-        )
+    store = absolute(str(store))
     try:
         st = storage.open_store(store, storage_options=storage_options)
     except ValueError as exc:
@@ -219,39 +251,19 @@ def evaluate_store(
         if unknown:
             raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
     cases = list(cases)[:max_cases] if max_cases else list(cases)
-    names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
-    if not names:
-        store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
-        names = {int(k): str(v) for k, v in (store_names or {}).items()}
-    if not names:
-        names = {k: str(k) for k in range(int(spec["num_classes"]))}
-    names = {k: names.get(k, str(k)) for k in range(int(spec["num_classes"]))}
-    if histories is None:
-        histories = find_histories(model_dir)
-    source = {
-        "checkpoint": model_dir,
-        "store": str(store),
-        "split": "(explicit cases)" if explicit else split,
-        "method": spec.get("name"),
-        "weights_sha256": spec.get("weights_sha256"),
-        "n_workers": num_workers,
-    }
+    store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
+    where = {"store": str(store), "split": "(explicit cases)" if explicit else split, "n_workers": num_workers}
+    models = [_model_job(t, store_names, where, title_split=split) for t in targets]
     cfg = {
-        "model_dir": model_dir,
+        "models": models,
         "store": str(store),
         "storage_options": dict(storage_options or {}),
         "cases": cases,
-        "label_names": {str(k): v for k, v in names.items()},
-        "out": str(out),
         "use_gpu": use_gpu,
         "plots": plots,
         "overlay_cases": overlay_cases,
         "save_predictions": save_predictions,
-        "histories": dict(histories),
         "batch_size": batch_size,
-        "source": source,
-        "title": title or f"{spec.get('name', 'model')} on {split}",
-        "run_name": spec.get("run"),
     }
     res = dict(resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}))
     tmp = None
@@ -280,7 +292,46 @@ def evaluate_store(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    fs, path = fsspec.core.url_to_fs(join_uri(str(out), "summary.json"))
-    with fs.open(path, "r") as f:
-        summary: dict[str, Any] = json.load(f)
-    return summary
+    summaries = []
+    for m in models:
+        fs, path = fsspec.core.url_to_fs(join_uri(m["out"], "summary.json"))
+        with fs.open(path, "r") as f:
+            summaries.append(json.load(f))
+    return summaries
+
+
+def _model_job(target: EvalTarget, store_names: Any, where: Mapping[str, Any], title_split: str) -> dict[str, Any]:
+    """The worker's settings for one target (``_eval_one``), checked in the driver: a fine-tuned
+    model directory, its class names (the model's, else the store's, else the label values).
+    ``where``: the report's ``source`` entries ``store``, ``split`` and ``n_workers``."""
+    checkpoint, out = absolute(str(target.checkpoint)), absolute(str(target.out))
+    model_dir = resolve_model_dir(checkpoint)
+    spec = read_spec(model_dir)
+    if spec["stage"] != "finetune":
+        raise UserError(
+            f"--checkpoint {model_dir}: a {spec['stage']} model has no segmentation head; "
+            "evaluate a fine-tuned model (RUN_DIR/finetune/model)"
+        )
+    names = {int(k): str(v) for k, v in (spec.get("label_names") or {}).items()}
+    if not names:
+        names = {int(k): str(v) for k, v in (store_names or {}).items()}
+    if not names:
+        names = {k: str(k) for k in range(int(spec["num_classes"]))}
+    names = {k: names.get(k, str(k)) for k in range(int(spec["num_classes"]))}
+    histories = target.histories if target.histories is not None else find_histories(model_dir)
+    return {
+        "model_dir": model_dir,
+        "out": str(out),
+        "label_names": {str(k): v for k, v in names.items()},
+        "histories": dict(histories),
+        "source": {
+            "checkpoint": model_dir,
+            "store": where["store"],
+            "split": where["split"],
+            "method": spec.get("name"),
+            "weights_sha256": spec.get("weights_sha256"),
+            "n_workers": where["n_workers"],
+        },
+        "title": target.title or f"{spec.get('name', 'model')} on {title_split}",
+        "run_name": spec.get("run"),
+    }

@@ -24,7 +24,7 @@ from localcl.losses.lrc import felzenszwalb_superpixels
 from localcl.methods import METHODS
 from ray_jobs.config import Config, validate
 from ray_jobs.errors import UserError
-from ray_jobs.evaluation.job import evaluate_store
+from ray_jobs.evaluation.job import EvalTarget, evaluate_many
 from ray_jobs.evaluation.model_card import build_model_card, write_model_card
 from ray_jobs.train.checkpoint import read_spec
 from ray_jobs.train.self_training import run_self_training
@@ -304,37 +304,39 @@ EVAL_NAMES = (("finetune", "method"), ("baseline", "baseline"))
 
 def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
-    on the test cases into RUN_DIR/eval/<name>/ with :func:`ray_jobs.evaluation.job.evaluate_store`
-    (a Ray Train job with ``scaling.num_workers`` workers). Returns ``{name: summary.json}``."""
+    on the test cases into RUN_DIR/eval/<name>/, both in one Ray Train job with
+    ``scaling.num_workers`` workers (:func:`ray_jobs.evaluation.job.evaluate_many`). Returns
+    ``{name: summary.json}``."""
     if not plan.test:
         raise UserError(
             f"evaluate.split: no labelled test cases in split {cfg.evaluate.split or cfg.data.splits.test!r}"
         )
     fs, root = fsspec.core.url_to_fs(run_dir)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    res = {}
+    names, targets = [], []
     for section, name in EVAL_NAMES:
         if getattr(cfg, section) is None:
             continue
-        model_dir = join_uri(run_dir, STAGE_DIRS[section], "model")
         out_dir = join_uri(run_dir, "eval", name)
         log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
-        sc = cfg.scaling
-        res[name] = evaluate_store(
-            model_dir,
-            plan.store,
-            out_dir,
-            cases=plan.test,
-            num_workers=min(sc.max_workers, len(plan.test)),
-            use_gpu=sc.use_gpu,
-            resources_per_worker=dict(sc.resources_per_worker),
-            storage_options=cfg.data.storage_options or None,
-            storage_path=os.path.join(root, "eval", "_ray") if local else None,
-            plots=cfg.evaluate.plots,
-            overlay_cases=cfg.evaluate.overlay_cases,
-            title=f"{name}: {getattr(cfg, section).method.name} on {cfg.evaluate.split or cfg.data.splits.test}",
-        )
-    return res
+        split = cfg.evaluate.split or cfg.data.splits.test
+        title = f"{name}: {getattr(cfg, section).method.name} on {split}"
+        names.append(name)
+        targets.append(EvalTarget(join_uri(run_dir, STAGE_DIRS[section], "model"), out_dir, title=title))
+    sc = cfg.scaling
+    summaries = evaluate_many(
+        targets,
+        plan.store,
+        cases=plan.test,
+        num_workers=min(sc.max_workers, len(plan.test)),
+        use_gpu=sc.use_gpu,
+        resources_per_worker=dict(sc.resources_per_worker),
+        storage_options=cfg.data.storage_options or None,
+        storage_path=os.path.join(root, "eval", "_ray") if local else None,
+        plots=cfg.evaluate.plots,
+        overlay_cases=cfg.evaluate.overlay_cases,
+    )
+    return dict(zip(names, summaries, strict=True))
 
 
 def write_run_card(

@@ -302,6 +302,34 @@ def test_evaluate_store__single_stream_model_has_no_stream_scores(
     assert "streams" not in s
 
 
+def test_evaluate_many__models_scored_in_one_job_get_the_reports_each_gets_alone(
+    ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path
+) -> None:
+    """Two models (a two-stream IDEAL and a one-stream U-Net) in one job: each report equals
+    the one :func:`evaluate_store` writes for that model alone, and a bad target is refused
+    before any worker starts."""
+    ideal = make_tiny_run(tmp_path / "i", method="ideal", inference="stream1") / "finetune" / "model"
+    unet = tiny_run / "finetune" / "model"
+    job = dict(split="val", num_workers=0, plots=False)
+    alone = [
+        evaluation_job.evaluate_store(str(m), phantom[1], str(tmp_path / f"alone{i}"), **job)
+        for i, m in enumerate((ideal, unet))
+    ]
+    targets = [evaluation_job.EvalTarget(str(m), str(tmp_path / f"many{i}")) for i, m in enumerate((ideal, unet))]
+    together = evaluation_job.evaluate_many(targets, phantom[1], **job)
+    for i in range(2):
+        assert together[i]["mean"] == alone[i]["mean"] and together[i]["source"] == alone[i]["source"]
+        a = json.loads((tmp_path / f"alone{i}" / "per_case.json").read_text())
+        b = json.loads((tmp_path / f"many{i}" / "per_case.json").read_text())
+        assert a == b
+    assert "streams" in together[0] and "streams" not in together[1]
+    pre = make_tiny_run(tmp_path / "p", stage="pretrain")
+    bad = [targets[0], evaluation_job.EvalTarget(str(pre / "pretrain" / "model"), str(tmp_path / "x"))]
+    with pytest.raises(UserError, match="pretrain model has no segmentation head"):
+        evaluation_job.evaluate_many(bad, phantom[1], **job)
+    assert not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------- model card
 def test_model_card__fields_hash_fingerprint_and_markdown(phantom: tuple[Path, str], tmp_path: Path) -> None:
     import storage

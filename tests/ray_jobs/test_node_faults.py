@@ -49,7 +49,10 @@ DRAIN_S = 6  # the drain deadline (the preStop hook's sleep)
 # 0.381, 0.569, 0.644, sd 0.135. A disturbed run must land within about 2 sd of the
 # undisturbed seed-0 run. Measured with this config: undisturbed 0.621, SIGKILL 0.605 (earlier
 # variant: SIGKILL 0.497, drain + SIGTERM 0.531-0.601); on one shared cluster (2026-12-07):
-# undisturbed 0.599, SIGKILL + rejoin 0.436, drain + SIGTERM 0.595.
+# undisturbed 0.599, SIGKILL + rejoin 0.436, drain + SIGTERM 0.595. The undisturbed run (the
+# ``calm`` scenario) runs only with --runslow; without it the SIGKILL run is compared with
+# CALM_DICE, the mean of its two measurements (re-measure it when CONFIG changes).
+CALM_DICE = 0.61
 DICE_TOLERANCE = 0.25
 
 CONFIG: dict[str, Any] = {
@@ -161,7 +164,7 @@ def completed(runs: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
 # and makes Ray Train see it, ``node_faults_driver.refresh_node_view``). The tests below each
 # read their own run. A scenario marked ``slow`` runs only with ``--runslow``.
 SCENARIOS: list[dict[str, Any]] = [
-    {"name": "calm"},
+    {"name": "calm", "slow": True},  # the undisturbed reference (CALM_DICE without --runslow)
     # killed, then replaced: resize checks every 2 s, so the run can grow back inside a stage
     {
         "name": "sigkill",
@@ -360,11 +363,15 @@ def test_node_sigkill__run_continues_on_the_survivor_and_grows_back(fault_runs: 
     replacement node ``b`` then joins (an autoscaler bringing a spot node back) and, with
     ``scaling.resize_interval_s: 2``, the run grows back to 2 workers: inside pretraining when
     the node arrives in time, else at the fine-tuning stage's start. The run ends with a Dice
-    within seed noise of an undisturbed run on the same cluster."""
-    calm, hit = completed(fault_runs, "calm"), completed(fault_runs, "sigkill")
-
-    assert [a["world"] for a in calm["attempts"]["pretrain"]] == [2]
-    assert steps_redone(calm["attempts"]["pretrain"], PRETRAIN_STEPS) == 0
+    within seed noise of an undisturbed run (``CALM_DICE``; with --runslow, the ``calm`` run on
+    the same cluster)."""
+    hit = completed(fault_runs, "sigkill")
+    reference = CALM_DICE
+    if "calm" in fault_runs:  # --runslow: the undisturbed run on the same cluster
+        calm = completed(fault_runs, "calm")
+        assert [a["world"] for a in calm["attempts"]["pretrain"]] == [2]
+        assert steps_redone(calm["attempts"]["pretrain"], PRETRAIN_STEPS) == 0
+        reference = final_dice(calm)
 
     fault = hit["fault"]
     pre = hit["attempts"]["pretrain"]
@@ -382,7 +389,7 @@ def test_node_sigkill__run_continues_on_the_survivor_and_grows_back(fault_runs: 
 
     # Dice within seed noise: same data order and LR schedule; BN batch statistics (one
     # worker between the kill and the grow) and augmentation draws differ
-    assert abs(final_dice(hit) - final_dice(calm)) <= DICE_TOLERANCE, (final_dice(hit), final_dice(calm))
+    assert abs(final_dice(hit) - reference) <= DICE_TOLERANCE, (final_dice(hit), reference)
 
 
 def test_node_sigterm__checkpoint_at_the_next_step(fault_runs: dict[str, dict[str, Any]]) -> None:
