@@ -85,7 +85,9 @@ from ray_jobs.campaign.spec import (
 from ray_jobs.config import get_path, set_path
 from ray_jobs.errors import UserError
 from ray_jobs.train import pipeline
+from ray_jobs.train.hooks import EVENTS_DIR_ENV
 from ray_jobs.train.trainer import init_ray
+from storage.remote import forwarded_env
 
 
 @dataclass
@@ -206,6 +208,7 @@ def _fit(campaign: Campaign, storage: Any, plan: ResumePlan, rplan: ResourcePlan
         tune.with_parameters(
             trial_fn,
             campaign_yaml=str(campaign.campaign_dir / "campaign.yaml"),
+            env=trial_env(),
         ),
         rplan.trial_resources,
     )
@@ -261,24 +264,61 @@ def trial_config(campaign: Campaign, params: dict[str, Any], trial_id: str) -> d
     return cfg
 
 
-def trial_fn(params: dict[str, Any], campaign_yaml: str) -> None:
+class EpochReportCallback(TuneReportCallback):
+    """Ray's ``TuneReportCallback``, for the reports that carry the campaign's objective
+    ``metrics``: the fine-tuning stage's one per epoch. The other reports of a stage, the step
+    checkpoints (``checkpoint.every_steps``, a preemption or a stop), have no validation
+    metrics; forwarded, Tune would fail the trial ("did not include the specified metric(s)")
+    and count them as ``training_iteration``s, which ASHA's rungs take to be fine-tune epochs."""
+
+    def __init__(self, metrics: list[str]) -> None:
+        super().__init__()
+        self.metrics = tuple(metrics)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and all(m in metrics[0] for m in self.metrics):
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def trial_env() -> dict[str, str]:
+    """What a trial's actor needs of the driver's environment (it runs wherever Tune puts it,
+    with the node's environment): the object-storage variables
+    (:data:`storage.remote.FORWARDED_ENV`: an ``s3://`` store or run directory works on a
+    cluster whose nodes lack the credentials, as ``localcl run --address`` does through its
+    workers' runtime env), Ray Train's settings (``RAY_TRAIN_*``, which Ray Train passes from
+    the process that calls ``fit()`` to its controller, as it does for ``localcl run``) and
+    ``LOCALCL_EVENTS_DIR`` (:mod:`ray_jobs.train.hooks`)."""
+    env = forwarded_env()
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
+    if os.environ.get(EVENTS_DIR_ENV):
+        env[EVENTS_DIR_ENV] = os.environ[EVENTS_DIR_ENV]
+    return env
+
+
+def trial_fn(params: dict[str, Any], campaign_yaml: str, env: dict[str, str] | None = None) -> None:
     """The Tune function trainable of one trial (runs in a Ray actor with 0 CPU).
 
     Short pretraining, then the fixed-budget fine-tune on the base config's label budget, both
     through :func:`ray_jobs.train.pipeline.run_stages` (each a ``TorchTrainer`` of
-    ``workers_per_trial`` workers). ``TuneReportCallback`` on the fine-tune stage forwards every
-    epoch's ``ray.train.report`` (``val_dice`` ...) to Tune, so ASHA can stop the trial between
-    epochs; the callback also forwards the checkpoint.
+    ``workers_per_trial`` workers). :class:`EpochReportCallback` on the fine-tune stage forwards
+    every epoch's ``ray.train.report`` (``val_dice`` ...) to Tune, so ASHA can stop the trial between
+    epochs; the callback also forwards the checkpoint. ``env`` (:func:`trial_env`) is set in
+    this actor's environment first; events go to ``$LOCALCL_EVENTS_DIR/<trial id>/``.
     """
     campaign = load_campaign_dir(Path(campaign_yaml).parent)
     trial_id = tune.get_context().get_trial_id()
+    env = dict(env or {})
+    if env.get(EVENTS_DIR_ENV):
+        env[EVENTS_DIR_ENV] = os.path.join(env[EVENTS_DIR_ENV], trial_id)
+        os.makedirs(env[EVENTS_DIR_ENV], exist_ok=True)
+    os.environ.update(env)
     cfg = validate_run_config(trial_config(campaign, params, trial_id))
     stages = [s for s in ("pretrain", "finetune") if getattr(cfg, s) is not None]
     pipeline.run_stages(
         cfg,
         str(cfg.run_dir),
         stages=stages,
-        finetune_callbacks=[TuneReportCallback()],
+        finetune_callbacks=[EpochReportCallback(campaign.objective.metrics)],
         progress=False,
         log=lambda msg: None,
     )

@@ -243,6 +243,74 @@ def inject(
     return out
 
 
+def write_campaign(run: dict[str, Any], work: Path, rdir: Path) -> str:
+    """``rdir/campaign.yaml``: ``run["campaign"]`` (space, trials, resources ...) over the run
+    config ``work/config.yaml`` (store on S3), named after the run, its directory (the Optuna
+    study, the trials' run directories) under ``rdir/campaigns``, a path every node sees here."""
+    import yaml
+
+    campaign = dict(run["campaign"], name=run["name"], base_config=str(work / "config.yaml"))
+    campaign["root"] = str(rdir / "campaigns")
+    path = rdir / "campaign.yaml"
+    path.write_text(yaml.safe_dump(campaign, sort_keys=False))
+    return str(path)
+
+
+def trial_steps(events: Path, stage: str) -> dict[str, int]:
+    """``{trial id: last global step}`` of ``stage`` over the trials' events directories."""
+    out = {}
+    for d in events.iterdir() if events.is_dir() else ():
+        attempts = parse_events(d / f"{stage}.events")
+        steps = [s for a in attempts for s in a["steps"]]
+        if steps:
+            out[d.name] = max(steps)
+    return out
+
+
+def inject_in_campaign(
+    fault: dict[str, Any], cluster: Any, events: Path, proc: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """SIGKILL ``fault["node"]`` once ``fault["trials"]`` trials are pretraining at once, each
+    past global step ``fault["after_step"]`` (a step checkpoint reported; with one worker per
+    trial and one CPU per node, one of them trains on the killed node); with ``rejoin``, a
+    replacement node of the same name joins once the GCS has declared the node dead (an
+    autoscaler replacing a spot node). Returns the timeline."""
+    out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
+    t0 = time.time()
+    while proc.poll() is None:
+        steps = trial_steps(events, "pretrain")
+        if sum(s > fault["after_step"] for s in steps.values()) >= fault["trials"]:
+            out["steps_at_kill"] = steps
+            break
+        time.sleep(0.05)
+    else:
+        out["error"] = "the campaign ended before the fault could be injected"
+        return out
+    out["waited_s"] = round(time.time() - t0, 1)
+    cluster.kill_node(fault["node"], signal.SIGKILL)
+    out["killed_at"] = time.time()
+    out["dead_after_s"] = round(cluster.wait_dead(fault["node"]), 1)
+    if fault.get("rejoin"):
+        cluster.add_node(fault["node"])
+        out["rejoined_after_kill_s"] = round(time.time() - out["killed_at"], 1)
+        out["node_view_refreshed"] = refresh_node_view(cluster)
+    return out
+
+
+def campaign_trials(db: Path, name: str) -> list[dict[str, Any]]:
+    """Every trial of the campaign's Optuna study: number, state, value, params, user attrs."""
+    import optuna
+
+    if not db.is_file():
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params, "attrs": t.user_attrs}
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
 def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, work: Path) -> dict[str, Any]:
     name = run["name"]
     rdir = work / name
@@ -255,8 +323,13 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     env.update(s3.env)
     env.update(spec.get("driver_env") or {})
     env.update(LOCALCL_EVENTS_DIR=str(events), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "ray_jobs.cli", spec.get("verb", "run"), "--config", str(work / "config.yaml")]
-    cmd += ["--address", cluster.address, "--run-dir", run_dir, "--no-progress", *spec.get("cli_args", [])]
+    verb = run.get("verb", spec.get("verb", "run"))
+    if verb == "tune":  # a campaign: trials of the run config, 1 worker each, 2 at once
+        cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", write_campaign(run, work, rdir)]
+        cmd += ["--address", cluster.address]
+    else:
+        cmd = [sys.executable, "-m", "ray_jobs.cli", verb, "--config", str(work / "config.yaml")]
+        cmd += ["--address", cluster.address, "--run-dir", run_dir, "--no-progress", *spec.get("cli_args", [])]
     for kv in run.get("set", []):  # per-run overrides, e.g. data.seed=1
         cmd += ["--set", kv]
     log_path = rdir / "cli.log"
@@ -265,12 +338,29 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         fault_out: dict[str, Any] | None = None
         try:
-            if run.get("fault"):
+            if run.get("fault") and verb == "tune":
+                fault_out = inject_in_campaign(run["fault"], cluster, events, proc)
+            elif run.get("fault"):
                 fault_out = inject(run["fault"], cluster, s3, snapshot, events / "pretrain.events", proc)
             rc = proc.wait(timeout=max(10.0, spec["deadline"] - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = -9
+    if verb == "tune":
+        return {
+            "name": name,
+            "returncode": rc,
+            "wall_s": round(time.time() - t0, 1),
+            "log_tail": log_path.read_text()[-6000:],
+            "fault": fault_out,
+            "trials": campaign_trials(rdir / "campaigns" / name / "study.db", name),
+            "attempts": {
+                d.name: {p.stem: parse_events(p) for p in sorted(d.glob("*.events"))}
+                for d in sorted(events.iterdir())
+                if d.is_dir()
+            },
+            "t0": t0,
+        }
     out: dict[str, Any] = {
         "name": name,
         "returncode": rc,

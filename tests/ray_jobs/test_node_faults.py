@@ -1,24 +1,26 @@
 """Whole-node faults on a real multi-node Ray cluster: a SIGKILLed worker node that is then
 replaced (the run grows back), a SIGTERM preemption (drain, then SIGTERM, as Kubernetes deletes
-a spot pod with a preStop hook) and, with ``--runslow``, a bare SIGTERM (no drain).
+a spot pod with a preStop hook), a campaign (``localcl tune --address``) that loses a node
+and, with ``--runslow``, a bare SIGTERM (no drain) and the undisturbed reference run.
 
 ONE driver, ``node_faults_driver.py``, runs every scenario of ``SCENARIOS`` one after another
 in a fresh network namespace with only loopback (``unshare -n``): a moto S3 server (store, run
-directories and checkpoints all on S3, nothing on node-local disk), a 3-node
+directories and checkpoints all on S3, nothing on node-local disk; a campaign's directory is
+a local path, which every node of this one-machine cluster sees, as a shared volume), a 3-node
 ``ray_jobs.cluster.loopback.LoopbackCluster`` (head with no CPUs, worker nodes ``a`` and ``b``
 with 1 CPU each; a lost ``b`` is replaced before the next scenario) and the real CLI,
 ``localcl run --address`` with ``scaling.num_workers: [1, 2]`` and a step checkpoint every
 ``EVERY`` steps. The driver reports per run the worker-group attempts the workers logged
-(``LOCALCL_EVENTS_DIR``): world size, resume point and the global steps each attempt trained;
-"work redone" is the number of steps trained twice.
+(``LOCALCL_EVENTS_DIR``; one sub-directory per trial in a campaign): world size, resume point
+and the global steps each attempt trained; "work redone" is the number of steps trained twice.
 
 The job is tiny (phantom store of 8 cases at 48x48x4, 48x48 slices, widths 8-16-16;
 pretraining 3 x 8 steps of IDEAL, supervised fine-tuning 6 x 8 steps, no evaluation stage: the
 Dice compared is the final validation Dice of fine-tuning); each run still pays Ray Train's
-start-up per stage. Measured on 2 cores (2026-12-07): the cluster starts in 17 s, the calm
-run takes 50 s, the SIGKILL + rejoin run 90 s, the drain + SIGTERM run 90 s (before its
-fine-tuning was dropped); the whole module 274 s then, 258 s in the clean-clone CI run with
-the cluster self-test (``--runslow`` only now, 23 s) and bare SIGTERM (69 s) left out.
+start-up per stage. Measured on 2 cores (2026-12-07): the cluster starts in 17-22 s, the
+undisturbed run takes 50 s, the SIGKILL + rejoin run 90 s, the drain + SIGTERM run about 60 s,
+the campaign 69 s; the module 273 s (the undisturbed run, the bare SIGTERM and the cluster
+self-test are ``--runslow`` only: 50, 69 and 23 s).
 """
 
 from __future__ import annotations
@@ -177,6 +179,24 @@ SCENARIOS: list[dict[str, Any]] = [
         "name": "sigterm",
         "fault": {"kind": "sigterm", "node": "b", "drain_s": DRAIN_S},
         "set": ["checkpoint.max_failures=0", "finetune=null"],
+    },
+    # a campaign (2 trials at once, 1 worker each: one trains on each node) loses node b
+    # while both pretrain; a replacement b joins once the old one is declared dead
+    {
+        "name": "tune",
+        "verb": "tune",
+        "campaign": {
+            "method": "ideal",
+            "base": {
+                "pretrain": {"schedule": {"epochs": 2, "steps_per_epoch": STEPS, "batch_size": 8}},
+                "finetune": {"schedule": {"epochs": 2, "steps_per_epoch": 8, "batch_size": 8, "scheduler": "cosine"}},
+            },
+            "space": {"finetune.optim.lr": {"type": "log_float", "low": 1.0e-3, "high": 1.0e-2}},
+            "trials": 2,
+            "scheduler": {"type": "none"},
+            "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+        },
+        "fault": {"kind": "sigkill", "node": "b", "trials": 2, "after_step": EVERY + 1, "rejoin": True},
     },
     {
         "name": "bare-sigterm",
@@ -390,6 +410,34 @@ def test_node_sigkill__run_continues_on_the_survivor_and_grows_back(fault_runs: 
     # Dice within seed noise: same data order and LR schedule; BN batch statistics (one
     # worker between the kill and the grow) and augmentation draws differ
     assert abs(final_dice(hit) - reference) <= DICE_TOLERANCE, (final_dice(hit), reference)
+
+
+TUNE_PRETRAIN_STEPS = 2 * STEPS
+
+
+def test_node_sigkill_during_campaign__every_trial_completes(fault_runs: dict[str, dict[str, Any]]) -> None:
+    """``localcl tune --address`` with 2 trials at once (1 worker each, so one trains on each
+    worker node) loses node ``b`` (SIGKILL) while both trials pretrain: the trial that was
+    training there restarts (Ray Train's restart inside the trial, or Tune's re-run of the
+    trial when its actor died with the node) from its last registered step checkpoint, and the
+    campaign completes every trial, none counted twice."""
+    run = completed(fault_runs, "tune")
+    fault = run["fault"]
+    assert "error" not in fault and fault["node_view_refreshed"], fault
+    trials = [t for t in run["trials"] if not t["attrs"].get("localcl_stale")]
+    assert len(trials) == 2 and all(t["state"] == "COMPLETE" for t in trials), run["trials"]
+    assert len({t["attrs"]["tune_trial_id"] for t in trials}) == 2
+    assert set(run["attempts"]) == {t["attrs"]["tune_trial_id"] for t in trials}
+    restarted = []
+    for trial, stages in run["attempts"].items():
+        pre = stages["pretrain"]
+        redone = steps_redone(pre, TUNE_PRETRAIN_STEPS)  # every step trained, in every trial
+        if len(pre) > 1:  # the trial on the lost node
+            restarted.append(trial)
+            assert resumed_at(pre[1]) >= EVERY, (trial, pre, fault)  # a step checkpoint, not the start
+            assert redone <= 2 * EVERY, (trial, pre, fault)
+        assert [a["steps"][-1] for a in stages["finetune"]][-1] == 2 * 8, stages["finetune"]
+    assert restarted, (run["attempts"], fault)  # two when the other trial's actor was on b too
 
 
 def test_node_sigterm__checkpoint_at_the_next_step(fault_runs: dict[str, dict[str, Any]]) -> None:

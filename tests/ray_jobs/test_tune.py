@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -493,6 +494,9 @@ def killed_and_resumed(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     d["base"]["data"].update(store=store, source=None)
     d["root"] = str(tmp / "campaigns")
     d["trials"] = 4  # 2 finish, 2 are killed running and re-run: every resume path, fewer fits
+    # step checkpoints inside the fine-tuning epochs: their reports (no val_dice) must not
+    # reach Tune (campaign.run.EpochReportCallback; forwarded, Tune fails every trial)
+    d["base"]["checkpoint"]["every_steps"] = 4
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     campaign = campaign_spec.load_campaign(path)
@@ -792,3 +796,23 @@ def test_campaign__trial_whose_driver_dies_is_retried_from_its_run_dir(acdc_dir:
     # the re-run skipped the exported pretraining and fine-tuned to the end
     assert (killed / "pretrain" / "history.csv").read_bytes() == pre_history
     assert (killed / "finetune" / "model" / "model.json").is_file()
+
+
+def test_trial_env__storage_ray_train_and_events_variables_of_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a trial actor gets of the driver's environment (it runs with its node's): the
+    object-storage variables, Ray Train's settings and the events directory; nothing else."""
+    from ray_jobs.campaign.run import trial_env
+
+    for k in list(os.environ):
+        if k.startswith(("AWS_", "RAY_TRAIN_", "LOCALCL_")):
+            monkeypatch.delenv(k)
+    assert trial_env() == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    monkeypatch.setenv("LOCALCL_EVENTS_DIR", "/tmp/ev")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    assert trial_env() == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        "LOCALCL_EVENTS_DIR": "/tmp/ev",
+    }
