@@ -97,7 +97,8 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() and cfg["use_gpu"] else "cpu")
     st = storage.open_store(cfg["store"], storage_options=cfg["storage_options"])
     for target in cfg["models"]:
-        _eval_one(dict(cfg, **target), st, device, rank, world)
+        source = dict(target["source"], n_workers=world)  # the world that scored (elastic: what fit)
+        _eval_one({**cfg, **target, "source": source}, st, device, rank, world)
 
 
 def _eval_one(cfg: Mapping[str, Any], st: Any, device: torch.device, rank: int, world: int) -> None:
@@ -211,7 +212,7 @@ def evaluate_many(
     split: str = "val",
     cases: Sequence[str] | None = None,
     max_cases: int | None = None,
-    num_workers: int = 1,
+    num_workers: int | tuple[int, int] = 1,
     use_gpu: bool = False,
     resources_per_worker: Mapping[str, float] | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -234,6 +235,9 @@ def evaluate_many(
         targets: the models and their report directories (:class:`EvalTarget`).
         store: store path or URI. ``split``: catalog split, ``all`` or ``labelled``; or ``cases``.
         max_cases: evaluate only the first ``max_cases`` cases of the split.
+        num_workers: ``W``, or an elastic ``(min, max)``: the job starts with the workers that
+            fit (at least ``min``; a cluster that lost a node still evaluates). The report's
+            ``source.n_workers`` is the world size that scored the cases.
     """
     if not targets:
         raise ValueError("evaluate_many: no models to evaluate")
@@ -252,7 +256,7 @@ def evaluate_many(
             raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
     cases = list(cases)[:max_cases] if max_cases else list(cases)
     store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
-    where = {"store": str(store), "split": "(explicit cases)" if explicit else split, "n_workers": num_workers}
+    where = {"store": str(store), "split": "(explicit cases)" if explicit else split}
     models = [_model_job(t, store_names, where, title_split=split) for t in targets]
     cfg = {
         "models": models,
@@ -276,7 +280,9 @@ def evaluate_many(
             train_loop_config=cfg,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=res if num_workers else None
+                num_workers=num_workers,  # type: ignore[arg-type]  # Train V2 takes (min, max); typed as V1's
+                use_gpu=use_gpu,
+                resources_per_worker=res if num_workers else None,
             ),
             # a fresh name per call: Ray Train V2 treats a reused name as "resume" and could
             # hand back a previous run instead of evaluating again
@@ -303,7 +309,8 @@ def evaluate_many(
 def _model_job(target: EvalTarget, store_names: Any, where: Mapping[str, Any], title_split: str) -> dict[str, Any]:
     """The worker's settings for one target (``_eval_one``), checked in the driver: a fine-tuned
     model directory, its class names (the model's, else the store's, else the label values).
-    ``where``: the report's ``source`` entries ``store``, ``split`` and ``n_workers``."""
+    ``where``: the report's ``source`` entries ``store`` and ``split`` (the worker adds
+    ``n_workers``)."""
     checkpoint, out = absolute(str(target.checkpoint)), absolute(str(target.out))
     model_dir = resolve_model_dir(checkpoint)
     spec = read_spec(model_dir)
@@ -330,7 +337,6 @@ def _model_job(target: EvalTarget, store_names: Any, where: Mapping[str, Any], t
             "split": where["split"],
             "method": spec.get("name"),
             "weights_sha256": spec.get("weights_sha256"),
-            "n_workers": where["n_workers"],
         },
         "title": target.title or f"{spec.get('name', 'model')} on {title_split}",
         "run_name": spec.get("run"),

@@ -328,7 +328,7 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], 
         targets,
         plan.store,
         cases=plan.test,
-        num_workers=min(sc.max_workers, len(plan.test)),
+        num_workers=eval_workers(cfg, len(plan.test)),
         use_gpu=sc.use_gpu,
         resources_per_worker=dict(sc.resources_per_worker),
         storage_options=cfg.data.storage_options or None,
@@ -337,6 +337,17 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], 
         overlay_cases=cfg.evaluate.overlay_cases,
     )
     return dict(zip(names, summaries, strict=True))
+
+
+def eval_workers(cfg: Config, n_cases: int) -> int | tuple[int, int]:
+    """The evaluation job's workers: ``scaling.num_workers``, at most one per case; elastic
+    ``(min, max)`` when the run's scaling is (after a lost node the cluster may hold fewer
+    than ``max``: a fixed count would wait for it forever)."""
+    sc = cfg.scaling
+    if not sc.elastic:
+        return min(sc.max_workers, n_cases)
+    hi = min(sc.max_workers, n_cases)
+    return (min(sc.min_workers, hi), hi)
 
 
 def write_run_card(

@@ -126,8 +126,15 @@ class S3:
 
 
 def registered(s3: S3, snapshot: str) -> list[dict[str, Any]]:
-    """The metrics of the checkpoints Ray Train has registered (its snapshot on S3)."""
-    snap = s3.read_json(snapshot) or {}
+    """The metrics of the checkpoints Ray Train has registered (its snapshot on S3, or in a
+    local run directory when ``snapshot`` is an absolute path)."""
+    if os.path.isabs(snapshot):
+        try:
+            snap = json.loads(Path(snapshot).read_text())
+        except (OSError, ValueError):
+            snap = {}
+    else:
+        snap = s3.read_json(snapshot) or {}
     return [dict(r.get("metrics") or {}) for r in snap.get("checkpoint_results") or []]
 
 
@@ -243,6 +250,21 @@ def inject(
     return out
 
 
+def read_history(s3: S3, run_dir: str, stage: str) -> list[dict[str, str]]:
+    """``RUN_DIR/<stage>/history.csv`` of an ``s3://faults/...`` or a local run directory."""
+    if run_dir.startswith("s3://"):
+        return s3.read_csv(f"{run_dir[len('s3://') :]}/{stage}/history.csv")
+    path = Path(run_dir) / stage / "history.csv"
+    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_campaign(run: dict[str, Any], work: Path, rdir: Path) -> str:
     """``rdir/campaign.yaml``: ``run["campaign"]`` (space, trials, resources ...) over the run
     config ``work/config.yaml`` (store on S3), named after the run, its directory (the Optuna
@@ -256,31 +278,33 @@ def write_campaign(run: dict[str, Any], work: Path, rdir: Path) -> str:
     return str(path)
 
 
-def trial_steps(events: Path, stage: str) -> dict[str, int]:
-    """``{trial id: last global step}`` of ``stage`` over the trials' events directories."""
+def trials_training(events: Path, totals: dict[str, int], after_step: int) -> dict[str, tuple[str, int]]:
+    """``{trial id: (stage, last global step)}`` of the trials (one events directory each) that
+    are inside a stage of ``totals`` (``{stage: its global steps}``) now: past ``after_step``
+    (a step checkpoint reported) and not at its last step."""
     out = {}
-    for d in events.iterdir() if events.is_dir() else ():
-        attempts = parse_events(d / f"{stage}.events")
-        steps = [s for a in attempts for s in a["steps"]]
-        if steps:
-            out[d.name] = max(steps)
+    for d in sorted(events.iterdir()) if events.is_dir() else ():
+        for stage, total in totals.items():
+            steps = [s for a in parse_events(d / f"{stage}.events") for s in a["steps"]]
+            if steps and after_step < max(steps) < total:
+                out[d.name] = (stage, max(steps))
     return out
 
 
 def inject_in_campaign(
     fault: dict[str, Any], cluster: Any, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
-    """SIGKILL ``fault["node"]`` once ``fault["trials"]`` trials are pretraining at once, each
-    past global step ``fault["after_step"]`` (a step checkpoint reported; with one worker per
-    trial and one CPU per node, one of them trains on the killed node); with ``rejoin``, a
-    replacement node of the same name joins once the GCS has declared the node dead (an
-    autoscaler replacing a spot node). Returns the timeline."""
+    """SIGKILL ``fault["node"]`` once ``fault["trials"]`` trials train at once, each inside a
+    stage of ``fault["totals"]`` past global step ``fault["after_step"]`` (a step checkpoint
+    reported; with one worker per trial and one CPU per node, one of them trains on the killed
+    node); with ``rejoin``, a replacement node of the same name joins once the GCS has
+    declared the node dead (an autoscaler replacing a spot node). Returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
     while proc.poll() is None:
-        steps = trial_steps(events, "pretrain")
-        if sum(s > fault["after_step"] for s in steps.values()) >= fault["trials"]:
-            out["steps_at_kill"] = steps
+        training = trials_training(events, fault["totals"], fault["after_step"])
+        if len(training) >= fault["trials"]:
+            out["training_at_kill"] = training
             break
         time.sleep(0.05)
     else:
@@ -316,17 +340,23 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     rdir = work / name
     events = rdir / "events"
     events.mkdir(parents=True, exist_ok=True)
-    run_dir = f"s3://{BUCKET}/{name}"
-    cfg_name = spec["config"]["name"]
-    snapshot = f"{BUCKET}/{name}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
+    verb = run.get("verb", spec.get("verb", "run"))
+    if verb == "demo":  # generates its phantom into the run directory: a local one (all nodes see it)
+        run_dir, cfg_name = str(rdir / "run"), "demo"
+        snapshot = f"{run_dir}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
+    else:
+        run_dir, cfg_name = f"s3://{BUCKET}/{name}", spec["config"]["name"]
+        snapshot = f"{BUCKET}/{name}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
     env = cluster.env()
     env.update(s3.env)
     env.update(spec.get("driver_env") or {})
     env.update(LOCALCL_EVENTS_DIR=str(events), PYTHONPATH=str(REPO))
-    verb = run.get("verb", spec.get("verb", "run"))
     if verb == "tune":  # a campaign: trials of the run config, 1 worker each, 2 at once
         cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", write_campaign(run, work, rdir)]
         cmd += ["--address", cluster.address]
+    elif verb == "demo":  # the shipped demo config, with the run's --set overrides
+        cmd = [sys.executable, "-m", "ray_jobs.cli", "demo", "--address", cluster.address, "--run-dir", run_dir]
+        cmd += ["--no-progress", *run.get("args", [])]
     else:
         cmd = [sys.executable, "-m", "ray_jobs.cli", verb, "--config", str(work / "config.yaml")]
         cmd += ["--address", cluster.address, "--run-dir", run_dir, "--no-progress", *spec.get("cli_args", [])]
@@ -368,11 +398,13 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         "log_tail": log_path.read_text()[-6000:],
         "fault": fault_out,
         "attempts": {p.stem: parse_events(p) for p in sorted(events.glob("*.events"))},
-        "history": {
-            s: s3.read_csv(f"{BUCKET}/{name}/{s}/history.csv") for s in ("pretrain", "finetune", "finetune_baseline")
-        },
+        "history": {s: read_history(s3, run_dir, s) for s in ("pretrain", "finetune", "finetune_baseline")},
         "t0": t0,
     }
+    if verb == "demo":
+        table = Path(run_dir) / "demo_table.md"
+        out["demo_table"] = table.read_text() if table.is_file() else None
+        out["eval"] = {m: read_json(Path(run_dir) / "eval" / m / "summary.json") for m in ("method", "baseline")}
     return out
 
 

@@ -488,3 +488,18 @@ def test_write_report__fsspec_uri_and_histories_beside_the_model() -> None:
         assert fs.exists(f"/evaltest-run/eval/method/{f}")
     assert json.loads(fs.cat("/evaltest-run/eval/method/summary.json"))["classes"]["LV"]["dice"]["mean"] == 0.5
     fs.rm("/evaltest-run", recursive=True)
+
+
+def test_eval_workers__one_per_case_at_most_and_elastic_when_the_run_is() -> None:
+    """``localcl run``'s evaluation job: ``scaling.num_workers`` capped at the number of cases;
+    an elastic run gets an elastic job (a cluster that lost a node still evaluates: a fixed
+    2-worker job waited forever on the one node left, found by the demo fault run)."""
+    from ray_jobs.config import Config
+    from ray_jobs.train.pipeline import eval_workers
+
+    def cfg(workers: object) -> Config:
+        return Config.model_validate({"name": "x", "data": {"store": "s.zarr"}, "scaling": {"num_workers": workers}})
+
+    assert eval_workers(cfg(2), 4) == 2 and eval_workers(cfg(4), 3) == 3 and eval_workers(cfg(0), 2) == 0
+    assert eval_workers(cfg([1, 2]), 4) == (1, 2)
+    assert eval_workers(cfg([2, 4]), 3) == (2, 3) and eval_workers(cfg([2, 4]), 1) == (1, 1)

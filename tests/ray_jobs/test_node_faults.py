@@ -1,7 +1,8 @@
 """Whole-node faults on a real multi-node Ray cluster: a SIGKILLed worker node that is then
 replaced (the run grows back), a SIGTERM preemption (drain, then SIGTERM, as Kubernetes deletes
-a spot pod with a preStop hook), a campaign (``localcl tune --address``) that loses a node
-and, with ``--runslow``, a bare SIGTERM (no drain) and the undisturbed reference run.
+a spot pod with a preStop hook) and, with ``--runslow``, a bare SIGTERM (no drain), the
+undisturbed reference run, a campaign (``localcl tune --address``) that loses a node and
+``localcl demo --address`` with and without a lost node.
 
 ONE driver, ``node_faults_driver.py``, runs every scenario of ``SCENARIOS`` one after another
 in a fresh network namespace with only loopback (``unshare -n``): a moto S3 server (store, run
@@ -18,9 +19,9 @@ The job is tiny (phantom store of 8 cases at 48x48x4, 48x48 slices, widths 8-16-
 pretraining 3 x 8 steps of IDEAL, supervised fine-tuning 6 x 8 steps, no evaluation stage: the
 Dice compared is the final validation Dice of fine-tuning); each run still pays Ray Train's
 start-up per stage. Measured on 2 cores (2026-12-07): the cluster starts in 17-22 s, the
-undisturbed run takes 50 s, the SIGKILL + rejoin run 90 s, the drain + SIGTERM run about 60 s,
-the campaign 69 s; the module 273 s (the undisturbed run, the bare SIGTERM and the cluster
-self-test are ``--runslow`` only: 50, 69 and 23 s).
+undisturbed run takes 50 s, the SIGKILL + rejoin run 90 s, the drain + SIGTERM run about 60 s;
+``--runslow`` only: the undisturbed run, the bare SIGTERM (69 s), the campaign (69 s), the
+two demos (77 and 100 s) and the cluster self-test (23 s).
 """
 
 from __future__ import annotations
@@ -161,6 +162,19 @@ def completed(runs: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
     return run
 
 
+# The shipped demo config at the fault runs' size: 12 phantom volumes at 48x48, pretraining
+# EPOCHS x STEPS steps, fine-tuning (method and baseline) 4 x 8 steps, elastic [1, 2] workers,
+# a step checkpoint every EVERY steps
+DEMO_ARGS = [
+    "--cases", "12", "--set", "data.size=[48, 48]", "--set", "data.max_unlabelled=8",
+    "--set", f"pretrain.schedule={{epochs: {EPOCHS}, steps_per_epoch: {STEPS}, batch_size: 8}}",
+    "--set", "finetune.schedule={epochs: 4, steps_per_epoch: 8, batch_size: 8}",
+    "--set", "scaling.num_workers=[1, 2]", "--set", "scaling.resize_interval_s=600",
+    "--set", f"checkpoint={{num_to_keep: 2, max_failures: 2, every_steps: {EVERY}}}",
+    "--set", "logging={tensorboard: false, progress: false}",
+]  # fmt: skip
+
+
 # Every fault scenario, run one after another by ONE driver on ONE cluster (the store, the moto
 # server and the cluster are set up once; before each run the driver replaces a lost node ``b``
 # and makes Ray Train see it, ``node_faults_driver.refresh_node_view``). The tests below each
@@ -196,7 +210,15 @@ SCENARIOS: list[dict[str, Any]] = [
             "scheduler": {"type": "none"},
             "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 2},
         },
-        "fault": {"kind": "sigkill", "node": "b", "trials": 2, "after_step": EVERY + 1, "rejoin": True},
+        "fault": {
+            "kind": "sigkill",
+            "node": "b",
+            "trials": 2,
+            "after_step": EVERY + 1,
+            "totals": {"pretrain": 2 * STEPS, "finetune": 2 * 8},
+            "rejoin": True,
+        },
+        "slow": True,
     },
     {
         "name": "bare-sigterm",
@@ -204,6 +226,10 @@ SCENARIOS: list[dict[str, Any]] = [
         "set": ["finetune=null"],
         "slow": True,
     },
+    # `localcl demo --address` (phantom generated into a local run directory every node sees),
+    # undisturbed and with node b SIGKILLed after the first pretraining step checkpoint
+    {"name": "demo-calm", "verb": "demo", "args": DEMO_ARGS, "slow": True},
+    {"name": "demo", "verb": "demo", "args": DEMO_ARGS, "fault": {"kind": "sigkill", "node": "b"}, "slow": True},
 ]
 
 
@@ -412,15 +438,17 @@ def test_node_sigkill__run_continues_on_the_survivor_and_grows_back(fault_runs: 
     assert abs(final_dice(hit) - reference) <= DICE_TOLERANCE, (final_dice(hit), reference)
 
 
-TUNE_PRETRAIN_STEPS = 2 * STEPS
+TUNE_STEPS = {"pretrain": 2 * STEPS, "finetune": 2 * 8}  # global steps of a trial's stages
 
 
+@pytest.mark.slow
 def test_node_sigkill_during_campaign__every_trial_completes(fault_runs: dict[str, dict[str, Any]]) -> None:
     """``localcl tune --address`` with 2 trials at once (1 worker each, so one trains on each
-    worker node) loses node ``b`` (SIGKILL) while both trials pretrain: the trial that was
-    training there restarts (Ray Train's restart inside the trial, or Tune's re-run of the
-    trial when its actor died with the node) from its last registered step checkpoint, and the
-    campaign completes every trial, none counted twice."""
+    worker node) loses node ``b`` (SIGKILL) while both trials train (each past its first step
+    checkpoint of a stage): the trial that was training there restarts that stage (Ray Train's
+    restart inside the trial, or Tune's re-run of the trial when its actor died with the node)
+    from its last registered checkpoint, and the campaign completes every trial, none counted
+    twice. Slow (about 70 s): the default suite is at its time budget."""
     run = completed(fault_runs, "tune")
     fault = run["fault"]
     assert "error" not in fault and fault["node_view_refreshed"], fault
@@ -430,14 +458,15 @@ def test_node_sigkill_during_campaign__every_trial_completes(fault_runs: dict[st
     assert set(run["attempts"]) == {t["attrs"]["tune_trial_id"] for t in trials}
     restarted = []
     for trial, stages in run["attempts"].items():
-        pre = stages["pretrain"]
-        redone = steps_redone(pre, TUNE_PRETRAIN_STEPS)  # every step trained, in every trial
-        if len(pre) > 1:  # the trial on the lost node
-            restarted.append(trial)
-            assert resumed_at(pre[1]) >= EVERY, (trial, pre, fault)  # a step checkpoint, not the start
-            assert redone <= 2 * EVERY, (trial, pre, fault)
-        assert [a["steps"][-1] for a in stages["finetune"]][-1] == 2 * 8, stages["finetune"]
-    assert restarted, (run["attempts"], fault)  # two when the other trial's actor was on b too
+        for stage, total in TUNE_STEPS.items():
+            attempts = stages[stage]
+            redone = steps_redone(attempts, total)  # every step trained, in every trial
+            if len(attempts) > 1:  # the stage the kill hit
+                restarted.append((trial, stage))
+                assert resumed_at(attempts[1]) >= EVERY, (trial, stage, attempts, fault)  # not the start
+                assert redone <= 2 * EVERY, (trial, stage, attempts, fault)
+    # one trial (two when the other trial's actor was on b too)
+    assert restarted and {t for t, _ in restarted} <= set(fault["training_at_kill"]), (restarted, fault)
 
 
 def test_node_sigterm__checkpoint_at_the_next_step(fault_runs: dict[str, dict[str, Any]]) -> None:
@@ -477,3 +506,26 @@ def test_node_bare_sigterm__run_continues_like_a_killed_node(fault_runs: dict[st
     assert resumed_at(second) == max(fault["registered_at_sigterm"]) > 0
     assert 0 <= steps_redone([first, second], PRETRAIN_STEPS) <= EVERY + 1
     assert not (fault["death"] or "").startswith("Terminated due to preemption"), fault
+
+
+@pytest.mark.slow
+def test_demo_address__node_sigkill_after_the_first_checkpoint_ends_within_noise(
+    fault_runs: dict[str, dict[str, Any]],
+) -> None:
+    """``localcl demo --address`` on the 3-node cluster with ``scaling.num_workers=[1, 2]``:
+    SIGKILL node ``b`` right after the first pretraining step checkpoint is registered. The
+    demo completes (pretraining on the survivor from that checkpoint, fine-tuning, baseline
+    and evaluation with what is left), with at most one checkpoint interval (plus the step in
+    flight) redone, and both models' test Dice within seed noise of the undisturbed demo."""
+    calm, hit = completed(fault_runs, "demo-calm"), completed(fault_runs, "demo")
+    for run in (calm, hit):
+        assert run["demo_table"] and "| method |" in run["demo_table"] and "| baseline |" in run["demo_table"]
+    assert [a["world"] for a in calm["attempts"]["pretrain"]] == [2]
+    fault = hit["fault"]
+    pre = hit["attempts"]["pretrain"]
+    assert [a["world"] for a in pre] == [2, 1], (pre, fault)
+    assert resumed_at(pre[1]) == max(fault["registered_at_kill"]) > 0, fault
+    assert 0 <= steps_redone(pre, PRETRAIN_STEPS) <= EVERY + 1, pre
+    for model in ("method", "baseline"):
+        got, want = hit["eval"][model]["mean"]["dice"], calm["eval"][model]["mean"]["dice"]
+        assert abs(got - want) <= DICE_TOLERANCE, (model, got, want)
