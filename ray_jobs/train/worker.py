@@ -255,6 +255,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
     mlflow = setup_mlflow(spec) if cfg.logging.mlflow_uri else None
     event(hooks, rank, "start", start_epoch)
     event(hooks, rank, "world", world)
+    event(hooks, rank, "pid", os.getpid())  # which node trains what (the fault tests map pids to nodes)
     if pos.step:
         event(hooks, rank, "resume_step", global_step)
 

@@ -52,7 +52,8 @@ GRACE_S = 30.0  # the pod's termination grace period after SIGTERM in these test
 def parse_events(path: Path) -> list[dict[str, Any]]:
     """Worker-group attempts of one stage from its events file, in order: ``world`` (workers),
     ``start_epoch``, ``resume_step`` (global step resumed at, or None), ``steps`` (sorted global
-    steps trained), ``preempted`` (global steps of preemption checkpoints)."""
+    steps trained), ``preempted`` (global steps of preemption checkpoints), ``pid`` (rank 0's
+    process)."""
     attempts: list[dict[str, Any]] = []
     if not path.is_file():
         return attempts
@@ -62,13 +63,17 @@ def parse_events(path: Path) -> list[dict[str, Any]]:
             continue
         rank, what, value = int(parts[0]), parts[1], int(parts[2])
         if what == "start" and rank == 0:
-            attempts.append({"start_epoch": value, "world": None, "resume_step": None, "steps": set(), "preempted": []})
+            attempts.append(
+                {"start_epoch": value, "world": None, "resume_step": None, "steps": set(), "preempted": [], "pid": None}
+            )
             continue
         if not attempts:
             continue
         cur = attempts[-1]
         if what == "world" and rank == 0:
             cur["world"] = value
+        elif what == "pid" and rank == 0:
+            cur["pid"] = value
         elif what == "resume_step" and rank == 0:
             cur["resume_step"] = value
         elif what == "step":
@@ -278,33 +283,42 @@ def write_campaign(run: dict[str, Any], work: Path, rdir: Path) -> str:
     return str(path)
 
 
-def trials_training(events: Path, totals: dict[str, int], after_step: int) -> dict[str, tuple[str, int]]:
-    """``{trial id: (stage, last global step)}`` of the trials (one events directory each) that
-    are inside a stage of ``totals`` (``{stage: its global steps}``) now: past ``after_step``
-    (a step checkpoint reported) and not at its last step."""
-    out = {}
+def training_on(
+    cluster: Any, node: str, events: Path, totals: dict[str, int], after_step: int
+) -> tuple[str, str] | None:
+    """``(trial id, stage)`` of a trial (one events directory each) whose worker group trains
+    on ``node`` now, inside a stage of ``totals`` (``{stage: its global steps}``): past
+    ``after_step`` (a step checkpoint reported) and not at its last step; rank 0's process
+    (the ``pid`` event) is in the node's process tree. None if there is none."""
+    import psutil
+
+    try:
+        on_node = {p.pid for p in psutil.Process(cluster.nodes[node].pgid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return None
     for d in sorted(events.iterdir()) if events.is_dir() else ():
         for stage, total in totals.items():
-            steps = [s for a in parse_events(d / f"{stage}.events") for s in a["steps"]]
-            if steps and after_step < max(steps) < total:
-                out[d.name] = (stage, max(steps))
-    return out
+            attempts = parse_events(d / f"{stage}.events")
+            steps = [s for a in attempts for s in a["steps"]]
+            if steps and after_step < max(steps) < total and attempts[-1]["pid"] in on_node:
+                return d.name, stage
+    return None
 
 
 def inject_in_campaign(
     fault: dict[str, Any], cluster: Any, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
-    """SIGKILL ``fault["node"]`` once ``fault["trials"]`` trials train at once, each inside a
-    stage of ``fault["totals"]`` past global step ``fault["after_step"]`` (a step checkpoint
-    reported; with one worker per trial and one CPU per node, one of them trains on the killed
-    node); with ``rejoin``, a replacement node of the same name joins once the GCS has
-    declared the node dead (an autoscaler replacing a spot node). Returns the timeline."""
+    """SIGKILL ``fault["node"]`` once a trial trains there, inside a stage of ``fault["totals"]``
+    past global step ``fault["after_step"]`` (a step checkpoint reported; :func:`training_on`);
+    with ``rejoin``, a replacement node of the same name joins once the GCS has declared the
+    node dead (an autoscaler replacing a spot node). Returns the timeline, ``hit``: the trial
+    and stage that trained on the node."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
     while proc.poll() is None:
-        training = trials_training(events, fault["totals"], fault["after_step"])
-        if len(training) >= fault["trials"]:
-            out["training_at_kill"] = training
+        hit = training_on(cluster, fault["node"], events, fault["totals"], fault["after_step"])
+        if hit:
+            out["hit"] = hit
             break
         time.sleep(0.05)
     else:
