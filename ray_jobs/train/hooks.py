@@ -5,9 +5,9 @@ that SIGKILLs one worker once, after step ``step`` (0-based) of ``epoch``, optio
 checkpoint of the previous epoch, or of ``global_step``, is registered).
 
 Events are lines ``<rank> <what> <value>``: ``start <epoch>``, ``world <W>`` and ``pid <process
-id>`` when a worker group starts, ``resume_step <global step>`` when it resumes inside an epoch, ``step <global
-step>`` after every optimiser step, ``preempted <global step>`` after a preemption checkpoint,
-``epoch``/``reported <epoch>``. Outside tests, ``LOCALCL_EVENTS_DIR=/dir`` in the driver's
+id>`` when a worker group starts, ``resume_step <global step>`` when it resumes inside an
+epoch, ``step <global step>`` after every optimiser step, ``preempted <global step>`` after
+a preemption checkpoint, ``epoch``/``reported <epoch>``. Outside tests, ``LOCALCL_EVENTS_DIR=/dir`` in the driver's
 environment writes them to ``/dir/<section>[-<method stage>].events`` (a path every worker
 can write: a local directory on a one-machine cluster) for any CLI run (:func:`env_hooks`);
 the fault tests read the work a fault cost from them."""

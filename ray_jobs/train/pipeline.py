@@ -313,13 +313,13 @@ def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], 
         )
     fs, root = fsspec.core.url_to_fs(run_dir)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    split = cfg.evaluate.split or cfg.data.splits.test
     names, targets = [], []
     for section, name in EVAL_NAMES:
         if getattr(cfg, section) is None:
             continue
         out_dir = join_uri(run_dir, "eval", name)
         log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
-        split = cfg.evaluate.split or cfg.data.splits.test
         title = f"{name}: {getattr(cfg, section).method.name} on {split}"
         names.append(name)
         targets.append(EvalTarget(join_uri(run_dir, STAGE_DIRS[section], "model"), out_dir, title=title))
@@ -344,10 +344,8 @@ def eval_workers(cfg: Config, n_cases: int) -> int | tuple[int, int]:
     ``(min, max)`` when the run's scaling is (after a lost node the cluster may hold fewer
     than ``max``: a fixed count would wait for it forever)."""
     sc = cfg.scaling
-    if not sc.elastic:
-        return min(sc.max_workers, n_cases)
     hi = min(sc.max_workers, n_cases)
-    return (min(sc.min_workers, hi), hi)
+    return (min(sc.min_workers, hi), hi) if sc.elastic else hi
 
 
 def write_run_card(

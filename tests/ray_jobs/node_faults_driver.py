@@ -130,16 +130,20 @@ class S3:
         self.server.stop()
 
 
+def poll_until(proc: subprocess.Popen[bytes], probe: Any, every: float = 0.05) -> Any:
+    """The first truthy ``probe()`` while ``proc`` (the CLI) runs, or None once it has ended."""
+    while proc.poll() is None:
+        got = probe()
+        if got:
+            return got
+        time.sleep(every)
+    return None
+
+
 def registered(s3: S3, snapshot: str) -> list[dict[str, Any]]:
     """The metrics of the checkpoints Ray Train has registered (its snapshot on S3, or in a
     local run directory when ``snapshot`` is an absolute path)."""
-    if os.path.isabs(snapshot):
-        try:
-            snap = json.loads(Path(snapshot).read_text())
-        except (OSError, ValueError):
-            snap = {}
-    else:
-        snap = s3.read_json(snapshot) or {}
+    snap = (read_json(Path(snapshot)) if os.path.isabs(snapshot) else s3.read_json(snapshot)) or {}
     return [dict(r.get("metrics") or {}) for r in snap.get("checkpoint_results") or []]
 
 
@@ -203,17 +207,13 @@ def inject(
     the drain must reach Ray Train while the stage still trains); returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
-    while proc.poll() is None:
-        if fault["kind"] == "sigterm" and fault.get("drain", True):
-            if any(a["world"] for a in parse_events(events)):
-                break
-        else:
-            done = [m for m in registered(s3, snapshot) if "step" in m]
-            if done:
-                out["first_checkpoint"] = done[0]
-                break
-        time.sleep(0.05)
+    if fault["kind"] == "sigterm" and fault.get("drain", True):
+        ready = poll_until(proc, lambda: any(a["world"] for a in parse_events(events)))
     else:
+        ready = poll_until(proc, lambda: [m for m in registered(s3, snapshot) if "step" in m])
+        if ready:
+            out["first_checkpoint"] = ready[0]
+    if not ready:
         out["error"] = "the CLI ended before the fault could be injected"
         return out
     out["waited_s"] = round(time.time() - t0, 1)
@@ -315,13 +315,10 @@ def inject_in_campaign(
     and stage that trained on the node."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
-    while proc.poll() is None:
-        hit = training_on(cluster, fault["node"], events, fault["totals"], fault["after_step"])
-        if hit:
-            out["hit"] = hit
-            break
-        time.sleep(0.05)
-    else:
+    out["hit"] = poll_until(
+        proc, lambda: training_on(cluster, fault["node"], events, fault["totals"], fault["after_step"])
+    )
+    if not out["hit"]:
         out["error"] = "the campaign ended before the fault could be injected"
         return out
     out["waited_s"] = round(time.time() - t0, 1)
@@ -390,31 +387,24 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = -9
-    if verb == "tune":
-        return {
-            "name": name,
-            "returncode": rc,
-            "wall_s": round(time.time() - t0, 1),
-            "log_tail": log_path.read_text()[-6000:],
-            "fault": fault_out,
-            "trials": campaign_trials(rdir / "campaigns" / name / "study.db", name),
-            "attempts": {
-                d.name: {p.stem: parse_events(p) for p in sorted(d.glob("*.events"))}
-                for d in sorted(events.iterdir())
-                if d.is_dir()
-            },
-            "t0": t0,
-        }
     out: dict[str, Any] = {
         "name": name,
         "returncode": rc,
         "wall_s": round(time.time() - t0, 1),
         "log_tail": log_path.read_text()[-6000:],
         "fault": fault_out,
-        "attempts": {p.stem: parse_events(p) for p in sorted(events.glob("*.events"))},
-        "history": {s: read_history(s3, run_dir, s) for s in ("pretrain", "finetune", "finetune_baseline")},
         "t0": t0,
     }
+    if verb == "tune":  # one events directory per trial
+        out["trials"] = campaign_trials(rdir / "campaigns" / name / "study.db", name)
+        out["attempts"] = {
+            d.name: {p.stem: parse_events(p) for p in sorted(d.glob("*.events"))}
+            for d in sorted(events.iterdir())
+            if d.is_dir()
+        }
+        return out
+    out["attempts"] = {p.stem: parse_events(p) for p in sorted(events.glob("*.events"))}
+    out["history"] = {s: read_history(s3, run_dir, s) for s in ("pretrain", "finetune", "finetune_baseline")}
     if verb == "demo":
         table = Path(run_dir) / "demo_table.md"
         out["demo_table"] = table.read_text() if table.is_file() else None
