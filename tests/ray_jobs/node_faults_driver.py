@@ -201,10 +201,11 @@ def refresh_node_view(cluster: Any) -> bool:
 def inject(
     fault: dict[str, Any], cluster: Any, s3: S3, snapshot: str, events: Path, proc: subprocess.Popen[bytes]
 ) -> dict[str, Any]:
-    """Inject ``fault`` into the pretraining stage: a SIGKILL once its first step checkpoint is
-    registered (``snapshot``; with ``rejoin``, a replacement node of the same name is started
-    once the stage runs on the survivors alone), a drain as soon as its worker group has started (``events``:
-    the drain must reach Ray Train while the stage still trains); returns the timeline."""
+    """Inject ``fault`` into a stage (pretraining; a study's first cell's fine-tuning): a SIGKILL
+    once its first step checkpoint is registered (``snapshot``; with ``rejoin``, a replacement
+    node of the same name is started once the stage runs on the survivors alone), a drain as
+    soon as its worker group has started (``events``, the stage's events file: the drain must
+    reach Ray Train while the stage still trains); returns the timeline."""
     out: dict[str, Any] = {"kind": fault["kind"], "node": fault["node"]}
     t0 = time.time()
     if fault["kind"] == "sigterm" and fault.get("drain", True):
@@ -283,6 +284,33 @@ def write_campaign(run: dict[str, Any], work: Path, rdir: Path) -> str:
     return str(path)
 
 
+def write_study(run: dict[str, Any], work: Path, rdir: Path) -> tuple[str, str]:
+    """``rdir/study.yaml``: a study (``localcl study``) of ``run["study"]`` (seeds, budgets,
+    methods ...) whose cells share the run config ``work/config.yaml`` (store on S3; its
+    ``finetune`` section is every cell's fine-tuning), study directory ``rdir/study`` (a path
+    every node sees here). Returns ``(config path, study directory)``."""
+    import yaml
+
+    base = yaml.safe_load((work / "config.yaml").read_text())
+    stages = {"finetune": base.pop("finetune")}
+    for key in ("name", "pretrain", "baseline"):
+        base.pop(key, None)
+    base["evaluate"] = {"plots": False}
+    base["data"]["splits"] = dict(base["data"]["splits"], val=None)  # a study selects no model on val
+    study = {"name": run["name"], "study_dir": str(rdir / "study"), "base": base, "stage_defaults": stages}
+    study.update(run["study"])
+    path = rdir / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return str(path), str(rdir / "study")
+
+
+def study_cells(study_dir: Path) -> dict[str, Any]:
+    """``{"<method>/<budget>-s<seed>": cell.json}`` of every finished cell of a study."""
+    return {
+        f"{p.parent.parent.name}/{p.parent.name}": read_json(p) for p in sorted(study_dir.glob("cells/*/*/cell.json"))
+    }
+
+
 def training_on(
     cluster: Any, node: str, events: Path, totals: dict[str, int], after_step: int
 ) -> tuple[str, str] | None:
@@ -352,9 +380,17 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     events = rdir / "events"
     events.mkdir(parents=True, exist_ok=True)
     verb = run.get("verb", spec.get("verb", "run"))
+    stage_events = events / "pretrain.events"
     if verb == "demo":  # generates its phantom into the run directory: a local one (all nodes see it)
         run_dir, cfg_name = str(rdir / "run"), "demo"
         snapshot = f"{run_dir}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
+    elif verb == "study":  # the fault hits the first cell's fine-tuning (cell dirs: local, seen by all nodes)
+        study_yaml, run_dir = write_study(run, work, rdir)
+        first = run["fault_cell"]  # "<method>/<budget>-s<seed>"
+        method, cell = first.split("/")
+        cell_name = f"{name}-{method}-{cell}"
+        snapshot = f"{run_dir}/cells/{first}/finetune/{cell_name}-finetune/checkpoint_manager_snapshot.json"
+        stage_events = events / "finetune.events"
     else:
         run_dir, cfg_name = f"s3://{BUCKET}/{name}", spec["config"]["name"]
         snapshot = f"{BUCKET}/{name}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
@@ -365,6 +401,8 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     if verb == "tune":  # a campaign: trials of the run config, 1 worker each, 2 at once
         cmd = [sys.executable, "-m", "ray_jobs.cli", "tune", "--config", write_campaign(run, work, rdir)]
         cmd += ["--address", cluster.address]
+    elif verb == "study":
+        cmd = [sys.executable, "-m", "ray_jobs.cli", "study", "--config", study_yaml, "--address", cluster.address]
     elif verb == "demo":  # the shipped demo config, with the run's --set overrides
         cmd = [sys.executable, "-m", "ray_jobs.cli", "demo", "--address", cluster.address, "--run-dir", run_dir]
         cmd += ["--no-progress", *run.get("args", [])]
@@ -382,7 +420,7 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
             if run.get("fault") and verb == "tune":
                 fault_out = inject_in_campaign(run["fault"], cluster, events, proc)
             elif run.get("fault"):
-                fault_out = inject(run["fault"], cluster, s3, snapshot, events / "pretrain.events", proc)
+                fault_out = inject(run["fault"], cluster, s3, snapshot, stage_events, proc)
             rc = proc.wait(timeout=max(10.0, spec["deadline"] - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -404,6 +442,10 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
         }
         return out
     out["attempts"] = {p.stem: parse_events(p) for p in sorted(events.glob("*.events"))}
+    if verb == "study":  # the cells one after another append to the same events files
+        out["cells"] = study_cells(Path(run_dir))
+        out["results"] = read_json(Path(run_dir) / "results.json")
+        return out
     out["history"] = {s: read_history(s3, run_dir, s) for s in ("pretrain", "finetune", "finetune_baseline")}
     if verb == "demo":
         table = Path(run_dir) / "demo_table.md"

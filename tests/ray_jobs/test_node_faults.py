@@ -1,8 +1,9 @@
 """Whole-node faults on a real multi-node Ray cluster: a SIGKILLed worker node that is then
 replaced (the run grows back), a SIGTERM preemption (drain, then SIGTERM, as Kubernetes deletes
 a spot pod with a preStop hook), a campaign (``localcl tune --address``) that loses a node
-and, with ``--runslow``, a bare SIGTERM (no drain), the undisturbed reference run and
-``localcl demo --address`` with and without a lost node.
+and, with ``--runslow``, a bare SIGTERM (no drain), the undisturbed reference run,
+``localcl demo --address`` with and without a lost node and ``localcl study --address`` that
+loses a node during a cell.
 
 ONE driver, ``node_faults_driver.py``, runs every scenario of ``SCENARIOS`` one after another
 in a fresh network namespace with only loopback (``unshare -n``): a moto S3 server (store, run
@@ -21,7 +22,7 @@ Dice compared is the final validation Dice of fine-tuning); each run still pays 
 start-up per stage. Measured on 2 cores (2026-12-07): the cluster starts in 17-22 s, the
 undisturbed run takes 50 s, the SIGKILL + rejoin run 90 s, the drain + SIGTERM run about 60 s,
 the campaign about 70 s; ``--runslow`` only: the undisturbed run, the bare SIGTERM (69 s), the
-two demos (77 and 100 s) and the cluster self-test (23 s).
+two demos (77 and 100 s), the study (123 s) and the cluster self-test (23 s).
 """
 
 from __future__ import annotations
@@ -222,6 +223,23 @@ SCENARIOS: list[dict[str, Any]] = [
         "name": "bare-sigterm",
         "fault": {"kind": "sigterm", "node": "b", "drain": False},
         "set": ["finetune=null"],
+        "slow": True,
+    },
+    # `localcl study --address`: two baseline cells (seeds 0 and 1) one after another; node b is
+    # SIGKILLed after the first cell's first fine-tuning step checkpoint and not replaced, so
+    # the rest of that cell, the second cell and both evaluations run on node a alone
+    {
+        "name": "study",
+        "verb": "study",
+        "study": {
+            "seeds": [0, 1],
+            "budgets": [{"name": "b1", "patients": 1}],
+            "methods": {"supervised": {"finetune": {"method": {"name": "supervised"}}}},
+            "require_all_methods": False,
+            "diagnostics": False,
+        },
+        "fault_cell": "supervised/b1-s0",
+        "fault": {"kind": "sigkill", "node": "b"},
         "slow": True,
     },
     # `localcl demo --address` (phantom generated into a local run directory every node sees),
@@ -527,3 +545,32 @@ def test_demo_address__node_sigkill_after_the_first_checkpoint_ends_within_noise
     for model in ("method", "baseline"):
         got, want = hit["eval"][model]["mean"]["dice"], calm["eval"][model]["mean"]["dice"]
         assert abs(got - want) <= DICE_TOLERANCE, (model, got, want)
+
+
+FT_STEPS = FT_EPOCHS * 8  # global fine-tuning steps of a run (and of a study cell)
+
+
+@pytest.mark.slow
+def test_study_address__node_sigkill_during_a_cell_loses_no_cell(fault_runs: dict[str, dict[str, Any]]) -> None:
+    """``localcl study --address`` with ``scaling.num_workers: [1, 2]``: SIGKILL node ``b``
+    right after the first cell's first fine-tuning step checkpoint is registered, with no
+    replacement. That cell's fine-tuning continues on node ``a`` alone from the latest
+    registered checkpoint (at most one checkpoint interval plus the step in flight redone),
+    the next cell trains and both are evaluated with the one node left, and the study
+    completes with every cell, each with the same fine-tuning steps and its Dice in its
+    report."""
+    run = completed(fault_runs, "study")
+    fault = run["fault"]
+    assert "error" not in fault, fault
+    attempts = run["attempts"]["finetune"]  # the two cells' fits, one after another
+    assert [a["world"] for a in attempts] == [2, 1, 1], (attempts, fault)
+    first, second = attempts[:2], attempts[2:]
+    assert resumed_at(first[1]) == max(fault["registered_at_kill"]) > 0, fault
+    assert 0 <= steps_redone(first, FT_STEPS) <= EVERY + 1, first
+    assert steps_redone(second, FT_STEPS) == 0
+    cells = run["cells"]
+    assert sorted(cells) == ["supervised/b1-s0", "supervised/b1-s1"], sorted(cells)
+    for key, cell in cells.items():
+        assert cell["finetune_steps"] == FT_STEPS and 0.0 < cell["dice"] <= 1.0, (key, cell)
+    results = run["results"]
+    assert (results["done"], results["total"], results["partial"]) == (2, 2, False), results
