@@ -25,10 +25,17 @@ class ScalingSection(Strict):
     an elastic range ``[min, max]`` (1 <= min <= max): Ray Train starts with as many workers as
     the cluster can place, at least ``min``, restarts with the survivors when a node is lost
     and grows back towards ``max`` (checked every ``resize_interval_s`` seconds). The global
-    batch stays ``schedule.batch_size`` whatever the world size (see docs/training.md)."""
+    batch stays ``schedule.batch_size`` whatever the world size (see docs/training.md).
+
+    ``one_worker_group``: train every stage of a run (pretrain -> finetune -> baseline) in one
+    Ray Train worker group, so the run pays the worker group's start-up once instead of once per
+    stage (``ray_jobs.train.trainer.fit_chain``). Needs workers (``num_workers`` >= 1); a run
+    with several pretraining stages (GLCL), self-training rounds (PLCL) or Tune callbacks
+    trains one worker group per stage as before."""
 
     num_workers: int | tuple[int, int] = 2
     resize_interval_s: float = Field(60.0, ge=0)  # elastic: how often Ray Train considers growing
+    one_worker_group: bool = False
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=_one_cpu_per_worker)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -293,8 +293,13 @@ class Config(Strict):
 
 # run bookkeeping and execution switches: they do not change what is trained
 HASH_EXCLUDED = ("run_dir", "logging", "runtime")
-# fault-tolerance knobs, for the same reason (and so that hashes of older runs stay valid)
-HASH_EXCLUDED_KEYS = (("checkpoint", "every_steps"), ("checkpoint", "on_preemption"), ("scaling", "resize_interval_s"))
+# fault-tolerance and execution knobs, for the same reason (and so that hashes of older runs stay valid)
+HASH_EXCLUDED_KEYS = (
+    ("checkpoint", "every_steps"),
+    ("checkpoint", "on_preemption"),
+    ("scaling", "resize_interval_s"),
+    ("scaling", "one_worker_group"),
+)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

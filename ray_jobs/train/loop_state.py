@@ -219,9 +219,12 @@ def train_state(
     history: list[dict[str, Any]],
     best: dict[str, Any],
     pos: LoopPosition,
+    chain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``state.pt`` of a checkpoint; ``epoch`` is the last completed epoch, ``loop`` where to resume."""
-    return {
+    """``state.pt`` of a checkpoint; ``epoch`` is the last completed epoch, ``loop`` where to
+    resume, ``chain`` (only when given) the stage's place in a one-worker-group run
+    (:func:`ray_jobs.train.worker.run_chain`)."""
+    state = {
         "model": method.state_dict(),
         "optimizer": optim.state_dict(),
         "scheduler": sched.state_dict(),
@@ -234,3 +237,6 @@ def train_state(
         "best": best,
         "loop": pos.to_dict(),
     }
+    if chain is not None:
+        state["chain"] = chain
+    return state

@@ -28,8 +28,8 @@ from ray_jobs.evaluation.job import EvalTarget, evaluate_many
 from ray_jobs.evaluation.model_card import build_model_card, write_model_card
 from ray_jobs.train.checkpoint import read_spec
 from ray_jobs.train.self_training import run_self_training
-from ray_jobs.train.stage import STAGE_DIRS, Plan, export_stage, loop_spec, stage_done
-from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
+from ray_jobs.train.stage import STAGE_DIRS, ChainStep, Plan, export_stage, loop_spec, stage_done, stage_model_dir
+from ray_jobs.train.trainer import fit_chain, fit_stage, worker_runtime_env, write_history, write_tensorboard
 from storage.remote import absolute_uri, join_uri, uri_exists
 
 
@@ -247,18 +247,15 @@ def run_stages(
     for section in stages:
         if getattr(cfg, section) is None:
             raise UserError(f"{section}: this config has no '{section}' section")
-        init = None
-        if section == "finetune":
-            assert cfg.finetune is not None  # checked above
-            src = cfg.finetune.init or (
-                out.get("pretrain", {}).get("model_dir")
-                or (join_uri(run_dir, "pretrain", "model") if cfg.pretrain is not None else None)
-            )
-            if src:
-                src = absolute_uri(src)
-                if not uri_exists(join_uri(src, "model.json")):
-                    raise UserError(f"finetune.init: no exported model at {src} (run 'localcl pretrain' first)")
-                init = {"kind": "backbone", "dir": src}
+    chain = chain_sections(cfg, run_dir, stages, finetune_callbacks, log)
+    if chain:
+        t0 = time.perf_counter()
+        out.update(run_chain(cfg, plan, run_dir, chain, hooks=hooks, progress=progress, log=log))
+        out["timings"]["+".join(chain)] = round(time.perf_counter() - t0, 1)
+    for section in stages:
+        if section in chain:
+            continue
+        init = finetune_init(cfg, run_dir, check=True) if section == "finetune" else None
         t0 = time.perf_counter()
         out[section] = run_section(
             cfg,
@@ -274,6 +271,91 @@ def run_stages(
         out["timings"][section] = round(time.perf_counter() - t0, 1)
     if card:
         write_run_card(cfg, plan, run_dir, metrics=None, extra={"timings_s": out["timings"]})
+    return out
+
+
+def finetune_init(cfg: Config, run_dir: str, check: bool) -> dict[str, Any] | None:
+    """Where fine-tuning starts: ``finetune.init`` when set, else the run's pretrained model
+    when it has a pretrain stage, else None (from scratch). ``check``: the model must exist
+    already (it does not when the same worker group exports it first, :func:`run_chain`)."""
+    assert cfg.finetune is not None
+    src = cfg.finetune.init or (stage_model_dir(run_dir, "pretrain") if cfg.pretrain is not None else None)
+    if not src:
+        return None
+    src = absolute_uri(src)
+    if (check or cfg.finetune.init) and not uri_exists(join_uri(src, "model.json")):
+        raise UserError(f"finetune.init: no exported model at {src} (run 'localcl pretrain' first)")
+    return {"kind": "backbone", "dir": src}
+
+
+def chain_sections(
+    cfg: Config, run_dir: str, stages: Sequence[str], callbacks: Sequence[Any], log: Callable[[str], None] = print
+) -> list[str]:
+    """The sections of ``stages`` to train in one worker group (``scaling.one_worker_group``):
+    those not done yet, when each is one fit; else ``[]`` (each section then gets its own worker
+    group, as without the switch). Even one section left goes through the chain: its
+    checkpoints, where a re-run after an interruption resumes, are the chain's."""
+    if not cfg.scaling.one_worker_group:
+        return []
+    todo = [s for s in stages if not stage_done(stage_model_dir(run_dir, s), cfg)]
+    why = None
+    if cfg.scaling.num_workers == 0:
+        why = "local mode (scaling.num_workers: 0) has no worker group"
+    elif callbacks:
+        why = "a campaign trial reports its fine-tuning epochs to Tune"
+    elif "pretrain" in todo and len(METHODS[cfg.pretrain.method.name].stages or ()) > 1:  # type: ignore[union-attr]
+        why = f"{cfg.pretrain.method.name} pretrains in several stages"  # type: ignore[union-attr]
+    elif "finetune" in todo and cfg.finetune is not None and cfg.finetune.self_training is not None:
+        why = "self-training rounds run between fits"
+    if why:
+        log(f"scaling.one_worker_group: one worker group per stage ({why})")
+        return []
+    return todo
+
+
+def run_chain(
+    cfg: Config,
+    plan: Plan,
+    run_dir: str,
+    sections: Sequence[str],
+    hooks: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``sections`` in order in one worker group (:func:`ray_jobs.train.trainer.fit_chain`):
+    each is exported to ``RUN_DIR/<stage>/model`` by the workers, its ``history.csv`` written
+    here. Returns ``{section: {"model_dir", "history", "results"}}`` like :func:`run_section`."""
+    if "pretrain" in sections and needs_superpixels(cfg):
+        ensure_superpixels(cfg, plan, log)
+    steps = [
+        ChainStep(
+            spec=loop_spec(
+                cfg,
+                plan,
+                section,  # type: ignore[arg-type]
+                init=finetune_init(cfg, run_dir, check=False) if section == "finetune" else None,
+                hooks=hooks,
+            ),
+            model_dir=stage_model_dir(run_dir, section),
+        )
+        for section in sections
+    ]
+    epochs = ", ".join(f"{STAGE_DIRS[s]} {cfg.schedule_for(s, None).epochs}" for s in sections)
+    log(
+        f"{' + '.join(STAGE_DIRS[s] for s in sections)}: one worker group, {cfg.scaling.num_workers} worker(s), epochs: {epochs}"
+    )
+    results = fit_chain(cfg, steps, run_dir, progress=progress)
+    out: dict[str, Any] = {}
+    for section in sections:
+        res = results[section]
+        write_history(run_dir, STAGE_DIRS[section], res.history)
+        if cfg.logging.tensorboard:
+            write_tensorboard(run_dir, STAGE_DIRS[section], res.history)
+        out[section] = {
+            "model_dir": stage_model_dir(run_dir, section),
+            "history": res.history,
+            "results": {"main": res},
+        }
     return out
 
 

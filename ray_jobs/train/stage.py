@@ -38,6 +38,7 @@ from storage.remote import join_uri
 
 __all__ = [
     "BEST_FILE",
+    "ChainStep",
     "STAGE_DIRS",
     "STATE_FILE",
     "VAL_METRICS",
@@ -140,6 +141,17 @@ class LoopSpec(BaseModel):
     def schedule(self) -> Any:
         """The schedule of this fit (``stage_schedule`` of the method stage applied)."""
         return self.config.schedule_for(self.section, self.method_stage)
+
+
+class ChainStep(BaseModel):
+    """One stage of a one-worker-group run (``scaling.one_worker_group``;
+    :func:`ray_jobs.train.worker.run_chain`): its :class:`LoopSpec` and the model directory
+    rank 0 exports its best weights to when it ends."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: LoopSpec
+    model_dir: str
 
 
 def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Ray wiring: connect to / start Ray, build and fit one ``TorchTrainer`` per training stage.
+"""Ray wiring: connect to / start Ray, build and fit one ``TorchTrainer`` per training stage
+(or one for all of a run's stages).
 
 - :func:`init_ray`: ``--address`` or ``RAY_ADDRESS`` -> ``ray.init(address)`` with no resource
   arguments (they are refused when connecting); otherwise a local instance on 127.0.0.1 sized
@@ -11,6 +12,9 @@
   from the last checkpoint (driver-level resume). Live progress is rendered on the driver from a
   ``ray.util.queue.Queue`` that rank 0 feeds; per-epoch metrics go to TensorBoard
   (``RUN_DIR/<stage>/tensorboard``) and ``history.csv``.
+- :func:`fit_chain` (``scaling.one_worker_group``): the stages of a run in ONE such fit, in
+  ``RUN_DIR/stages`` as ``<run>-stages``; the workers train them in order and export each
+  (:func:`ray_jobs.train.worker.run_chain`), so Ray Train's start-up is paid once per run.
 - A failed fit raises :class:`UserError` naming the root cause (lowest failing rank) and
   writes every worker's traceback to ``RUN_DIR/<stage>/failure.log``.
 - ``scaling.num_workers = 0`` is Ray Train local mode (the loop runs in the driver); its
@@ -25,6 +29,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import io
 import os
@@ -33,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +54,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ray_jobs.cluster.local_head import free_port
 from ray_jobs.config import Config
 from ray_jobs.errors import UserError
-from ray_jobs.train.stage import STATE_FILE, LoopSpec
+from ray_jobs.train.stage import STATE_FILE, ChainStep, LoopSpec
 from ray_jobs.train.stop import StageStopped, new_stop_request, stop_on_sigterm
 from ray_jobs.train.worker import train_func
 from storage.remote import env_storage_options, forwarded_env
@@ -181,80 +186,139 @@ def fit_stage(
     ``RUN_DIR/<stage>`` as Ray run ``run_name`` (default ``<cfg.name>-<stage>``) and return its
     history (one row per epoch) and final checkpoint. ``callbacks`` are extra Ray Train
     callbacks (e.g. Tune's ``TuneReportCallback``)."""
+    name = run_name or f"{cfg.name}-{stage}"
     storage_path, storage_fs = _storage(run_dir, stage)
-    sc = cfg.scaling
-    queue = None
-    if progress and cfg.logging.progress:
-        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    stop = new_stop_request()
-    update: dict[str, Any] = {"progress_queue": queue, "stage_name": stage, "stop_request": stop}
-    if sc.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
+    local_root = None
+    if cfg.scaling.num_workers == 0:  # local mode: checkpoints stay where the loop writes them
         if storage_fs is not None:
             raise UserError("scaling.num_workers=0 (local mode) needs a local run directory")
-        update["local_ckpt_root"] = os.path.join(storage_path, run_name or f"{cfg.name}-{stage}", "local_checkpoints")
-    default_poll_interval(os.environ)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"spec": spec.model_copy(update=update)},
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg),
-        # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2) it
-        # is ray.train.v2's, which takes worker_runtime_env
-        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
-            name=run_name or f"{cfg.name}-{stage}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            callbacks=list(callbacks) or None,
-            worker_runtime_env=worker_runtime_env(),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        ),
-    )
-    renderer = _Progress(queue, stage) if queue is not None else None
-    if renderer:
-        renderer.start()
-    try:
-        with stop_on_sigterm(stop, stage, log=lambda m: print(f"localcl: {m}", file=sys.stderr, flush=True)) as term:
-            result = trainer.fit()
-    except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
-        log_path = _write_failure(storage_path, storage_fs, exc)
-        raise UserError(
-            f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
-            f"{log_path}; re-run the same command to resume from the last "
-            f"checkpoint in {storage_path}"
-        ) from exc
-    finally:
-        if stop is not None:
-            ray.kill(stop)
-        if renderer:
-            renderer.stop()
-        if queue is not None:
+        local_root = os.path.join(storage_path, name, "local_checkpoints")
+    with _fit(cfg, stage, storage_path, storage_fs, name, progress, callbacks) as run:
+        spec = spec.model_copy(update={**run.update, "stage_name": stage, "local_ckpt_root": local_root})
+        state, local = run.fit({"spec": spec})
+    return StageResult(stage, storage_path, list(state["history"]), local)
+
+
+def fit_chain(
+    cfg: Config, steps: Sequence[ChainStep], run_dir: str, run_name: str | None = None, progress: bool = True
+) -> dict[str, StageResult]:
+    """Fit every stage of ``steps`` in ONE worker group (``scaling.one_worker_group``): one
+    Ray Train run ``run_name`` (default ``<cfg.name>-stages``) in ``RUN_DIR/stages`` whose
+    workers train the stages in order and export each to its ``model_dir``
+    (:func:`ray_jobs.train.worker.run_chain`), so the run pays Ray Train's start-up once.
+    Returns ``{section: StageResult}`` (every section's history; the checkpoint is the run's
+    last). Not for local mode (``num_workers: 0``), which has no start-up to save."""
+    if cfg.scaling.num_workers == 0:
+        raise UserError("scaling.one_worker_group needs Ray Train workers (scaling.num_workers >= 1)")
+    storage_path, storage_fs = _storage(run_dir, CHAIN_DIR)
+    name = run_name or f"{cfg.name}-{CHAIN_DIR}"
+    label = "+".join(s.spec.section for s in steps)
+    with _fit(cfg, label, storage_path, storage_fs, name, progress, ()) as run:
+        chain = [
+            s.model_copy(update={"spec": s.spec.model_copy(update={**run.update, "stage_name": s.spec.section})})
+            for s in steps
+        ]
+        state, local = run.fit({"chain": chain})
+    histories = {**dict(state.get("chain", {}).get("histories") or {}), steps[-1].spec.section: state["history"]}
+    return {
+        s.spec.section: StageResult(s.spec.section, storage_path, list(histories[s.spec.section]), local) for s in steps
+    }
+
+
+CHAIN_DIR = "stages"  # RUN_DIR/stages: the checkpoints of a one-worker-group run
+
+
+class _Fit:
+    """One ``TorchTrainer.fit()`` with its progress queue, stop request and error handling
+    (:func:`_fit`); ``update`` holds the fields every :class:`LoopSpec` of the fit gets."""
+
+    def __init__(self, cfg: Config, label: str, storage: str, fs: Any, name: str, progress: bool, callbacks: Any):
+        self.cfg, self.label, self.storage, self.fs, self.name = cfg, label, storage, fs, name
+        self.callbacks = list(callbacks)
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if progress and cfg.logging.progress else None
+        self.stop = new_stop_request()
+        self.update: dict[str, Any] = {"progress_queue": self.queue, "stop_request": self.stop}
+        self.renderer = _Progress(self.queue, label) if self.queue is not None else None
+
+    def fit(self, loop_config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Fit and return the final checkpoint's ``state.pt`` and its local directory."""
+        cfg, sc = self.cfg, self.cfg.scaling
+        default_poll_interval(os.environ)
+        trainer = TorchTrainer(
+            train_func,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+            scaling_config=scaling_config(cfg),
+            # the ignore: mypy resolves ray.train.RunConfig to ray.air's; at run time (Train V2)
+            # it is ray.train.v2's, which takes worker_runtime_env
+            run_config=ray.train.RunConfig(  # type: ignore[call-arg]
+                name=self.name,
+                storage_path=self.storage,
+                storage_filesystem=self.fs,
+                callbacks=self.callbacks or None,
+                worker_runtime_env=worker_runtime_env(),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            ),
+        )
+        stage, storage_path = self.label, self.storage
+        if self.renderer:
+            self.renderer.start()
+        try:
+            log = lambda m: print(f"localcl: {m}", file=sys.stderr, flush=True)  # noqa: E731
+            with stop_on_sigterm(self.stop, stage, log=log) as term:
+                result = trainer.fit()
+        except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
+            log_path = _write_failure(storage_path, self.fs, exc)
+            raise UserError(
+                f"{stage}: training failed ({_failure_summary(exc)}); full traceback in "
+                f"{log_path}; re-run the same command to resume from the last "
+                f"checkpoint in {storage_path}"
+            ) from exc
+        if term:  # the workers stopped at a step boundary after writing a checkpoint ...
+            where = dict(result.metrics or {})
+            if not where.get("stopped"):  # ... or finished the stage before they saw the request
+                raise StageStopped(
+                    f"{stage}: SIGTERM arrived as the stage finished: every step was trained and the "
+                    f"last checkpoint is in {storage_path}; re-run the same command to resume from it"
+                )
+            raise StageStopped(
+                f"{stage}: stopped on SIGTERM at epoch {where.get('epoch_in_progress', '?')} step "
+                f"{where.get('step', '?')} (global step {where.get('global_step', '?')}) with a checkpoint in "
+                f"{storage_path}; re-run the same command to resume there"
+            )
+        if result.checkpoint is None:
+            raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
+        if self.fs is None and os.path.isdir(result.checkpoint.path):
+            local = result.checkpoint.path  # already on this machine: no copy
+        else:  # object storage: download once, deleted when the driver exits
+            local = result.checkpoint.to_directory()
+            atexit.register(shutil.rmtree, local, True)
+        state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
+        return state, local
+
+    def close(self) -> None:
+        if self.stop is not None:
+            ray.kill(self.stop)
+        if self.renderer:
+            self.renderer.stop()
+        if self.queue is not None:
             try:
-                queue.shutdown()
+                self.queue.shutdown()
             except Exception:
                 pass
-    if term:  # the workers stopped at a step boundary after writing a checkpoint ...
-        where = dict(result.metrics or {})
-        if not where.get("stopped"):  # ... or finished the stage before they saw the request
-            raise StageStopped(
-                f"{stage}: SIGTERM arrived as the stage finished: every step was trained and the "
-                f"last checkpoint is in {storage_path}; re-run the same command to resume from it"
-            )
-        raise StageStopped(
-            f"{stage}: stopped on SIGTERM at epoch {where.get('epoch_in_progress', '?')} step "
-            f"{where.get('step', '?')} (global step {where.get('global_step', '?')}) with a checkpoint in "
-            f"{storage_path}; re-run the same command to resume there"
-        )
-    if result.checkpoint is None:
-        raise UserError(f"{stage}: finished without a checkpoint in {storage_path}")
-    if storage_fs is None and os.path.isdir(result.checkpoint.path):
-        local = result.checkpoint.path  # already on this machine: no copy
-    else:  # object storage: download once, deleted when the driver exits
-        local = result.checkpoint.to_directory()
-        atexit.register(shutil.rmtree, local, True)
-    state = torch.load(os.path.join(local, STATE_FILE), map_location="cpu", weights_only=True)
-    history = list(state["history"])
-    return StageResult(stage, storage_path, history, local)
+
+
+@contextlib.contextmanager
+def _fit(
+    cfg: Config, label: str, storage: str, fs: Any, name: str, progress: bool, callbacks: Sequence[Any]
+) -> Iterator[_Fit]:
+    """A :class:`_Fit` whose actors (stop request, progress queue) end with the block."""
+    run = _Fit(cfg, label, storage, fs, name, progress, callbacks)
+    try:
+        yield run
+    finally:
+        run.close()
 
 
 def _failure_summary(exc: BaseException) -> str:

@@ -2,7 +2,9 @@
 
 ``train_func({"spec": spec})`` runs on each of the ``W`` workers of a ``TorchTrainer``, with
 ``spec`` the frozen :class:`ray_jobs.train.stage.LoopSpec` the driver built and validated (the
-worker trusts it: the run config and the method config arrive validated). It
+worker trusts it: the run config and the method config arrive validated);
+``train_func({"chain": [ChainStep, ...]})`` runs several stages in one worker group
+(:func:`run_chain`). For each stage, :func:`fit_loop`
 
 1. builds the storage samplers for this worker, sharded by ``(rank, W)``
    (:mod:`ray_jobs.train.loaders`): the global batch of ``B`` slices is split into ``B / W`` per
@@ -54,7 +56,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,7 @@ from ray_jobs.train.loop_state import (
     train_state,
     wait_for_restart,
 )
-from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, LoopSpec
+from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, ChainStep, LoopSpec, export_state
 from ray_jobs.train.stop import StopWatch
 from ray_jobs.train.tracking import setup_mlflow
 from ray_jobs.train.validation import validation_dice
@@ -91,11 +94,14 @@ __all__ = [
     "BEST_FILE",
     "STATE_FILE",
     "VAL_METRICS",
+    "LoopOutcome",
     "StepModule",
     "build_method",
     "epoch_seed",
+    "fit_loop",
     "lr_factor",
     "reseed",
+    "run_chain",
     "train_func",
     "validation_dice",
 ]
@@ -185,10 +191,69 @@ def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
 
 
 # --------------------------------------------------------------------------- main loop
-def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one linear story
-    """Entry point run by every Ray Train worker: ``config["spec"]`` is the stage's
-    :class:`~ray_jobs.train.stage.LoopSpec`. See the module docstring."""
-    spec = config["spec"]
+def train_func(config: Mapping[str, Any]) -> None:
+    """Entry point run by every Ray Train worker: ``config["spec"]``, one stage's
+    :class:`~ray_jobs.train.stage.LoopSpec` (see the module docstring), or ``config["chain"]``,
+    several stages in this one worker group (:func:`run_chain`)."""
+    if "chain" in config:
+        run_chain(config["chain"])
+    else:
+        fit_loop(config["spec"], ray.train.get_checkpoint())
+
+
+@dataclass
+class LoopOutcome:
+    """What :func:`fit_loop` leaves: rank 0's best weights (None on other ranks), the history
+    (one row per epoch) and whether it stopped early on the driver's request."""
+
+    best_state: dict[str, torch.Tensor] | None
+    history: list[dict[str, Any]]
+    stopped: bool = False
+
+
+def run_chain(steps: Sequence[ChainStep]) -> None:
+    """Train ``steps`` one after another in this worker group (``scaling.one_worker_group``).
+
+    After each stage, rank 0 exports its best weights to ``step.model_dir`` (the next stage's
+    ``init`` may read them) and every rank waits for it (a barrier). Every checkpoint's
+    ``state.pt`` carries ``chain = {"section", "histories"}``: the stage it belongs to and the
+    histories of the stages before it. After a restart the stages before the checkpoint's are
+    skipped (exported already), that stage resumes from it, the later ones start fresh; a
+    checkpoint of a stage that is not in ``steps`` (a re-run whose earlier stages were done) is
+    ignored."""
+    ckpt = ray.train.get_checkpoint()
+    histories: dict[str, list[dict[str, Any]]] = {}
+    at = 0
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            chain = dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True).get("chain") or {})
+        sections = [s.spec.section for s in steps]
+        if chain.get("section") in sections:
+            at = sections.index(chain["section"])
+            histories = {str(k): list(v) for k, v in dict(chain.get("histories") or {}).items()}
+        else:
+            ckpt = None
+    rank = ray.train.get_context().get_world_rank()
+    for i, step in enumerate(steps):
+        if i < at:
+            continue
+        state = {"section": step.spec.section, "histories": dict(histories)}
+        out = fit_loop(step.spec, ckpt if i == at else None, chain=state)
+        if out.stopped:
+            return
+        histories[step.spec.section] = out.history
+        if rank == 0:
+            assert out.best_state is not None
+            export_state(step.spec.model, out.best_state, step.model_dir)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the next stage may load what rank 0 exported
+
+
+def fit_loop(  # noqa: C901 - one linear story
+    spec: LoopSpec, ckpt: ray.train.Checkpoint | None, chain: dict[str, Any] | None = None
+) -> LoopOutcome:
+    """Train one stage (``spec``), resuming from ``ckpt`` when given; ``chain``: the
+    :func:`run_chain` entry stored in every checkpoint's ``state.pt``. See the module docstring."""
     cfg = spec.config
     section, mstage = spec.section, spec.method_stage
     schedule = spec.schedule
@@ -228,7 +293,6 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
 
     pos, rng, history, best = LoopPosition(world_size=world), None, [], {"score": -math.inf, "epoch": 0}
     best_state: dict[str, torch.Tensor] | None = None
-    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -344,7 +408,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                     n_seen,
                 )
                 state = train_state(
-                    method, optim, sched, scaler, epoch - 1, global_step, cfg.data.seed, history, best, done
+                    method, optim, sched, scaler, epoch - 1, global_step, cfg.data.seed, history, best, done, chain
                 )
                 flag = int(preempted is not None)
                 m = {
@@ -368,7 +432,7 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                     wait_for_restart(preempted)
                 if stopping:  # the driver raises StageStopped; a re-run resumes here
                     event(hooks, rank, "stopped", global_step)
-                    return
+                    return LoopOutcome(best_state, history, stopped=True)
             if hooks.get("kill") and should_kill(hooks["kill"], rank, epoch, i):
                 os.kill(os.getpid(), signal.SIGKILL)
             now = time.perf_counter()
@@ -420,10 +484,11 @@ def train_func(config: Mapping[str, LoopSpec]) -> None:  # noqa: C901 - one line
                 {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch
             )
         nxt = LoopPosition(epoch + 1, 0, global_step, world)
-        state = train_state(method, optim, sched, scaler, epoch, global_step, cfg.data.seed, history, best, nxt)
+        state = train_state(method, optim, sched, scaler, epoch, global_step, cfg.data.seed, history, best, nxt, chain)
         report_checkpoint(
             metrics, state, best_state, capture_rng(method), rank, spec.local_ckpt_root, f"epoch{epoch:04d}"
         )
         event(hooks, rank, "reported", epoch)
     if mlflow is not None:
         mlflow.end_run()
+    return LoopOutcome(best_state, history)

@@ -382,8 +382,8 @@ def one_run(run: dict[str, Any], spec: dict[str, Any], cluster: Any, s3: S3, wor
     verb = run.get("verb", spec.get("verb", "run"))
     stage_events = events / "pretrain.events"
     if verb == "demo":  # generates its phantom into the run directory: a local one (all nodes see it)
-        run_dir, cfg_name = str(rdir / "run"), "demo"
-        snapshot = f"{run_dir}/pretrain/{cfg_name}-pretrain/checkpoint_manager_snapshot.json"
+        run_dir = str(rdir / "run")  # the demo trains its stages in one worker group (RUN_DIR/stages)
+        snapshot = f"{run_dir}/stages/demo-stages/checkpoint_manager_snapshot.json"
     elif verb == "study":  # the fault hits the first cell's fine-tuning (cell dirs: local, seen by all nodes)
         study_yaml, run_dir = write_study(run, work, rdir)
         first = run["fault_cell"]  # "<method>/<budget>-s<seed>"

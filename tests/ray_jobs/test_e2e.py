@@ -199,44 +199,49 @@ def _registered_checkpoints(snapshot: Path) -> int:
 
 
 def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, tmp_path):
-    """``localcl finetune --address <session cluster>``: the driver is SIGKILLed after the first
-    epoch's checkpoint; the same command again continues from it (rows before the kill keep
-    start_epoch 1, later rows were trained by the second driver) and finishes."""
+    """``localcl run --address <session cluster> --no-eval`` with ``scaling.one_worker_group``
+    (pretraining and fine-tuning in one worker group): the driver is SIGKILLed once the first
+    fine-tuning epoch's checkpoint is registered; the same command again skips the pretraining
+    its workers exported and continues fine-tuning from that checkpoint (rows before the kill
+    keep start_epoch 1, later rows were trained by the second driver) and finishes. (Without
+    the switch, the driver-level resume is the SIGTERM test below.)"""
     address = ray_cluster.get_runtime_context().gcs_address
     cfg = base_config(
         acdc_store,
         name="cli",
-        pretrain=None,
         **{
             "finetune.method": {"name": "supervised", **TINY},
             "finetune.schedule": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 4},
             "checkpoint.max_failures": 0,
+            "scaling.one_worker_group": True,
+            "logging.tensorboard": False,
         },
     )
     cfg_path = tmp_path / "cli.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS="")
-    args = ["finetune", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir), "--no-progress"]
-    proc = _cli(args, env)
+    args = ["run", "--config", str(cfg_path), "--address", address, "--run-dir", str(run_dir), "--no-progress"]
+    proc = _cli([*args, "--no-eval"], env)
     # resumable state = a checkpoint registered in Ray Train's snapshot (the checkpoint folder
-    # alone appears before the controller records it)
-    snapshot = run_dir / "finetune" / "cli-finetune" / "checkpoint_manager_snapshot.json"
+    # alone appears before the controller records it); the pretraining's epoch is the first
+    snapshot = run_dir / "stages" / "cli-stages" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if _registered_checkpoints(snapshot):
+        if _registered_checkpoints(snapshot) >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, f"driver ended before the first checkpoint:\n{proc.communicate()[0]}"
-    assert snapshot.is_file(), "no checkpoint within 300 s"
+    assert proc.poll() is None, f"driver ended before the first fine-tuning checkpoint:\n{proc.communicate()[0]}"
+    assert _registered_checkpoints(snapshot) >= 2, "no fine-tuning checkpoint within 300 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    assert (run_dir / "pretrain" / "model" / "model.json").is_file()  # exported by the workers
     assert not (run_dir / "finetune" / "model" / "model.json").exists()
 
-    proc2 = _cli(args, env)
+    proc2 = _cli([*args, "--no-eval"], env)
     log, _ = proc2.communicate(timeout=300)
     assert proc2.returncode == 0, log
-    assert "finetune: model ->" in log
+    assert "pretrain: already done" in log and "finetune: one worker group" in log, log
     hist = read_history(run_dir / "finetune" / "history.csv")
     assert [int(r["epoch"]) for r in hist] == [1, 2, 3, 4]
     starts = [int(r["start_epoch"]) for r in hist]

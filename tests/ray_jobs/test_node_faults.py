@@ -530,9 +530,11 @@ def test_demo_address__node_sigkill_after_the_first_checkpoint_ends_within_noise
 ) -> None:
     """``localcl demo --address`` on the 3-node cluster with ``scaling.num_workers=[1, 2]``:
     SIGKILL node ``b`` right after the first pretraining step checkpoint is registered. The
-    demo completes (pretraining on the survivor from that checkpoint, fine-tuning, baseline
-    and evaluation with what is left), with at most one checkpoint interval (plus the step in
-    flight) redone, and both models' test Dice within seed noise of the undisturbed demo."""
+    demo (its three training stages in one worker group, ``scaling.one_worker_group``)
+    completes: the restarted group pretrains on the survivor from that checkpoint, then
+    fine-tunes and trains the baseline there, and evaluation runs with what is left; at most
+    one checkpoint interval (plus the step in flight) is redone, and both models' test Dice is
+    within seed noise of the undisturbed demo."""
     calm, hit = completed(fault_runs, "demo-calm"), completed(fault_runs, "demo")
     for run in (calm, hit):
         assert run["demo_table"] and "| method |" in run["demo_table"] and "| baseline |" in run["demo_table"]
@@ -542,6 +544,8 @@ def test_demo_address__node_sigkill_after_the_first_checkpoint_ends_within_noise
     assert [a["world"] for a in pre] == [2, 1], (pre, fault)
     assert resumed_at(pre[1]) == max(fault["registered_at_kill"]) > 0, fault
     assert 0 <= steps_redone(pre, PRETRAIN_STEPS) <= EVERY + 1, pre
+    for stage in ("finetune", "baseline"):  # trained once each, by the restarted group
+        assert [a["world"] for a in hit["attempts"][stage]] == [1], hit["attempts"][stage]
     for model in ("method", "baseline"):
         got, want = hit["eval"][model]["mean"]["dice"], calm["eval"][model]["mean"]["dice"]
         assert abs(got - want) <= DICE_TOLERANCE, (model, got, want)

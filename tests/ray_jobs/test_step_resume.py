@@ -1,9 +1,11 @@
 """Step checkpoints (``checkpoint.every_steps``): a worker SIGKILLed mid-epoch resumes at the
 last step checkpoint, the samplers skip what the epoch already drew, and the run ends with
-exactly the weights of an undisturbed run.
+exactly the weights of an undisturbed run, with one worker group per stage or one for the
+whole run (``scaling.one_worker_group``).
 
-Both fits are real Ray Train fits with 2 DDP workers on a phantom store (6 cases of 48x48x4),
-pretraining a tiny IDEAL U-Net for 2 epochs x 4 steps with a step checkpoint every 2 steps.
+Every fit is a real Ray Train fit with 2 DDP workers on a phantom store (6 cases of 48x48x4):
+a tiny IDEAL U-Net pretrained for 2 epochs x 4 steps, then a supervised fine-tuning of the same
+schedule, with a step checkpoint every 2 steps.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from ray_jobs.config import validate
+from ray_jobs.train.checkpoint import read_spec
 from ray_jobs.train.loop_state import LoopPosition, resume_position, step_checkpoint_due
 
 from evalpredict_helpers import make_phantom_store
@@ -53,39 +56,98 @@ def test_step_checkpoint_schedule__every_n_steps_but_not_the_epoch_end() -> None
     assert resume_position({"epoch": 3, "global_step": 30}) == LoopPosition(epoch=4, global_step=30)
 
 
+def _chain_cfg(store: str) -> Any:
+    """:func:`_cfg` plus a tiny supervised fine-tuning of the same schedule."""
+    base = _cfg(store).to_dict()
+    base["finetune"] = {
+        "method": {"name": "supervised", "widths": [8, 16, 16]},
+        "schedule": {"epochs": EPOCHS, "steps_per_epoch": STEPS, "batch_size": 4, "scheduler": "cosine"},
+    }
+    return validate(base)
+
+
 def test_worker_sigkill_mid_epoch__resumes_at_the_step_checkpoint(ray_cluster, tmp_path: Path) -> None:
+    """Pretraining then fine-tuning, twice, each run with one worker SIGKILLed once:
+
+    - run A, one worker group per stage (``fit_stage``): rank 1 dies in pretraining epoch 2 after
+      step 7, once the step-6 checkpoint is registered; the restarted group resumes there;
+    - run B, both stages in ONE worker group (``scaling.one_worker_group``, ``fit_chain``): rank 1
+      dies at the same place of fine-tuning; the restarted group skips the pretraining its
+      workers exported (it trains once) and resumes fine-tuning at its step-6 checkpoint.
+
+    Same data, RNG streams and LR schedules: both runs export bit-identical models, so each
+    resume is exact against the other run's undisturbed stage, and one worker group gives what
+    one group per stage gives."""
     from ray_jobs.train.pipeline import prepare_data
-    from ray_jobs.train.stage import loop_spec
-    from ray_jobs.train.trainer import fit_stage
+    from ray_jobs.train.stage import ChainStep, export_stage, loop_spec, stage_model_dir
+    from ray_jobs.train.trainer import fit_chain, fit_stage
 
     _, store = make_phantom_store(tmp_path / "data")
-    cfg = _cfg(store)
+    cfg = _chain_cfg(store)
     plan = prepare_data(cfg, str(tmp_path / "run"), log=lambda m: None)
+    dirs = {run: str(tmp_path / run) for run in ("a", "b")}
+    snapshot = {
+        "a": Path(dirs["a"]) / "pretrain" / "steps-pretrain" / "checkpoint_manager_snapshot.json",
+        "b": Path(dirs["b"]) / "stages" / "steps-stages" / "checkpoint_manager_snapshot.json",
+    }
+    events = {(run, s): tmp_path / f"{run}-{s}.events" for run in dirs for s in ("pretrain", "finetune")}
 
-    ref = fit_stage(cfg, loop_spec(cfg, plan, "pretrain"), str(tmp_path / "ref"), "pretrain", progress=False)
+    def hooks(run: str, section: str, kill: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"events": str(events[run, section])}
+        if kill:  # rank 1 dies after the 3rd step of epoch 2 (global step 7), once step 6's checkpoint is registered
+            flag = str(tmp_path / f"{run}.killed")
+            out["kill"] = {
+                "rank": 1,
+                "epoch": 2,
+                "step": 2,
+                "flag": flag,
+                "snapshot": str(snapshot[run]),
+                "global_step": 6,
+            }
+        return out
 
-    # rank 1 dies after the 3rd step of epoch 2 (global step 7), once the step checkpoint of
-    # global step 6 (epoch 2, step 2) is registered: one step of work is redone
-    events, flag = tmp_path / "events.txt", tmp_path / "killed.flag"
-    run_dir = tmp_path / "killed"
-    snapshot = run_dir / "pretrain" / "steps-pretrain" / "checkpoint_manager_snapshot.json"
-    kill = {"rank": 1, "epoch": 2, "step": 2, "flag": str(flag), "snapshot": str(snapshot), "global_step": 6}
-    spec = loop_spec(cfg, plan, "pretrain", hooks={"events": str(events), "kill": kill})
-    got = fit_stage(cfg, spec, str(run_dir), "pretrain", progress=False)
+    def init(run: str) -> dict[str, Any]:
+        return {"kind": "backbone", "dir": stage_model_dir(dirs[run], "pretrain")}
 
-    assert flag.exists(), "the kill hook never fired"
-    lines = events.read_text().splitlines()
-    # the restarted worker group resumed inside epoch 2 at global step 6, not at the epoch start
-    assert "0 resume_step 6" in lines and "1 resume_step 6" in lines, lines
-    assert [r["epoch"] for r in got.history] == [1, 2]
-    assert [r["start_epoch"] for r in got.history] == [1, 2]
-    # same data, same RNG streams, same LR schedule: bit-identical weights and epoch metrics
-    want, have = _final_model(ref), _final_model(got)
-    assert want.keys() == have.keys()
+    spec = loop_spec(cfg, plan, "pretrain", hooks=hooks("a", "pretrain", kill=True))
+    a_pre = fit_stage(cfg, spec, dirs["a"], "pretrain", progress=False)
+    export_stage(cfg, plan, "pretrain", a_pre.checkpoint_dir, stage_model_dir(dirs["a"], "pretrain"))
+    spec = loop_spec(cfg, plan, "finetune", init=init("a"), hooks=hooks("a", "finetune", kill=False))
+    a_ft = fit_stage(cfg, spec, dirs["a"], "finetune", progress=False)
+    export_stage(cfg, plan, "finetune", a_ft.checkpoint_dir, stage_model_dir(dirs["a"], "finetune"))
+    steps = [
+        ChainStep(
+            spec=loop_spec(cfg, plan, "pretrain", hooks=hooks("b", "pretrain", kill=False)),
+            model_dir=stage_model_dir(dirs["b"], "pretrain"),
+        ),
+        ChainStep(
+            spec=loop_spec(cfg, plan, "finetune", init=init("b"), hooks=hooks("b", "finetune", kill=True)),
+            model_dir=stage_model_dir(dirs["b"], "finetune"),
+        ),
+    ]
+    b = fit_chain(cfg, steps, dirs["b"], progress=False)
+
+    assert (tmp_path / "a.killed").exists() and (tmp_path / "b.killed").exists(), "a kill hook never fired"
+    lines = {key: path.read_text().splitlines() for key, path in events.items()}
+    # the restarted worker groups resumed inside epoch 2 at global step 6, not at the epoch start
+    for key in (("a", "pretrain"), ("b", "finetune")):
+        assert "0 resume_step 6" in lines[key] and "1 resume_step 6" in lines[key], (key, lines[key])
+    for key in (("a", "finetune"), ("b", "pretrain")):  # undisturbed: one start, every step once
+        assert lines[key].count("0 start 1") == 1 and lines[key].count(f"0 step {EPOCHS * STEPS}") == 1, lines[key]
+    histories = {("a", "pretrain"): a_pre.history, ("a", "finetune"): a_ft.history}
+    histories.update({("b", s): b[s].history for s in ("pretrain", "finetune")})
+    for (run, section), history in histories.items():
+        assert [r["epoch"] for r in history] == [1, 2]
+        assert [r["global_step"] for r in history] == [STEPS, 2 * STEPS]
+        resumed = (run, section) in (("a", "pretrain"), ("b", "finetune"))
+        assert [r["start_epoch"] for r in history] == ([1, 2] if resumed else [1, 1]), (run, section)
+    for section in ("pretrain", "finetune"):
+        assert [r["loss"] for r in histories["a", section]] == [r["loss"] for r in histories["b", section]]
+        want = read_spec(stage_model_dir(dirs["a"], section))["weights_sha256"]
+        assert read_spec(stage_model_dir(dirs["b"], section))["weights_sha256"] == want, section
+    want, have = _final_model(a_ft), _final_model(b["finetune"])
     diff = {k: (want[k].double() - have[k].double()).abs().max().item() for k in want if want[k].numel()}
     assert all(torch.equal(want[k], have[k]) for k in want), {k: d for k, d in diff.items() if d}
-    assert [r["loss"] for r in got.history] == pytest.approx([r["loss"] for r in ref.history], abs=0, rel=0)
-    assert [r["global_step"] for r in got.history] == [STEPS, 2 * STEPS]
 
 
 def test_preemption__outside_a_worker_group_nothing_is_pending() -> None:
