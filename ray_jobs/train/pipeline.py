@@ -295,13 +295,11 @@ def chain_sections(
     those not done yet, when each is one fit; else ``[]`` (each section then gets its own worker
     group, as without the switch). Even one section left goes through the chain: its
     checkpoints, where a re-run after an interruption resumes, are the chain's."""
-    if not cfg.scaling.one_worker_group:
+    if not cfg.scaling.one_worker_group or cfg.scaling.num_workers == 0:  # local mode: no start-up to save
         return []
     todo = [s for s in stages if not stage_done(stage_model_dir(run_dir, s), cfg)]
     why = None
-    if cfg.scaling.num_workers == 0:
-        why = "local mode (scaling.num_workers: 0) has no worker group"
-    elif callbacks:
+    if callbacks:
         why = "a campaign trial reports its fine-tuning epochs to Tune"
     elif "pretrain" in todo and len(METHODS[cfg.pretrain.method.name].stages or ()) > 1:  # type: ignore[union-attr]
         why = f"{cfg.pretrain.method.name} pretrains in several stages"  # type: ignore[union-attr]
