@@ -30,8 +30,8 @@ class ScalingSection(Strict):
     ``one_worker_group``: train every stage of a run (pretrain -> finetune -> baseline) in one
     Ray Train worker group, so the run pays the worker group's start-up once instead of once per
     stage (``ray_jobs.train.trainer.fit_chain``). Needs workers (``num_workers`` >= 1); a run
-    with several pretraining stages (GLCL), self-training rounds (PLCL) or Tune callbacks
-    trains one worker group per stage as before."""
+    with several pretraining stages (GLCL) or self-training rounds (PLCL) trains one worker
+    group per stage as before."""
 
     num_workers: int | tuple[int, int] = 2
     resize_interval_s: float = Field(60.0, ge=0)  # elastic: how often Ray Train considers growing

@@ -247,10 +247,12 @@ def run_stages(
     for section in stages:
         if getattr(cfg, section) is None:
             raise UserError(f"{section}: this config has no '{section}' section")
-    chain = chain_sections(cfg, run_dir, stages, finetune_callbacks, log)
+    chain = chain_sections(cfg, run_dir, stages, log)
     if chain:
         t0 = time.perf_counter()
-        out.update(run_chain(cfg, plan, run_dir, chain, hooks=hooks, progress=progress, log=log))
+        out.update(
+            run_chain(cfg, plan, run_dir, chain, hooks=hooks, callbacks=finetune_callbacks, progress=progress, log=log)
+        )
         out["timings"]["+".join(chain)] = round(time.perf_counter() - t0, 1)
     for section in stages:
         if section in chain:
@@ -288,9 +290,7 @@ def finetune_init(cfg: Config, run_dir: str, check: bool) -> dict[str, Any] | No
     return {"kind": "backbone", "dir": src}
 
 
-def chain_sections(
-    cfg: Config, run_dir: str, stages: Sequence[str], callbacks: Sequence[Any], log: Callable[[str], None] = print
-) -> list[str]:
+def chain_sections(cfg: Config, run_dir: str, stages: Sequence[str], log: Callable[[str], None] = print) -> list[str]:
     """The sections of ``stages`` to train in one worker group (``scaling.one_worker_group``):
     those not done yet, when each is one fit; else ``[]`` (each section then gets its own worker
     group, as without the switch). Even one section left goes through the chain: its
@@ -299,9 +299,7 @@ def chain_sections(
         return []
     todo = [s for s in stages if not stage_done(stage_model_dir(run_dir, s), cfg)]
     why = None
-    if callbacks:
-        why = "a campaign trial reports its fine-tuning epochs to Tune"
-    elif "pretrain" in todo and len(METHODS[cfg.pretrain.method.name].stages or ()) > 1:  # type: ignore[union-attr]
+    if "pretrain" in todo and len(METHODS[cfg.pretrain.method.name].stages or ()) > 1:  # type: ignore[union-attr]
         why = f"{cfg.pretrain.method.name} pretrains in several stages"  # type: ignore[union-attr]
     elif "finetune" in todo and cfg.finetune is not None and cfg.finetune.self_training is not None:
         why = "self-training rounds run between fits"
@@ -317,12 +315,16 @@ def run_chain(
     run_dir: str,
     sections: Sequence[str],
     hooks: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``sections`` in order in one worker group (:func:`ray_jobs.train.trainer.fit_chain`):
     each is exported to ``RUN_DIR/<stage>/model`` by the workers, its ``history.csv`` written
-    here. Returns ``{section: {"model_dir", "history", "results"}}`` like :func:`run_section`."""
+    here. ``callbacks``: Ray Train callbacks of the fit (a campaign trial's
+    ``EpochReportCallback``, which forwards only the fine-tuning epochs' reports: the
+    pretraining's carry no validation metric). Returns ``{section: {"model_dir", "history",
+    "results"}}`` like :func:`run_section`."""
     if "pretrain" in sections and needs_superpixels(cfg):
         ensure_superpixels(cfg, plan, log)
     steps = [
@@ -342,7 +344,7 @@ def run_chain(
     log(
         f"{' + '.join(STAGE_DIRS[s] for s in sections)}: one worker group, {cfg.scaling.num_workers} worker(s), epochs: {epochs}"
     )
-    results = fit_chain(cfg, steps, run_dir, progress=progress)
+    results = fit_chain(cfg, steps, run_dir, progress=progress, callbacks=callbacks)
     out: dict[str, Any] = {}
     for section in sections:
         res = results[section]

@@ -200,20 +200,26 @@ def fit_stage(
 
 
 def fit_chain(
-    cfg: Config, steps: Sequence[ChainStep], run_dir: str, run_name: str | None = None, progress: bool = True
+    cfg: Config,
+    steps: Sequence[ChainStep],
+    run_dir: str,
+    run_name: str | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, StageResult]:
     """Fit every stage of ``steps`` in ONE worker group (``scaling.one_worker_group``): one
     Ray Train run ``run_name`` (default ``<cfg.name>-stages``) in ``RUN_DIR/stages`` whose
     workers train the stages in order and export each to its ``model_dir``
     (:func:`ray_jobs.train.worker.run_chain`), so the run pays Ray Train's start-up once.
     Returns ``{section: StageResult}`` (every section's history; the checkpoint is the run's
-    last). Not for local mode (``num_workers: 0``), which has no start-up to save."""
+    last). ``callbacks``: extra Ray Train callbacks, as in :func:`fit_stage`. Not for local
+    mode (``num_workers: 0``), which has no start-up to save."""
     if cfg.scaling.num_workers == 0:
         raise UserError("scaling.one_worker_group needs Ray Train workers (scaling.num_workers >= 1)")
     storage_path, storage_fs = _storage(run_dir, CHAIN_DIR)
     name = run_name or f"{cfg.name}-{CHAIN_DIR}"
     label = "+".join(s.spec.section for s in steps)
-    with _fit(cfg, label, storage_path, storage_fs, name, progress, ()) as run:
+    with _fit(cfg, label, storage_path, storage_fs, name, progress, callbacks) as run:
         chain = [
             s.model_copy(update={"spec": s.spec.model_copy(update={**run.update, "stage_name": s.spec.section})})
             for s in steps

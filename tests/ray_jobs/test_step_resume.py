@@ -1,11 +1,11 @@
 """Step checkpoints (``checkpoint.every_steps``): a worker SIGKILLed mid-epoch resumes at the
 last step checkpoint, the samplers skip what the epoch already drew, and the run ends with
-exactly the weights of an undisturbed run, with one worker group per stage or one for the
-whole run (``scaling.one_worker_group``).
+exactly the weights of an undisturbed run, with one worker group per stage or (slow) one for
+the whole run (``scaling.one_worker_group``).
 
 Every fit is a real Ray Train fit with 2 DDP workers on a phantom store (6 cases of 48x48x4):
-a tiny IDEAL U-Net pretrained for 2 epochs x 4 steps, then a supervised fine-tuning of the same
-schedule, with a step checkpoint every 2 steps.
+a tiny IDEAL U-Net pretrained for 2 epochs x 4 steps (the slow test adds a supervised
+fine-tuning of the same schedule), with a step checkpoint every 2 steps.
 """
 
 from __future__ import annotations
@@ -56,6 +56,41 @@ def test_step_checkpoint_schedule__every_n_steps_but_not_the_epoch_end() -> None
     assert resume_position({"epoch": 3, "global_step": 30}) == LoopPosition(epoch=4, global_step=30)
 
 
+def test_worker_sigkill_mid_epoch__resumes_at_the_step_checkpoint(ray_cluster, tmp_path: Path) -> None:
+    from ray_jobs.train.pipeline import prepare_data
+    from ray_jobs.train.stage import loop_spec
+    from ray_jobs.train.trainer import fit_stage
+
+    _, store = make_phantom_store(tmp_path / "data")
+    cfg = _cfg(store)
+    plan = prepare_data(cfg, str(tmp_path / "run"), log=lambda m: None)
+
+    ref = fit_stage(cfg, loop_spec(cfg, plan, "pretrain"), str(tmp_path / "ref"), "pretrain", progress=False)
+
+    # rank 1 dies after the 3rd step of epoch 2 (global step 7), once the step checkpoint of
+    # global step 6 (epoch 2, step 2) is registered: one step of work is redone
+    events, flag = tmp_path / "events.txt", tmp_path / "killed.flag"
+    run_dir = tmp_path / "killed"
+    snapshot = run_dir / "pretrain" / "steps-pretrain" / "checkpoint_manager_snapshot.json"
+    kill = {"rank": 1, "epoch": 2, "step": 2, "flag": str(flag), "snapshot": str(snapshot), "global_step": 6}
+    spec = loop_spec(cfg, plan, "pretrain", hooks={"events": str(events), "kill": kill})
+    got = fit_stage(cfg, spec, str(run_dir), "pretrain", progress=False)
+
+    assert flag.exists(), "the kill hook never fired"
+    lines = events.read_text().splitlines()
+    # the restarted worker group resumed inside epoch 2 at global step 6, not at the epoch start
+    assert "0 resume_step 6" in lines and "1 resume_step 6" in lines, lines
+    assert [r["epoch"] for r in got.history] == [1, 2]
+    assert [r["start_epoch"] for r in got.history] == [1, 2]
+    # same data, same RNG streams, same LR schedule: bit-identical weights and epoch metrics
+    want, have = _final_model(ref), _final_model(got)
+    assert want.keys() == have.keys()
+    diff = {k: (want[k].double() - have[k].double()).abs().max().item() for k in want if want[k].numel()}
+    assert all(torch.equal(want[k], have[k]) for k in want), {k: d for k, d in diff.items() if d}
+    assert [r["loss"] for r in got.history] == pytest.approx([r["loss"] for r in ref.history], abs=0, rel=0)
+    assert [r["global_step"] for r in got.history] == [STEPS, 2 * STEPS]
+
+
 def _chain_cfg(store: str) -> Any:
     """:func:`_cfg` plus a tiny supervised fine-tuning of the same schedule."""
     base = _cfg(store).to_dict()
@@ -66,8 +101,14 @@ def _chain_cfg(store: str) -> Any:
     return validate(base)
 
 
-def test_worker_sigkill_mid_epoch__resumes_at_the_step_checkpoint(ray_cluster, tmp_path: Path) -> None:
-    """Pretraining then fine-tuning, twice, each run with one worker SIGKILLed once:
+@pytest.mark.slow
+def test_one_worker_group__same_weights_as_one_group_per_stage_and_each_kill_resumes_exactly(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """(Slow: 5 worker-group starts, about 60 s; the default suite has the one-group-per-stage
+    case above and ``test_e2e.py::test_cli__address_driver_killed_then_rerun_resumes``, which
+    resumes a one-worker-group run.) Pretraining then fine-tuning, twice, each run with one
+    worker SIGKILLed once:
 
     - run A, one worker group per stage (``fit_stage``): rank 1 dies in pretraining epoch 2 after
       step 7, once the step-6 checkpoint is registered; the restarted group resumes there;
