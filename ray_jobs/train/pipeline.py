@@ -28,8 +28,17 @@ from ray_jobs.evaluation.job import EvalTarget, evaluate_many
 from ray_jobs.evaluation.model_card import build_model_card, write_model_card
 from ray_jobs.train.checkpoint import read_spec
 from ray_jobs.train.self_training import run_self_training
-from ray_jobs.train.stage import STAGE_DIRS, ChainStep, Plan, export_stage, loop_spec, stage_done, stage_model_dir
-from ray_jobs.train.trainer import fit_chain, fit_stage, worker_runtime_env, write_history, write_tensorboard
+from ray_jobs.train.stage import (
+    STAGE_DIRS,
+    ChainStep,
+    Plan,
+    export_stage,
+    loop_spec,
+    stage_done,
+    stage_model_dir,
+    write_history,
+)
+from ray_jobs.train.trainer import fit_chain, fit_stage, worker_runtime_env, write_tensorboard
 from storage.remote import absolute_uri, join_uri, uri_exists
 
 
@@ -320,8 +329,8 @@ def run_chain(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``sections`` in order in one worker group (:func:`ray_jobs.train.trainer.fit_chain`):
-    each is exported to ``RUN_DIR/<stage>/model`` by the workers, its ``history.csv`` written
-    here. ``callbacks``: Ray Train callbacks of the fit (a campaign trial's
+    the workers write each stage's ``history.csv`` and export it to ``RUN_DIR/<stage>/model`` as
+    the stage ends, so a stage skipped on a re-run has both. ``callbacks``: Ray Train callbacks of the fit (a campaign trial's
     ``EpochReportCallback``, which forwards only the fine-tuning epochs' reports: the
     pretraining's carry no validation metric). Returns ``{section: {"model_dir", "history",
     "results"}}`` like :func:`run_section`."""
@@ -336,6 +345,7 @@ def run_chain(
                 init=finetune_init(cfg, run_dir, check=False) if section == "finetune" else None,
                 hooks=hooks,
             ),
+            run_dir=run_dir,
             model_dir=stage_model_dir(run_dir, section),
         )
         for section in sections
@@ -346,9 +356,8 @@ def run_chain(
     )
     results = fit_chain(cfg, steps, run_dir, progress=progress, callbacks=callbacks)
     out: dict[str, Any] = {}
-    for section in sections:
+    for section in sections:  # the workers wrote each history.csv as the stage ended
         res = results[section]
-        write_history(run_dir, STAGE_DIRS[section], res.history)
         if cfg.logging.tensorboard:
             write_tensorboard(run_dir, STAGE_DIRS[section], res.history)
         out[section] = {

@@ -50,8 +50,9 @@ from ray_jobs.train.stage import (
     loop_spec,
     model_spec,
     stage_done,
+    write_history,
 )
-from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_history, write_tensorboard
+from ray_jobs.train.trainer import fit_stage, worker_runtime_env, write_tensorboard
 from storage.preprocess import preprocess_slice, restore_slice
 from storage.remote import join_uri
 

@@ -20,11 +20,14 @@ Layout of RUN_DIR (``docs/interfaces.md``)::
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -52,6 +55,7 @@ __all__ = [
     "loop_spec",
     "model_spec",
     "stage_done",
+    "write_history",
 ]
 
 
@@ -145,13 +149,34 @@ class LoopSpec(BaseModel):
 
 class ChainStep(BaseModel):
     """One stage of a one-worker-group run (``scaling.one_worker_group``;
-    :func:`ray_jobs.train.worker.run_chain`): its :class:`LoopSpec` and the model directory
-    rank 0 exports its best weights to when it ends."""
+    :func:`ray_jobs.train.worker.run_chain`): its :class:`LoopSpec`, and where rank 0 writes
+    the stage when it ends: ``RUN_DIR/<stage dir>/history.csv`` (``run_dir``) and the best
+    weights (``model_dir``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     spec: LoopSpec
+    run_dir: str
     model_dir: str
+
+
+def write_history(run_dir: str, stage: str, history: list[dict[str, Any]]) -> str:
+    """RUN_DIR/<stage>/history.csv: one row per epoch (columns = union of metric keys)."""
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    order = ["epoch"] + [k for k in keys if k != "epoch"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=order)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row.get(k, "") for k in order})
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    path = f"{root.rstrip('/')}/{stage}/history.csv"
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(buf.getvalue())
+    return path
 
 
 def model_spec(cfg: Config, plan: Plan, section: str) -> dict[str, Any]:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import csv
-import io
 import os
 import shutil
 import sys
@@ -361,25 +359,6 @@ def _write_failure(storage_path: str, storage_fs: Any, exc: BaseException) -> st
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else ""
-
-
-def write_history(run_dir: str, stage: str, history: list[dict[str, Any]]) -> str:
-    """RUN_DIR/<stage>/history.csv: one row per epoch (columns = union of metric keys)."""
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    order = ["epoch"] + [k for k in keys if k != "epoch"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=order)
-    w.writeheader()
-    for row in history:
-        w.writerow({k: row.get(k, "") for k in order})
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    path = f"{root.rstrip('/')}/{stage}/history.csv"
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(buf.getvalue())
-    return path
 
 
 def write_tensorboard(run_dir: str, stage: str, history: list[dict[str, Any]]) -> None:

@@ -85,15 +85,20 @@ from ray_jobs.train.loop_state import (
     train_state,
     wait_for_restart,
 )
-from ray_jobs.train.stage import BEST_FILE, STATE_FILE, VAL_METRICS, ChainStep, LoopSpec, export_state
+from ray_jobs.train.stage import (
+    BEST_FILE,
+    STAGE_DIRS,
+    STATE_FILE,
+    ChainStep,
+    LoopSpec,
+    export_state,
+    write_history,
+)
 from ray_jobs.train.stop import StopWatch
 from ray_jobs.train.tracking import setup_mlflow
 from ray_jobs.train.validation import validation_dice
 
 __all__ = [
-    "BEST_FILE",
-    "STATE_FILE",
-    "VAL_METRICS",
     "LoopOutcome",
     "StepModule",
     "build_method",
@@ -103,7 +108,6 @@ __all__ = [
     "reseed",
     "run_chain",
     "train_func",
-    "validation_dice",
 ]
 
 
@@ -214,8 +218,9 @@ class LoopOutcome:
 def run_chain(steps: Sequence[ChainStep]) -> None:
     """Train ``steps`` one after another in this worker group (``scaling.one_worker_group``).
 
-    After each stage, rank 0 exports its best weights to ``step.model_dir`` (the next stage's
-    ``init`` may read them) and every rank waits for it (a barrier). Every checkpoint's
+    After each stage, rank 0 writes its ``history.csv`` and exports its best weights to
+    ``step.model_dir`` (the next stage's ``init`` may read them), and every rank waits for it
+    (a barrier). Every checkpoint's
     ``state.pt`` carries ``chain = {"section", "histories"}``: the stage it belongs to and the
     histories of the stages before it. After a restart the stages before the checkpoint's are
     skipped (exported already), that stage resumes from it, the later ones start fresh; a
@@ -242,8 +247,9 @@ def run_chain(steps: Sequence[ChainStep]) -> None:
         if out.stopped:
             return
         histories[step.spec.section] = out.history
-        if rank == 0:
+        if rank == 0:  # the history first: a stage whose model exists is skipped on a re-run
             assert out.best_state is not None
+            write_history(step.run_dir, STAGE_DIRS[step.spec.section], out.history)
             export_state(step.spec.model, out.best_state, step.model_dir)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # the next stage may load what rank 0 exported

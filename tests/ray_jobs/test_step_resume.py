@@ -159,10 +159,12 @@ def test_one_worker_group__same_weights_as_one_group_per_stage_and_each_kill_res
     steps = [
         ChainStep(
             spec=loop_spec(cfg, plan, "pretrain", hooks=hooks("b", "pretrain", kill=False)),
+            run_dir=dirs["b"],
             model_dir=stage_model_dir(dirs["b"], "pretrain"),
         ),
         ChainStep(
             spec=loop_spec(cfg, plan, "finetune", init=init("b"), hooks=hooks("b", "finetune", kill=True)),
+            run_dir=dirs["b"],
             model_dir=stage_model_dir(dirs["b"], "finetune"),
         ),
     ]
@@ -186,6 +188,8 @@ def test_one_worker_group__same_weights_as_one_group_per_stage_and_each_kill_res
         assert [r["loss"] for r in histories["a", section]] == [r["loss"] for r in histories["b", section]]
         want = read_spec(stage_model_dir(dirs["a"], section))["weights_sha256"]
         assert read_spec(stage_model_dir(dirs["b"], section))["weights_sha256"] == want, section
+    for section in ("pretrain", "finetune"):  # written by the workers as each stage ended
+        assert (Path(dirs["b"]) / section / "history.csv").is_file(), section
     want, have = _final_model(a_ft), _final_model(b["finetune"])
     diff = {k: (want[k].double() - have[k].double()).abs().max().item() for k in want if want[k].numel()}
     assert all(torch.equal(want[k], have[k]) for k in want), {k: d for k, d in diff.items() if d}
