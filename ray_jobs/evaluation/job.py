@@ -8,7 +8,10 @@ Two entry points, one report format:
   ``cases[r::W]`` with
   :func:`ray_jobs.evaluation.inference.predict_case`, scores them with :func:`localcl.metrics.evaluate_case`,
   the per-case results are gathered (``all_gather_object`` on a gloo group, so it also works
-  when the training backend is nccl) and rank 0 writes the report.
+  when the training backend is nccl) and rank 0 writes the report. A one-worker-group run
+  (``scaling.one_worker_group``) runs the same worker function, :func:`evaluate_in_worker`,
+  in its training workers after the last stage instead (:func:`eval_job_config` with
+  ``exported=False``), so it starts no second worker group.
 - :func:`score_folders` scores a folder of predicted NIfTI label maps against a folder of
   reference label maps (no model, no Ray).
 
@@ -33,6 +36,7 @@ per-case foreground mean is ``mean_fg_i = mean_{k>0} m_ik`` over the finite valu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import uuid
@@ -68,7 +72,7 @@ from storage.nifti import label_nifti_bytes
 from storage.remote import join_uri, write_bytes
 
 # --------------------------------------------------------------------------- store + Ray Train
-_gather_group: Any = None  # the worker's gloo group for _gather_all (reset by each _eval_worker)
+_gather_group: Any = None  # the worker's gloo group for _gather_all (reset by each evaluate_in_worker)
 
 
 def _gather_all(obj: Any) -> list[Any]:
@@ -84,9 +88,12 @@ def _gather_all(obj: Any) -> list[Any]:
     return out
 
 
-def _eval_worker(cfg: Mapping[str, Any]) -> None:
-    """Ray Train worker: for each model of ``cfg["models"]`` in turn, predict and score
-    ``cases[rank::world]``; rank 0 writes that model's report."""
+def evaluate_in_worker(cfg: Mapping[str, Any]) -> None:
+    """Ray Train worker: for each model of ``cfg`` (:func:`eval_job_config`) in turn, predict
+    and score ``cases[rank::world]``; rank 0 writes that model's report. Runs as the
+    evaluation job's worker function, or in a one-worker-group run's workers after its
+    training stages (``scaling.one_worker_group``), which is why a model may still be
+    ``pending`` here: it did not exist when the driver built ``cfg``."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     global _gather_group
@@ -97,12 +104,15 @@ def _eval_worker(cfg: Mapping[str, Any]) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() and cfg["use_gpu"] else "cpu")
     st = storage.open_store(cfg["store"], storage_options=cfg["storage_options"])
     for target in cfg["models"]:
+        if "pending" in target:  # exported by this worker group's training stages
+            names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
+            target = _model_job(EvalTarget(**target["pending"]), names, cfg["where"], cfg["split_name"])
         source = dict(target["source"], n_workers=world)  # the world that scored (elastic: what fit)
         _eval_one({**cfg, **target, "source": source}, st, device, rank, world)
 
 
 def _eval_one(cfg: Mapping[str, Any], st: Any, device: torch.device, rank: int, world: int) -> None:
-    """One model of :func:`_eval_worker`: ``cfg`` is the job's settings with the model's own
+    """One model of :func:`evaluate_in_worker`: ``cfg`` is the job's settings with the model's own
     (``model_dir``, ``out``, ``label_names``, ``histories``, ``source``, ``title``, ``run_name``)."""
     model, spec = load_model(cfg["model_dir"], device=device)
     names = {int(k): v for k, v in cfg["label_names"].items()}
@@ -209,18 +219,10 @@ def evaluate_many(
     targets: Sequence[EvalTarget],
     store: str,
     *,
-    split: str = "val",
-    cases: Sequence[str] | None = None,
-    max_cases: int | None = None,
     num_workers: int | tuple[int, int] = 1,
-    use_gpu: bool = False,
     resources_per_worker: Mapping[str, float] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
     storage_path: str | None = None,
-    plots: bool = True,
-    overlay_cases: int = 3,
-    save_predictions: bool = False,
-    batch_size: int = 16,
+    **job: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate exported models on the same cases of a store in ONE Ray Train job (one worker
     group, whose start-up is paid once: ``localcl run`` scores the method and the baseline
@@ -233,42 +235,15 @@ def evaluate_many(
 
     Args:
         targets: the models and their report directories (:class:`EvalTarget`).
-        store: store path or URI. ``split``: catalog split, ``all`` or ``labelled``; or ``cases``.
-        max_cases: evaluate only the first ``max_cases`` cases of the split.
+        store: store path or URI.
         num_workers: ``W``, or an elastic ``(min, max)``: the job starts with the workers that
             fit (at least ``min``; a cluster that lost a node still evaluates). The report's
             ``source.n_workers`` is the world size that scored the cases.
+        job: the keyword arguments of :func:`eval_job_config` (``split``, ``cases``,
+            ``max_cases``, ``use_gpu``, ``plots``, ...).
     """
-    if not targets:
-        raise ValueError("evaluate_many: no models to evaluate")
-    # Ray workers do not share the driver's working directory: make local paths absolute
-    store = absolute(str(store))
-    try:
-        st = storage.open_store(store, storage_options=storage_options)
-    except ValueError as exc:
-        raise UserError(f"--store {store}: {exc}") from None
-    explicit = cases is not None
-    if cases is None:
-        cases = split_cases(st, split)
-    else:
-        unknown = [c for c in cases if c not in set(st.labelled_cases)]
-        if unknown:
-            raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
-    cases = list(cases)[:max_cases] if max_cases else list(cases)
-    store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
-    where = {"store": str(store), "split": "(explicit cases)" if explicit else split}
-    models = [_model_job(t, store_names, where, title_split=split) for t in targets]
-    cfg = {
-        "models": models,
-        "store": str(store),
-        "storage_options": dict(storage_options or {}),
-        "cases": cases,
-        "use_gpu": use_gpu,
-        "plots": plots,
-        "overlay_cases": overlay_cases,
-        "save_predictions": save_predictions,
-        "batch_size": batch_size,
-    }
+    cfg = eval_job_config(targets, store, **job)
+    use_gpu = cfg["use_gpu"]
     res = dict(resources_per_worker or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}))
     tmp = None
     if storage_path is None:
@@ -276,7 +251,7 @@ def evaluate_many(
         storage_path = tmp.name
     try:
         trainer = TorchTrainer(
-            _eval_worker,
+            evaluate_in_worker,
             train_loop_config=cfg,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
@@ -298,9 +273,81 @@ def evaluate_many(
     finally:
         if tmp is not None:
             tmp.cleanup()
+    return read_summaries(cfg)
+
+
+def eval_job_config(
+    targets: Sequence[EvalTarget],
+    store: str,
+    *,
+    split: str = "val",
+    cases: Sequence[str] | None = None,
+    max_cases: int | None = None,
+    use_gpu: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    plots: bool = True,
+    overlay_cases: int = 3,
+    save_predictions: bool = False,
+    batch_size: int = 16,
+    exported: bool = True,
+) -> dict[str, Any]:
+    """The workers' settings of an evaluation (:func:`evaluate_in_worker`), checked in the
+    driver: the store, the cases (``split``: a catalog split, ``all`` or ``labelled``; or
+    ``cases``; the first ``max_cases``) and, when ``exported``, every model directory.
+    ``exported=False``: the models are exported later by the same worker group
+    (``scaling.one_worker_group``), so the workers check and describe them."""
+    if not targets:
+        raise ValueError("evaluate_many: no models to evaluate")
+    # Ray workers do not share the driver's working directory: make local paths absolute
+    store = absolute(str(store))
+    try:
+        st = storage.open_store(store, storage_options=storage_options)
+    except ValueError as exc:
+        raise UserError(f"--store {store}: {exc}") from None
+    explicit = cases is not None
+    if cases is None:
+        cases = split_cases(st, split)
+    else:
+        unknown = [c for c in cases if c not in set(st.labelled_cases)]
+        if unknown:
+            raise UserError(f"cases not labelled in {store}: {unknown[:5]}")
+    cases = list(cases)[:max_cases] if max_cases else list(cases)
+    store_names = st.attrs.get("label_names") if hasattr(st, "attrs") else None
+    where = {"store": str(store), "split": "(explicit cases)" if explicit else split}
+    if exported:
+        models = [_model_job(t, store_names, where, title_split=split) for t in targets]
+    else:
+        models = [
+            {
+                "pending": {
+                    **dataclasses.asdict(t),
+                    "checkpoint": absolute(str(t.checkpoint)),
+                    "out": absolute(str(t.out)),
+                }
+            }
+            for t in targets
+        ]
+    return {
+        "models": models,
+        "where": where,
+        "split_name": split,
+        "store": str(store),
+        "storage_options": dict(storage_options or {}),
+        "cases": cases,
+        "use_gpu": use_gpu,
+        "plots": plots,
+        "overlay_cases": overlay_cases,
+        "save_predictions": save_predictions,
+        "batch_size": batch_size,
+    }
+
+
+def read_summaries(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each model's ``summary.json`` of an evaluation that ran with ``cfg``, in order."""
     summaries = []
-    for m in models:
-        fs, path = fsspec.core.url_to_fs(join_uri(m["out"], "summary.json"))
+    for m in cfg["models"]:
+        out = m["pending"]["out"] if "pending" in m else m["out"]
+        fs, path = fsspec.core.url_to_fs(join_uri(out, "summary.json"))
         with fs.open(path, "r") as f:
             summaries.append(json.load(f))
     return summaries

@@ -2,7 +2,7 @@
 
 A study is a driver over the pipeline functions of ``localcl run`` (:mod:`ray_jobs.train.pipeline`):
 it builds one validated run :class:`~ray_jobs.config.Config` per cell, fits it with
-:func:`pipeline.run_section`, evaluates it with :func:`pipeline.evaluate_models` and writes the
+:func:`pipeline.run_section`, evaluates it with :func:`ray_jobs.train.run_eval.evaluate_models` and writes the
 model card with :func:`pipeline.write_run_card`. Nothing here trains or scores by itself.
 
 Layout of STUDY_DIR::
@@ -67,6 +67,7 @@ from ray_jobs.study.diagnostics import encoder_diagnostics
 from ray_jobs.study.report import finished_records, write_report
 from ray_jobs.study.spec import StudyConfig, load_study
 from ray_jobs.train import pipeline
+from ray_jobs.train.run_eval import evaluate_models
 
 
 def prepare_study_dir(study: StudyConfig, study_dir: str, resume: bool) -> None:
@@ -191,7 +192,7 @@ def run_study(
         if res.get("history") is None:  # exported by an interrupted earlier run: its epoch times
             t_ft = history_seconds(os.path.join(cell_dir, "finetune", "history.csv"))
         t1 = time.perf_counter()
-        ev = pipeline.evaluate_models(cfg, plan, cell_dir, log=quiet)
+        ev = evaluate_models(cfg, plan, cell_dir, log=quiet)
         t_ev = time.perf_counter() - t1
         diag = _diagnostics(study, study_dir, cfg, data, cell.budget.name, labelled, init) if study.diagnostics else {}
         pipeline.write_run_card(

@@ -24,9 +24,9 @@ from localcl.losses.lrc import felzenszwalb_superpixels
 from localcl.methods import METHODS
 from ray_jobs.config import Config, validate
 from ray_jobs.errors import UserError
-from ray_jobs.evaluation.job import EvalTarget, evaluate_many
 from ray_jobs.evaluation.model_card import build_model_card, write_model_card
 from ray_jobs.train.checkpoint import read_spec
+from ray_jobs.train.run_eval import chain_summaries, eval_after_chain, evaluate_models
 from ray_jobs.train.self_training import run_self_training
 from ray_jobs.train.stage import (
     STAGE_DIRS,
@@ -245,10 +245,13 @@ def run_stages(
     hooks: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     card: bool = True,
+    evaluate: bool = False,
 ) -> dict[str, Any]:
     """Run the training stages in order (pretrain -> finetune, baseline). Fine-tuning starts
     from ``finetune.init`` when set, else from the pretrained backbone when a pretrain stage is
     configured, else from scratch. Writes the model card (without metrics) when ``card``.
+    ``evaluate``: when the stages train in one worker group, its workers evaluate the models
+    too (:func:`ray_jobs.train.run_eval.eval_after_chain`; ``out["eval"]``).
     Returns ``{"plan": Plan, "timings": {section: s}, section: run_section(...) result}``."""
     plan = prepare_data(cfg, run_dir, log)
     write_config(cfg, run_dir)
@@ -259,10 +262,12 @@ def run_stages(
     chain = chain_sections(cfg, run_dir, stages, log)
     if chain:
         t0 = time.perf_counter()
-        out.update(
-            run_chain(cfg, plan, run_dir, chain, hooks=hooks, callbacks=finetune_callbacks, progress=progress, log=log)
-        )
-        out["timings"]["+".join(chain)] = round(time.perf_counter() - t0, 1)
+        names, then = eval_after_chain(cfg, plan, run_dir, log) if evaluate else ([], None)
+        kw: dict[str, Any] = {"hooks": hooks, "callbacks": finetune_callbacks, "progress": progress, "log": log}
+        out.update(run_chain(cfg, plan, run_dir, chain, then=then, **kw))
+        if then is not None:
+            out["eval"] = chain_summaries(names, then)
+        out["timings"]["+".join([*chain, "evaluate"] if then else chain)] = round(time.perf_counter() - t0, 1)
     for section in stages:
         if section in chain:
             continue
@@ -327,8 +332,10 @@ def run_chain(
     callbacks: Sequence[Any] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    then: tuple[Callable[[Any], None], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``sections`` in order in one worker group (:func:`ray_jobs.train.trainer.fit_chain`):
+    """Train ``sections`` in order in one worker group (:func:`ray_jobs.train.trainer.fit_chain`;
+    ``then``: what its workers run after the last stage, the run's evaluation):
     the workers write each stage's ``history.csv`` and export it to ``RUN_DIR/<stage>/model`` as
     the stage ends, so a stage skipped on a re-run has both. ``callbacks``: Ray Train callbacks of the fit (a campaign trial's
     ``EpochReportCallback``, which forwards only the fine-tuning epochs' reports: the
@@ -354,7 +361,7 @@ def run_chain(
     log(
         f"{' + '.join(STAGE_DIRS[s] for s in sections)}: one worker group, {cfg.scaling.num_workers} worker(s), epochs: {epochs}"
     )
-    results = fit_chain(cfg, steps, run_dir, progress=progress, callbacks=callbacks)
+    results = fit_chain(cfg, steps, run_dir, progress=progress, callbacks=callbacks, then=then)
     out: dict[str, Any] = {}
     for section in sections:  # the workers wrote each history.csv as the stage ended
         res = results[section]
@@ -376,67 +383,22 @@ def run_pipeline(
     hooks: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split,
-    then the model card (RUN_DIR/model_card.json + MODEL_CARD.md) with the metrics."""
+    """pretrain -> finetune (-> baseline) -> evaluate each fine-tuned model on the test split
+    (:mod:`ray_jobs.train.run_eval`), then the model card (RUN_DIR/model_card.json +
+    MODEL_CARD.md) with the metrics."""
     stages = [s for s in ("pretrain", "finetune", "baseline") if getattr(cfg, s) is not None]
-    out = run_stages(cfg, run_dir, stages, progress=progress, hooks=hooks, log=log, card=not evaluate)
+    out = run_stages(
+        cfg, run_dir, stages, progress=progress, hooks=hooks, log=log, card=not evaluate, evaluate=evaluate
+    )
     if evaluate:
-        t0 = time.perf_counter()
-        out["eval"] = evaluate_models(cfg, out["plan"], run_dir, log=log)
-        out["timings"]["evaluate"] = round(time.perf_counter() - t0, 1)
+        if "eval" not in out:  # not by the training workers (scaling.one_worker_group)
+            t0 = time.perf_counter()
+            out["eval"] = evaluate_models(cfg, out["plan"], run_dir, log=log)
+            out["timings"]["evaluate"] = round(time.perf_counter() - t0, 1)
         out["card"] = write_run_card(
             cfg, out["plan"], run_dir, metrics=out["eval"], extra={"timings_s": out["timings"]}
         )
     return out
-
-
-EVAL_NAMES = (("finetune", "method"), ("baseline", "baseline"))
-
-
-def evaluate_models(cfg: Config, plan: Plan, run_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate finetune/model (as ``method``) and finetune_baseline/model (as ``baseline``)
-    on the test cases into RUN_DIR/eval/<name>/, both in one Ray Train job with
-    ``scaling.num_workers`` workers (:func:`ray_jobs.evaluation.job.evaluate_many`). Returns
-    ``{name: summary.json}``."""
-    if not plan.test:
-        raise UserError(
-            f"evaluate.split: no labelled test cases in split {cfg.evaluate.split or cfg.data.splits.test!r}"
-        )
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    split = cfg.evaluate.split or cfg.data.splits.test
-    names, targets = [], []
-    for section, name in EVAL_NAMES:
-        if getattr(cfg, section) is None:
-            continue
-        out_dir = join_uri(run_dir, "eval", name)
-        log(f"evaluating {STAGE_DIRS[section]}/model on {len(plan.test)} case(s) -> {out_dir}")
-        title = f"{name}: {getattr(cfg, section).method.name} on {split}"
-        names.append(name)
-        targets.append(EvalTarget(join_uri(run_dir, STAGE_DIRS[section], "model"), out_dir, title=title))
-    sc = cfg.scaling
-    summaries = evaluate_many(
-        targets,
-        plan.store,
-        cases=plan.test,
-        num_workers=eval_workers(cfg, len(plan.test)),
-        use_gpu=sc.use_gpu,
-        resources_per_worker=dict(sc.resources_per_worker),
-        storage_options=cfg.data.storage_options or None,
-        storage_path=os.path.join(root, "eval", "_ray") if local else None,
-        plots=cfg.evaluate.plots,
-        overlay_cases=cfg.evaluate.overlay_cases,
-    )
-    return dict(zip(names, summaries, strict=True))
-
-
-def eval_workers(cfg: Config, n_cases: int) -> int | tuple[int, int]:
-    """The evaluation job's workers: ``scaling.num_workers``, at most one per case; elastic
-    ``(min, max)`` when the run's scaling is (after a lost node the cluster may hold fewer
-    than ``max``: a fixed count would wait for it forever)."""
-    sc = cfg.scaling
-    hi = min(sc.max_workers, n_cases)
-    return (min(sc.min_workers, hi), hi) if sc.elastic else hi
 
 
 def write_run_card(

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,14 +204,18 @@ def fit_chain(
     run_name: str | None = None,
     progress: bool = True,
     callbacks: Sequence[Any] = (),
+    then: tuple[Callable[[Any], None], Any] | None = None,
 ) -> dict[str, StageResult]:
     """Fit every stage of ``steps`` in ONE worker group (``scaling.one_worker_group``): one
     Ray Train run ``run_name`` (default ``<cfg.name>-stages``) in ``RUN_DIR/stages`` whose
     workers train the stages in order and export each to its ``model_dir``
     (:func:`ray_jobs.train.worker.run_chain`), so the run pays Ray Train's start-up once.
     Returns ``{section: StageResult}`` (every section's history; the checkpoint is the run's
-    last). ``callbacks``: extra Ray Train callbacks, as in :func:`fit_stage`. Not for local
-    mode (``num_workers: 0``), which has no start-up to save."""
+    last). ``callbacks``: extra Ray Train callbacks, as in :func:`fit_stage`. ``then = (fn,
+    arg)``: every worker calls ``fn(arg)`` after the last stage, in the same group (the run's
+    evaluation, :func:`ray_jobs.evaluation.job.evaluate_in_worker`); ``fn`` must be a
+    module-level function (it travels by reference). Not for local mode (``num_workers: 0``),
+    which has no start-up to save."""
     if cfg.scaling.num_workers == 0:
         raise UserError("scaling.one_worker_group needs Ray Train workers (scaling.num_workers >= 1)")
     storage_path, storage_fs = _storage(run_dir, CHAIN_DIR)
@@ -222,7 +226,7 @@ def fit_chain(
             s.model_copy(update={"spec": s.spec.model_copy(update={**run.update, "stage_name": s.spec.section})})
             for s in steps
         ]
-        state, local = run.fit({"chain": chain})
+        state, local = run.fit({"chain": chain, "then": then})
     histories = {**dict(state.get("chain", {}).get("histories") or {}), steps[-1].spec.section: state["history"]}
     return {
         s.spec.section: StageResult(s.spec.section, storage_path, list(histories[s.spec.section]), local) for s in steps

@@ -1,9 +1,8 @@
 """The per-worker training function of every Ray Train job (pretraining and fine-tuning).
 
 ``train_func({"spec": spec})`` runs on each of the ``W`` workers of a ``TorchTrainer``, with
-``spec`` the frozen :class:`ray_jobs.train.stage.LoopSpec` the driver built and validated (the
-worker trusts it: the run config and the method config arrive validated);
-``train_func({"chain": [ChainStep, ...]})`` runs several stages in one worker group
+``spec`` the frozen, validated :class:`ray_jobs.train.stage.LoopSpec` the driver built;
+``train_func({"chain": [...], "then": ...})`` runs several stages in one worker group
 (:func:`run_chain`). For each stage, :func:`fit_loop`
 
 1. builds the storage samplers for this worker, sharded by ``(rank, W)``
@@ -196,36 +195,36 @@ def build_method(spec: LoopSpec) -> PretrainMethod | FinetuneStrategy:
 
 # --------------------------------------------------------------------------- main loop
 def train_func(config: Mapping[str, Any]) -> None:
-    """Entry point run by every Ray Train worker: ``config["spec"]``, one stage's
-    :class:`~ray_jobs.train.stage.LoopSpec` (see the module docstring), or ``config["chain"]``,
-    several stages in this one worker group (:func:`run_chain`)."""
+    """Entry point of every Ray Train worker: ``config["spec"]``, one stage's :class:`LoopSpec`
+    (module docstring), or ``config["chain"]``, several stages in this worker group
+    (:func:`run_chain`), then ``config["then"] = (fn, arg)``: ``fn(arg)`` (the evaluation)."""
     if "chain" in config:
-        run_chain(config["chain"])
+        if run_chain(config["chain"]) and config.get("then"):
+            config["then"][0](config["then"][1])
     else:
         fit_loop(config["spec"], ray.train.get_checkpoint())
 
 
 @dataclass
 class LoopOutcome:
-    """What :func:`fit_loop` leaves: rank 0's best weights (None on other ranks), the history
-    (one row per epoch) and whether it stopped early on the driver's request."""
+    """What :func:`fit_loop` leaves: rank 0's best weights (else None), the history (a row per
+    epoch) and whether it stopped early on the driver's request."""
 
     best_state: dict[str, torch.Tensor] | None
     history: list[dict[str, Any]]
     stopped: bool = False
 
 
-def run_chain(steps: Sequence[ChainStep]) -> None:
-    """Train ``steps`` one after another in this worker group (``scaling.one_worker_group``).
+def run_chain(steps: Sequence[ChainStep]) -> bool:
+    """Train ``steps`` one after another in this worker group (``scaling.one_worker_group``);
+    False when the driver asked the stages to stop early.
 
     After each stage, rank 0 writes its ``history.csv`` and exports its best weights to
-    ``step.model_dir`` (the next stage's ``init`` may read them), and every rank waits for it
-    (a barrier). Every checkpoint's
-    ``state.pt`` carries ``chain = {"section", "histories"}``: the stage it belongs to and the
-    histories of the stages before it. After a restart the stages before the checkpoint's are
-    skipped (exported already), that stage resumes from it, the later ones start fresh; a
-    checkpoint of a stage that is not in ``steps`` (a re-run whose earlier stages were done) is
-    ignored."""
+    ``step.model_dir`` (the next stage's ``init`` may read them); every rank waits for it (a
+    barrier). Each checkpoint's ``state.pt`` has ``chain = {"section", "histories"}``: its stage
+    and the histories before it. After a restart the stages before the checkpoint's are skipped
+    (exported already), that stage resumes from it, the later ones start fresh; a checkpoint of
+    a stage not in ``steps`` (a re-run whose earlier stages were done) is ignored."""
     ckpt = ray.train.get_checkpoint()
     histories: dict[str, list[dict[str, Any]]] = {}
     at = 0
@@ -245,7 +244,7 @@ def run_chain(steps: Sequence[ChainStep]) -> None:
         state = {"section": step.spec.section, "histories": dict(histories)}
         out = fit_loop(step.spec, ckpt if i == at else None, chain=state)
         if out.stopped:
-            return
+            return False
         histories[step.spec.section] = out.history
         if rank == 0:  # the history first: a stage whose model exists is skipped on a re-run
             assert out.best_state is not None
@@ -253,6 +252,7 @@ def run_chain(steps: Sequence[ChainStep]) -> None:
             export_state(step.spec.model, out.best_state, step.model_dir)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # the next stage may load what rank 0 exported
+    return True
 
 
 def fit_loop(  # noqa: C901 - one linear story

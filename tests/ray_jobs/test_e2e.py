@@ -201,10 +201,11 @@ def _registered_checkpoints(snapshot: Path) -> int:
 def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, tmp_path):
     """``localcl run --address <session cluster> --no-eval`` with ``scaling.one_worker_group``
     (pretraining and fine-tuning in one worker group): the driver is SIGKILLed once the first
-    fine-tuning epoch's checkpoint is registered; the same command again skips the pretraining
-    its workers exported and continues fine-tuning from that checkpoint (rows before the kill
-    keep start_epoch 1, later rows were trained by the second driver) and finishes. (Without
-    the switch, the driver-level resume is the SIGTERM test below.)"""
+    fine-tuning epoch's checkpoint is registered; the same command again (with the evaluation)
+    skips the pretraining its workers exported and continues fine-tuning from that checkpoint
+    (rows before the kill keep start_epoch 1, later rows were trained by the second driver),
+    then the same worker group evaluates the model, and the run finishes. (Without the switch,
+    the driver-level resume is the SIGTERM test below.)"""
     address = ray_cluster.get_runtime_context().gcs_address
     cfg = base_config(
         acdc_store,
@@ -238,10 +239,17 @@ def test_cli__address_driver_killed_then_rerun_resumes(ray_cluster, acdc_store, 
     assert (run_dir / "pretrain" / "model" / "model.json").is_file()  # exported by the workers
     assert not (run_dir / "finetune" / "model" / "model.json").exists()
 
-    proc2 = _cli([*args, "--no-eval"], env)
+    proc2 = _cli(args, env)  # this time with the evaluation, by the same worker group
     log, _ = proc2.communicate(timeout=300)
     assert proc2.returncode == 0, log
     assert "pretrain: already done" in log and "finetune: one worker group" in log, log
+    assert "then, in the same worker group: evaluating finetune/model" in log, log
+    summary = json.loads((run_dir / "eval" / "method" / "summary.json").read_text())
+    assert summary["n_cases"] >= 1 and summary["source"]["n_workers"] == 2, summary["source"]
+    card = json.loads((run_dir / "model_card.json").read_text())
+    timings = card["extra"]["timings_s"]  # no separate evaluation job
+    assert "finetune+evaluate" in timings and "evaluate" not in timings, timings
+    assert card["metrics"]["method"]["mean_foreground"]["dice"]["mean"] == summary["mean_foreground"]["dice"]["mean"]
     hist = read_history(run_dir / "finetune" / "history.csv")
     assert [int(r["epoch"]) for r in hist] == [1, 2, 3, 4]
     starts = [int(r["start_epoch"]) for r in hist]

@@ -306,8 +306,10 @@ def test_evaluate_many__models_scored_in_one_job_get_the_reports_each_gets_alone
     ray_cluster, phantom: tuple[Path, str], tiny_run: Path, tmp_path: Path
 ) -> None:
     """Two models (a two-stream IDEAL and a one-stream U-Net) in one job: each report equals
-    the one :func:`evaluate_store` writes for that model alone, and a bad target is refused
-    before any worker starts."""
+    the one :func:`evaluate_store` writes for that model alone, and the one the workers write
+    when the models were still to be exported as the job was built (``exported=False``, the
+    run's evaluation in its training worker group); a bad target is refused before any worker
+    starts."""
     ideal = make_tiny_run(tmp_path / "i", method="ideal", inference="stream1") / "finetune" / "model"
     unet = tiny_run / "finetune" / "model"
     job = dict(split="val", num_workers=0, plots=False)
@@ -323,6 +325,21 @@ def test_evaluate_many__models_scored_in_one_job_get_the_reports_each_gets_alone
         b = json.loads((tmp_path / f"many{i}" / "per_case.json").read_text())
         assert a == b
     assert "streams" in together[0] and "streams" not in together[1]
+    # the same models "pending", as a one-worker-group run's workers score them after training
+    # (scaling.one_worker_group: the driver builds the job before the models exist)
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    later = [evaluation_job.EvalTarget(str(m), str(tmp_path / f"later{i}")) for i, m in enumerate((ideal, unet))]
+    cfg = evaluation_job.eval_job_config(later, phantom[1], split="val", plots=False, exported=False)
+    assert all(set(m) == {"pending"} for m in cfg["models"])
+    TorchTrainer(
+        evaluation_job.evaluate_in_worker, train_loop_config=cfg, scaling_config=ScalingConfig(num_workers=0)
+    ).fit()
+    for i, summary in enumerate(evaluation_job.read_summaries(cfg)):
+        assert summary["mean"] == together[i]["mean"] and summary["source"] == together[i]["source"]
+        b = json.loads((tmp_path / f"many{i}" / "per_case.json").read_text())
+        assert json.loads((tmp_path / f"later{i}" / "per_case.json").read_text()) == b
     pre = make_tiny_run(tmp_path / "p", stage="pretrain")
     bad = [targets[0], evaluation_job.EvalTarget(str(pre / "pretrain" / "model"), str(tmp_path / "x"))]
     with pytest.raises(UserError, match="pretrain model has no segmentation head"):
@@ -495,7 +512,7 @@ def test_eval_workers__one_per_case_at_most_and_elastic_when_the_run_is() -> Non
     an elastic run gets an elastic job (a cluster that lost a node still evaluates: a fixed
     2-worker job waited forever on the one node left, found by the demo fault run)."""
     from ray_jobs.config import Config
-    from ray_jobs.train.pipeline import eval_workers
+    from ray_jobs.train.run_eval import eval_workers
 
     def cfg(workers: object) -> Config:
         return Config.model_validate({"name": "x", "data": {"store": "s.zarr"}, "scaling": {"num_workers": workers}})
