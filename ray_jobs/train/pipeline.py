@@ -353,7 +353,6 @@ def run_chain(
                 hooks=hooks,
             ),
             run_dir=run_dir,
-            model_dir=stage_model_dir(run_dir, section),
         )
         for section in sections
     ]

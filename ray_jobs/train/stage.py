@@ -149,15 +149,19 @@ class LoopSpec(BaseModel):
 
 class ChainStep(BaseModel):
     """One stage of a one-worker-group run (``scaling.one_worker_group``;
-    :func:`ray_jobs.train.worker.run_chain`): its :class:`LoopSpec`, and where rank 0 writes
-    the stage when it ends: ``RUN_DIR/<stage dir>/history.csv`` (``run_dir``) and the best
-    weights (``model_dir``)."""
+    :func:`ray_jobs.train.worker.run_chain`): its :class:`LoopSpec`, and the run directory
+    where rank 0 writes the stage when it ends: ``RUN_DIR/<stage dir>/history.csv`` and the
+    best weights in :attr:`model_dir`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     spec: LoopSpec
     run_dir: str
-    model_dir: str
+
+    @property
+    def model_dir(self) -> str:
+        """``RUN_DIR/<stage dir>/model`` (:func:`stage_model_dir`)."""
+        return stage_model_dir(self.run_dir, self.spec.section)
 
 
 def write_history(run_dir: str, stage: str, history: list[dict[str, Any]]) -> str:

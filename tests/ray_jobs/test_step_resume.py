@@ -160,12 +160,10 @@ def test_one_worker_group__same_weights_as_one_group_per_stage_and_each_kill_res
         ChainStep(
             spec=loop_spec(cfg, plan, "pretrain", hooks=hooks("b", "pretrain", kill=False)),
             run_dir=dirs["b"],
-            model_dir=stage_model_dir(dirs["b"], "pretrain"),
         ),
         ChainStep(
             spec=loop_spec(cfg, plan, "finetune", init=init("b"), hooks=hooks("b", "finetune", kill=True)),
             run_dir=dirs["b"],
-            model_dir=stage_model_dir(dirs["b"], "finetune"),
         ),
     ]
     b = fit_chain(cfg, steps, dirs["b"], progress=False)
