@@ -181,13 +181,16 @@ def check_study(study: StudyConfig) -> None:
         if key not in STAGE_SECTIONS:
             raise ConfigError(f"stage_defaults.{key}: not a stage (use {list(STAGE_SECTIONS)})")
     for key, block in study.methods.items():
-        if key not in METHODS and not is_extra_baseline(key):
-            raise ConfigError(
-                f"methods.{key}: not a method of METHODS ({sorted(METHODS)}) nor an extra "
-                f"baseline (a name starting with 'supervised')"
-            )
         if not isinstance(block, Mapping) or "finetune" not in block:
             raise ConfigError(f"methods.{key}: needs a 'finetune' section")
+        if key not in METHODS and not is_extra_baseline(key) and not is_pipeline(block):
+            raise ConfigError(
+                f"methods.{key}: not a method of METHODS ({sorted(METHODS)}), an extra baseline "
+                f"(a name starting with 'supervised') nor a pipeline cell (a pretrain and a finetune "
+                f"section that both name their method)"
+            )
+        if not all(c.isalnum() or c in "-_." for c in key):
+            raise ConfigError(f"methods.{key}: a cell name is a directory name: letters, digits, '-', '_' or '.' only")
         if is_extra_baseline(key):
             name = ((block.get("finetune") or {}).get("method") or {}).get("name")
             if "pretrain" in block or name != "supervised":
@@ -229,6 +232,15 @@ def check_study(study: StudyConfig) -> None:
     for key in study.methods:
         for b in study.budgets:
             cell_config(study, key, b, study.seeds[0], store="store.zarr", init=None)
+
+
+def is_pipeline(block: Mapping[str, Any]) -> bool:
+    """A pipeline cell: a ``methods`` entry, under any name, whose ``pretrain`` and ``finetune``
+    sections both name their method, e.g. ``lrc_cps: {pretrain: {method: {name: lrc}}, finetune:
+    {method: {name: ideal}}}`` (LRC's pretraining, then IDEAL's two-stream fine-tuning)."""
+    return all(
+        isinstance(block.get(s), Mapping) and ((block[s].get("method") or {}).get("name")) for s in STAGE_SECTIONS
+    )
 
 
 def is_extra_baseline(key: str) -> bool:

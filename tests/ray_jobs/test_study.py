@@ -339,6 +339,32 @@ def test_check_study__extra_baseline_cells_and_compare_to_are_validated():
         study_spec.check_study(study_spec.load_study(bad2))
 
 
+def test_check_study__a_pipeline_cell_names_both_its_methods():
+    """A key outside METHODS is a pipeline cell when its pretrain and finetune sections both name
+    their method: LRC's pretraining (shared with the lrc cells) then IDEAL's fine-tuning."""
+    d = micro()
+    d["methods"]["lrc_cps"] = {"pretrain": {"method": {"name": "lrc"}}, "finetune": {"method": {"name": "ideal"}}}
+    st = study_spec.load_study(d)
+    cell = next(c for c in study_cells.cells(st) if c.method == "lrc_cps")
+    cfg = study_spec.cell_config(st, "lrc_cps", st.budgets[0], 0, store="s.zarr", init=None)
+    assert cfg.finetune is not None and cfg.finetune.method.name == "ideal"
+    assert study_spec.pretrain_owner(st, "lrc_cps") == "lrc"
+    assert study_cells.pretrain_dir(st, "/s", cell) == "/s/pretrain/lrc-s0"
+    for bad, needle in (
+        ({"finetune": {"method": {"name": "ideal"}}}, "nor a pipeline cell"),  # no pretrain section
+        ({"pretrain": {"method": {}}, "finetune": {"method": {"name": "ideal"}}}, "nor a pipeline cell"),
+        ({"pretrain": {"method": {"name": "lrc"}}}, "needs a 'finetune' section"),
+    ):
+        d2 = micro()
+        d2["methods"]["lrc_cps"] = bad
+        with pytest.raises(ConfigError, match=needle):
+            study_spec.load_study(d2)
+    d3 = micro()
+    d3["methods"]["lrc/cps"] = d["methods"]["lrc_cps"]
+    with pytest.raises(ConfigError, match="a cell name is a directory name"):
+        study_spec.load_study(d3)
+
+
 # --------------------------------------------------------------------------- real data
 @pytest.fixture(scope="module")
 def tiny_store(acdc_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
