@@ -67,7 +67,7 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     from localcl.methods import METHODS
 
     cpu, paper = study_spec.load_study("acdc_cpu"), study_spec.load_study("ray_jobs/configs/study/acdc_paper.yaml")
-    for st, extra in ((cpu, {"supervised_2x"}), (paper, set())):
+    for st, extra in ((cpu, {"supervised_2x", "lrc_cps"}), (paper, set())):
         assert set(st.methods) == set(METHODS) | extra and st.baseline == "supervised"
         assert [b.name for b in st.budgets] == ["1vol", "3pat", "7pat"]
         assert len(st.seeds) == 3 and len(study_cells.cells(st)) == (len(METHODS) + len(extra)) * 3 * 3
@@ -80,6 +80,11 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     assert steps["plcl"]["finetune_steps"] == steps["supervised_2x"]["finetune_steps"] == 960
     assert steps["ideal"]["finetune_steps"] == steps["supervised"]["finetune_steps"] == 480
     assert steps["ideal"]["pretrain_steps"] == 800
+    # the pipeline cell: LRC's pretraining run (shared with the lrc cells), IDEAL's fine-tuning
+    pipe = study_spec.cell_config(cpu, "lrc_cps", cpu.budgets[1], 0, store="s.zarr", init="/x")
+    ideal = study_spec.cell_config(cpu, "ideal", cpu.budgets[1], 0, store="s.zarr", init="/x")
+    assert study_spec.pretrain_owner(cpu, "lrc_cps") == "lrc" and pipe.finetune.method == ideal.finetune.method
+    assert study_cells.compute_of(pipe)["finetune_steps"] == 480
     assert cpu.budgets[0].cases == ["patient099_frame01"] and cpu.budgets[1].patients == 3
     c = study_spec.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
     assert c.data.size == (96, 96) and c.data.seed == 1 and c.data.splits.val is None
@@ -104,6 +109,24 @@ def test_ablation_ideal_scratch__acdc_cpu_without_ideal_pretraining():
         a = study_spec.cell_config(abl, key, abl.budgets[1], 0, store="s.zarr", init=None)
         c = study_spec.cell_config(cpu, key, cpu.budgets[1], 0, store="s.zarr", init=None)
         assert a.finetune == c.finetune and a.data == c.data
+
+
+def test_lrc_cps_pseed__acdc_cpu_best_pipeline_with_one_pretraining_per_seed():
+    """benchmarks/label_efficiency/lrc_cps_pseed.yaml is acdc_cpu's supervised, lrc and lrc_cps
+    cells at 3 patients with one pretraining per seed: the same cells and pretraining otherwise."""
+    repo = Path(__file__).resolve().parents[2]
+    abl = study_spec.load_study(repo / "benchmarks" / "label_efficiency" / "lrc_cps_pseed.yaml")
+    cpu = study_spec.load_study("acdc_cpu")
+    assert set(abl.methods) == {"supervised", "lrc", "lrc_cps"} and abl.seeds == cpu.seeds
+    assert abl.pretrain_per_seed and [b.name for b in abl.budgets] == ["3pat"]
+    assert study_spec.pretrain_owner(abl, "lrc_cps") == "lrc"
+    for key in abl.methods:
+        a = study_spec.cell_config(abl, key, abl.budgets[0], 1, store="s.zarr", init=None)
+        c = study_spec.cell_config(cpu, key, cpu.budgets[1], 1, store="s.zarr", init=None)
+        assert a.finetune == c.finetune and a.data == c.data
+    pa = study_spec.pretrain_config(abl, "lrc_cps", store="s.zarr", budget=None, seed=1)
+    pc = study_spec.pretrain_config(cpu, "lrc_cps", store="s.zarr", budget=None, seed=1)
+    assert pa.pretrain == pc.pretrain
 
 
 @pytest.mark.parametrize(
