@@ -24,6 +24,8 @@
   default 2 s); it notices a started or finished worker group, and registers a reported
   checkpoint, only when it polls. :func:`fit_stage` sets it to :data:`POLL_INTERVAL_S` unless
   the environment already does (the driver's value is propagated to the controller).
+- An elastic fit waits at most ``ELASTIC_START_TIMEOUT_S`` for a worker group that cannot be
+  placed (after a lost node) before deciding its size again (:func:`elastic_start_timeout`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ from storage.remote import env_storage_options, forwarded_env
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.5  # Ray Train's controller poll if the environment does not set it (Ray: 2 s)
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT_S = 10.0  # an elastic fit's placement-group wait, unless set (Ray: 60 s)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -171,6 +175,29 @@ def default_poll_interval(environ: MutableMapping[str, str]) -> str:
     return environ.setdefault(POLL_ENV, str(POLL_INTERVAL_S))
 
 
+@contextlib.contextmanager
+def elastic_start_timeout(environ: MutableMapping[str, str], elastic: bool) -> Iterator[str | None]:
+    """Within the block, an elastic fit (``scaling.num_workers: [min, max]``) waits at most
+    :data:`ELASTIC_START_TIMEOUT_S` for its workers' placement group unless ``environ`` sets
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``; yields the value in force (None: Ray's 60 s).
+
+    After a lost node, Ray Train restarts with the worker count that its (stale) view of the
+    cluster still allows, and that placement group cannot be placed; the wait ends only at this
+    timeout, after which the elastic policy decides again, with the survivors. The timeout
+    covers only the placement group (not the workers' start-up), and a timeout is a controller
+    failure that Ray Train retries without limit and does not charge to ``max_failures``, so a
+    short one costs at most a retry. Ray Train propagates the driver's value to its controller
+    when ``fit()`` starts; the previous value is restored after the block."""
+    if not elastic or START_TIMEOUT_ENV in environ:
+        yield environ.get(START_TIMEOUT_ENV)
+        return
+    environ[START_TIMEOUT_ENV] = str(ELASTIC_START_TIMEOUT_S)
+    try:
+        yield environ[START_TIMEOUT_ENV]
+    finally:
+        environ.pop(START_TIMEOUT_ENV, None)
+
+
 def fit_stage(
     cfg: Config,
     spec: LoopSpec,
@@ -274,7 +301,7 @@ class _Fit:
             self.renderer.start()
         try:
             log = lambda m: print(f"localcl: {m}", file=sys.stderr, flush=True)  # noqa: E731
-            with stop_on_sigterm(self.stop, stage, log=log) as term:
+            with stop_on_sigterm(self.stop, stage, log=log) as term, elastic_start_timeout(os.environ, sc.elastic):
                 result = trainer.fit()
         except Exception as exc:  # WorkerGroupError / TrainingFailedError / ControllerError
             log_path = _write_failure(storage_path, self.fs, exc)

@@ -241,6 +241,36 @@ def test_default_poll_interval__half_a_second_unless_the_environment_sets_it() -
     assert default_poll_interval(env) == "2" and env == {POLL_ENV: "2"}
 
 
+def test_elastic_start_timeout__short_for_an_elastic_fit_unless_set_and_restored_after() -> None:
+    """An elastic fit waits 10 s (Ray: 60 s) for a placement group that a stale view of the
+    cluster asked for; a fixed-size fit and a user's value are left alone; the variable is
+    propagated to the controller, and a start-up timeout is a retried controller failure that
+    is not charged to max_failures (what makes a short one safe)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.failure_handling.default import RETRYABLE_CONTROLLER_ERRORS
+    from ray.train.v2.api.config import FailureConfig
+
+    from ray_jobs.train.trainer import ELASTIC_START_TIMEOUT_S, START_TIMEOUT_ENV, elastic_start_timeout
+
+    assert START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE
+    assert WorkerGroupStartupTimeoutError in RETRYABLE_CONTROLLER_ERRORS
+    assert FailureConfig().controller_failure_limit == -1  # unlimited
+    env: dict[str, str] = {}
+    with elastic_start_timeout(env, elastic=True) as v:
+        assert v == env[START_TIMEOUT_ENV] == str(ELASTIC_START_TIMEOUT_S) == "10.0"
+    assert env == {}
+    with elastic_start_timeout(env, elastic=False) as v:
+        assert v is None and env == {}
+    env = {START_TIMEOUT_ENV: "45"}
+    with elastic_start_timeout(env, elastic=True) as v:
+        assert v == "45"
+    assert env == {START_TIMEOUT_ENV: "45"}
+    with pytest.raises(RuntimeError), elastic_start_timeout(env := {}, elastic=True):
+        raise RuntimeError("fit failed")
+    assert env == {}
+
+
 @pytest.mark.parametrize(
     "metrics, message",
     [
