@@ -389,21 +389,22 @@ def test_ingest_cli__progress_bar_with_rate_and_eta(tmp_path: Path, synth, capsy
     assert out.strip().startswith("2 ingested, 0 skipped (already complete), 0 failed")
 
 
-def _ingest_one(args: tuple[str, str, str, str]) -> str:
-    img, lab, uri, case = args
-    return storage.ingest_case(img, lab, uri, case, label_names={0: "bg", 1: "a", 2: "b"}).status
-
-
 def test_ingest_case__parallel_processes_into_a_fresh_store(tmp_path: Path, synth) -> None:
-    """What a Ray fan-out does: independent processes, one ingest_case each, same new store."""
+    """What a Ray fan-out does: independent processes, one ingest_case each, same new store.
+    The processes are spawned: a fork of this test process, which holds Ray's and zarr's threads,
+    once left a pool worker blocked on a lock forever (CI hung in Pool.terminate)."""
+    import functools
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     jobs = []
     for i in range(4):
         img, lab = synth.make_pair(tmp_path / "src", f"p{i}", seed=i)
         jobs.append((str(img), str(lab), str(tmp_path / "s.zarr"), f"p{i}"))
-    with mp.get_context("fork").Pool(2) as pool:
-        assert pool.map(_ingest_one, jobs) == ["ingested"] * 4
+    one = functools.partial(storage.ingest_case, label_names={0: "bg", 1: "a", 2: "b"})
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        reports = list(pool.map(one, *zip(*jobs), timeout=300))
+    assert [r.status for r in reports] == ["ingested"] * 4
     st = storage.open_store(tmp_path / "s.zarr")
     assert st.cases == ["p0", "p1", "p2", "p3"] and st.incomplete_cases() == []
     for img, _, _, case in jobs:
