@@ -66,9 +66,13 @@ BASE_FORBIDDEN = ("pretrain", "finetune", "baseline", "name", "run_dir")
 
 
 # --------------------------------------------------------------------------- config
+def _is_name(v: str) -> bool:
+    """A study, budget or cell name: used in directory names, so letters, digits, '-', '_', '.'."""
+    return bool(v) and all(c.isalnum() or c in "-_." for c in v)
+
+
 def _check_name(v: str) -> str:
-    """A study or budget name: used in directory names, so letters, digits, '-', '_', '.'."""
-    if not v or not all(c.isalnum() or c in "-_." for c in v):
+    if not _is_name(v):
         raise ValueError("letters, digits, '-', '_' or '.' only")
     return v
 
@@ -189,7 +193,7 @@ def check_study(study: StudyConfig) -> None:
                 f"(a name starting with 'supervised') nor a pipeline cell (a pretrain and a finetune "
                 f"section that both name their method)"
             )
-        if not all(c.isalnum() or c in "-_." for c in key):
+        if not _is_name(key):
             raise ConfigError(f"methods.{key}: a cell name is a directory name: letters, digits, '-', '_' or '.' only")
         if is_extra_baseline(key):
             name = ((block.get("finetune") or {}).get("method") or {}).get("name")

@@ -85,6 +85,10 @@ def test_load_study__shipped_configs_cover_every_method(monkeypatch):
     ideal = study_spec.cell_config(cpu, "ideal", cpu.budgets[1], 0, store="s.zarr", init="/x")
     assert study_spec.pretrain_owner(cpu, "lrc_cps") == "lrc" and pipe.finetune.method == ideal.finetune.method
     assert study_cells.compute_of(pipe)["finetune_steps"] == 480
+    # lrc_cps's fine-tuning is a YAML alias of IDEAL's; a --set on one leaves the other alone
+    tuned = study_spec.load_study("acdc_cpu", ["methods.ideal.finetune.method.lambda_max=0.5"])
+    assert tuned.methods["ideal"]["finetune"]["method"]["lambda_max"] == 0.5
+    assert tuned.methods["lrc_cps"]["finetune"]["method"]["lambda_max"] == 1.0
     assert cpu.budgets[0].cases == ["patient099_frame01"] and cpu.budgets[1].patients == 3
     c = study_spec.cell_config(cpu, "ideal", cpu.budgets[2], 1, store="s.zarr", init="/x")
     assert c.data.size == (96, 96) and c.data.seed == 1 and c.data.splits.val is None
